@@ -1,0 +1,197 @@
+"""Shared plumbing for the benchmarks: machine info, interleaved timing, robust stats, results.
+
+Why this exists: the benchmark machines are shared and noisy, so a number is only trustworthy
+when (a) the contenders are timed interleaved in the same run, so a noisy neighbour hits all
+of them alike, (b) it is a median over many repeats with its IQR as the spread, and (c) it is
+stored with enough context (machine, versions, exact command, parameters) to be reproduced.
+README tables are generated from the JSON files written here, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+REPO_ROOT = BENCH_DIR.parent
+
+
+# ---------------------------------------------------------------------------- machine info
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    """First ``key: value`` line of a /proc file; None where /proc is absent (macOS, Windows)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        return None
+    return None
+
+
+def _git_commit() -> str | None:
+    """HEAD's sha, or None (no git, not a repo, or no commit yet). Read-only: never touches the
+    index, so it is safe while other people work in the same tree."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sha = proc.stdout.strip()
+    return sha if proc.returncode == 0 and sha else None
+
+
+def _version(module: str) -> str | None:
+    """A module's ``__version__`` or None if it is not importable (numba is optional)."""
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    return str(getattr(mod, "__version__", None))
+
+
+# Threading knobs that change results: numba's OpenMP pool and torch's OpenMP pool share the cores,
+# and with the default spin-wait policy they can stall each other for a scheduler time slice.
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
+    "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
+)
+
+
+def machine_info() -> dict[str, Any]:
+    """Everything needed to judge whether two result files are comparable."""
+    import torch
+
+    mem_kb = _proc_field("/proc/meminfo", "MemTotal")
+    ram_gib = round(int(mem_kb.split()[0]) / 2**20, 2) if mem_kb else None
+    mhz = _proc_field("/proc/cpuinfo", "cpu MHz")
+    try:
+        affinity: int | None = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = None
+    info: dict[str, Any] = {
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or None,
+        "cpu_mhz_reported": float(mhz) if mhz else None,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "ram_gib": ram_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "numba": _version("numba"),
+        "git_commit": _git_commit(),
+        "thread_env": {k: os.environ.get(k) for k in THREAD_ENV_VARS},
+    }
+    try:
+        import numba
+
+        info["numba_threads"] = numba.get_num_threads()
+        try:
+            info["numba_threading_layer"] = numba.threading_layer()
+        except ValueError:  # no parallel region has run yet, so no layer was chosen
+            info["numba_threading_layer"] = None
+    except ImportError:
+        info["numba_threads"] = None
+    return info
+
+
+def command_line() -> str:
+    """The exact command that produced a result, runnable from the repository root."""
+    return shlex.join(["python", *sys.argv])
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def write_result(name: str, payload: Mapping[str, Any], results_dir: Path | None = None) -> Path:
+    """Write ``results/<name>.json`` atomically (a crash never leaves a torn file that
+    ``make_tables.py`` would then choke on) and return its path."""
+    from engramlm.utils.io import atomic_write_json
+
+    out_dir = results_dir or RESULTS_DIR
+    path = out_dir / f"{name}.json"
+    doc = {
+        "benchmark": name,
+        "timestamp_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "machine": machine_info(),
+        **payload,
+    }
+    atomic_write_json(path, doc)
+    return path
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def interleaved_timings(
+    contenders: Mapping[str, Callable[[], object]],
+    repeats: int,
+    *,
+    warmup: int = 1,
+    desc: str = "timing",
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Seconds per call for every contender, ``repeats`` samples each.
+
+    Within one repeat every contender runs once; the order rotates between repeats so no
+    contender always runs right after the same neighbour (cache and turbo-state effects).
+    Sample i of every contender comes from the same repeat, so paired ratios
+    (:func:`paired_ratios`) cancel slow drifts of the machine.
+    """
+    from tqdm import tqdm
+
+    names = list(contenders)
+    for _ in range(warmup):
+        for n in names:
+            contenders[n]()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
+        shift = r % len(names)
+        for n in names[shift:] + names[:shift]:
+            fn = contenders[n]
+            t0 = time.perf_counter()
+            fn()
+            out[n].append(time.perf_counter() - t0)
+    return out
+
+
+def stats(samples: Sequence[float]) -> dict[str, float | int]:
+    """Median and IQR (robust to the outliers a shared machine produces), plus min/mean/max."""
+    a = np.asarray(samples, dtype=np.float64)
+    q1, med, q3 = (float(v) for v in np.percentile(a, [25, 50, 75]))
+    return {
+        "median": med,
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "mean": float(a.mean()),
+        "n": int(a.size),
+    }
+
+
+def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """Per-repeat ratios ``numerator[i] / denominator[i]`` (e.g. baseline time / new time)."""
+    if len(numerator) != len(denominator):
+        raise ValueError(f"need paired samples, got {len(numerator)} and {len(denominator)}")
+    return [float(a) / float(b) for a, b in zip(numerator, denominator, strict=True)]

@@ -1,0 +1,3 @@
+from engramlm.cli.main import main
+
+raise SystemExit(main())

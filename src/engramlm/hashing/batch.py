@@ -1,0 +1,140 @@
+"""Vectorized batch hasher: token ids [B, T] -> offset-applied row ids [L, B, T, H_e].
+
+One definition (spec §4), two back ends: a compiled CPU kernel (Numba) and a pure torch path
+that runs on any device. Both are tested bit-exact against the NumPy int64 reference. All
+Engram layers are hashed in one call, so it can run in the data loader or once per step before
+block 0 (spec §4.6, §10.2).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from engramlm.errors import ConfigError
+from engramlm.hashing import _kernels
+from engramlm.hashing.spec import HashLayout
+
+Backend = Literal["auto", "kernel", "torch"]
+
+
+def window_starts(
+    doc_start: torch.Tensor | None, dead: torch.Tensor | None, shape: tuple[int, int], device
+) -> torch.Tensor:
+    """First position each position's lookback may read, [B, T] int64 (spec §4.2, §11.4).
+
+    ``doc_start`` (bool [B, T]) restarts the window at a document start (``reset`` mode).
+    ``dead`` (bool [B, T]) is the V4.1 DEAD rule: a lookback never reaches a DEAD position
+    before t, nor anything older; the DEAD position itself still reads its own id at k = 0.
+    """
+    b, t = shape
+    idx = torch.arange(t, device=device).expand(b, t)
+    start = torch.zeros(b, t, dtype=torch.long, device=device)
+    if doc_start is not None:
+        start = torch.cummax(torch.where(doc_start.bool(), idx, 0), dim=1).values
+    if dead is not None:
+        after_dead = torch.where(dead.bool(), idx + 1, 0)
+        after_dead = torch.cummax(after_dead, dim=1).values
+        shifted = torch.zeros_like(after_dead)
+        shifted[:, 1:] = after_dead[:, :-1]  # only DEAD positions strictly before t count
+        start = torch.maximum(start, shifted)
+    return start
+
+
+class NgramHasher:
+    """Hashes all Engram layers of a :class:`HashLayout` at once.
+
+    ``hasher(ids, doc_start=None, dead=None, head_local=False)`` returns row ids of shape
+    [L, B, T, H_e] in the spec's ``row_id_dtype``, ordered order-major then head-minor.
+    Ids are offset-applied (``o <= r < o + p``) unless ``head_local=True``.
+    ``doc_start`` is honoured only in ``boundary_mode="reset"``; ``dead`` always.
+    """
+
+    def __init__(self, layout: HashLayout, backend: Backend = "auto") -> None:
+        if backend not in ("auto", "kernel", "torch"):
+            raise ConfigError(f"backend: must be 'auto', 'kernel' or 'torch', got {backend!r}")
+        if backend == "kernel" and not _kernels.HAVE_NUMBA:
+            raise ConfigError("backend: 'kernel' needs numba, which is not importable here")
+        self.layout = layout
+        self.backend = backend
+        self._np = {
+            "mult": np.ascontiguousarray(layout.multipliers),
+            "primes": np.ascontiguousarray(layout.primes),
+            "offs": np.ascontiguousarray(layout.offsets),
+            "inv": 1.0 / layout.primes.astype(np.float64),
+        }
+        self._kernel_ok = _kernels.HAVE_NUMBA and int(layout.primes.min()) >= _kernels.MIN_PRIME_FOR_KERNEL
+        self._torch_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.out_dtype = torch.int32 if layout.spec.row_id_dtype == "int32" else torch.int64
+
+    def _consts(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._torch_cache:
+            self._torch_cache[device] = {k: torch.from_numpy(v).to(device) for k, v in self._np.items() if k != "inv"}
+        return self._torch_cache[device]
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        doc_start: torch.Tensor | None = None,
+        dead: torch.Tensor | None = None,
+        *,
+        head_local: bool = False,
+    ) -> torch.Tensor:
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
+        for name, mask in (("doc_start", doc_start), ("dead", dead)):
+            if mask is not None and mask.shape != ids.shape:
+                raise ValueError(f"{name} must have the shape of ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+        if self.layout.spec.boundary_mode != "reset":
+            doc_start = None
+        x = self.layout.compression.compress(ids)
+        starts = window_starts(doc_start, dead, tuple(x.shape), x.device)
+        use_kernel = self.backend == "kernel" or (self.backend == "auto" and x.device.type == "cpu")
+        if use_kernel and self._kernel_ok:
+            out = self._hash_kernel(x, starts)
+        else:
+            out = self._hash_torch(x, starts)
+        if head_local:
+            off = self._consts(out.device)["offs"].reshape(out.shape[0], 1, 1, -1)
+            out = out - off.to(out.dtype)
+        return out
+
+    def _hash_kernel(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        c = self._np
+        b, t = x.shape
+        out = np.empty((c["mult"].shape[0], b, t, self.layout.heads_per_layer), dtype=np.int64)
+        if self.out_dtype == torch.int32:
+            out = out.astype(np.int32)
+        _kernels.hash_rows(
+            np.ascontiguousarray(x.numpy()),
+            np.ascontiguousarray(starts.numpy()),
+            c["mult"],
+            c["primes"],
+            c["offs"],
+            c["inv"],
+            self.layout.compressed_pad_id,
+            out,
+        )
+        return torch.from_numpy(out)
+
+    def _hash_torch(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        c = self._consts(x.device)
+        mult, primes, offs = c["mult"], c["primes"], c["offs"]
+        n_layers, n_max = mult.shape
+        b, t = x.shape
+        pos = torch.arange(t, device=x.device)
+        pad = self.layout.compressed_pad_id
+        mix = torch.zeros((n_layers, b, t), dtype=torch.long, device=x.device)
+        mixes = []
+        for k in range(n_max):  # N <= 8 lookbacks: a loop over k, never over tokens
+            shifted = torch.full_like(x, pad)
+            shifted[:, k:] = x[:, : t - k]
+            shifted = torch.where(pos - k >= starts, shifted, pad)
+            mix = mix ^ (shifted[None] * mult[:, k, None, None])
+            if k >= 1:
+                mixes.append(mix)
+        mu = torch.stack(mixes, dim=-1)  # [L, B, T, N-1]
+        rows = torch.remainder(mu[..., None], primes[:, None, None]) + offs[:, None, None]
+        return rows.reshape(n_layers, b, t, -1).to(self.out_dtype)

@@ -1,0 +1,178 @@
+"""The Engram block (spec §2, §5, §6): rows -> fused value/key projection -> per-branch gate ->
+optional short causal conv -> added to every residual branch.
+
+The table is its own parameter (``embed.weight``, the V4.1 checkpoint name) and the forward pass
+also accepts rows gathered elsewhere, so training can update it sparsely and inference can keep
+it in host memory, on SSD or in a remote pool. The value and all M keys come from ONE matmul
+(``wkv``; output order keys 0..M-1 then the value, as reported for V4.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Output blocks of the fused projection, in order (spec §11.2, A16).
+WKV_SPLIT_ORDER = ("keys", "value")
+GATE_CLAMP = 1e-6
+
+
+def signed_sqrt_gate(score: torch.Tensor, signed_sqrt: bool = True) -> torch.Tensor:
+    """alpha = sigmoid(sign(s) * sqrt(max(|s|, 1e-6))) (spec E8); plain sigmoid for the ablation."""
+    if not signed_sqrt:
+        return torch.sigmoid(score)
+    return torch.sigmoid(torch.sign(score) * score.abs().clamp_min(GATE_CLAMP).sqrt())
+
+
+def _rms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class ShortConv(nn.Module):
+    """Y = V + SiLU(DWConv_{w, delta}(RMSNorm_c(V))) over M*d branch-major channels (spec §6).
+
+    Taps are applied as shifted multiply-adds so that in ``reset`` mode a tap never reads a
+    position before the current document's start (it reads zero, as at sequence start).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        n_branches: int,
+        kernel_size: int = 4,
+        dilation: int = 3,
+        norm_eps: float = 1e-5,
+        zero_init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kernel_size, self.dilation, self.norm_eps = kernel_size, dilation, norm_eps
+        self.norm_weight = nn.Parameter(torch.ones(n_branches, hidden_size))
+        channels = n_branches * hidden_size
+        conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+        self.weight = nn.Parameter(conv.weight.detach().clone())  # [M*d, 1, w], PyTorch layout
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, v: torch.Tensor, window_start: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, m, d = v.shape
+        u = (_rms(v.float(), self.norm_eps) * self.norm_weight.float()).reshape(b, t, m * d)
+        w = self.weight.float()[:, 0, :]  # [C, w]
+        pos = torch.arange(t, device=v.device)
+        acc = torch.zeros_like(u)
+        for j in range(self.kernel_size):  # w = 4 taps: a loop over taps, never over tokens
+            lag = (self.kernel_size - 1 - j) * self.dilation
+            if lag >= t:
+                continue
+            shifted = F.pad(u[:, : t - lag], (0, 0, lag, 0)) if lag else u
+            if window_start is not None and lag:
+                valid = (pos - lag >= window_start).unsqueeze(-1)  # [B, T, 1]
+                shifted = shifted * valid
+            acc = acc + shifted * w[:, j]
+        return v + F.silu(acc).reshape(b, t, m, d).to(v.dtype)
+
+
+class EngramBlock(nn.Module):
+    """One Engram layer: ``forward(H [B,T,M,d], row_ids=... | rows=...) -> H + Y``.
+
+    ``row_ids`` are offset-applied ids [B, T, H_e] into ``embed.weight`` [R, d_h]; ``rows``
+    [B, T, H_e, d_h] are rows already gathered from an external store. ``window_start`` [B, T]
+    (from :func:`engramlm.hashing.batch.window_starts`) confines the conv to the current document;
+    ``dead`` [B, T] zeroes the output at DEAD positions (spec §11.4).
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_rows: int,
+        num_heads: int,
+        head_dim: int,
+        n_branches: int = 1,
+        proj_bias: bool = False,
+        gate: bool = True,
+        gate_signed_sqrt: bool = True,
+        gate_norm_eps: float | None = 1e-6,
+        use_short_conv: bool = True,
+        kernel_size: int = 4,
+        conv_dilation: int = 3,
+        conv_norm_eps: float = 1e-5,
+        conv_zero_init: bool = True,
+        embed_init_std: float = 1.0,
+        sparse_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.n_branches, self.num_rows = n_branches, num_rows
+        self.use_gate, self.gate_signed_sqrt, self.gate_norm_eps = gate, gate_signed_sqrt, gate_norm_eps
+        self.sparse_grad = sparse_grad
+        self.embed = nn.Embedding(num_rows, head_dim, sparse=sparse_grad)
+        nn.init.normal_(self.embed.weight, std=embed_init_std)
+        mem_dim = num_heads * head_dim
+        self.wkv = nn.Linear(mem_dim, (n_branches + 1) * hidden_size, bias=proj_bias)
+        self.q_weight = nn.Parameter(torch.ones(n_branches, hidden_size))
+        self.k_weight = nn.Parameter(torch.ones(n_branches, hidden_size))
+        self.conv = (
+            ShortConv(hidden_size, n_branches, kernel_size, conv_dilation, conv_norm_eps, conv_zero_init)
+            if use_short_conv
+            else None
+        )
+
+    @property
+    def memory_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def lookup(self, row_ids: torch.Tensor) -> torch.Tensor:
+        """Rows [B, T, H_e, d_h] of the block's own table, with a clear error for bad ids."""
+        if row_ids.shape[-1] != self.num_heads:
+            raise ValueError(f"row_ids last dim must be H_e={self.num_heads}, got {tuple(row_ids.shape)}")
+        if row_ids.numel():
+            lo, hi = int(row_ids.min()), int(row_ids.max())
+            if lo < 0 or hi >= self.num_rows:
+                raise IndexError(
+                    f"row ids must lie in [0, {self.num_rows}) (offset-applied ids of this layer's "
+                    f"table); got min {lo}, max {hi}"
+                )
+        return F.embedding(row_ids.long(), self.embed.weight, sparse=self.sparse_grad)
+
+    def gate_values(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """alpha [B, T, M, 1] in fp32 (spec E7-E8)."""
+        q = _rms(hidden.float(), self.gate_norm_eps) * self.q_weight.float()
+        k = _rms(keys.float(), self.gate_norm_eps) * self.k_weight.float()
+        score = (q * k).sum(-1, keepdim=True) / math.sqrt(self.hidden_size)
+        return signed_sqrt_gate(score, self.gate_signed_sqrt)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        row_ids: torch.Tensor | None = None,
+        *,
+        rows: torch.Tensor | None = None,
+        window_start: torch.Tensor | None = None,
+        dead: torch.Tensor | None = None,
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        b, t, m, d = hidden.shape
+        if m != self.n_branches or d != self.hidden_size:
+            raise ValueError(f"hidden must be [B, T, {self.n_branches}, {self.hidden_size}], got {tuple(hidden.shape)}")
+        if (row_ids is None) == (rows is None):
+            raise ValueError("pass exactly one of row_ids (ids into embed.weight) or rows (gathered rows)")
+        e = self.lookup(row_ids) if rows is None else rows
+        e = e.reshape(b, t, self.memory_dim).to(self.wkv.weight.dtype)
+        kv = self.wkv(e).view(b, t, m + 1, d)  # one matmul: M keys then the shared value
+        keys, value = kv[:, :, :m], kv[:, :, m:]
+        if self.use_gate:
+            alpha = self.gate_values(hidden, keys)
+        else:
+            alpha = torch.ones(b, t, m, 1, device=hidden.device)
+        gated = (alpha * value.float()).to(hidden.dtype)  # [B, T, M, d]
+        y = self.conv(gated, window_start) if self.conv is not None else gated
+        if dead is not None:
+            keep = (~dead.bool())[..., None, None]
+            y = y * keep
+            alpha = alpha * keep
+        out = hidden + y
+        return (out, alpha) if return_gate else out

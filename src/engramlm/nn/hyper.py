@@ -1,0 +1,140 @@
+"""Multi-branch residual stream: manifold-constrained hyper-connections (mHC, Xie et al. 2025).
+
+The stream H [B, T, M, d] holds M branches. Around each sublayer F (attention, FFN/MoE):
+
+    x  = Σ_m H_pre[m] · H^(m)                      (read; H_pre >= 0)
+    H' = H_res @ H + H_post ⊗ F(x)                 (write; H_post >= 0, H_res doubly stochastic)
+
+with H_pre = σ(·), H_post = 2σ(·), H_res = Sinkhorn(·), each argument a static logit plus
+``alpha * (RMSNorm(flatten(H)) @ proj)``, computed per token (mHC). Engram (spec §7.1) instead
+takes H itself and adds its own output to every branch.
+
+Initialisation (static logits; the dynamic part is added on top, scaled by alpha = 1e-2):
+  * H_pre = 1/M per branch (logit -ln(M-1)): the read is the mean of the branches;
+  * H_post = 1 per branch (logit 0): every branch receives the full sublayer output;
+  * H_res = Sinkhorn(exp(c·I)), c = 4: exactly doubly stochastic (symmetric, constant rows),
+    diagonal e^c / (e^c + M - 1) ≈ 0.948 for M = 4, so branches stay mostly separate.
+Starting from ``expand_stream`` (M identical copies) the branches stay identical, because a
+doubly stochastic H_res maps equal rows to themselves. Hence with alpha = 0 (or dynamic=False)
+every sublayer sees exactly the plain-residual hidden state and the stream is M copies of it;
+with the default alpha the deviation is O(alpha). M = 1 is exactly the plain residual.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engramlm.nn.norm import RMSNorm
+
+
+def sinkhorn(logits: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
+    """Doubly stochastic matrix from exp(logits) [..., M, M]: log-domain Sinkhorn–Knopp in fp32.
+
+    Log domain keeps large logits finite. Convergence is only linear, and slow for the
+    near-identity matrices used here (~1e-4 row error after 20 steps), so a final correction adds
+    (1 - rowsum_i) / M to every entry of row i: rows then sum to 1 exactly and columns are
+    unchanged (the row sums total M). The entries it may lower are >> 1e-5 in practice; the clamp
+    only guards degenerate inputs.
+    """
+    z = logits.float()
+    for _ in range(n_iters):
+        z = z - z.logsumexp(-1, keepdim=True)
+        z = z - z.logsumexp(-2, keepdim=True)
+    p = z.exp()
+    return (p + (1 - p.sum(-1, keepdim=True)) / p.shape[-1]).clamp_min(0)
+
+
+def expand_stream(x: torch.Tensor, n_branches: int) -> torch.Tensor:
+    """x [B, T, d] -> [B, T, M, d], a copy of x in every branch."""
+    return x.unsqueeze(2).repeat(1, 1, n_branches, 1)
+
+
+class HCContext(NamedTuple):
+    """What ``write`` needs from ``read``: both are computed from the stream before the sublayer."""
+
+    post: torch.Tensor  # [B, T, M] or [M], fp32
+    res: torch.Tensor  # [B, T, M, M] or [M, M], fp32
+
+
+class MultiBranchResidual(nn.Module):
+    """The hyper-connection around one sublayer; see the module docstring for maths and init."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_branches: int,
+        dynamic: bool = True,
+        *,
+        alpha_init: float = 1e-2,
+        res_init_logit: float = 4.0,
+        sinkhorn_iters: int = 20,
+    ) -> None:
+        super().__init__()
+        m = n_branches
+        self.n_branches, self.dynamic, self.sinkhorn_iters = m, dynamic, sinkhorn_iters
+        if m == 1:
+            return  # plain residual, no parameters
+        self.pre_logits = nn.Parameter(torch.full((m,), -math.log(m - 1)))
+        self.post_logits = nn.Parameter(torch.zeros(m))
+        self.res_logits = nn.Parameter(res_init_logit * torch.eye(m))
+        if dynamic:
+            self.norm = RMSNorm(m * d_model)
+            self.proj = nn.Linear(m * d_model, 2 * m + m * m, bias=False)
+            self.alpha_pre = nn.Parameter(torch.tensor(alpha_init))
+            self.alpha_post = nn.Parameter(torch.tensor(alpha_init))
+            self.alpha_res = nn.Parameter(torch.tensor(alpha_init))
+
+    def coefficients(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_pre [.., M], H_post [.., M], H_res [.., M, M] in fp32 ([B, T] leading if dynamic)."""
+        pre, post, res = self.pre_logits, self.post_logits, self.res_logits
+        if self.dynamic:
+            m = self.n_branches
+            z = self.proj(self.norm(h.flatten(-2))).float()
+            d_pre, d_post, d_res = z.split([m, m, m * m], dim=-1)
+            pre = pre + self.alpha_pre * d_pre
+            post = post + self.alpha_post * d_post
+            res = res + self.alpha_res * d_res.unflatten(-1, (m, m))
+        return pre.sigmoid(), 2 * post.sigmoid(), sinkhorn(res, self.sinkhorn_iters)
+
+    def read(self, h: torch.Tensor) -> tuple[torch.Tensor, HCContext | None]:
+        """H [B, T, M, d] -> sublayer input x [B, T, d] and the context for :meth:`write`."""
+        if self.n_branches == 1:
+            return h[:, :, 0], None
+        pre, post, res = self.coefficients(h)
+        x = (pre.to(h.dtype).unsqueeze(-2) @ h).squeeze(-2)
+        return x, HCContext(post, res)
+
+    def write(self, h: torch.Tensor, y: torch.Tensor, ctx: HCContext | None) -> torch.Tensor:
+        """H' = H_res @ H + H_post ⊗ y, with y [B, T, d] the sublayer output."""
+        if ctx is None:
+            return h + y.unsqueeze(2)
+        mixed = ctx.res.to(h.dtype) @ h
+        return mixed + ctx.post.to(h.dtype).unsqueeze(-1) * y.unsqueeze(-2)
+
+    def extra_repr(self) -> str:
+        return f"n_branches={self.n_branches}, dynamic={self.dynamic}"
+
+
+class BranchReadout(nn.Module):
+    """Final aggregation of the branches before the final norm / LM head.
+
+    Per-branch, per-channel weights softplus(weight) >= 0, initialised to 1/M (the mean); for M = 1
+    it is the identity with no parameters.
+    """
+
+    def __init__(self, d_model: int, n_branches: int) -> None:
+        super().__init__()
+        self.n_branches = n_branches
+        if n_branches > 1:
+            init = math.log(math.expm1(1.0 / n_branches))  # softplus^-1(1/M)
+            self.weight = nn.Parameter(torch.full((n_branches, d_model), init))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.n_branches == 1:
+            return h[:, :, 0]
+        return (F.softplus(self.weight.float()).to(h.dtype) * h).sum(2)

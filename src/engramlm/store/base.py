@@ -1,0 +1,162 @@
+"""The one table interface every tier implements, plus the metrics spec §10.2 requires.
+
+``RowTable.gather`` owns the shared work — id validation, batch deduplication, sorting into
+table order, expansion back to request order — so a tier only implements
+``_fetch_unique(sorted_unique_ids)`` and cannot get those parts wrong.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from engramlm.store.formats import RowFormat
+
+
+@dataclass
+class StoreStats:
+    """Counters of one table; thread-safe ``add`` because gathers may run concurrently."""
+
+    requests: int = 0
+    rows_total: int = 0
+    rows_unique: int = 0
+    bytes_read: int = 0
+    bytes_used: int = 0
+    hits: int = 0
+    misses: int = 0
+    time_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                setattr(self, key, getattr(self, key) + value)
+
+    def reset(self) -> None:
+        with self._lock:
+            for f in fields(self):
+                if not f.name.startswith("_"):
+                    setattr(self, f.name, type(getattr(self, f.name))(0))
+
+    @property
+    def unique_ratio(self) -> float:
+        """Unique / total rows: how much batch deduplication saved."""
+        return self.rows_unique / self.rows_total if self.rows_total else 0.0
+
+    @property
+    def amplification(self) -> float:
+        """Bytes read / bytes used: 1.0 is ideal, page-granular disk reads make it larger."""
+        return self.bytes_read / self.bytes_used if self.bytes_used else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        looked_up = self.hits + self.misses
+        return self.hits / looked_up if looked_up else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
+        }
+        out.update(
+            unique_ratio=self.unique_ratio,
+            amplification=self.amplification,
+            hit_rate=self.hit_rate,
+        )
+        return out
+
+
+def check_fingerprint(fingerprint: str) -> str:
+    """Fingerprints are opaque 64-hex strings; reject anything else early."""
+    fp = str(fingerprint).lower()
+    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        raise ValueError(f"fingerprint must be 64 hex characters, got {fingerprint!r}")
+    return fp
+
+
+class RowTable(ABC):
+    """A read-only [num_rows, dim] table gathered by int64 offset-applied row ids."""
+
+    def __init__(self) -> None:
+        self.stats = StoreStats()
+
+    @property
+    @abstractmethod
+    def num_rows(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def row_format(self) -> RowFormat: ...
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_format.row_bytes(self.dim)
+
+    @abstractmethod
+    def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows [len(ids), dim] (any float dtype) for sorted, unique, in-range int64 ``ids``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most tiers hold nothing
+        """Release files and threads; the default tier holds none."""
+
+    def __enter__(self) -> RowTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fetch_sorted_unique(self, ids: torch.Tensor) -> torch.Tensor:
+        """``_fetch_unique`` for callers (e.g. a cache) that already deduplicated and sorted."""
+        if ids.numel() == 0:
+            return torch.empty(0, self.dim, dtype=torch.float32)
+        return self._fetch_unique(ids)
+
+    def gather(self, row_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows for ``row_ids`` (any shape) as ``[*row_ids.shape, dim]``, float32 or into ``out``.
+
+        Ids are deduplicated and fetched once each in table order, then expanded back.
+        """
+        start = time.perf_counter()
+        ids = torch.as_tensor(row_ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise TypeError(f"row ids must be an integer tensor, got {ids.dtype}")
+        shape = (*ids.shape, self.dim)
+        flat = ids.reshape(-1).to("cpu", torch.int64)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32)
+        elif tuple(out.shape) not in (shape, (flat.numel(), self.dim)):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+        if flat.numel() == 0:
+            return out
+        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        lo, hi = int(unique[0]), int(unique[-1])
+        if lo < 0 or hi >= self.num_rows:
+            raise IndexError(
+                f"row ids out of range: min {lo}, max {hi}, table has {self.num_rows} rows "
+                f"(valid ids are 0..{self.num_rows - 1})"
+            )
+        rows = self._fetch_unique(unique)
+        out2d = out.view(-1, self.dim)
+        if rows.dtype == out.dtype and out.is_contiguous():
+            torch.index_select(rows, 0, inverse, out=out2d)
+        else:
+            out2d.copy_(rows.index_select(0, inverse))
+        self.stats.add(
+            requests=1,
+            rows_total=flat.numel(),
+            rows_unique=unique.numel(),
+            bytes_used=unique.numel() * self.row_bytes,
+            time_s=time.perf_counter() - start,
+        )
+        return out
