@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             f"stream step {r['streaming']['step_latency_s']['median'] * 1e6:.0f} us"
         )
     payload = {
+        "kind": "hashing",
+        "variant": args.tag or "default",
         "parameters": {
             "presets": args.presets,
             "batch": args.batch,

@@ -401,3 +401,22 @@ def test_out_of_range_input_ids_raise() -> None:
         ids[0, 3] = -1
         with pytest.raises(IndexError, match=rf"\[0, {V}\)"):
             model(ids)
+
+
+# ---- externally gathered rows ------------------------------------------------------------------
+def test_engram_rows_equal_hashed_path_full_and_partial() -> None:
+    model = build(config(hash_kw=dict(layer_ids=(0, 2)))).eval()
+    randomise_conv(model)
+    ids = randint((2, 9))
+    rid = model.hash(ids)
+    rows = {
+        lid: model.layers[lid].engram.embed.weight.detach()[rid[i]]
+        for i, lid in enumerate((0, 2))
+    }
+    with torch.no_grad():
+        full = model(ids).logits
+        torch.testing.assert_close(model(ids, engram_rows=rows).logits, full, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(ids, row_ids=rid).logits, full, atol=0, rtol=0)
+        # Rows for some layers only: the others must still be hashed from the ids.
+        partial = model(ids, engram_rows={2: rows[2]}).logits
+        torch.testing.assert_close(partial, full, atol=1e-6, rtol=0)

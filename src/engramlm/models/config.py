@@ -215,11 +215,13 @@ def _to_jsonable(obj: Any) -> Any:
 
 def _from_dict(cls: type, d: Any, prefix: str) -> Any:
     if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or cls.__name__}: expected a table/object, got {type(d).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a table/object, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"{prefix or cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in d.items():
@@ -228,7 +230,7 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
         return cls(**kwargs)
     except ConfigError as exc:
         msg = str(exc)
-        if prefix and not msg.startswith(prefix.split(".")[0]):
+        if prefix and not msg.startswith(prefix.split(".")[0] + "."):
             msg = prefix + msg  # nested specs name fields relative to themselves
         raise ConfigError(msg) from None
 

@@ -158,7 +158,7 @@ class EngramLM(nn.Module):
             )
         window_start = None
         if self.layout is not None:
-            if row_ids is None and engram_rows is None:
+            if row_ids is None and any(lid not in (engram_rows or {}) for lid in self.layout.layer_ids):
                 row_ids = self.hasher(input_ids, doc_start, dead)
             reset = self.layout.spec.boundary_mode == "reset" and doc_start is not None
             if reset or dead is not None:
