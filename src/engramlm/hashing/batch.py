@@ -66,6 +66,7 @@ class NgramHasher:
             "inv": 1.0 / layout.primes.astype(np.float64),
         }
         self._kernel_ok = _kernels.HAVE_NUMBA and int(layout.primes.min()) >= _kernels.MIN_PRIME_FOR_KERNEL
+        self._lookup = np.ascontiguousarray(layout.compression.lookup, dtype=np.int64)
         self._torch_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.out_dtype = torch.int32 if layout.spec.row_id_dtype == "int32" else torch.int64
 
@@ -89,34 +90,33 @@ class NgramHasher:
                 raise ValueError(f"{name} must have the shape of ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
         if self.layout.spec.boundary_mode != "reset":
             doc_start = None
-        x = self.layout.compression.compress(ids)
-        starts = window_starts(doc_start, dead, tuple(x.shape), x.device)
-        use_kernel = self.backend == "kernel" or (self.backend == "auto" and x.device.type == "cpu")
+        use_kernel = self.backend == "kernel" or (self.backend == "auto" and ids.device.type == "cpu")
         if use_kernel and self._kernel_ok:
-            out = self._hash_kernel(x, starts)
+            out = self._hash_kernel(ids, doc_start, dead)
         else:
-            out = self._hash_torch(x, starts)
+            x = self.layout.compression.compress(ids)
+            out = self._hash_torch(x, window_starts(doc_start, dead, tuple(x.shape), x.device))
         if head_local:
             off = self._consts(out.device)["offs"].reshape(out.shape[0], 1, 1, -1)
             out = out - off.to(out.dtype)
         return out
 
-    def _hash_kernel(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    def _hash_kernel(self, ids: torch.Tensor, doc_start: torch.Tensor | None, dead: torch.Tensor | None) -> torch.Tensor:
+        """CPU path: NumPy in, NumPy out; no torch kernels run (see ``_kernels``)."""
         c = self._np
-        b, t = x.shape
-        out = np.empty((c["mult"].shape[0], b, t, self.layout.heads_per_layer), dtype=np.int64)
-        if self.out_dtype == torch.int32:
-            out = out.astype(np.int32)
+        raw = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
+        if raw.size:
+            self.layout.compression._check_range(int(raw.min()), int(raw.max()))
+        b, t = raw.shape
+        zeros = np.zeros((b, t), dtype=np.uint8)
+        doc = zeros if doc_start is None else np.ascontiguousarray(doc_start.numpy(), dtype=np.uint8)
+        dd = zeros if dead is None else np.ascontiguousarray(dead.numpy(), dtype=np.uint8)
+        dtype = np.int32 if self.out_dtype == torch.int32 else np.int64
+        out = np.empty((c["mult"].shape[0], b, t, self.layout.heads_per_layer), dtype=dtype)
         _kernels.hash_rows(
-            np.ascontiguousarray(x.numpy()),
-            np.ascontiguousarray(starts.numpy()),
-            c["mult"],
-            c["primes"],
-            c["offs"],
-            c["inv"],
-            self.layout.compressed_pad_id,
-            out,
-        )
+            raw, self._lookup, doc, dd, c["mult"], c["primes"], c["offs"], c["inv"],
+            self.layout.compressed_pad_id, out,
+        )  # fmt: skip
         return torch.from_numpy(out)
 
     def _hash_torch(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
