@@ -88,16 +88,19 @@ def cold_compile_seconds(hasher: NgramHasher, ids: torch.Tensor) -> float | None
         return None
     from numba import njit
 
-    fresh = njit(parallel=True, cache=False, boundscheck=False, nogil=True)(_kernels._hash_rows)
+    fresh = njit(parallel=True, cache=False, boundscheck=False, nogil=True, error_model="numpy")(
+        _kernels._hash_rows
+    )
     layout = hasher.layout
-    x = layout.compression.compress(ids).numpy()
-    starts = np.zeros_like(x)
+    x = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
+    zeros = np.zeros(x.shape, dtype=np.uint8)
+    lookup = np.ascontiguousarray(layout.compression.lookup, dtype=np.int64)
     dtype = np.int32 if layout.spec.row_id_dtype == "int32" else np.int64
     out = np.empty((layout.multipliers.shape[0], *x.shape, layout.heads_per_layer), dtype=dtype)
-    inv = 1.0 / layout.primes.astype(np.float64)
+    c = _kernels.limb_constants(layout.primes)
     t0 = time.perf_counter()
-    fresh(x, starts, layout.multipliers, layout.primes, layout.offsets, inv,
-          layout.compressed_pad_id, out)
+    fresh(x, lookup, zeros, zeros, layout.multipliers, c["pf"], c["inv"], c["m21"], c["m42"],
+          layout.offsets, layout.compressed_pad_id, out)
     return time.perf_counter() - t0
 
 

@@ -63,16 +63,18 @@ class NgramHasher:
             "mult": np.ascontiguousarray(layout.multipliers),
             "primes": np.ascontiguousarray(layout.primes),
             "offs": np.ascontiguousarray(layout.offsets),
-            "inv": 1.0 / layout.primes.astype(np.float64),
+            **_kernels.limb_constants(layout.primes),
         }
-        self._kernel_ok = _kernels.HAVE_NUMBA and int(layout.primes.min()) >= _kernels.MIN_PRIME_FOR_KERNEL
+        self._kernel_ok = _kernels.HAVE_NUMBA and int(layout.primes.max()) < _kernels.MAX_PRIME_FOR_KERNEL
         self._lookup = np.ascontiguousarray(layout.compression.lookup, dtype=np.int64)
         self._torch_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.out_dtype = torch.int32 if layout.spec.row_id_dtype == "int32" else torch.int64
 
     def _consts(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._torch_cache:
-            self._torch_cache[device] = {k: torch.from_numpy(v).to(device) for k, v in self._np.items() if k != "inv"}
+            self._torch_cache[device] = {
+                k: torch.from_numpy(self._np[k]).to(device) for k in ("mult", "primes", "offs")
+            }
         return self._torch_cache[device]
 
     def __call__(
@@ -101,7 +103,9 @@ class NgramHasher:
             out = out - off.to(out.dtype)
         return out
 
-    def _hash_kernel(self, ids: torch.Tensor, doc_start: torch.Tensor | None, dead: torch.Tensor | None) -> torch.Tensor:
+    def _hash_kernel(
+        self, ids: torch.Tensor, doc_start: torch.Tensor | None, dead: torch.Tensor | None
+    ) -> torch.Tensor:
         """CPU path: NumPy in, NumPy out; no torch kernels run (see ``_kernels``)."""
         c = self._np
         raw = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
@@ -114,7 +118,7 @@ class NgramHasher:
         dtype = np.int32 if self.out_dtype == torch.int32 else np.int64
         out = np.empty((c["mult"].shape[0], b, t, self.layout.heads_per_layer), dtype=dtype)
         _kernels.hash_rows(
-            raw, self._lookup, doc, dd, c["mult"], c["primes"], c["offs"], c["inv"],
+            raw, self._lookup, doc, dd, c["mult"], c["pf"], c["inv"], c["m21"], c["m42"], c["offs"],
             self.layout.compressed_pad_id, out,
         )  # fmt: skip
         return torch.from_numpy(out)
