@@ -48,7 +48,11 @@ def _git_commit() -> str | None:
     try:
         proc = subprocess.run(
             ["git", "rev-parse", "--verify", "-q", "HEAD"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -68,8 +72,12 @@ def _version(module: str) -> str | None:
 # Threading knobs that change results: numba's OpenMP pool and torch's OpenMP pool share the cores,
 # and with the default spin-wait policy they can stall each other for a scheduler time slice.
 THREAD_ENV_VARS = (
-    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
-    "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "NUMBA_THREADING_LAYER",
 )
 
 

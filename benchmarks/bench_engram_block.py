@@ -33,12 +33,20 @@ def demo_block(num_rows: int) -> EngramBlock:
     e = cfg.engram
     assert e is not None
     return EngramBlock(
-        hidden_size=cfg.hidden_size, num_rows=num_rows,
-        num_heads=e.hash.n_head_per_ngram * (e.hash.max_ngram_size - 1), head_dim=e.head_dim,
-        n_branches=cfg.hc_mult, proj_bias=e.proj_bias, gate=e.gate,
-        gate_signed_sqrt=e.gate_signed_sqrt, gate_norm_eps=e.gate_norm_eps,
-        use_short_conv=e.use_short_conv, kernel_size=e.kernel_size, conv_dilation=e.dilation,
-        conv_norm_eps=e.conv_norm_eps, conv_zero_init=e.conv_zero_init,
+        hidden_size=cfg.hidden_size,
+        num_rows=num_rows,
+        num_heads=e.hash.n_head_per_ngram * (e.hash.max_ngram_size - 1),
+        head_dim=e.head_dim,
+        n_branches=cfg.hc_mult,
+        proj_bias=e.proj_bias,
+        gate=e.gate,
+        gate_signed_sqrt=e.gate_signed_sqrt,
+        gate_norm_eps=e.gate_norm_eps,
+        use_short_conv=e.use_short_conv,
+        kernel_size=e.kernel_size,
+        conv_dilation=e.dilation,
+        conv_norm_eps=e.conv_norm_eps,
+        conv_zero_init=e.conv_zero_init,
         embed_init_std=e.embed_init_std,
     )
 
@@ -86,8 +94,7 @@ def run(b: int, t: int, num_rows: int, repeats: int, seed: int) -> dict[str, Any
         raw_s = interleaved_timings(contenders, repeats, warmup=2, desc="engram block")
 
     n_tok = b * t
-    flops = block_flops(n_tok, d, m, d_mem, block.conv.kernel_size if block.conv else 0,
-                        block.conv is not None)
+    flops = block_flops(n_tok, d, m, d_mem, block.conv.kernel_size if block.conv else 0, block.conv is not None)
     mm_flops = 2 * n_tok * d_mem * (m + 1) * d
     timing = {k: stats(v) for k, v in raw_s.items()}
     gflops = {
@@ -97,19 +104,24 @@ def run(b: int, t: int, num_rows: int, repeats: int, seed: int) -> dict[str, Any
     }
     # Fraction of peak per repeat: block GFLOP/s over the matmul GFLOP/s of the SAME repeat.
     frac = {
-        k: stats([
-            (flops["total"] / sb) / (mm_flops / sm)
-            for sb, sm in zip(raw_s[k], raw_s["matmul_peak"], strict=True)
-        ])
+        k: stats(
+            [(flops["total"] / sb) / (mm_flops / sm) for sb, sm in zip(raw_s[k], raw_s["matmul_peak"], strict=True)]
+        )
         for k in ("engram_block", "reference_engram")
     }
     return {
         "geometry": {
-            "preset": "demo", "hidden": d, "branches_M": m, "heads": heads,
-            "head_dim": block.head_dim, "d_mem": d_mem, "table_rows": num_rows,
+            "preset": "demo",
+            "hidden": d,
+            "branches_M": m,
+            "heads": heads,
+            "head_dim": block.head_dim,
+            "d_mem": d_mem,
+            "table_rows": num_rows,
             "conv": block.conv is not None,
             "conv_dilation": block.conv.dilation if block.conv else None,
-            "proj_bias": block.wkv.bias is not None, "gate_norm_eps": block.gate_norm_eps,
+            "proj_bias": block.wkv.bias is not None,
+            "gate_norm_eps": block.gate_norm_eps,
         },
         "input": {"batch": b, "seq": t, "tokens": n_tok, "dtype": "float32", "seed": seed},
         "allclose_atol_rtol": 1e-4,
@@ -118,9 +130,7 @@ def run(b: int, t: int, num_rows: int, repeats: int, seed: int) -> dict[str, Any
         "matmul_shape": [[n_tok, d_mem], [d_mem, (m + 1) * d]],
         "matmul_flops": mm_flops,
         "timing_s": timing,
-        "speedup_vs_reference": stats(
-            paired_ratios(raw_s["reference_engram"], raw_s["engram_block"])
-        ),
+        "speedup_vs_reference": stats(paired_ratios(raw_s["reference_engram"], raw_s["engram_block"])),
         "gflops": gflops,
         "fraction_of_matmul_peak": frac,
         "raw_s": raw_s,
@@ -140,8 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     r = run(args.batch, args.seq, args.rows, args.repeats, args.seed)
     payload = {
         "parameters": {
-            "batch": args.batch, "seq": args.seq, "rows": args.rows,
-            "repeats": args.repeats, "seed": args.seed,
+            "batch": args.batch,
+            "seq": args.seq,
+            "rows": args.rows,
+            "repeats": args.repeats,
+            "seed": args.seed,
         },
         **r,
     }

@@ -88,9 +88,7 @@ def cold_compile_seconds(hasher: NgramHasher, ids: torch.Tensor) -> float | None
         return None
     from numba import njit
 
-    fresh = njit(parallel=True, cache=False, boundscheck=False, nogil=True, error_model="numpy")(
-        _kernels._hash_rows
-    )
+    fresh = njit(parallel=True, cache=False, boundscheck=False, nogil=True, error_model="numpy")(_kernels._hash_rows)
     layout = hasher.layout
     x = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
     zeros = np.zeros(x.shape, dtype=np.uint8)
@@ -99,14 +97,24 @@ def cold_compile_seconds(hasher: NgramHasher, ids: torch.Tensor) -> float | None
     out = np.empty((layout.multipliers.shape[0], *x.shape, layout.heads_per_layer), dtype=dtype)
     c = _kernels.limb_constants(layout.primes)
     t0 = time.perf_counter()
-    fresh(x, lookup, zeros, zeros, layout.multipliers, c["pf"], c["inv"], c["m21"], c["m42"],
-          layout.offsets, layout.compressed_pad_id, out)
+    fresh(
+        x,
+        lookup,
+        zeros,
+        zeros,
+        layout.multipliers,
+        c["pf"],
+        c["inv"],
+        c["m21"],
+        c["m42"],
+        layout.offsets,
+        layout.compressed_pad_id,
+        out,
+    )
     return time.perf_counter() - t0
 
 
-def bench_streaming(
-    layout: HashLayout, ids: torch.Tensor, expected: torch.Tensor, steps: int
-) -> dict[str, Any]:
+def bench_streaming(layout: HashLayout, ids: torch.Tensor, expected: torch.Tensor, steps: int) -> dict[str, Any]:
     """Per-step latency of ``StreamingHasher.step`` (one token for each of B sequences).
 
     The outputs of every timed step are checked against the batch hasher afterwards, so the
@@ -198,10 +206,7 @@ def bench_preset(name: str, b: int, t: int, repeats: int, stream_steps: int) -> 
     raw_s = interleaved_timings(contenders, repeats, warmup=2, desc=f"hash {name}")
     n_tok = b * t
     timing = {k: stats(v) for k, v in raw_s.items()}
-    tps = {
-        k: stats([n_tok / s for s in raw_s[k]])
-        for k in ("reference_numpy", "library_auto", "library_torch")
-    }
+    tps = {k: stats([n_tok / s for s in raw_s[k]]) for k in ("reference_numpy", "library_auto", "library_torch")}
     speedup = {
         "library_auto": stats(paired_ratios(raw_s["reference_numpy"], raw_s["library_auto"])),
         "library_torch": stats(paired_ratios(raw_s["reference_numpy"], raw_s["library_torch"])),
@@ -278,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stream-steps", type=int, default=4096)
     ap.add_argument("--results-dir", type=Path, default=None)
     ap.add_argument(
-        "--tag", default="",
+        "--tag",
+        default="",
         help="suffix for the result file (hashing_<tag>.json), e.g. for a run under a different "
         "thread environment such as OMP_WAIT_POLICY=PASSIVE",
     )

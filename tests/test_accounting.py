@@ -18,7 +18,10 @@ V = 40
 
 def engram(**kw: object) -> EngramConfig:
     hash_kw: dict = dict(
-        max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(29, 29), layer_ids=(1,),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(29, 29),
+        layer_ids=(1,),
     )
     hash_kw.update(kw.pop("hash", {}))  # type: ignore[arg-type]
     args: dict = dict(hash=HashSpec(**hash_kw), head_dim=4)
@@ -46,15 +49,17 @@ CONFIGS = {
     "dense-m4-dynamic": base_cfg(hc_mult=4),
     "dense-m4-static": base_cfg(hc_mult=4, hc_dynamic=False),
     "moe-shared-dense1": base_cfg(hc_mult=2, moe=MOE),
-    "moe-no-shared-dense0": base_cfg(moe=MoEConfig(n_routed=3, n_shared=0, top_k=1,
-                                                   expert_hidden=8, n_dense_layers=0)),
+    "moe-no-shared-dense0": base_cfg(moe=MoEConfig(n_routed=3, n_shared=0, top_k=1, expert_hidden=8, n_dense_layers=0)),
     "engram-conv-nobias": base_cfg(hc_mult=4, engram=engram()),
     "engram-noconv-bias": base_cfg(hc_mult=4, engram=engram(use_short_conv=False, proj_bias=True)),
     "engram-m1-two-layers": base_cfg(engram=engram(hash=dict(layer_ids=(0, 2), n_head_per_ngram=3))),
     "tied": base_cfg(tie_embeddings=True, engram=engram()),
     "gqa": base_cfg(n_kv_heads=2, hc_mult=2),
     "everything": base_cfg(
-        hc_mult=4, n_kv_heads=1, tie_embeddings=True, moe=MOE,
+        hc_mult=4,
+        n_kv_heads=1,
+        tie_embeddings=True,
+        moe=MOE,
         engram=engram(proj_bias=True, hash=dict(max_ngram_size=4, engram_vocab_size=(29, 31, 37))),
     ),
 }
@@ -72,12 +77,17 @@ def test_count_matches_instantiated_model(name: str) -> None:
 
 def test_hand_count_small_config() -> None:
     cfg = ModelConfig(
-        vocab_size=50, hidden_size=8, num_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=12,
-        hc_mult=2, hc_dynamic=True,
+        vocab_size=50,
+        hidden_size=8,
+        num_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        mlp_hidden=12,
+        hc_mult=2,
+        hc_dynamic=True,
         moe=MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=6, n_dense_layers=1),
         engram=EngramConfig(
-            hash=HashSpec(max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(11, 11),
-                          layer_ids=(1,)),
+            hash=HashSpec(max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(11, 11), layer_ids=(1,)),
             head_dim=4,
         ),
     )
@@ -153,7 +163,12 @@ def test_demo_rows_and_no_moe() -> None:
 # ---- iso-parameter variant ---------------------------------------------------------------------
 def moe_base() -> ModelConfig:
     return ModelConfig(
-        vocab_size=V, hidden_size=32, num_layers=4, n_heads=4, mlp_hidden=64, hc_mult=1,
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=4,
+        n_heads=4,
+        mlp_hidden=64,
+        hc_mult=1,
         moe=MoEConfig(n_routed=16, n_shared=1, top_k=2, expert_hidden=64, n_dense_layers=1),
         name="tiny-moe",
     )
@@ -161,8 +176,7 @@ def moe_base() -> ModelConfig:
 
 def iso_engram() -> EngramConfig:
     return EngramConfig(
-        hash=HashSpec(max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(100, 100),
-                      layer_ids=(1,)),
+        hash=HashSpec(max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(100, 100), layer_ids=(1,)),
         head_dim=8,
     )
 

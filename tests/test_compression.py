@@ -97,9 +97,7 @@ def test_invariants(cmap: CompressionMap) -> None:
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v4"])
-def test_pure_python_normalizer_equals_hf_chain_on_whole_vocab(
-    name: str, hf_reference: normalizers.Normalizer
-) -> None:
+def test_pure_python_normalizer_equals_hf_chain_on_whole_vocab(name: str, hf_reference: normalizers.Normalizer) -> None:
     # HF StripAccents (tokenizers 0.23) drops every Mark (Mn/Mc/Me), so there are zero diffs.
     tok = Tokenizer.from_file(str(resolve_tokenizer(name)))
     v = tok.get_vocab_size(with_added_tokens=True)
@@ -109,9 +107,7 @@ def test_pure_python_normalizer_equals_hf_chain_on_whole_vocab(
     assert diffs == []
 
 
-def test_build_time_and_tokenizer_object(
-    dsv4_tokenizer_path: Path, dsv4_cmap: CompressionMap
-) -> None:
+def test_build_time_and_tokenizer_object(dsv4_tokenizer_path: Path, dsv4_cmap: CompressionMap) -> None:
     t0 = time.perf_counter()
     tok = Tokenizer.from_file(str(dsv4_tokenizer_path))
     built = CompressionMap.from_tokenizer(tok)

@@ -55,8 +55,7 @@ def _write_tree(root: Path) -> None:
 def test_dir_source_recursive_sorted_replace(tmp_path: Path) -> None:
     _write_tree(tmp_path)
     docs, *_ = read_source(SourceSpec("dir", str(tmp_path)))
-    assert [d.id for d in docs] == ["a.txt", "b/bad.txt", "b/c/deep.txt", "b/dup.txt",
-                                    "b/empty.txt"]
+    assert [d.id for d in docs] == ["a.txt", "b/bad.txt", "b/c/deep.txt", "b/dup.txt", "b/empty.txt"]
     assert "\ufffd" in docs[1].text
     corpus = load_corpus(SourceSpec("dir", str(tmp_path)))
     assert [d.id for d in corpus.documents] == ["a.txt", "b/bad.txt", "b/c/deep.txt"]

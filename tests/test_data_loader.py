@@ -33,8 +33,8 @@ def test_train_batches_shift_and_doc_start(out: Path) -> None:
         assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (B, T)
         assert batch["doc_start"].dtype == torch.bool
         for b, o in enumerate(offs.tolist()):
-            assert batch["input_ids"][b].tolist() == stream[o:o + T].tolist()
-            assert batch["targets"][b].tolist() == stream[o + 1:o + T + 1].tolist()
+            assert batch["input_ids"][b].tolist() == stream[o : o + T].tolist()
+            assert batch["targets"][b].tolist() == stream[o + 1 : o + T + 1].tolist()
             want = [o + t in starts for t in range(T)]
             assert batch["doc_start"][b].tolist() == want
         # every document starts with BOS, and BOS appears nowhere else
@@ -66,8 +66,9 @@ def test_resume_yields_identical_batches(out: Path) -> None:
     rest_b = [next(b) for _ in range(4)]
     for x, y in zip(rest_a, rest_b, strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
-    assert not torch.equal(next(BatchLoader(ds, B, T, seed=12))["input_ids"],
-                           BatchLoader(ds, B, T, seed=11).batch_at(0)["input_ids"])
+    assert not torch.equal(
+        next(BatchLoader(ds, B, T, seed=12))["input_ids"], BatchLoader(ds, B, T, seed=11).batch_at(0)["input_ids"]
+    )
     with pytest.raises(ConfigError, match="seed"):
         BatchLoader(ds, B, T, seed=12).load_state_dict(state)
     with pytest.raises(ConfigError, match="seq_len"):

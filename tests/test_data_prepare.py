@@ -55,14 +55,15 @@ def test_splits_disjoint_by_document_and_shards_decode(built: Path) -> None:
         assert ds.n_documents == len(texts)
         ends = [*ds.doc_offsets[1:].tolist(), ds.n_tokens]
         for k in (0, len(texts) - 1):
-            ids = np.asarray(ds.tokens[ds.doc_offsets[k]:ends[k]]).tolist()
+            ids = np.asarray(ds.tokens[ds.doc_offsets[k] : ends[k]]).tolist()
             assert ids[0] == 0 and ids[-1] == 1 and 0 not in ids[1:] and 1 not in ids[:-1]
             assert tok.decode(ids[1:-1], skip_special_tokens=False) == texts[k]
         assert int(ds.token_bytes[np.asarray(ds.tokens)].sum()) == ds.n_bytes
 
 
-def test_rebuild_is_deterministic_and_rerun_reuses(built: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_rebuild_is_deterministic_and_rerun_reuses(
+    built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     again = prepare("stdlib", tmp_path / "b", VOCAB, max_bytes=TINY, progress=False)
     first = Manifest.load(built)
     assert again.digest() == first.digest() and not again.reused
@@ -139,8 +140,21 @@ def test_cli_prepare_prints_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
     parser = argparse.ArgumentParser()
     data_cmd.register(parser.add_subparsers())
     src = _jsonl(tmp_path / "c.jsonl", 20)
-    argv = ["data", "prepare", "--source", "jsonl", "--path", str(src), "--text-field",
-            "content", "--out", str(tmp_path / "o"), "--vocab-size", "300", "--no-progress"]
+    argv = [
+        "data",
+        "prepare",
+        "--source",
+        "jsonl",
+        "--path",
+        str(src),
+        "--text-field",
+        "content",
+        "--out",
+        str(tmp_path / "o"),
+        "--vocab-size",
+        "300",
+        "--no-progress",
+    ]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)

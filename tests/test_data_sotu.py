@@ -68,9 +68,11 @@ def test_extraction_refuses_unsafe_paths(tmp_path: Path) -> None:
 def test_extraction_takes_only_plain_matching_files(tmp_path: Path) -> None:
     tgz = tmp_path / "ok.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
-        for name, data in [("package/data/1999_a_b.txt", b"speech"),
-                           ("package/data/1999_a_b.json", b"{}"),
-                           ("package/lib/x.txt", b"code")]:
+        for name, data in [
+            ("package/data/1999_a_b.txt", b"speech"),
+            ("package/data/1999_a_b.json", b"{}"),
+            ("package/lib/x.txt", b"code"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -45,9 +45,7 @@ def inputs(b: int = 2, t: int = 12, m: int = M, d: int = D, seed: int = 1):
     return hidden, row_ids
 
 
-def hand_gated_value(
-    block: EngramBlock, hidden: torch.Tensor, row_ids: torch.Tensor
-) -> torch.Tensor:
+def hand_gated_value(block: EngramBlock, hidden: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
     """alpha * v computed literally from the block's weights, in float64 (spec E5-E9)."""
     b, t, m, d = hidden.shape
     w = block.wkv.weight.double()
@@ -199,11 +197,19 @@ def test_fused_block_matches_reference(m: int, kw: dict) -> None:
 # ---- model-level identity at initialisation ----------------------------------------------------
 def test_model_engram_adds_exactly_gated_value_at_init() -> None:
     spec = HashSpec(
-        max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(23, 23), layer_ids=(1,),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(23, 23),
+        layer_ids=(1,),
         boundary_mode="reset",
     )
     cfg = ModelConfig(
-        vocab_size=40, hidden_size=D, num_layers=2, n_heads=2, mlp_hidden=16, hc_mult=M,
+        vocab_size=40,
+        hidden_size=D,
+        num_layers=2,
+        n_heads=2,
+        mlp_hidden=16,
+        hc_mult=M,
         engram=EngramConfig(hash=spec, head_dim=DH),
     )
     torch.manual_seed(0)

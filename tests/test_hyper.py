@@ -71,8 +71,7 @@ def test_single_branch_is_exactly_plain_residual() -> None:
     y = torch.randn(2, 5, D)
     assert torch.equal(hc.write(h, y, ctx), h + y[:, :, None])
     fs, x = sublayers(4), torch.randn(2, 5, D)
-    assert torch.equal(run_stack([MultiBranchResidual(D, 1) for _ in fs], fs, x, 1),
-                       plain_stack(fs, x))
+    assert torch.equal(run_stack([MultiBranchResidual(D, 1) for _ in fs], fs, x, 1), plain_stack(fs, x))
 
 
 def test_init_values() -> None:
@@ -119,6 +118,13 @@ def test_gradients_reach_dynamic_parts() -> None:
     for name, p in [*hc.named_parameters(), *ro.named_parameters()]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert set(dict(hc.named_parameters())) == {
-        "pre_logits", "post_logits", "res_logits", "norm.weight", "proj.weight",
-        "alpha_pre", "alpha_post", "alpha_res"}
+        "pre_logits",
+        "post_logits",
+        "res_logits",
+        "norm.weight",
+        "proj.weight",
+        "alpha_pre",
+        "alpha_post",
+        "alpha_res",
+    }
     assert hc.proj.weight.shape == (2 * 4 + 16, 4 * D)

@@ -31,21 +31,26 @@ def _one_thread() -> Iterator[None]:
 
 def spec(**kw: object) -> HashSpec:
     args: dict = dict(
-        max_ngram_size=3, n_head_per_ngram=2, engram_vocab_size=(31, 31), layer_ids=(1,),
+        max_ngram_size=3,
+        n_head_per_ngram=2,
+        engram_vocab_size=(31, 31),
+        layer_ids=(1,),
         boundary_mode="reset",
     )
     args.update(kw)
     return HashSpec(**args)
 
 
-def config(
-    *, m: int = 4, use_moe: bool = True, hash_kw: dict | None = None, **kw: object
-) -> ModelConfig:
+def config(*, m: int = 4, use_moe: bool = True, hash_kw: dict | None = None, **kw: object) -> ModelConfig:
     args: dict = dict(
-        vocab_size=V, hidden_size=16, num_layers=3, n_heads=2, mlp_hidden=24, hc_mult=m,
+        vocab_size=V,
+        hidden_size=16,
+        num_layers=3,
+        n_heads=2,
+        mlp_hidden=24,
+        hc_mult=m,
         max_seq_len=64,
-        moe=MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=8, n_dense_layers=1)
-        if use_moe else None,
+        moe=MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=8, n_dense_layers=1) if use_moe else None,
         engram=EngramConfig(hash=spec(**(hash_kw or {})), head_dim=4),
     )
     args.update(kw)
@@ -128,9 +133,7 @@ def test_reset_mode_packed_document_matches_alone() -> None:
     assert not torch.equal(model.hash(ids)[:, :, first:], alone_rows)  # reset matters
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handles = [
-        model.layers[0].engram.register_forward_hook(lambda mod, a, o: seen.append((a[0], o[0])))
-    ]
+    handles = [model.layers[0].engram.register_forward_hook(lambda mod, a, o: seen.append((a[0], o[0])))]
     with torch.no_grad():
         model(ids, doc_start=doc_start)
         model(ids[:, first:])
@@ -202,8 +205,7 @@ def saved(tmp_path: Path) -> tuple[EngramLM, Path]:
 
 def test_save_load_roundtrip_identical_logits(saved: tuple[EngramLM, Path]) -> None:
     model, path = saved
-    assert {p.name for p in path.iterdir()} >= {
-        "config.json", "model.safetensors", "engram_hash.safetensors"}
+    assert {p.name for p in path.iterdir()} >= {"config.json", "model.safetensors", "engram_hash.safetensors"}
     loaded = load_pretrained(path).eval()
     assert loaded.config == model.config
     assert loaded.layout.fingerprint == model.layout.fingerprint
@@ -409,10 +411,7 @@ def test_engram_rows_equal_hashed_path_full_and_partial() -> None:
     randomise_conv(model)
     ids = randint((2, 9))
     rid = model.hash(ids)
-    rows = {
-        lid: model.layers[lid].engram.embed.weight.detach()[rid[i]]
-        for i, lid in enumerate((0, 2))
-    }
+    rows = {lid: model.layers[lid].engram.embed.weight.detach()[rid[i]] for i, lid in enumerate((0, 2))}
     with torch.no_grad():
         full = model(ids).logits
         torch.testing.assert_close(model(ids, engram_rows=rows).logits, full, atol=1e-6, rtol=0)
@@ -420,3 +419,18 @@ def test_engram_rows_equal_hashed_path_full_and_partial() -> None:
         # Rows for some layers only: the others must still be hashed from the ids.
         partial = model(ids, engram_rows={2: rows[2]}).logits
         torch.testing.assert_close(partial, full, atol=1e-6, rtol=0)
+
+
+def test_hidden_states_and_engram_knockout() -> None:
+    model, ids = build(config()), randint((2, 24))
+    out = model(ids, output_hidden_states=True, return_gates=True)
+    assert len(out.hidden_states) == model.config.num_layers + 1
+    torch.testing.assert_close(model.head(out.hidden_states[-1]), out.logits)
+    off = model(ids, skip_engram=True, return_gates=True)
+    assert off.gates == {}
+    # With the table perturbed, knocked-out logits do not move while normal logits do.
+    with torch.no_grad():
+        for blk in model.engram_layers.values():
+            blk.embed.weight.mul_(3.0)
+    assert torch.equal(model(ids, skip_engram=True).logits, off.logits)
+    assert not torch.allclose(model(ids).logits, out.logits)

@@ -31,7 +31,10 @@ def test_routing_shapes_and_names() -> None:
     assert moe(x).shape == x.shape
     assert moe.last_load.sum().item() == 10 * 2
     assert {k for k in moe.state_dict() if k.startswith("experts")} == {
-        "experts.gate_proj", "experts.up_proj", "experts.down_proj"}
+        "experts.gate_proj",
+        "experts.up_proj",
+        "experts.down_proj",
+    }
     assert moe.experts.gate_proj.shape == (4, 16, 8)
     assert moe.experts.down_proj.shape == (4, 8, 16)
     assert "expert_bias" in moe.state_dict() and "expert_counts" not in moe.state_dict()
@@ -46,11 +49,12 @@ def test_dispatch_matches_naive(score_func: str) -> None:
     x = torch.randn(3, 7, 8)
     flat = x.reshape(-1, 8)
     w, idx, _ = moe.route(flat)
-    ref = torch.stack([
-        moe.shared(flat[n]) + sum(w[n, j] * moe.experts.expert(int(idx[n, j]), flat[n][None])[0]
-                                  for j in range(2))
-        for n in range(flat.shape[0])
-    ])
+    ref = torch.stack(
+        [
+            moe.shared(flat[n]) + sum(w[n, j] * moe.experts.expert(int(idx[n, j]), flat[n][None])[0] for j in range(2))
+            for n in range(flat.shape[0])
+        ]
+    )
     torch.testing.assert_close(moe(x).reshape(-1, 8), ref, rtol=1e-5, atol=1e-6)
 
 

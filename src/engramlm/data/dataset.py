@@ -18,7 +18,10 @@ from engramlm.utils.io import sha256_file
 
 
 def load_array(
-    path: Path, sha256: str | None, verify: bool, dtype: str | None = None,
+    path: Path,
+    sha256: str | None,
+    verify: bool,
+    dtype: str | None = None,
     length: int | None = None,
 ) -> np.ndarray:
     """Open one ``.npy`` read-only (memory-mapped when non-empty) after checking it."""
@@ -43,9 +46,7 @@ def load_array(
 class TokenDataset:
     """One split of a prepared directory: packed tokens, document starts, sizes and byte table."""
 
-    def __init__(
-        self, out_dir: str | os.PathLike[str], split: str, *, verify: bool = True
-    ) -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], split: str, *, verify: bool = True) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split {split!r} not one of {SPLITS}")
         self.out_dir = Path(out_dir)
@@ -65,9 +66,7 @@ class TokenDataset:
         except (KeyError, TypeError) as exc:
             raise CorruptFileError(f"{self.out_dir}: manifest lacks entry {exc}") from exc
 
-        def load(
-            entry: dict[str, str], dtype: str | None = None, length: int | None = None
-        ) -> np.ndarray:
+        def load(entry: dict[str, str], dtype: str | None = None, length: int | None = None) -> np.ndarray:
             return load_array(self.out_dir / entry["file"], entry["sha256"], verify, dtype, length)
 
         self.tokens = load(tok_file, self.manifest.token_dtype, info.tokens)
@@ -77,8 +76,7 @@ class TokenDataset:
         if int(self.doc_bytes.sum()) != info.bytes:
             raise CorruptFileError(f"{self.out_dir}: {split} byte counts disagree with manifest")
         starts = np.asarray(self.doc_offsets)
-        if starts.size and (starts[0] != 0 or np.any(np.diff(starts) <= 0)
-                            or starts[-1] >= info.tokens):
+        if starts.size and (starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= info.tokens):
             raise CorruptFileError(f"{self.out_dir}: {split} document offsets are not increasing")
 
     @property
@@ -106,5 +104,7 @@ class TokenDataset:
         return self.n_tokens
 
     def __repr__(self) -> str:
-        return (f"TokenDataset({str(self.out_dir)!r}, {self.split!r}: {self.n_documents} docs, "
-                f"{self.n_tokens} tokens, {self.n_bytes} bytes)")
+        return (
+            f"TokenDataset({str(self.out_dir)!r}, {self.split!r}: {self.n_documents} docs, "
+            f"{self.n_tokens} tokens, {self.n_bytes} bytes)"
+        )

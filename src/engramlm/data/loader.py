@@ -42,14 +42,14 @@ def _check_shape(dataset: TokenDataset, batch_size: int, seq_len: int) -> None:
     if batch_size < 1 or seq_len < 1:
         raise ConfigError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
     if dataset.n_tokens < seq_len + 1:
-        raise ConfigError(
-            f"{dataset.split} split has {dataset.n_tokens} tokens, fewer than seq_len+1 = "
-            f"{seq_len + 1}"
-        )
+        raise ConfigError(f"{dataset.split} split has {dataset.n_tokens} tokens, fewer than seq_len+1 = {seq_len + 1}")
 
 
 def _make_batch(
-    dataset: TokenDataset, window: np.ndarray, positions: np.ndarray, valid: np.ndarray,
+    dataset: TokenDataset,
+    window: np.ndarray,
+    positions: np.ndarray,
+    valid: np.ndarray,
     row_ids_fn: RowIdsFn | None,
 ) -> Batch:
     """Split ``[B, T+1]`` windows into inputs/targets and attach masks (``valid`` marks tokens)."""
@@ -72,7 +72,11 @@ class BatchLoader:
     """Endless, seeded, exactly resumable training batches of random contiguous windows."""
 
     def __init__(
-        self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int = 0,
+        self,
+        dataset: TokenDataset,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
         row_ids_fn: RowIdsFn | None = None,
     ) -> None:
         _check_shape(dataset, batch_size, seq_len)
@@ -122,10 +126,7 @@ class BatchLoader:
         mine = self.state_dict()
         for key in ("seed", "batch_size", "seq_len", "split", "content_hash"):
             if state.get(key) != mine[key]:
-                raise ConfigError(
-                    f"loader state {key}={state.get(key)!r} does not match this loader's "
-                    f"{mine[key]!r}"
-                )
+                raise ConfigError(f"loader state {key}={state.get(key)!r} does not match this loader's {mine[key]!r}")
         step = state.get("step")
         if not isinstance(step, int) or step < 0:
             raise ConfigError(f"loader state step must be a non-negative int, got {step!r}")
@@ -136,7 +137,10 @@ class EvalLoader:
     """One ordered pass over a split in windows that score every token once (see module doc)."""
 
     def __init__(
-        self, dataset: TokenDataset, batch_size: int, seq_len: int,
+        self,
+        dataset: TokenDataset,
+        batch_size: int,
+        seq_len: int,
         row_ids_fn: RowIdsFn | None = None,
     ) -> None:
         _check_shape(dataset, batch_size, seq_len)

@@ -88,10 +88,7 @@ class Manifest:
         """Read ``manifest.json``: missing -> ConfigError, unreadable -> CorruptFileError."""
         path = Path(out_dir) / MANIFEST_NAME
         if not path.is_file():
-            raise ConfigError(
-                f"{out_dir}: no {MANIFEST_NAME}; build it with "
-                f"`engramlm data prepare --out {out_dir}`"
-            )
+            raise ConfigError(f"{out_dir}: no {MANIFEST_NAME}; build it with `engramlm data prepare --out {out_dir}`")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -13,8 +13,7 @@ SPLITS = ("train", "val", "test")
 
 HASH_RULE = "sha256(utf-8 document id) as integer mod 10: 0 -> val, 1 -> test, 2..9 -> train"
 SOTU_RULE = (
-    "year >= 2000 -> val; among pre-2000 files in sorted filename order, "
-    "0-based index % 10 == 9 -> test; else train"
+    "year >= 2000 -> val; among pre-2000 files in sorted filename order, 0-based index % 10 == 9 -> test; else train"
 )
 
 
@@ -38,9 +37,7 @@ def sotu_splits(doc_ids: Sequence[str]) -> list[str]:
     """data.md §1 split: needs the full id list because test picks every 10th pre-2000 file."""
     pre2000 = sorted(i for i in doc_ids if sotu_year(i) < 2000)
     test = {name for k, name in enumerate(pre2000) if k % 10 == 9}
-    return [
-        "val" if sotu_year(i) >= 2000 else "test" if i in test else "train" for i in doc_ids
-    ]
+    return ["val" if sotu_year(i) >= 2000 else "test" if i in test else "train" for i in doc_ids]
 
 
 # Share of a ``max_bytes`` tiny-slice budget given to each split.

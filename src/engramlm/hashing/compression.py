@@ -72,9 +72,7 @@ class CompressionMap:
     tokenizer_sha256: str | None
     normalizer: str
     stats: dict[str, int] = field(default_factory=dict)
-    _torch_luts: dict[torch.device, torch.Tensor] = field(
-        default_factory=dict, init=False, repr=False
-    )
+    _torch_luts: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Freeze a private int64 copy and reject non-canonical maps at construction."""
@@ -105,9 +103,7 @@ class CompressionMap:
         return cls(np.arange(vocab_size, dtype=np.int64), vocab_size, None, IDENTITY_NORMALIZER)
 
     @classmethod
-    def from_tokenizer(
-        cls, tokenizer: str | Path | Tokenizer, *, enabled: bool = True
-    ) -> CompressionMap:
+    def from_tokenizer(cls, tokenizer: str | Path | Tokenizer, *, enabled: bool = True) -> CompressionMap:
         """Build P exactly as spec §3.1; a name/path goes through ``resolve_tokenizer``.
 
         Only file-based tokenizers record a sha256, since an in-memory object has no stable bytes.
@@ -139,9 +135,7 @@ class CompressionMap:
             for i, (t, n, f) in enumerate(zip(texts, norms, fffd, strict=True))
         ]
         first_seen: dict[str, int] = {}
-        lookup = np.fromiter(
-            (first_seen.setdefault(k, len(first_seen)) for k in keys), dtype=np.int64, count=v
-        )
+        lookup = np.fromiter((first_seen.setdefault(k, len(first_seen)) for k in keys), dtype=np.int64, count=v)
         stats = {
             "fffd_fallback": sum(fffd),
             "empty_fallback": sum(1 for n, f in zip(norms, fffd, strict=True) if not f and not n),
@@ -238,9 +232,7 @@ class CompressionMap:
         return meta
 
     @classmethod
-    def from_parts(
-        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
-    ) -> CompressionMap:
+    def from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> CompressionMap:
         """Inverse of ``to_tensors``/``to_metadata``; every inconsistency is a CorruptFileError.
 
         Unknown extra keys are ignored so other artefacts (e.g. multipliers) can share the file.
@@ -260,11 +252,7 @@ class CompressionMap:
             if t.shape[0] != v:
                 raise ValueError(f"vocab_size={v} but lookup has {t.shape[0]} entries")
             sha = str(metadata.get("tokenizer_sha256", "")) or None
-            stats = {
-                k[len(_STAT_PREFIX) :]: int(val)
-                for k, val in metadata.items()
-                if k.startswith(_STAT_PREFIX)
-            }
+            stats = {k[len(_STAT_PREFIX) :]: int(val) for k, val in metadata.items() if k.startswith(_STAT_PREFIX)}
             cmap = cls(
                 t.detach().cpu().numpy(),
                 int(metadata["compressed_vocab_size"]),
@@ -322,7 +310,6 @@ def compression_report(cmap: CompressionMap, top: int = 10) -> dict[str, Any]:
         "digest": cmap.digest(),
         "stats": dict(cmap.stats),
         "top_groups": [
-            {"compressed_id": c, "size": s, "first_raw_id": int(first[c])}
-            for c, s in cmap.merge_groups(top)
+            {"compressed_id": c, "size": s, "first_raw_id": int(first[c])} for c, s in cmap.merge_groups(top)
         ],
     }

@@ -8,6 +8,7 @@ rows gathered from an external store.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class LMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     gates: dict[int, torch.Tensor] | None = None  # layer id -> alpha [B, T, M, 1]
+    hidden_states: list[torch.Tensor] | None = None  # residual stream [B, T, M, d] after embed and each block
 
 
 class Block(nn.Module):
@@ -82,8 +84,9 @@ class Block(nn.Module):
         gates: dict[int, torch.Tensor] | None = None,
         kv_cache=None,
         positions: torch.Tensor | None = None,
+        skip_engram: bool = False,
     ) -> torch.Tensor:
-        if self.engram is not None:
+        if self.engram is not None and not skip_engram:
             h, alpha = self.engram(h, row_ids, rows=rows, window_start=window_start, dead=dead, return_gate=True)
             if gates is not None:
                 gates[self.index] = alpha
@@ -131,6 +134,10 @@ class EngramLM(nn.Module):
     def engram_layers(self) -> dict[int, EngramBlock]:
         return {blk.index: blk.engram for blk in self.layers if blk.engram is not None}
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream [B, T, M, d] (the final readout; also LogitLens' early exit)."""
+        return self.lm_head(self.norm(self.readout(h)))
+
     def hash(self, input_ids: torch.Tensor, doc_start=None, dead=None) -> torch.Tensor:
         """Row ids [L, B, T, H_e] for every Engram layer (what the data pipeline precomputes)."""
         if self.hasher is None:
@@ -149,8 +156,13 @@ class EngramLM(nn.Module):
         doc_start: torch.Tensor | None = None,
         dead: torch.Tensor | None = None,
         return_gates: bool = False,
+        output_hidden_states: bool = False,
+        skip_engram: bool | Collection[int] = False,
     ) -> LMOutput:
+        """``skip_engram`` (True, or a set of layer ids) bypasses those Engram blocks entirely
+        (knockout analysis: the block's output is suppressed, the rest of the model unchanged)."""
         b, t = input_ids.shape
+        skip = set(self.layout.layer_ids if skip_engram is True and self.layout else skip_engram or ())
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise IndexError(
                 f"input ids must lie in [0, {self.config.vocab_size}); got min {int(input_ids.min())}, "
@@ -158,16 +170,20 @@ class EngramLM(nn.Module):
             )
         window_start = None
         if self.layout is not None:
-            if row_ids is None and any(lid not in (engram_rows or {}) for lid in self.layout.layer_ids):
+            provided = set(engram_rows or {}) | skip
+            if row_ids is None and any(lid not in provided for lid in self.layout.layer_ids):
                 row_ids = self.hasher(input_ids, doc_start, dead)
             reset = self.layout.spec.boundary_mode == "reset" and doc_start is not None
             if reset or dead is not None:
                 window_start = window_starts(doc_start if reset else None, dead, (b, t), input_ids.device)
         h = expand_stream(self.embed(input_ids), self.config.hc_mult)
         gates: dict[int, torch.Tensor] | None = {} if return_gates else None
+        hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
         for blk in self.layers:
             kwargs = {}
-            if blk.engram is not None:
+            if blk.index in skip:
+                kwargs["skip_engram"] = True
+            elif blk.engram is not None:
                 li = self.layout.layer_index(blk.index)
                 if engram_rows is not None and blk.index in engram_rows:
                     kwargs["rows"] = engram_rows[blk.index]
@@ -175,8 +191,10 @@ class EngramLM(nn.Module):
                     kwargs["row_ids"] = row_ids[li].to(input_ids.device)
                 kwargs.update(window_start=window_start, dead=dead, gates=gates)
             h = blk(h, **kwargs)
-        logits = self.lm_head(self.norm(self.readout(h)))
+            if hidden is not None:
+                hidden.append(h)
+        logits = self.head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return LMOutput(logits=logits, loss=loss, gates=gates)
+        return LMOutput(logits=logits, loss=loss, gates=gates, hidden_states=hidden)

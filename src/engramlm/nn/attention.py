@@ -37,9 +37,7 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(
-        self, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append k, v [B, n_kv, T, Dh]; return cached k, v up to the bound and slots [B, T]."""
         t = k.shape[2]
         if self.bound + t > self.max_len:
@@ -86,13 +84,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * hd, d_model, bias=bias)
         self.rope = RotaryEmbedding(hd, rope_theta)
 
-    def new_cache(
-        self, batch_size: int, max_len: int, *, device: torch.device, dtype: torch.dtype
-    ) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, *, device: torch.device, dtype: torch.dtype) -> KVCache:
         """A cache shaped for this layer."""
-        return KVCache(
-            batch_size, self.n_kv_heads, max_len, self.head_dim, device=device, dtype=dtype
-        )
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device=device, dtype=dtype)
 
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """[B, n_kv, L, Dh] -> [B, H, L, Dh], so SDPA sees plain MHA on any torch version."""
@@ -124,9 +118,7 @@ class Attention(nn.Module):
                 positions = torch.arange(t, device=x.device)
             q = self.rope(q, positions, max_len)
             k = self.rope(k, positions, max_len)
-            y = F.scaled_dot_product_attention(
-                q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True
-            )
+            y = F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
         else:
             slots = kv_cache.lengths[:, None] + torch.arange(t, device=x.device)
             max_len = kv_cache.max_len if positions is None else None
@@ -137,7 +129,5 @@ class Attention(nn.Module):
             k_all, v_all, slots = kv_cache.update(k, v)
             keys = torch.arange(k_all.shape[2], device=x.device)
             mask = keys[None, None, None, :] <= slots[:, None, :, None]  # [B, 1, T, L]
-            y = F.scaled_dot_product_attention(
-                q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask
-            )
+            y = F.scaled_dot_product_attention(q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

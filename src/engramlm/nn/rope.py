@@ -27,9 +27,7 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def tables(
-        self, length: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [>= length, Dh/2]; regrown (doubling) only when too short."""
         cached = self._cache.get((device, dtype))
         if cached is not None and cached[0].shape[0] >= length:
@@ -42,9 +40,7 @@ class RotaryEmbedding(nn.Module):
         self._cache[(device, dtype)] = cached
         return cached
 
-    def apply_rotary(
-        self, x: torch.Tensor, positions: torch.Tensor, max_len: int | None = None
-    ) -> torch.Tensor:
+    def apply_rotary(self, x: torch.Tensor, positions: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
         """Rotate x [B, H, T, Dh] by integer positions [T] or [B, T].
 
         ``max_len`` (an upper bound on positions) avoids reading ``positions.max()`` back from the

@@ -58,9 +58,7 @@ class StoreStats:
         return self.hits / looked_up if looked_up else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        out: dict[str, float] = {
-            f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
-        }
+        out: dict[str, float] = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         out.update(
             unique_ratio=self.unique_ratio,
             amplification=self.amplification,

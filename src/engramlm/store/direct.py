@@ -130,8 +130,7 @@ class DirectFileTable(RowTable):
             workers = min(self.queue_depth, n_runs)
             # Each worker takes every ``workers``-th run: balanced, no per-run future.
             futures = [
-                self._pool.submit(self._read_runs, view, plan, np.arange(w, n_runs, workers))
-                for w in range(workers)
+                self._pool.submit(self._read_runs, view, plan, np.arange(w, n_runs, workers)) for w in range(workers)
             ]
             for fut in futures:
                 fut.result()

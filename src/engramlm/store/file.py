@@ -118,9 +118,7 @@ class _ChunkCrc:
         self._fill = 0
 
 
-def _blocks(
-    rows: torch.Tensor | Iterable[torch.Tensor], fmt: RowFormat, block_rows: int
-) -> Iterable[torch.Tensor]:
+def _blocks(rows: torch.Tensor | Iterable[torch.Tensor], fmt: RowFormat, block_rows: int) -> Iterable[torch.Tensor]:
     """Yield encoded uint8 blocks; uint8 input is taken as already-encoded records."""
     if isinstance(rows, torch.Tensor):
         table = rows
@@ -170,11 +168,7 @@ def write_store(
                     raise ValueError(f"{row_bytes}-byte records are not {fmt.name} rows")
                 chunk_rows = max(1, chunk_bytes // row_bytes)
                 crc = _ChunkCrc(chunk_rows * row_bytes)
-                show = (
-                    progress
-                    if progress is not None
-                    else ((total_rows or 0) * row_bytes >= _PROGRESS_MIN_BYTES)
-                )
+                show = progress if progress is not None else ((total_rows or 0) * row_bytes >= _PROGRESS_MIN_BYTES)
                 if show:
                     from tqdm import tqdm
 
@@ -252,8 +246,7 @@ def open_store(path: str | os.PathLike, expected_fingerprint: str | None = None)
         expected = check_fingerprint(expected_fingerprint)
         if header.fingerprint != expected:
             raise HashSpecMismatch(
-                f"{path}: table was written under hash spec {header.fingerprint}, "
-                f"but hash spec {expected} was expected"
+                f"{path}: table was written under hash spec {header.fingerprint}, but hash spec {expected} was expected"
             )
     return header
 
@@ -276,8 +269,7 @@ def verify_store(path: str | os.PathLike, expected_fingerprint: str | None = Non
                 bad.append(i)
     if bad:
         spans = ", ".join(
-            f"chunk {i} (rows {i * header.chunk_rows}.."
-            f"{min((i + 1) * header.chunk_rows, header.num_rows) - 1})"
+            f"chunk {i} (rows {i * header.chunk_rows}..{min((i + 1) * header.chunk_rows, header.num_rows) - 1})"
             for i in bad[:5]
         )
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""

@@ -31,9 +31,7 @@ def _prepare_out(out: torch.Tensor | None, n: int, dim: int) -> torch.Tensor:
 
 def _check_raw(raw: torch.Tensor, row_bytes: int) -> torch.Tensor:
     if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != row_bytes:
-        raise ValueError(
-            f"raw rows must be uint8 [n, {row_bytes}], got {raw.dtype} {tuple(raw.shape)}"
-        )
+        raise ValueError(f"raw rows must be uint8 [n, {row_bytes}], got {raw.dtype} {tuple(raw.shape)}")
     return raw.contiguous()
 
 
@@ -132,14 +130,11 @@ class Fp8E4M3UE8M0(RowFormat):
         return decode_split(weight, scale, out)
 
 
-def decode_split(
-    weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def decode_split(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantise the checkpoint's split form (e4m3 [n, d] + e8m0 [n, d/32]) into ``out``."""
     if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float8_e8m0fnu:
         raise ValueError(
-            f"split form needs float8_e4m3fn weight and float8_e8m0fnu scale, "
-            f"got {weight.dtype} and {scale.dtype}"
+            f"split form needs float8_e4m3fn weight and float8_e8m0fnu scale, got {weight.dtype} and {scale.dtype}"
         )
     n, dim = weight.shape
     if dim % FP8_BLOCK or scale.shape != (n, dim // FP8_BLOCK):
@@ -155,9 +150,9 @@ def decode_split(
 def pack_split(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Split form -> packed uint8 records [n, d + d/32] (values then scales)."""
     n = weight.shape[0]
-    return torch.cat(
-        [weight.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1
-    ).reshape(n, -1)
+    return torch.cat([weight.contiguous().view(torch.uint8), scale.contiguous().view(torch.uint8)], dim=1).reshape(
+        n, -1
+    )
 
 
 def unpack_split(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

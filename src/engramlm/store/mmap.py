@@ -25,9 +25,7 @@ class MmapTable(RowTable):
         self.header: StoreHeader = open_store(path, expected_fingerprint)
         h = self.header
         self._format = h.format
-        self._rows = np.memmap(
-            path, dtype=np.uint8, mode="r", offset=h.data_offset, shape=(h.num_rows, h.row_bytes)
-        )
+        self._rows = np.memmap(path, dtype=np.uint8, mode="r", offset=h.data_offset, shape=(h.num_rows, h.row_bytes))
 
     @property
     def num_rows(self) -> int:

@@ -57,9 +57,7 @@ class MooncakeTable(RowTable):
         self._engram = _engram_store(store, layer_id, head_sizes, dim)
         raw = store.get(_fingerprint_key(self.layer_id))
         if not raw:
-            raise HashSpecMismatch(
-                f"Mooncake layer {layer_id} has no engramlm fingerprint; populate it first"
-            )
+            raise HashSpecMismatch(f"Mooncake layer {layer_id} has no engramlm fingerprint; populate it first")
         self._fp = raw.decode("ascii")
         if expected_fingerprint is not None and self._fp != check_fingerprint(expected_fingerprint):
             raise HashSpecMismatch(

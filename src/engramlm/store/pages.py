@@ -32,9 +32,7 @@ class PagePlan:
         return int(self.pages.size) * PAGE
 
 
-def plan_pages(
-    ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int = 64
-) -> PagePlan:
+def plan_pages(ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int = 64) -> PagePlan:
     """Plan page reads for sorted unique row ``ids`` of a row area starting at ``data_offset``."""
     start = data_offset + ids.astype(np.int64) * row_bytes
     first = start // PAGE
