@@ -3,7 +3,9 @@
 Why: numbers in a README drift from the runs they came from when typed by hand. Every table is
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
-``<!-- bench:<kind>:end -->`` markers (only where both markers exist).
+``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
+store, row_access, sparse_update, head_to_head, generate, reproductions. A result whose kind is a
+renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that renderer.
 
 Usage: ``python benchmarks/make_tables.py [--results-dir DIR] [--update-readme README.md]``.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-KINDS = ("hashing", "engram_block")
+REPO_ROOT = RESULTS_DIR.parent.parent
 
 
 def _ms(s: dict[str, Any]) -> str:
@@ -36,6 +38,16 @@ def _opt(v: float | None, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _load(doc: dict[str, Any]) -> str:
+    """1-minute load average before -> after the run, where the benchmark recorded it (shared machines)."""
+    la = doc.get("load_average_1_5_15") or doc.get("load_average_before_after")
+    if isinstance(la, dict):
+        la = [la.get("before"), la.get("after")]
+    if not la or len(la) != 2 or not all(la):
+        return ""
+    return f" · load {la[0][0]:.1f}→{la[1][0]:.1f}"
+
+
 def _footer(doc: dict[str, Any]) -> list[str]:
     """Provenance line under every table: machine, versions, thread env, command, time."""
     m = doc.get("machine", {})
@@ -47,9 +59,26 @@ def _footer(doc: dict[str, Any]) -> list[str]:
         f"<sub>{m.get('cpu_model')} · {m.get('cpu_count')} cores · {m.get('ram_gib')} GiB · "
         f"python {m.get('python')} · torch {m.get('torch')} · numpy {m.get('numpy')} · "
         f"numba {m.get('numba')} · threads: torch {m.get('torch_threads')}, numba "
-        f"{m.get('numba_threads')} ({m.get('numba_threading_layer')}) · env: {env_s} · "
+        f"{m.get('numba_threads')} ({m.get('numba_threading_layer')}) · env: {env_s}{_load(doc)} · "
         f"commit {commit} · {doc.get('timestamp_utc')}<br>`{doc.get('command')}`</sub>",
     ]
+
+
+def _image(doc: dict[str, Any], plot: str | None, alt: str) -> list[str]:
+    """An image link to a plot written next to the result file, relative to the repository root (where the
+    README is); nothing if the benchmark wrote no plot or the file is missing. Benchmarks record plot paths
+    inconsistently (bare name, repo-relative, absolute), so only the file name is trusted."""
+    src = doc.get("_path")
+    if not plot or src is None:
+        return []
+    png = Path(src).resolve().parent / Path(plot).name
+    if not png.is_file():
+        return []
+    try:
+        link = png.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        link = png.as_posix()
+    return ["", f"![{alt}]({link})"]
 
 
 def hashing_table(doc: dict[str, Any]) -> list[str]:
@@ -145,10 +174,404 @@ def engram_block_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- store
+
+
+def _cell_ratio(r: dict[str, Any] | None) -> str:
+    return "—" if r is None else _x(r)
+
+
+def _sig(v: float) -> str:
+    """About three significant digits without scientific notation (throughputs span 4 decades)."""
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3g}"
+
+
+def store_table(doc: dict[str, Any]) -> list[str]:
+    """Gather throughput per tier and row format, each as a paired time ratio to its physical reference."""
+    p, formats = doc["parameters"], doc["formats"]
+    known = ("fp32", "bf16", "fp8_e4m3_ue8m0")
+    fmts = sorted(formats, key=lambda f: (known.index(f) if f in known else len(known), f))
+    labels = {
+        "memory": "memory (`MemoryTable`)",
+        "mmap": "mmap (page cache, warm)",
+        "direct": f"direct (O_DIRECT, queue depth {p['queue_depth']})",
+        "cached_direct": f"cached direct ({p['cache_policy'].upper()} {p['cache_fraction']:.0%} of rows + direct)",
+        "mooncake": "Mooncake (TCP on 127.0.0.1)",
+        "ref_index_select": "**ref** `torch.index_select` in RAM",
+        "ref_odirect_4k": "**ref** raw O_DIRECT 4 KiB reads",
+    }
+    sources = {"text": "real row ids (stdlib text, demo hash)", "uniform": "uniform random row ids"}
+    lines = [
+        f"**Store gather**: one `{p['preset']}`-layout table of {p['table_rows']:,} rows × {p['dim']} "
+        f"(vocab scale {p['vocab_scale']}), requests of B={p['batch']}×T={p['seq']}×{p['heads']} heads = "
+        f"{p['lookups_per_request']:,} lookups; median over {p['repeats']} interleaved repeats "
+        f"(Mooncake {p['mooncake_repeats']}). Cell: M lookups/s · time ÷ the tier's physical reference "
+        "(paired per-repeat ratio, median (IQR); 1× = as fast as the hardware path, >1× slower). "
+        "Reference: `index_select` for memory, mmap and Mooncake; raw O_DIRECT reads for direct and cached direct.",
+    ]
+    for source, caption in sources.items():
+        if not any(source in formats[f]["sources"] for f in fmts):
+            continue
+        lines += ["", f"| {caption} | " + " | ".join(fmts) + " |", "|---" * (len(fmts) + 1) + "|"]
+        srcs = {f: formats[f]["sources"].get(source) for f in fmts}
+        for tier, label in labels.items():
+            cells = []
+            for f in fmts:
+                c = (srcs[f] or {}).get("contenders", {}).get(tier)
+                if c is None:
+                    cells.append("—")
+                    continue
+                ratio = "ref" if tier.startswith("ref_") else _cell_ratio(srcs[f]["time_ratio_vs_reference"].get(tier))
+                cells.append(f"{_sig(c['rows_per_s'] / 1e6)} · {ratio}")
+            if any(c != "—" for c in cells):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        gap = [_cell_ratio((srcs[f] or {}).get("time_ratio_vs_reference", {}).get("direct_vs_ref_index_select"))
+               for f in fmts]  # fmt: skip
+        lines.append("| direct ÷ RAM `index_select` (the SSD gap) | " + " | ".join(gap) + " |")
+    lines += [
+        "",
+        "| format | row bytes | file MiB | unique / lookups (text · uniform) | direct read amplification "
+        "(text · uniform) | cache hit rate (text · uniform) | Mooncake upload s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in fmts:
+        r = formats[f]
+        src = r["sources"]
+
+        def both(get: Callable[[dict[str, Any]], float], fmt: str, src: dict[str, Any] = src) -> str:
+            return " · ".join(format(get(src[s]), fmt) if s in src else "—" for s in ("text", "uniform"))
+
+        lines.append(
+            f"| {f} | {r['row_bytes']} | {r['file_bytes'] / 2**20:,.0f} | "
+            f"{both(lambda s: s['unique_rows_per_request_median'] / s['lookups_per_request'], '.0%')} | "
+            f"{both(lambda s: s['contenders']['direct']['store_stats']['amplification'], '.1f')}× | "
+            f"{both(lambda s: s['contenders']['cached_direct']['store_stats']['hit_rate'], '.0%')} | "
+            f"{_opt(r.get('mooncake_upload_seconds'), '.2f')} |"
+        )
+    return lines + _footer(doc)
+
+
+# ---------------------------------------------------------------------------- row access
+
+
+def _pct(q: float) -> str:
+    return f"{q * 100:.1f}%"
+
+
+def row_access_table(doc: dict[str, Any]) -> list[str]:
+    """Skew of real row accesses: Zipf fit, batch dedup ratio, cache hit rate per policy and size."""
+    p, layers = doc["parameters"], doc["layers"]
+    lines = [
+        f"**Row access on real text** (`{p['preset']}` layout, {p['heads_per_layer']} heads per layer, "
+        f"{p['tokens']:,} stdlib tokens in sequences of {p['seq']}): how skewed Engram lookups are, what batch "
+        "dedup saves, and what a hot-row cache of a given size catches.",
+        "",
+        "| layer | table rows | lookups | rows touched | singletons | Zipf s (R²) | lookups in top 0.1% / 1% / 10% "
+        "of rows |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for layer, r in layers.items():
+        z, top = r["zipf"], r["share_of_lookups_in_top_rows"]
+        lines.append(
+            f"| {layer} | {r['table_rows']:,} | {r['lookups']:,} | {r['distinct_rows_touched']:,} "
+            f"({r['touched_fraction']:.0%}) | {r['singletons']:,} | {z['exponent']:.3f} ({z['r2']:.3f}) | "
+            + " / ".join(f"{v:.0%}" for v in top.values())
+            + " |"
+        )
+    first = next(iter(layers.values()))["unique_per_batch"]
+    lines += [
+        "",
+        "Unique rows / lookups per batch, median (IQR) over batches (lower = more saved by dedup):",
+        "",
+        "| layer | " + " | ".join(f"{u['tokens']:,} tokens" for u in first) + " |",
+        "|---" * (len(first) + 1) + "|",
+    ]
+    for layer, r in layers.items():
+        cells = [f"{u['unique_ratio_median']:.0%} ({u['unique_ratio_q1']:.0%}–{u['unique_ratio_q3']:.0%})"
+                 for u in r["unique_per_batch"]]  # fmt: skip
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    for layer, r in layers.items():
+        hr = r.get("hit_rate")
+        if not hr:
+            continue
+        pols = sorted(hr["by_policy"], key=lambda k: (k == "infinite", k))
+        names = [("∞ (bound)" if k == "infinite" else k.upper() if len(k) <= 3 else k) for k in pols]
+        lines += [
+            "",
+            f"Cache hit rate, layer {layer} ({hr['method']}; replay batches of {hr['replay_batch_tokens']:,} tokens):",
+            "",
+            "| cache size (share of rows) | rows | " + " | ".join(names) + " |",
+            "|---" * (len(pols) + 2) + "|",
+        ]
+        for i, (frac, rows) in enumerate(zip(hr["capacity_fraction"], hr["capacity_rows"], strict=True)):
+            lines.append(f"| {frac:.1%} | {rows:,} | " + " | ".join(_pct(hr["by_policy"][k][i]) for k in pols) + " |")
+    plot = _image(doc, doc.get("plot"), "row access: rank-frequency, unique rows per batch, hit rate")
+    return lines + plot + _footer(doc)
+
+
+# ---------------------------------------------------------------------------- sparse update
+
+
+def sparse_update_table(doc: dict[str, Any]) -> list[str]:
+    """Step time and table optimiser state for R vs 10R rows: the sparse path must not scale with the table."""
+    p, arms, ratio = doc["params"], doc["arms"], doc["ratio_step_time_10R_over_R"]
+    labels = {
+        "sparse_R": "sparse Adam, R",
+        "sparse_10R": "sparse Adam, 10R",
+        "dense_R": "dense grad + AdamW, R",
+        "dense_10R": "dense grad + AdamW, 10R",
+    }
+    verdict = "met" if doc.get("within_10pct") else "**not met**"
+    lines = [
+        f"**Sparse table update**: full training steps (fwd + bwd + clip + optimiser) of two models that differ "
+        f"only in table size, R = {p['base_rows']:,}/head vs 10R, same real batches (B={p['batch_size']}, "
+        f"T={p['seq_len']}), {p['repeats']} interleaved repeats, {p['threads']} thread(s). "
+        f"**Step time 10R ÷ R = {_x(ratio)}** (paired; target ≤ 1.10×: {verdict}).",
+        "",
+        "| arm | table rows | table MiB | step ms | table optimiser state MiB (allocated / touched) | "
+        "rows with state |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in sorted(arms, key=lambda n: (list(labels).index(n) if n in labels else len(labels), n)):
+        a = arms[name]
+        rws = a.get("rows_with_state")
+        lines.append(
+            f"| {labels.get(name, name)} | {a['table_rows']:,} | {a['table_bytes'] / 2**20:,.1f} | "
+            f"{_ms(a['step_s'])} | {a['table_optimizer_state_bytes'] / 2**20:,.1f} / "
+            f"{a['table_optimizer_state_bytes_used'] / 2**20:,.1f} | {'all' if rws is None else f'{rws:,}'} |"
+        )
+    if "ratio_dense_10R_over_R" in doc:
+        lines += [
+            "",
+            f"The naive path on the same tables (dense `.grad` + dense AdamW, timed in a separate phase): "
+            f"step time 10R ÷ R = {_x(doc['ratio_dense_10R_over_R'])}.",
+        ]
+    return lines + _footer(doc)
+
+
+# ---------------------------------------------------------------------------- head to head
+
+H2H_ARMS = {"dense": "dense", "moe": "MoE (ρ = 1)", "engram_moe": "Engram + MoE"}
+H2H_PAIRS = ("engram_moe_minus_moe", "moe_minus_dense", "engram_moe_minus_dense")  # headline first
+
+
+def _ordered(keys: Any, preferred: Any) -> list[str]:
+    """``keys`` with those in ``preferred`` first, in its order (JSON files may have sorted keys)."""
+    pref = list(preferred)
+    return sorted(keys, key=lambda k: (pref.index(k) if k in pref else len(pref), k))
+
+
+def head_to_head_table(doc: dict[str, Any]) -> list[str]:
+    """Held-out bpb of dense vs MoE vs Engram+MoE at equal activated parameters, with paired seed diffs."""
+    s, corpora = doc["settings"], doc["corpora"]
+    seeds = s["seeds"]
+    lines = [
+        f"**Head-to-head, size `{doc.get('size', '?')}`**: d={s['d']}, {s['layers']} layers, {s['heads']} heads, "
+        f"MoE {s['experts']} routed experts (hidden {s['expert_hidden']}, top-2), Engram arm at ρ = "
+        f"{s['rho_target']}; {s['tokens']:,} training tokens per arm (B={s['batch']}, T={s['seq']}), held-out "
+        f"{s['eval_tokens']:,} tokens, seeds {', '.join(map(str, seeds))}. Hypothesis under test: "
+        f"{doc.get('hypothesis', 'engram_moe < moe < dense')}.",
+        "",
+        "| corpus | arm | P_act | P_tot | ρ | routed experts | Engram rows | held-out bpb, mean ± std | min – max "
+        "| train tok/s (median seed) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for corpus, c in corpora.items():
+        for arm in _ordered(c["arms"], H2H_ARMS):
+            a = c["arms"][arm]
+            pr, b = a["params"], a["bpb"]
+            tps = sorted(r["tokens_per_s"] for r in a["runs"])
+            lines.append(
+                f"| {corpus} | {H2H_ARMS.get(arm, arm)} | {pr['P_act']:,} | {pr['P_tot']:,} | "
+                f"{'—' if pr['rho'] is None else format(pr['rho'], '.2f')} | {pr['n_routed'] or '—'} | "
+                f"{', '.join(f'{n:,}' for n in pr['engram_rows']) or '—'} | "
+                f"**{b['mean']:.4f}** ± {b['std']:.4f} | {b['min']:.4f} – {b['max']:.4f} | "
+                f"{tps[len(tps) // 2]:,.0f} |"
+            )
+    pairs = _ordered(next(iter(corpora.values()))["paired_bpb_diff"], H2H_PAIRS)
+    lines += [
+        "",
+        f"Paired per-seed bpb differences, mean ± std over {len(seeds)} seeds (negative = the first arm is better):",
+        "",
+        "| corpus | "
+        + " | ".join(k.replace("_minus_", " − ") for k in pairs)
+        + " | order by mean bpb (best first) | hypothesis |",
+        "|---" * (len(pairs) + 3) + "|",
+    ]
+    for corpus, c in corpora.items():
+        d = c["paired_bpb_diff"]
+        order = c["order_by_mean_bpb"]
+        ok = order == ["engram_moe", "moe", "dense"]
+        lines.append(
+            f"| {corpus} | "
+            + " | ".join(f"{d[k]['mean']:+.4f} ± {d[k]['std']:.4f}" for k in pairs)
+            + f" | {' < '.join(order)} | {'holds' if ok else 'not observed'} |"
+        )
+    return lines + _image(doc, doc.get("plot"), f"head-to-head {doc.get('size', '')} curves") + _footer(doc)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def _gen_order(name: str) -> tuple[int, float]:
+    if name.startswith("ssd_c"):
+        return (2, float(name[5:]))
+    return ({"model": 0, "memory": 1}.get(name, 3), 0.0)
+
+
+def _generate_headline(res: dict[str, Any]) -> str:
+    """The SSD tier with the smallest cache (the hardest case) against the in-model baseline."""
+    ssd = sorted((n for n in res if n.startswith("ssd_c")), key=_gen_order)
+    if not ssd:
+        return ""
+    r = res[ssd[0]]
+    return (
+        f" **SSD tier, {ssd[0][5:]}% cache: decode time {_x(r['time_ratio_vs_model'])} of in-model, forward "
+        f"blocked on rows {r['wait_pct_of_decode']:.2f}% of decode.**"
+    )
+
+
+def generate_table(doc: dict[str, Any]) -> list[str]:
+    """Decode tokens/s with the tables in the model, in RAM, on SSD behind a cache, and in Mooncake."""
+    p, m, res = doc["params"], doc["model"], doc["results"]
+    w = doc.get("workload", {})
+    lines = [
+        f"**End-to-end generation**: {m['parameters'] / 1e6:.0f}M-parameter model ({p['layers']} layers, "
+        f"d={p['hidden']}), Engram at layers {', '.join(map(str, m['engram_layers']))}, tables "
+        f"{m['table_bytes'] / 2**20:,.0f} MiB ({sum(m['table_rows']):,} rows); batch {p['batch']}, prompt "
+        f"{p['prompt']}, {p['steps']} decode steps ({w.get('decode', 'real text')}, {w.get('corpus', '')}), "
+        f"{p['repeats']} interleaved repeats, {p['threads']} torch thread(s), {p['workers']} prefetch worker(s); "
+        f"O_DIRECT {'on' if doc.get('direct_io') else '**off**'}. Time ÷ in-model is the paired per-repeat "
+        "ratio; 'rows wait' is the time the forward sat blocked on rows ÷ decode time (prefetch not hidden, "
+        "insensitive to machine noise)." + _generate_headline(res),
+        "",
+        "| contender | rows served from | tokens/s | time ÷ in-model | rows wait % of decode | cache hit rate | "
+        "same tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(res, key=_gen_order):
+        r = res[name]
+        if name == "model":
+            where = "the model's own `embed.weight`"
+        elif name == "memory":
+            where = "`MemoryTable` via the prefetcher"
+        elif name.startswith("ssd_c"):
+            where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
+        elif name == "mooncake":
+            where = "Mooncake master on 127.0.0.1 (TCP)"
+        else:
+            where = name
+        tps, ratio = r["tokens_per_second"], r["time_ratio_vs_model"]
+        hit = r.get("cache_hit_rate")
+        lines.append(
+            f"| {name} | {where} | {tps['median']:.1f} ({tps['q1']:.1f}–{tps['q3']:.1f}) | "
+            f"{'1×' if name == 'model' else _x(ratio)} | {r['wait_pct_of_decode']:.2f}% | "
+            f"{'—' if hit is None else f'{hit:.0%}'} | {'yes' if r['same_tokens_as_model'] else '**NO**'} |"
+        )
+    mc = doc.get("mooncake", {})
+    if not mc.get("ran", False):
+        lines += ["", f"Mooncake tier not run: {mc.get('error', 'disabled (--no-mooncake)')}."]
+    return lines + _footer(doc)
+
+
+# ---------------------------------------------------------------------------- reproductions
+
+
+# engram-spec.md §9.5 (paper §6.2), losses read off the paper's figure; the JSON records no claim for these.
+PAPER_ABLATIONS = (
+    "largest regressions w/o multi-branch, w/o compression, w/o gating; +4-gram slightly worse; w/o short conv marginal"
+)
+
+
+def reproductions_table(doc: dict[str, Any]) -> list[str]:
+    """The paper's three findings at CPU scale: sparsity allocation, memory scaling, ablations."""
+    s, exps, fnd = doc["parameters"], doc["experiments"], doc.get("findings", {})
+    setting = doc.get("setting", "?")
+    lines = [
+        f"**Paper reproductions, setting `{setting}`**: d={s['hidden']}, {s['layers']} layers, {s['routed']} "
+        f"routed experts (hidden {s['expert']}), hc_mult {s['hc_mult']}; every arm trains {s['steps']} steps of "
+        f"B={s['batch']}×T={s['seq']} on the same data, seed and schedule, scored on the same {s['eval_batches']} "
+        "held-out batches."
+        + (" *Quick setting: a pipeline check, far too noisy to confirm or refute the paper.*"
+           if setting == "quick" else ""),
+        "",
+        "| finding | paper | here |",
+        "|---|---|---|",
+    ]  # fmt: skip
+    if "rho" in fnd:
+        f = fnd["rho"]
+        lines.append(
+            f"| sparsity allocation | {f['paper']} | best ρ = {f['best_rho']:.2f} (`{f['best_arm']}`), interior "
+            f"optimum: {'yes' if f['u_shape'] else 'no'}; P_tot spread {f['p_tot_spread']:.2%} |"
+        )
+    if "memory" in fnd:
+        f = fnd["memory"]
+        lines.append(
+            f"| memory scaling | {f['paper']} | slope {f['slope_per_ln_rows']:+.4f} nats per ln(rows), "
+            f"R² {f['r2']:.2f}, over {f['span']:.0f}× rows |"
+        )
+    if "ablations" in fnd:
+        comp = sorted(
+            ((k, v) for k, v in fnd["ablations"].items() if not k.startswith("layer=")), key=lambda kv: -kv[1]
+        )
+        place = sorted((v, k) for k, v in fnd["ablations"].items() if k.startswith("layer="))
+        here = "Δ loss vs reference: " + ", ".join(f"`{k}` {v:+.3f}" for k, v in comp)
+        if place:
+            here += f"; best placement `{place[0][1]}` ({place[0][0]:+.3f})"
+        lines.append(f"| ablations | {PAPER_ABLATIONS} | {here} |")
+    if "rho" in exps:
+        lines += [
+            "",
+            "| ρ arm | ρ | P_tot | P_act | Engram rows | held-out loss | bpb |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for a in exps["rho"]:
+            lines.append(
+                f"| {a['arm']} | {_opt(a['rho'], '.3f')} | {a['p_tot']:,} | {a['p_act']:,} | "
+                f"{sum(a['engram_rows']):,} | {a['eval_loss']:.4f} | {a['eval_bpb']:.4f} |"
+            )
+    if "memory" in exps:
+        lines += ["", "| memory arm | Engram rows | P_tot | held-out loss | bpb |", "|---|---|---|---|---|"]
+        for a in exps["memory"]:
+            lines.append(
+                f"| {a['arm']} | {sum(a['engram_rows']):,} | {a['p_tot']:,} | {a['eval_loss']:.4f} | "
+                f"{a['eval_bpb']:.4f} |"
+            )
+    if "ablations" in exps:
+        ref = next((a["eval_loss"] for a in exps["ablations"] if a["arm"] == "reference"), None)
+        lines += ["", "| ablation | P_act | held-out loss | Δ vs reference | bpb |", "|---|---|---|---|---|"]
+        for a in exps["ablations"]:
+            delta = "—" if ref is None or a["arm"] == "reference" else f"{a['eval_loss'] - ref:+.4f}"
+            lines.append(f"| {a['arm']} | {a['p_act']:,} | {a['eval_loss']:.4f} | {delta} | {a['eval_bpb']:.4f} |")
+    for plot in doc.get("plots", []):
+        name = Path(plot).stem
+        lines += _image(doc, plot, name.replace("_", " "))
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
+    "store": store_table,
+    "row_access": row_access_table,
+    "sparse_update": sparse_update_table,
+    "head_to_head": head_to_head_table,
+    "generate": generate_table,
+    "reproductions": reproductions_table,
 }
+KINDS = tuple(RENDERERS)
+
+
+def kind_of(doc: dict[str, Any]) -> str | None:
+    """The README block a result belongs to: its ``kind`` (or ``benchmark``) if a renderer has that name,
+    else the renderer whose name prefixes it (``head_to_head_quick`` -> ``head_to_head``, ``generate_t1`` ->
+    ``generate``), so variants written with ``--out``/sizes stack under one marker."""
+    kind = doc.get("kind", doc.get("benchmark"))
+    if not isinstance(kind, str):
+        return None
+    if kind in RENDERERS:
+        return kind
+    return next((k for k in sorted(RENDERERS, key=len, reverse=True) if kind.startswith(k + "_")), None)
 
 
 def load_results(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -156,11 +579,12 @@ def load_results(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(results_dir.glob("*.json")):
         doc = json.loads(path.read_text(encoding="utf-8"))
-        kind = doc.get("kind", doc.get("benchmark"))
-        if kind in RENDERERS:
-            grouped.setdefault(kind, []).append(doc)
-        else:
-            print(f"make_tables: skipping {path.name} (unknown kind {kind!r})", file=sys.stderr)
+        kind = kind_of(doc)
+        if kind is None:
+            print(f"make_tables: skipping {path.name} (unknown kind {doc.get('kind')!r})", file=sys.stderr)
+            continue
+        doc["_path"] = str(path)  # where its plots are looked up
+        grouped.setdefault(kind, []).append(doc)
     return grouped
 
 

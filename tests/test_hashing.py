@@ -309,3 +309,113 @@ def test_hashing_never_in_python_per_token_loop_on_large_input() -> None:
     t0 = time.perf_counter()
     hasher(ids)
     assert time.perf_counter() - t0 < 0.5
+
+
+# ---------------------------------------------------------------- the kernel's division-free modulo
+KERNEL_PRIMES = [3, 5, 7, 2_262_409, 16_000_057, 536_870_923, 1_073_741_783, 1_073_741_789]  # last: max < 2^30
+
+
+def test_modulo_constants_round_inverse_down() -> None:
+    """inv must be the largest double <= 1/p: the one-sided quotient estimate depends on it."""
+    from fractions import Fraction
+
+    from engramlm.hashing._kernels import modulo_constants
+
+    rng = np.random.default_rng(5)
+    primes = KERNEL_PRIMES + [int(sympy.prevprime(int(v))) for v in rng.integers(10, 2**30, size=200)]
+    cf = modulo_constants(np.asarray(primes))
+    for p, (pf, inv, m21, m42) in zip(primes, cf.tolist(), strict=True):
+        assert pf == p and m21 == (1 << 21) % p and m42 == (1 << 42) % p
+        assert Fraction(inv) <= Fraction(1, p) < Fraction(np.nextafter(inv, 1.0))
+    with pytest.raises(ValueError, match="2\\^30"):
+        modulo_constants(np.asarray([2, 5]))
+    with pytest.raises(ValueError, match="2\\^30"):
+        modulo_constants(np.asarray([1 << 30]))
+
+
+def _edge_mixes(p: int) -> list[int]:
+    top = 2**63 - 1
+    q_top = top // p
+    return [0, 1, p - 1, p, p + 1, 2 * p - 1, 2 * p, top, top - 1, q_top * p, q_top * p - 1, (q_top - 1) * p + p - 1,
+            2**42 - 1, 2**42, 2**21 - 1, 2**21, 2**63 - 2**42, (2**21 - 1) << 42 | (2**21 - 1) << 21]  # fmt: skip
+
+
+def test_exact_mod_at_edges() -> None:
+    from engramlm.hashing._kernels import exact_mod
+
+    mixes, primes = [], []
+    for p in KERNEL_PRIMES:
+        for m in _edge_mixes(p):
+            if 0 <= m < 2**63:
+                mixes.append(m)
+                primes.append(p)
+    got = exact_mod(np.asarray(mixes, dtype=np.int64), np.asarray(primes))
+    assert got.tolist() == [m % p for m, p in zip(mixes, primes, strict=True)]
+    with pytest.raises(ValueError, match="non-negative"):
+        exact_mod(np.asarray([-1]), np.asarray([7]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    p=st.one_of(st.sampled_from(KERNEL_PRIMES), st.integers(3, 2**30 - 1).map(lambda v: int(sympy.prevprime(v + 1)))),
+    mixes=st.lists(
+        st.one_of(
+            st.integers(0, 2**63 - 1),
+            st.integers(2**63 - 2**40, 2**63 - 1),  # near the top: largest limbs
+            st.integers(0, 2**53),  # around the double mantissa
+        ),
+        min_size=1,
+        max_size=64,
+    ),
+    k=st.integers(0, 2**33),
+)
+def test_exact_mod_property(p: int, mixes: list[int], k: int) -> None:
+    """Random mixes, plus multiples of p and their neighbours (where a quotient off by one shows)."""
+    from engramlm.hashing._kernels import exact_mod
+
+    mult = [v for j in (-1, 0, 1) if 0 <= (v := (k % (2**63 // p)) * p + j) < 2**63]
+    vals = mixes + mult
+    got = exact_mod(np.asarray(vals, dtype=np.int64), np.full(len(vals), p))
+    assert got.tolist() == [v % p for v in vals]
+
+
+@pytest.mark.parametrize("n,row_dtype", [(2, "int64"), (3, "int32"), (4, "int64")])
+def test_kernel_equals_torch_across_chunks_and_blocks(n: int, row_dtype: str) -> None:
+    """Long rows cross the kernel's work-item (CHUNK) and block (BLOCK) edges; windows must carry over."""
+    from engramlm.hashing import _kernels
+
+    for mode in ("none", "reset"):
+        layout = _layout(mode, n, k=4, row_dtype=row_dtype)
+        rng = np.random.default_rng(n)
+        t = 2 * _kernels.CHUNK + _kernels.BLOCK // 2 + 3
+        ids = torch.from_numpy(rng.integers(0, 400, size=(8, t)))  # >= 2 * MIN_TOKENS_PER_THREAD: 2 threads run
+        doc = torch.from_numpy(rng.random((8, t)) < 0.004)
+        dead = torch.from_numpy(rng.random((8, t)) < 0.002)
+        doc[1, _kernels.CHUNK] = True  # a boundary exactly at a chunk start, and a DEAD just before one
+        dead[2, 2 * _kernels.CHUNK - 1] = True
+        # window starts just before a chunk, still inside the next chunk's first lookbacks
+        doc[3, _kernels.CHUNK - 1] = doc[5, 2 * _kernels.CHUNK - 2] = True
+        dead[4, _kernels.CHUNK - 3] = True
+        doc[3:6, _kernels.CHUNK - 1 :][:, 1:8] = False
+        dead[3:6, _kernels.CHUNK - 3 :][:, 1:8] = False
+        dead[0, :] = False  # row 0: a window from the start with no DEAD token at all
+        torch_h = NgramHasher(layout, backend="torch")
+        for threads in (1, 2):
+            kern = NgramHasher(layout, backend="kernel", threads=threads)
+            for args in ((ids,), (ids, doc, dead), (ids, None, dead)):
+                assert torch.equal(kern(*args), torch_h(*args))
+            assert torch.equal(kern(ids.to(torch.int32)), torch_h(ids))  # int32 ids: no conversion copy
+
+
+def test_kernel_reports_out_of_range_in_a_late_chunk() -> None:
+    from engramlm.hashing import _kernels
+
+    hasher = NgramHasher(_layout(), backend="kernel")
+    ids = torch.randint(0, 400, (2, _kernels.CHUNK * 2 + 5))
+    ids[1, -1] = 400
+    with pytest.raises(IndexError, match=r"max=400; valid range is \[0, 400\)"):
+        hasher(ids)
+    with pytest.raises(TypeError, match="integers"):
+        hasher(ids.float())
+    with pytest.raises(ConfigError, match="threads"):
+        NgramHasher(_layout(), threads=0)

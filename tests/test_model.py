@@ -434,3 +434,9 @@ def test_hidden_states_and_engram_knockout() -> None:
             blk.embed.weight.mul_(3.0)
     assert torch.equal(model(ids, skip_engram=True).logits, off.logits)
     assert not torch.allclose(model(ids).logits, out.logits)
+
+
+def test_skip_engram_on_a_model_without_engram_is_a_no_op() -> None:
+    model = build(config().replace(engram=None))
+    ids = randint((1, 8))
+    assert torch.equal(model(ids, skip_engram=True).logits, model(ids).logits)

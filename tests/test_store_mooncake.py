@@ -90,3 +90,31 @@ def test_mooncake_matches_memory(mooncake_client: Any) -> None:
     with pytest.raises(HashSpecMismatch, match=FP):
         MooncakeTable(mooncake_client, 3, heads, 32, hashlib.sha256(b"other").hexdigest())
     assert table.remove() == len(heads)
+
+
+def test_store_dir_mooncake_tier(mooncake_client: Any, tmp_path: Path) -> None:
+    """open_store_dir(tier="mooncake") uploads missing layers from the files, then reuses the pool."""
+    from engramlm.store.formats import FP8
+    from engramlm.store.storedir import export_tables, open_store_dir
+
+    heads = {5: [53, 59], 9: [61, 67, 71]}
+    weights = {k: torch.randn(sum(h), 64, generator=torch.Generator().manual_seed(k)) for k, h in heads.items()}
+
+    class _Src:
+        def __init__(self, w: torch.Tensor) -> None:
+            self.w, self.num_rows, self.dim = w, w.shape[0], w.shape[1]
+
+        def read_block(self, start: int, stop: int) -> torch.Tensor:
+            return self.w[start:stop]
+
+    export_tables({k: _Src(w) for k, w in weights.items()}, tmp_path, "fp8", FP, tier="mooncake",
+                  head_sizes=heads, progress=False)  # fmt: skip
+    want = {k: FP8.decode(FP8.encode(w)) for k, w in weights.items()}
+    ids = torch.randint(0, 112, (3, 5, 4), generator=torch.Generator().manual_seed(2))
+    tables = open_store_dir(tmp_path, mooncake=mooncake_client, cache_bytes=2048)
+    again = open_store_dir(tmp_path, mooncake=mooncake_client)  # already in the pool: opened, not uploaded
+    for k in heads:
+        assert torch.equal(tables[k].gather(ids), want[k][ids])
+        assert torch.equal(again[k].gather(ids), want[k][ids])
+    for k in heads:
+        assert again[k].remove() == len(heads[k])

@@ -21,6 +21,11 @@ COMMAND_MODULES = (
     "engramlm.cli.info_cmd",
     "engramlm.cli.data_cmd",
     "engramlm.cli.store_cmd",
+    "engramlm.cli.train_cmd",
+    "engramlm.cli.eval_cmd",
+    "engramlm.cli.plot_cmd",
+    "engramlm.cli.analyze_cmd",
+    "engramlm.cli.generate_cmd",
 )
 
 

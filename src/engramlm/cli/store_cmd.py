@@ -1,14 +1,15 @@
-"""``engramlm store``: check and describe store files without loading their rows."""
+"""``engramlm store``: build store directories from checkpoints; check and describe store files."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("store", help="inspect and verify table store files")
+    parser = subparsers.add_parser("store", help="build, inspect and verify table stores")
     sub = parser.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     verify = sub.add_parser("verify", help="check the header and every chunk checksum")
     verify.add_argument("path")
@@ -17,6 +18,18 @@ def register(subparsers: Any) -> None:
     inspect = sub.add_parser("inspect", help="print the header as JSON")
     inspect.add_argument("path")
     inspect.set_defaults(func=run_inspect)
+    build = sub.add_parser("build", help="export a saved model's Engram tables into a store directory")
+    build.add_argument("checkpoint", help="directory written by models.io.save_pretrained")
+    build.add_argument("--out", required=True, help="store directory to write (layer files + store.json)")
+    build.add_argument("--format", default="fp32", choices=["fp32", "bf16", "fp8"], help="row format")
+    build.add_argument(
+        "--tier",
+        default="file",
+        choices=["file", "mmap", "memory", "mooncake"],
+        help="default tier recorded in store.json (mooncake: uploaded from the files when opened)",
+    )
+    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    build.set_defaults(func=run_build)
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -31,4 +44,40 @@ def run_inspect(args: argparse.Namespace) -> int:
     from engramlm.store.file import read_header
 
     print(json.dumps(read_header(args.path).to_dict(), indent=2, sort_keys=True))
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from engramlm.errors import ConfigError, CorruptFileError
+    from engramlm.hashing.artifact import load_layout
+    from engramlm.store.checkpoint import open_checkpoint_tables
+    from engramlm.store.storedir import export_tables, resolve_format
+
+    ckpt = Path(args.checkpoint)
+    cfg_path = ckpt / "config.json"
+    if not cfg_path.is_file():
+        raise CorruptFileError(f"{ckpt}: no config.json (is this a saved engramlm model?)")
+    doc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if not (doc.get("model") or {}).get("engram"):
+        raise ConfigError(f"{ckpt}: the model has no Engram layers, so there are no tables to export")
+    layout = load_layout(ckpt / "engram_hash.safetensors")
+    layout.check_fingerprint(doc.get("hash_fingerprint", "none"), what=f"model {ckpt}")
+    expected_rows = {lid: int(layout.table_rows[i]) for i, lid in enumerate(layout.layer_ids)}
+    head_sizes = {lid: [int(p) for p in layout.primes[i].reshape(-1)] for i, lid in enumerate(layout.layer_ids)}
+    tables = open_checkpoint_tables(ckpt / "model.safetensors", layout.fingerprint, expected_rows=expected_rows)
+    index = export_tables(
+        tables,
+        args.out,
+        resolve_format(args.format),
+        layout.fingerprint,
+        tier=args.tier,
+        head_sizes=head_sizes,
+        meta={"source": str(ckpt.resolve()), "hash_spec": layout.spec.to_dict()},
+        progress=not args.no_progress,
+    )
+    for t in tables.values():
+        t.close()
+    layers = json.loads(index.read_text(encoding="utf-8"))["layers"]
+    total = sum(e["file_size"] for e in layers)
+    print(f"{index}: {len(layers)} layer(s), {total / 2**20:.1f} MiB, format {resolve_format(args.format)}")
     return 0

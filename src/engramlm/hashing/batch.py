@@ -50,25 +50,43 @@ class NgramHasher:
     [L, B, T, H_e] in the spec's ``row_id_dtype``, ordered order-major then head-minor.
     Ids are offset-applied (``o <= r < o + p``) unless ``head_local=True``.
     ``doc_start`` is honoured only in ``boundary_mode="reset"``; ``dead`` always.
+
+    ``threads`` caps the CPU kernel's threads (None: ``numba.get_num_threads()``, all cores by
+    default); they are plain threads sharing work through a counter (see ``_kernels.run_tasks``).
+    Inputs under ``MIN_TOKENS_PER_THREAD`` tokens per thread use fewer threads, because waking a
+    helper costs more than it saves there.
     """
 
-    def __init__(self, layout: HashLayout, backend: Backend = "auto") -> None:
+    MIN_TOKENS_PER_THREAD = 8192
+
+    def __init__(self, layout: HashLayout, backend: Backend = "auto", threads: int | None = None) -> None:
         if backend not in ("auto", "kernel", "torch"):
             raise ConfigError(f"backend: must be 'auto', 'kernel' or 'torch', got {backend!r}")
         if backend == "kernel" and not _kernels.HAVE_NUMBA:
             raise ConfigError("backend: 'kernel' needs numba, which is not importable here")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ConfigError(f"threads: must be None or an int >= 1, got {threads!r}")
         self.layout = layout
         self.backend = backend
+        self.threads = threads
+        n_layers = layout.primes.shape[0]
+        self.out_dtype = torch.int32 if layout.spec.row_id_dtype == "int32" else torch.int64
+        out_np = np.int32 if self.out_dtype == torch.int32 else np.int64
         self._np = {
             "mult": np.ascontiguousarray(layout.multipliers),
             "primes": np.ascontiguousarray(layout.primes),
             "offs": np.ascontiguousarray(layout.offsets),
-            **_kernels.limb_constants(layout.primes),
         }
-        self._kernel_ok = _kernels.HAVE_NUMBA and int(layout.primes.max()) < _kernels.MAX_PRIME_FOR_KERNEL
+        lo, hi = int(layout.primes.min()), int(layout.primes.max())
+        self._kernel_ok = (
+            _kernels.HAVE_NUMBA and _kernels.MIN_PRIME_FOR_KERNEL <= lo and hi < _kernels.MAX_PRIME_FOR_KERNEL
+        )
+        if self._kernel_ok:  # [L, 4, H_e]: per output column p, 1/p (rounded down), 2^21 and 2^42 mod p
+            cf = _kernels.modulo_constants(layout.primes.reshape(n_layers, -1))
+            self._np["cf"] = np.ascontiguousarray(np.moveaxis(cf, -1, 1))
+            self._np["offs_out"] = np.ascontiguousarray(layout.offsets.reshape(n_layers, -1).astype(out_np))
         self._lookup = np.ascontiguousarray(layout.compression.lookup, dtype=np.int64)
         self._torch_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
-        self.out_dtype = torch.int32 if layout.spec.row_id_dtype == "int32" else torch.int64
 
     def _consts(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._torch_cache:
@@ -106,21 +124,44 @@ class NgramHasher:
     def _hash_kernel(
         self, ids: torch.Tensor, doc_start: torch.Tensor | None, dead: torch.Tensor | None
     ) -> torch.Tensor:
-        """CPU path: NumPy in, NumPy out; no torch kernels run (see ``_kernels``)."""
+        """CPU path: NumPy in, NumPy out; no torch kernels run (see ``_kernels``).
+
+        The kernel checks the id range while it compresses; the min/max for the error message
+        is only computed when it reports an out-of-range id.
+        """
+        import numba
+
         c = self._np
-        raw = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
-        if raw.size:
-            self.layout.compression._check_range(int(raw.min()), int(raw.max()))
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        raw = ids.numpy()
+        if raw.dtype not in (np.int32, np.int64):
+            raw = raw.astype(np.int64)
+        raw = np.ascontiguousarray(raw)
         b, t = raw.shape
-        zeros = np.zeros((b, t), dtype=np.uint8)
-        doc = zeros if doc_start is None else np.ascontiguousarray(doc_start.numpy(), dtype=np.uint8)
-        dd = zeros if dead is None else np.ascontiguousarray(dead.numpy(), dtype=np.uint8)
+        windowed = doc_start is not None or dead is not None
+        if windowed:
+            zeros = np.zeros((b, t), dtype=np.uint8)
+            doc = zeros if doc_start is None else np.ascontiguousarray(doc_start.numpy(), dtype=np.uint8)
+            dd = zeros if dead is None else np.ascontiguousarray(dead.numpy(), dtype=np.uint8)
+        else:
+            doc = dd = np.zeros((0, 0), dtype=np.uint8)
         dtype = np.int32 if self.out_dtype == torch.int32 else np.int64
         out = np.empty((c["mult"].shape[0], b, t, self.layout.heads_per_layer), dtype=dtype)
-        _kernels.hash_rows(
-            raw, self._lookup, doc, dd, c["mult"], c["pf"], c["inv"], c["m21"], c["m42"], c["offs"],
-            self.layout.compressed_pad_id, out,
-        )  # fmt: skip
+        n_items = b * -(-t // _kernels.CHUNK)
+        bad = np.zeros(n_items, dtype=np.uint8)
+        threads = numba.get_num_threads() if self.threads is None else self.threads
+        threads = max(1, min(threads, b * t // self.MIN_TOKENS_PER_THREAD))
+        per_task = max(1, n_items // (4 * threads))  # a few tasks per thread: late helpers can still help
+        args = (raw, self._lookup, doc, dd, windowed, c["mult"], c["cf"], c["offs_out"],
+                self.layout.compressed_pad_id, out, bad)  # fmt: skip
+
+        def task(i: int) -> None:
+            _kernels.hash_items(*args, i * per_task, (i + 1) * per_task)
+
+        _kernels.run_tasks(task, -(-n_items // per_task), threads)
+        if bad.any():
+            self.layout.compression._check_range(int(raw.min()), int(raw.max()))
         return torch.from_numpy(out)
 
     def _hash_torch(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ from engramlm.errors import ConfigError
 from engramlm.hashing.batch import NgramHasher, window_starts
 from engramlm.hashing.spec import HashLayout
 from engramlm.models.config import ModelConfig
+from engramlm.models.decode import DecodeCache, DecodeStep
 from engramlm.nn.attention import Attention
-from engramlm.nn.engram import EngramBlock
+from engramlm.nn.engram import ConvState, EngramBlock
 from engramlm.nn.hyper import BranchReadout, MultiBranchResidual, expand_stream
 from engramlm.nn.mlp import SwiGLU
 from engramlm.nn.moe import MoE
@@ -85,9 +86,20 @@ class Block(nn.Module):
         kv_cache=None,
         positions: torch.Tensor | None = None,
         skip_engram: bool = False,
+        conv_state: ConvState | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.engram is not None and not skip_engram:
-            h, alpha = self.engram(h, row_ids, rows=rows, window_start=window_start, dead=dead, return_gate=True)
+            h, alpha = self.engram(
+                h,
+                row_ids,
+                rows=rows,
+                window_start=window_start,
+                dead=dead,
+                return_gate=True,
+                conv_state=conv_state,
+                lengths=lengths,
+            )
             if gates is not None:
                 gates[self.index] = alpha
         x, ctx = self.attn_hc.read(h)
@@ -103,6 +115,10 @@ class EngramLM(nn.Module):
     dead=None, return_gates=False) -> LMOutput``. ``row_ids`` [L, B, T, H_e] (offset-applied)
     come from :class:`NgramHasher` (hashed here when omitted); ``engram_rows`` maps a layer id to
     rows [B, T, H_e, d_h] gathered from an external table store.
+
+    Decoding: ``forward(chunk, cache=DecodeCache(...), step=cache.begin(chunk))`` continues every
+    sequence in the cache (KV, conv history, streaming hasher); prefill and one-token steps give
+    the logits of the full forward. ``step`` may be omitted (the forward then calls ``begin``).
     """
 
     def __init__(self, config: ModelConfig, layout: HashLayout | None = None) -> None:
@@ -158,18 +174,34 @@ class EngramLM(nn.Module):
         return_gates: bool = False,
         output_hidden_states: bool = False,
         skip_engram: bool | Collection[int] = False,
+        cache: DecodeCache | None = None,
+        step: DecodeStep | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> LMOutput:
         """``skip_engram`` (True, or a set of layer ids) bypasses those Engram blocks entirely
-        (knockout analysis: the block's output is suppressed, the rest of the model unchanged)."""
+        (knockout analysis: the block's output is suppressed, the rest of the model unchanged).
+
+        With ``cache`` the tokens continue the cached sequences; ``doc_start``/``dead`` describe the
+        new tokens, ``lengths`` [B] the real tokens of a right-padded chunk (logits past them are junk).
+        """
         b, t = input_ids.shape
-        skip = set(self.layout.layer_ids if skip_engram is True and self.layout else skip_engram or ())
+        if isinstance(skip_engram, bool):
+            skip = set(self.layout.layer_ids) if skip_engram and self.layout is not None else set()
+        else:
+            skip = set(skip_engram)
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise IndexError(
                 f"input ids must lie in [0, {self.config.vocab_size}); got min {int(input_ids.min())}, "
                 f"max {int(input_ids.max())}"
             )
         window_start = None
-        if self.layout is not None:
+        if cache is not None:
+            step = step if step is not None else cache.begin(input_ids, doc_start, dead, lengths)
+            if row_ids is None:
+                row_ids = step.row_ids
+            window_start = step.window_start.to(input_ids.device)
+            chunk_lengths = None if step.full else step.lengths.to(input_ids.device)
+        elif self.layout is not None:
             provided = set(engram_rows or {}) | skip
             if row_ids is None and any(lid not in provided for lid in self.layout.layer_ids):
                 row_ids = self.hasher(input_ids, doc_start, dead)
@@ -190,9 +222,15 @@ class EngramLM(nn.Module):
                 else:
                     kwargs["row_ids"] = row_ids[li].to(input_ids.device)
                 kwargs.update(window_start=window_start, dead=dead, gates=gates)
+                if cache is not None:
+                    kwargs.update(conv_state=cache.conv.get(blk.index), lengths=chunk_lengths)
+            if cache is not None:
+                kwargs["kv_cache"] = cache.kv[blk.index]
             h = blk(h, **kwargs)
             if hidden is not None:
                 hidden.append(h)
+        if cache is not None:
+            cache.commit(step)
         logits = self.head(h)
         loss = None
         if targets is not None:

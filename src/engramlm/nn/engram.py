@@ -10,6 +10,7 @@ it in host memory, on SSD or in a remote pool. The value and all M keys come fro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,14 @@ def signed_sqrt_gate(score: torch.Tensor, signed_sqrt: bool = True) -> torch.Ten
 def _rms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@dataclass
+class ConvState:
+    """Decode state of one ShortConv: ``hist`` [B, (w-1)*delta, M*d] fp32, the normalised pre-conv
+    values of the positions just before the next chunk. Mutable, so the block advances it in place."""
+
+    hist: torch.Tensor
 
 
 class ShortConv(nn.Module):
@@ -57,7 +66,18 @@ class ShortConv(nn.Module):
         if zero_init:
             nn.init.zeros_(self.weight)
 
+    @property
+    def history(self) -> int:
+        """Pre-conv positions a token reads back, (w - 1) * delta: the size of the decode state."""
+        return (self.kernel_size - 1) * self.dilation
+
+    def new_state(self, batch_size: int, device: torch.device | str | None = None) -> ConvState:
+        """Decode state at the sequence start (zeros)."""
+        shape = (batch_size, self.history, self.weight.shape[0])
+        return ConvState(torch.zeros(shape, device=device, dtype=torch.float32))
+
     def forward(self, v: torch.Tensor, window_start: torch.Tensor | None = None) -> torch.Tensor:
+        """Full sequence; :meth:`step` continues a decoded sequence from its state."""
         b, t, m, d = v.shape
         u = (_rms(v.float(), self.norm_eps) * self.norm_weight.float()).reshape(b, t, m * d)
         w = self.weight.float()[:, 0, :]  # [C, w]
@@ -73,6 +93,42 @@ class ShortConv(nn.Module):
                 shifted = shifted * valid
             acc = acc + shifted * w[:, j]
         return v + F.silu(acc).reshape(b, t, m, d).to(v.dtype)
+
+    def step(
+        self,
+        v: torch.Tensor,
+        state: torch.Tensor,
+        window_start: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode: a chunk v [B, T, M, d] that continues each sequence -> (Y, new state).
+
+        ``state`` [B, S, M*d] holds the normalised pre-conv values of the S = (w-1)*delta positions
+        before the chunk (zeros before the sequence start), so the taps read the same values the
+        full forward reads. Positions are relative to the chunk (history is -S..-1);
+        ``window_start`` [B, T] may be negative and masks taps exactly like the full forward
+        (``pos - lag >= window_start``). ``lengths`` [B] (default T) counts each row's real tokens
+        in a right-padded chunk: the new state is the S positions before that length.
+        """
+        b, t, m, d = v.shape
+        s = self.history
+        u = (_rms(v.float(), self.norm_eps) * self.norm_weight.float()).reshape(b, t, m * d)
+        full = torch.cat([state.to(u.dtype), u], dim=1)  # [B, S + T, C]: positions -S .. T-1
+        w = self.weight.float()[:, 0, :]
+        pos = torch.arange(t, device=v.device)
+        acc = torch.zeros_like(u)
+        for j in range(self.kernel_size):
+            lag = (self.kernel_size - 1 - j) * self.dilation
+            shifted = full[:, s - lag : s - lag + t]
+            if window_start is not None and lag:
+                shifted = shifted * (pos - lag >= window_start).unsqueeze(-1)
+            acc = acc + shifted * w[:, j]
+        if lengths is None:
+            new_state = full[:, t:]
+        else:
+            idx = lengths.to(v.device).reshape(b, 1) + torch.arange(s, device=v.device)
+            new_state = full.gather(1, idx.unsqueeze(-1).expand(b, s, full.shape[-1]))
+        return v + F.silu(acc).reshape(b, t, m, d).to(v.dtype), new_state
 
 
 class EngramBlock(nn.Module):
@@ -154,7 +210,12 @@ class EngramBlock(nn.Module):
         window_start: torch.Tensor | None = None,
         dead: torch.Tensor | None = None,
         return_gate: bool = False,
+        conv_state: ConvState | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``conv_state`` (decode) is read and advanced in place, so the block continues a cached
+        sequence (``window_start`` is then chunk-relative and ``lengths`` counts the real tokens
+        per row; see :meth:`ShortConv.step`)."""
         b, t, m, d = hidden.shape
         if m != self.n_branches or d != self.hidden_size:
             raise ValueError(f"hidden must be [B, T, {self.n_branches}, {self.hidden_size}], got {tuple(hidden.shape)}")
@@ -169,7 +230,12 @@ class EngramBlock(nn.Module):
         else:
             alpha = torch.ones(b, t, m, 1, device=hidden.device)
         gated = (alpha * value.float()).to(hidden.dtype)  # [B, T, M, d]
-        y = self.conv(gated, window_start) if self.conv is not None else gated
+        if self.conv is None:
+            y = gated
+        elif conv_state is not None:
+            y, conv_state.hist = self.conv.step(gated, conv_state.hist, window_start, lengths)
+        else:
+            y = self.conv(gated, window_start)
         if dead is not None:
             keep = (~dead.bool())[..., None, None]
             y = y * keep

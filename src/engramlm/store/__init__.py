@@ -1,15 +1,19 @@
-"""Tiered Engram table stores: one ``RowTable`` interface over memory, mmap, O_DIRECT and cache.
+"""Tiered Engram table stores: one ``RowTable`` interface over memory, mmap, O_DIRECT, cache, Mooncake
+and checkpoint tensors in place, plus the per-layer ``Prefetcher`` and store directories.
 
 Lower layer: imports only ``engramlm.errors``, ``engramlm.utils.io``, numpy and torch.
 """
 
 from engramlm.store.base import RowTable, StoreStats
 from engramlm.store.cache import CachedTable
+from engramlm.store.checkpoint import SafetensorsTable, open_checkpoint_tables
 from engramlm.store.direct import DirectFileTable
 from engramlm.store.file import StoreHeader, open_store, read_header, verify_store, write_store
 from engramlm.store.formats import BF16, FP8, FP32, RowFormat, decode_split, get_format
 from engramlm.store.memory import MemoryTable
 from engramlm.store.mmap import MmapTable
+from engramlm.store.prefetch import Prefetcher, PrefetchHandle
+from engramlm.store.storedir import export_tables, open_store_dir, read_index
 
 __all__ = [
     "BF16",
@@ -19,14 +23,21 @@ __all__ = [
     "DirectFileTable",
     "MemoryTable",
     "MmapTable",
+    "PrefetchHandle",
+    "Prefetcher",
     "RowFormat",
     "RowTable",
+    "SafetensorsTable",
     "StoreHeader",
     "StoreStats",
     "decode_split",
+    "export_tables",
     "get_format",
+    "open_checkpoint_tables",
     "open_store",
+    "open_store_dir",
     "read_header",
+    "read_index",
     "verify_store",
     "write_store",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 
 from engramlm.errors import ConfigError
@@ -130,6 +131,16 @@ class Fp8E4M3UE8M0(RowFormat):
         return decode_split(weight, scale, out)
 
 
+def _lut(dtype: torch.dtype) -> np.ndarray:
+    """float32 value of each of the 256 bit patterns of a one-byte float dtype (NaNs included)."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
+
+
+# Decoding through 256-entry tables is exact and ~2x faster on CPU than torch's fp8 -> fp32 cast.
+_E4M3_LUT = _lut(torch.float8_e4m3fn)
+_E8M0_LUT = _lut(torch.float8_e8m0fnu)
+
+
 def decode_split(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantise the checkpoint's split form (e4m3 [n, d] + e8m0 [n, d/32]) into ``out``."""
     if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float8_e8m0fnu:
@@ -141,9 +152,17 @@ def decode_split(weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | 
         raise ValueError(f"scale shape {tuple(scale.shape)} does not match weight {(n, dim)}")
     out = _prepare_out(out, n, dim)
     nb = dim // FP8_BLOCK
-    values = weight.float().view(n, nb, FP8_BLOCK)
-    values.mul_(scale.float().unsqueeze(-1))
-    out.view(n, nb, FP8_BLOCK).copy_(values)
+    if weight.device.type == "cpu" and scale.device.type == "cpu":
+        direct = out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu"
+        values = out.numpy() if direct else np.empty((n, dim), dtype=np.float32)
+        np.take(_E4M3_LUT, weight.view(torch.uint8).numpy(), out=values)
+        values.reshape(n, nb, FP8_BLOCK)[...] *= np.take(_E8M0_LUT, scale.view(torch.uint8).numpy())[:, :, None]
+        if not direct:
+            out.copy_(torch.from_numpy(values))
+        return out
+    values_t = weight.float().view(n, nb, FP8_BLOCK)
+    values_t.mul_(scale.float().unsqueeze(-1))
+    out.view(n, nb, FP8_BLOCK).copy_(values_t)
     return out
 
 

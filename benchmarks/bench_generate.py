@@ -1,0 +1,331 @@
+"""End-to-end decode throughput with the Engram tables in the model, in RAM, on SSD and in Mooncake.
+
+Why: the point of Engram as a system is that its tables need not sit in fast memory. This runs
+the same batch decode (``engramlm.infer.Engine``: KV cache, streaming hasher, per-step prefetch
+of every Engram layer's rows before the forward) with the rows served by
+
+* ``model``       each block's own ``embed.weight`` (the baseline);
+* ``memory``      a :class:`MemoryTable` per layer through the prefetcher (prefetch overhead alone);
+* ``ssd_cN``      the store file read with O_DIRECT (:class:`DirectFileTable`, page cache out of
+                  play) behind a :class:`CachedTable` (LFU) of N% of the table bytes, N in 0..50,
+                  so the file is always at least twice the cache budget;
+* ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows via ``EngramStore``;
+
+and reports each contender's decode tokens/s and its time ratio to ``model`` per repeat, all
+timed interleaved in one run. The workload is real text: a BPE trained on the Python standard
+library's sources, prompts and continuations from held-out files. Continuations are teacher-forced
+(``Engine.generate(force=...)``), so the n-gram rows requested per step follow real text rather
+than a random-init model's samples; the compute per step is exactly that of generation. Every
+repeat decodes NEW text (each contender sees the same sequence of texts), and the hot-row caches
+are first brought to a steady state on other held-out text (``warm_caches``), so they are measured
+warm but never on text they have already seen.
+
+Run from the repository root: ``nice python benchmarks/bench_generate.py`` (a couple of minutes on
+2 cores; ``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import paired_ratios, stats, write_result
+from engramlm.data.corpora import SourceSpec, load_corpus
+from engramlm.data.tokenizer import BOS_ID, train_tokenizer
+from engramlm.hashing.compression import CompressionMap
+from engramlm.hashing.spec import HashSpec, make_layout
+from engramlm.infer import Engine, SamplingParams
+from engramlm.infer.tables import export_model_tables, model_tables, open_tables
+from engramlm.models.config import EngramConfig, ModelConfig
+from engramlm.models.model import EngramLM
+from engramlm.store.cache import CachedTable
+
+
+def build_workload(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor]]:
+    """(tokenizer, token streams of held-out files) from the stdlib corpus."""
+    corpus = load_corpus(SourceSpec(kind="stdlib"), max_bytes=args.corpus_mb << 20)
+    tok = train_tokenizer(corpus.texts("train"), vocab_size=8192)
+    held = corpus.texts("val") + corpus.texts("test")
+    streams = [torch.tensor(e.ids) for e in tok.encode_batch(held)]
+    return tok, [s for s in streams if s.numel() >= args.prompt + args.steps]
+
+
+def build_model(tok: Any, args: argparse.Namespace) -> EngramLM:
+    cmap = CompressionMap.from_tokenizer(tok)
+    spec = HashSpec(
+        max_ngram_size=3,
+        n_head_per_ngram=args.heads,
+        engram_vocab_size=(args.head_rows, args.head_rows),
+        layer_ids=tuple(args.engram_layers),
+        pad_id=2,
+    )
+    cfg = ModelConfig(
+        vocab_size=cmap.vocab_size,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        n_heads=args.hidden // 64,
+        mlp_hidden=args.hidden * 8 // 3 // 64 * 64,
+        hc_mult=4,
+        engram=EngramConfig(hash=spec, head_dim=args.head_dim, conv_zero_init=False),
+    )
+    torch.manual_seed(0)
+    return EngramLM(cfg, make_layout(spec, cmap)).eval()
+
+
+def warm_caches(model: EngramLM, caches: dict[str, dict[int, CachedTable]], ids: torch.Tensor, chunk: int) -> int:
+    """Bring every hot-row cache to a steady state on other real text before timing.
+
+    A short timed run touches far fewer rows than a serving process does over hours, so cold
+    caches would never fill and every budget would look alike. The warm-up streams ``ids``
+    through each cache in chunks; its misses are served from an in-memory copy of the very same
+    rows (the cache's inner tier is swapped for the duration), which fills the cache exactly as
+    reading the file would, only faster. Returns the tokens used.
+    """
+    rows = model.hash(ids.reshape(1, -1))  # [L, 1, T, H_e]
+    mem = model_tables(model)
+    for tables in caches.values():
+        for lid, cached in tables.items():
+            inner, cached.inner = cached.inner, mem[lid]
+            try:
+                for part in rows[model.layout.layer_index(lid), 0].split(chunk):
+                    cached.gather(part)
+            finally:
+                cached.inner = inner
+            cached.stats.reset()
+    return int(ids.numel())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mooncake_pool(segment_bytes: int, workdir: Path):
+    """A real mooncake_master on 127.0.0.1 and a client lending ``segment_bytes`` (see the tests)."""
+    import mooncake
+    from mooncake.store import MooncakeDistributedStore
+
+    binary = Path(mooncake.__file__).parent / "mooncake_master"
+    binary = binary if binary.exists() else Path(shutil.which("mooncake_master") or "")
+    rpc, http, metrics = _free_port(), _free_port(), _free_port()
+    log = (workdir / "mooncake_master.log").open("wb")
+    proc = subprocess.Popen(
+        [str(binary), f"-rpc_port={rpc}", "-rpc_address=127.0.0.1", "-enable_http_metadata_server=true",
+         f"-http_metadata_server_port={http}", "-http_metadata_server_host=127.0.0.1", f"-metrics_port={metrics}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        for port in (rpc, http):
+            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("mooncake_master did not start")
+                time.sleep(0.1)
+        client = MooncakeDistributedStore()
+        rc = client.setup("127.0.0.1", f"http://127.0.0.1:{http}/metadata", segment_bytes, 64 << 20, "tcp", "",
+                          f"127.0.0.1:{rpc}")  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"MooncakeDistributedStore.setup returned {rc}")
+        yield client
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per call")
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--engram-layers", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--heads", type=int, default=4, help="hash heads per n-gram order")
+    ap.add_argument("--head-rows", type=int, default=100_003, help="rows per head (prime-ish target)")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--cache-pcts", type=float, nargs="+", default=[0, 5, 10, 25, 50])
+    ap.add_argument("--workers", type=int, default=2, help="prefetch threads")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--corpus-mb", type=int, default=8)
+    ap.add_argument("--warm-tokens", type=int, default=100_000, help="other text streamed through the caches first")
+    ap.add_argument("--no-mooncake", action="store_true")
+    ap.add_argument("--workdir", default=None, help="where the store file goes (must not be tmpfs for O_DIRECT)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny tables, 1 repeat")
+    ap.add_argument("--out", default="generate")
+    args = ap.parse_args()
+    if args.quick:
+        args.head_rows, args.repeats, args.steps, args.hidden, args.layers = 5003, 1, 8, 128, 4
+        args.engram_layers = [1, 2]
+    torch.set_num_threads(args.threads)
+
+    tok, streams = build_workload(args)
+    model = build_model(tok, args)
+    table_bytes = sum(int(r) * args.head_dim * 4 for r in model.layout.table_rows)
+    calls = args.repeats + 1  # + warm-up
+    need = calls * args.batch
+    if len(streams) < need:
+        raise SystemExit(f"only {len(streams)} held-out files long enough; need {need} (raise --corpus-mb)")
+    p, s = args.prompt, args.steps
+    work = [
+        (
+            [[BOS_ID, *streams[c * args.batch + i][: p - 1].tolist()] for i in range(args.batch)],
+            torch.stack([streams[c * args.batch + i][p - 1 : p - 1 + s] for i in range(args.batch)]),
+        )
+        for c in range(calls)
+    ]
+    params = SamplingParams(max_new_tokens=s)
+
+    workroot = Path(args.workdir) if args.workdir else Path(__file__).resolve().parent / "results" / "tmp"
+    workroot.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_generate_", dir=workroot))
+    store = tmp / "store"
+    t0 = time.perf_counter()
+    export_model_tables(model, store, progress=True)
+    export_s = time.perf_counter() - t0
+    fp = model.layout.fingerprint
+    file_bytes = sum(f.stat().st_size for f in store.glob("*.engst"))
+
+    engines: dict[str, Engine] = {"model": Engine(model)}
+    caches: dict[str, dict[int, CachedTable]] = {}
+    opened: list[dict] = []
+    engines["memory"] = Engine(model, model_tables(model), workers=args.workers)
+    for pct in args.cache_pcts:
+        budget = int(table_bytes * pct / 100)
+        tables = open_tables(store, "direct", cache_bytes=budget, fingerprint=fp)
+        opened.append(tables)
+        name = f"ssd_c{pct:g}"
+        if budget:
+            caches[name] = tables  # type: ignore[assignment]
+        engines[name] = Engine(model, tables, workers=args.workers)
+    direct_io = all(getattr(getattr(t, "inner", t), "direct_io", False) for tables in opened for t in tables.values())
+    warm_tokens = warm_caches(model, caches, torch.cat(streams[need:])[: args.warm_tokens], args.batch * args.prompt)
+    mooncake_ctx = contextlib.ExitStack()
+    mooncake_info: dict[str, Any] = {"ran": False}
+    if not args.no_mooncake:
+        try:
+            client = mooncake_ctx.enter_context(mooncake_pool(2 * file_bytes + (256 << 20), tmp))
+            t1 = time.perf_counter()
+            tables = open_tables(store, "mooncake", fingerprint=fp, mooncake=client)
+            mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1}
+            opened.append(tables)
+            engines["mooncake"] = Engine(model, tables, workers=args.workers)
+        except Exception as exc:  # report, do not hide: the JSON says why it did not run
+            mooncake_info = {"ran": False, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"mooncake tier skipped: {mooncake_info['error']}")
+
+    # Interleaved: within a repeat every contender decodes the same (new) texts; order rotates.
+    names = list(engines)
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    toks: dict[str, list[float]] = {n: [] for n in names}
+    waits: dict[str, dict[str, float]] = {n: {} for n in names}
+    outputs: dict[str, list] = {n: [] for n in names}
+    from tqdm import tqdm
+
+    load_before = os.getloadavg()
+    with torch.inference_mode():
+        for c in tqdm(range(calls), desc="generate", unit="call"):
+            shift = c % len(names)
+            for n in names[shift:] + names[:shift]:
+                prompts, force = work[c]
+                gen = engines[n].generate(prompts, params, force=force)
+                outputs[n].append(gen.tokens)
+                if c == 0:
+                    continue  # warm-up: threads start, lazily built tables and buffers appear
+                secs[n].append(gen.stats.decode_seconds)
+                toks[n].append(gen.stats.tokens_per_second)
+                for k, v in gen.stats.wait_seconds.items():
+                    waits[n][str(k)] = waits[n].get(str(k), 0.0) + v
+            if c == 0:
+                for e in engines.values():
+                    if e.prefetcher is not None:
+                        e.prefetcher.reset_metrics()
+                for tables in caches.values():
+                    for t in tables.values():
+                        t.stats.reset()
+    same = {n: outputs[n] == outputs["model"] for n in names}
+    results = {}
+    for n in names:
+        r: dict[str, Any] = {
+            "decode_seconds": stats(secs[n]),
+            "tokens_per_second": stats(toks[n]),
+            "time_ratio_vs_model": stats(paired_ratios(secs[n], secs["model"])),
+            "wait_seconds_per_layer_total": waits[n],
+            "same_tokens_as_model": same[n],
+        }
+        r["overhead_pct_median"] = 100 * (r["time_ratio_vs_model"]["median"] - 1)
+        # Time the forward sat blocked on rows, over the decode time: immune to the machine's noise.
+        r["wait_pct_of_decode"] = 100 * sum(waits[n].values()) / max(sum(secs[n]), 1e-12)
+        pf = engines[n].prefetcher
+        if pf is not None:  # gather time in the workers (prefill + decode): work hidden behind compute
+            r["fetch_seconds_per_layer"] = {str(k): m["fetch_s"] for k, m in pf.metrics.items()}
+            r["max_wait_seconds_per_layer"] = {str(k): m["max_wait_s"] for k, m in pf.metrics.items()}
+        if n in caches:
+            hits = sum(t.stats.hits for t in caches[n].values())
+            misses = sum(t.stats.misses for t in caches[n].values())
+            r["cache_hit_rate"] = hits / max(hits + misses, 1)
+            r["cache_rows"] = sum(t.capacity for t in caches[n].values())
+        results[n] = r
+    curve = [
+        {"cache_pct": pct, "overhead_pct": results[f"ssd_c{pct:g}"]["overhead_pct_median"],
+         "wait_pct_of_decode": results[f"ssd_c{pct:g}"]["wait_pct_of_decode"],
+         "hit_rate": results[f"ssd_c{pct:g}"].get("cache_hit_rate", 0.0)}
+        for pct in args.cache_pcts
+    ]  # fmt: skip
+    for e in engines.values():
+        e.close()
+    for tables in opened:
+        for t in tables.values():
+            t.close()
+    mooncake_ctx.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    payload = {
+        "params": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "model": {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "engram_layers": list(model.layout.layer_ids),
+            "table_rows": [int(r) for r in model.layout.table_rows],
+            "table_bytes": table_bytes,
+            "store_file_bytes": file_bytes,
+            "export_seconds": export_s,
+        },
+        "direct_io": direct_io,
+        "load_average_before_after": [list(load_before), list(os.getloadavg())],
+        "mooncake": mooncake_info,
+        "workload": {"corpus": "stdlib (held-out val+test files)", "tokenizer": "BPE 8k trained on stdlib train",
+                     "decode": "teacher-forced real text", "tokens_per_call": args.batch * args.steps,
+                     "cache_warmup_tokens": warm_tokens},
+        "results": results,
+        "overhead_vs_cache": curve,
+    }  # fmt: skip
+    path = write_result(args.out, payload)
+    print(f"wrote {path}")
+    width = max(len(n) for n in names)
+    for n in names:
+        r = results[n]
+        hit = f"  hit {r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else ""
+        ratio = r["time_ratio_vs_model"]
+        print(
+            f"{n:<{width}}  {r['tokens_per_second']['median']:8.1f} tok/s  overhead {r['overhead_pct_median']:+6.1f}%"
+            f"  (IQR {100 * (ratio['q1'] - 1):+.1f}..{100 * (ratio['q3'] - 1):+.1f}%)"
+            f"  wait {r['wait_pct_of_decode']:.2f}%  same={r['same_tokens_as_model']}{hit}"
+        )
+
+
+if __name__ == "__main__":
+    main()

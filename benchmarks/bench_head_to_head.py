@@ -1,0 +1,265 @@
+"""Head-to-head at equal activated parameters: dense vs MoE (rho = 1) vs Engram + MoE (same P_tot as MoE).
+
+Why: the paper's claim is that, at equal activated parameters (equal FLOPs per token) and equal
+total parameters, moving part of the sparse budget from routed experts into Engram tables
+(rho ~ 0.75-0.8) lowers held-out loss. This trains the three arms on the same prepared corpus,
+token budget, batches and seeds, and reports held-out loss and bits per byte (mean, std, min,
+max over seeds, plus per-seed paired differences), with the exact parameter counts of each arm.
+The expected order (Engram < MoE < dense) is a hypothesis under test, not a target.
+
+Arms (``arms()``): a MoE base (shared + top-2 of 16 routed experts, first layer dense), the dense
+arm with the FFN width that gives it the MoE's P_act exactly, and
+``iso_parameter_variant(moe, rho=0.8)`` (fewer routed experts, an Engram table at layer 1 taking
+their parameters). Engram's own dense parameters (projection, gate norms, conv) make its P_act
+~4% larger; the JSON states it.
+
+Run from the repository root (do not run the default size on a busy machine: ~10-20 min per arm
+and seed on 2 free cores, 18 runs)::
+
+    python benchmarks/bench_head_to_head.py                       # SOTU + stdlib code, 3 seeds
+    python benchmarks/bench_head_to_head.py --quick               # a few minutes, tiny models
+    python benchmarks/bench_head_to_head.py --corpus my_texts/    # any directory of .txt files
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import REPO_ROOT, RESULTS_DIR, write_result
+from engramlm.data import EvalLoader, TokenDataset, prepare
+from engramlm.data.corpora import SourceSpec
+from engramlm.hashing.spec import HashSpec
+from engramlm.models.accounting import count_parameters, iso_parameter_variant
+from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
+from engramlm.train import TrainConfig, Trainer, evaluate, read_metrics
+from engramlm.utils.io import atomic_open
+
+RHO = 0.8
+SIZES: dict[str, dict[str, Any]] = {
+    # 224 steps of 16 x 256 = 917,504 tokens per arm (about half the SOTU train split); measured
+    # 3.9-5 s/step for each arm on 2 lightly loaded cores, i.e. ~15-19 min per arm and seed.
+    "full": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
+             "batch": 16, "seq": 256, "tokens": 224 * 4096, "warmup": 30, "eval_tokens": 262_144},
+    # The full models on a quarter of the budget: 64 steps, ~4-5 min per arm and seed on one core.
+    "medium": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
+               "batch": 16, "seq": 256, "tokens": 64 * 4096, "warmup": 8, "eval_tokens": 131_072},
+    "quick": {"d": 64, "layers": 3, "heads": 2, "experts": 16, "expert_hidden": 32, "head_dim": 16,
+              "batch": 4, "seq": 64, "tokens": 40 * 256, "warmup": 5, "eval_tokens": 4 * 4 * 64},
+}  # fmt: skip
+
+
+def dense_width_for(moe: ModelConfig) -> int:
+    """FFN width giving a dense model the MoE's P_act (closest; exact when divisible)."""
+    target = count_parameters(moe).p_act
+    lo = moe.replace(moe=None, mlp_hidden=1)
+    per_unit = count_parameters(lo.replace(mlp_hidden=2)).p_act - count_parameters(lo).p_act
+    return 1 + round((target - count_parameters(lo).p_act) / per_unit)
+
+
+def arms(size: dict[str, Any], vocab: int) -> dict[str, ModelConfig]:
+    d, e_h = size["d"], size["expert_hidden"]
+    moe = ModelConfig(
+        name="h2h-moe", vocab_size=vocab, hidden_size=d, num_layers=size["layers"], n_heads=size["heads"],
+        mlp_hidden=3 * e_h + 4, hc_mult=1, max_seq_len=max(1024, size["seq"]),
+        moe=MoEConfig(n_routed=size["experts"], n_shared=1, top_k=2, expert_hidden=e_h, n_dense_layers=1),
+    )  # fmt: skip
+    dense = moe.replace(moe=None, name="h2h-dense", mlp_hidden=dense_width_for(moe))
+    engram = EngramConfig(
+        hash=HashSpec(max_ngram_size=3, n_head_per_ngram=4, engram_vocab_size=(1000, 1000), layer_ids=(1,),
+                      boundary_mode="reset"),
+        head_dim=size["head_dim"],
+    )  # fmt: skip
+    variant = iso_parameter_variant(moe, RHO, engram).config.replace(name="h2h-engram-moe")
+    return {"dense": dense, "moe": moe, "engram_moe": variant}
+
+
+def resolve_corpus(spec: str, data_root: Path) -> tuple[str, Path]:
+    """``sotu`` / ``stdlib`` / a prepared dir / a raw text dir -> (name, prepared dir)."""
+    p = Path(spec)
+    if spec in ("sotu", "stdlib"):
+        out = data_root / spec
+        prepare(spec, out, progress=True)
+        return spec, out
+    if (p / "manifest.json").is_file():
+        return p.name, p
+    if p.is_dir():
+        tag = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]
+        out = data_root / f"dir_{p.name}_{tag}"
+        prepare(SourceSpec(kind="dir", path=str(p)), out, progress=True)
+        return p.name, out
+    raise SystemExit(f"--corpus {spec!r}: not sotu, stdlib, a prepared directory or a directory of .txt files")
+
+
+def train_config(
+    model: ModelConfig, size: dict[str, Any], data: Path, seed: int, out: Path, threads: int
+) -> TrainConfig:
+    steps = math.ceil(size["tokens"] / (size["batch"] * size["seq"]))
+    return TrainConfig.from_dict(
+        {
+            "data": {"dir": str(data), "batch_size": size["batch"], "seq_len": size["seq"],
+                     "eval_batch_size": size["batch"], "eval_max_batches": 4},
+            "model": {"preset": "tiny", "overrides": model.to_dict()},
+            "schedule": {"warmup_steps": size["warmup"]},
+            "steps": steps, "seed": seed, "out_dir": str(out), "threads": threads, "progress": False,
+            "tensorboard": False, "checkpoint_every": steps, "keep_checkpoints": 1,
+            "eval_every": max(1, steps // 4),
+        }
+    )  # fmt: skip
+
+
+def run_arm(model: ModelConfig, size: dict[str, Any], data: Path, seed: int, out: Path, threads: int) -> dict[str, Any]:
+    cfg = train_config(model, size, data, seed, out, threads)
+    t0 = time.perf_counter()
+    tr = Trainer(cfg)
+    summary = tr.fit()
+    wall = time.perf_counter() - t0
+    ev_batches = max(1, size["eval_tokens"] // (size["batch"] * size["seq"]))
+    loader = EvalLoader(tr.eval_set, size["batch"], size["seq"], row_ids_fn=tr.model.hasher)
+    final = evaluate(tr.model, loader, ev_batches, threads)
+    train = [r for r in read_metrics(out) if r["kind"] == "train"]
+    return {
+        "seed": seed,
+        "heldout": final,
+        "final_train_loss": summary["train_loss"],
+        "wall_s": wall,
+        "tokens_per_s": summary["tokens"] / summary["wall_s"],
+        "curve": [[r["tokens"], r["loss"]] for r in train],
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}  # fmt: skip
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = list(results)
+    fig, axes = plt.subplots(2, len(corpora), figsize=(5.5 * len(corpora), 8), squeeze=False)
+    colors = {"dense": "tab:gray", "moe": "tab:blue", "engram_moe": "tab:red"}
+    for j, corpus in enumerate(corpora):
+        res = results[corpus]["arms"]
+        ax = axes[0][j]
+        for arm, r in res.items():
+            for k, run in enumerate(r["runs"]):
+                xs, ys = zip(*run["curve"], strict=True)
+                ema, acc = [], 0.0
+                for i, y in enumerate(ys):
+                    acc = 0.9 * acc + 0.1 * y
+                    ema.append(acc / (1 - 0.9 ** (i + 1)))
+                ax.plot(xs, ema, color=colors[arm], alpha=0.8, lw=1, label=arm if k == 0 else None)
+        ax.set(title=f"{corpus}: train loss (EMA)", xlabel="tokens", ylabel="nats/token")
+        ax.legend()
+        ax = axes[1][j]
+        names = list(res)
+        means = [res[a]["bpb"]["mean"] for a in names]
+        errs = [res[a]["bpb"]["std"] for a in names]
+        ax.bar(names, means, yerr=errs, color=[colors[a] for a in names], capsize=6)
+        for i, a in enumerate(names):
+            ax.scatter(
+                [i] * len(res[a]["runs"]), [r["heldout"]["bpb"] for r in res[a]["runs"]], color="k", s=10, zorder=3
+            )
+        lo, hi = min(means) - 3 * max([*errs, 1e-3]), max(means) + 3 * max([*errs, 1e-3])
+        ax.set_ylim(lo, hi)
+        ax.set(title=f"{corpus}: held-out bits per byte (mean, std, seeds)", ylabel="bits/byte")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", action="append", help="sotu, stdlib, a prepared dir or a text dir (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="tiny models and budget (a few minutes in all)")
+    p.add_argument("--size", choices=sorted(SIZES), default=None, help="model and budget size (default full)")
+    p.add_argument("--jobs", type=int, default=1, help="arms trained in parallel processes (each --threads)")
+    p.add_argument("--tokens", type=int, default=None, help="token budget per arm (default by size)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 on a free 2-core machine)")
+    p.add_argument("--data-root", default=str(REPO_ROOT / "runs" / "data"))
+    p.add_argument("--runs-root", default=str(REPO_ROOT / "runs" / "h2h"))
+    p.add_argument("--out", default=None, help="result name (default head_to_head or head_to_head_quick)")
+    args = p.parse_args()
+    size_name = args.size or ("quick" if args.quick else "full")
+    size = dict(SIZES[size_name])
+    if args.tokens:
+        size["tokens"] = args.tokens
+    out_name = args.out or ("head_to_head" if size_name == "full" else f"head_to_head_{size_name}")
+    torch.set_num_threads(args.threads)
+    corpora = {}
+    for spec in args.corpus or ["sotu", "stdlib"]:
+        name, data = resolve_corpus(spec, Path(args.data_root))
+        corpora[name] = (data, arms(size, TokenDataset(data, "train", verify=False).vocab_size))
+    tasks = {
+        (name, arm, seed): (model, size, data, seed, Path(args.runs_root) / out_name / name / arm / f"seed{seed}",
+                            args.threads)
+        for name, (data, models) in corpora.items() for arm, model in models.items() for seed in args.seeds
+    }  # fmt: skip
+    done: dict[tuple[str, str, int], dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_arm, *task): key for key, task in tasks.items()}
+        for fut in as_completed(futures):
+            (name, arm, seed), r = futures[fut], fut.result()
+            done[(name, arm, seed)] = r
+            print(
+                f"{name} {arm} seed {seed}: held-out loss {r['heldout']['loss']:.4f}, "
+                f"bpb {r['heldout']['bpb']:.4f}, {r['wall_s']:.0f} s, {r['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
+    results: dict[str, Any] = {}
+    for name, (data, models) in corpora.items():
+        entry: dict[str, Any] = {"data_dir": str(data), "arms": {}}
+        for arm, model in models.items():
+            runs = [done[(name, arm, seed)] for seed in args.seeds]
+            counts = count_parameters(model)
+            entry["arms"][arm] = {
+                "params": {"P_tot": counts.p_tot, "P_act": counts.p_act, "P_sparse": counts.p_sparse, "rho": counts.rho,
+                           "total_with_embeddings": counts.total, "engram_rows": list(counts.engram_rows),
+                           "n_routed": model.moe.n_routed if model.moe else None},
+                "model": model.to_dict(),
+                "loss": spread([r["heldout"]["loss"] for r in runs]),
+                "bpb": spread([r["heldout"]["bpb"] for r in runs]),
+                "runs": runs,
+            }  # fmt: skip
+        a = entry["arms"]
+        entry["paired_bpb_diff"] = {
+            f"{x}_minus_{y}": spread([rx["heldout"]["bpb"] - ry["heldout"]["bpb"]
+                                      for rx, ry in zip(a[x]["runs"], a[y]["runs"], strict=True)])
+            for x, y in (("engram_moe", "moe"), ("moe", "dense"), ("engram_moe", "dense"))
+        }  # fmt: skip
+        entry["order_by_mean_bpb"] = sorted(a, key=lambda k: a[k]["bpb"]["mean"])
+        results[name] = entry
+    png = RESULTS_DIR / f"{out_name}.png"
+    plot(results, png)
+    payload = {
+        "size": size_name,
+        "settings": {**size, "rho_target": RHO, "seeds": args.seeds, "threads": args.threads},
+        "hypothesis": "held-out loss: engram_moe < moe < dense",
+        "corpora": results,
+        "plot": str(png.relative_to(REPO_ROOT)),
+    }
+    path = write_result(out_name, payload)
+    for name, entry in results.items():
+        diffs = ", ".join(f"{k} {v['mean']:+.4f}±{v['std']:.4f}" for k, v in entry["paired_bpb_diff"].items())
+        print(f"{name}: order by mean bpb {entry['order_by_mean_bpb']}; {diffs}")
+    print(f"wrote {path} and {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""``engramlm analyze``: the analysis instruments, each writing JSON plus a picture under ``--out``.
+
+``gates`` / ``fired`` take a checkpoint and a text; ``knockout`` / ``rows`` / ``logit-lens`` / ``cka``
+take checkpoints and a prepared corpus (``engramlm data prepare``); ``plan`` takes a preset or
+config file and needs no checkpoint. See ``engramlm.analysis`` for the definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _common(p: argparse.ArgumentParser, *, eval_opts: bool = False) -> None:
+    p.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
+    p.add_argument("--no-progress", action="store_true")
+    if eval_opts:
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--max-batches", type=int, default=None, help="score only the first N batches")
+
+
+def _text_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a save_pretrained directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the text to analyse")
+    src.add_argument("--text-file", help="read the text from this UTF-8 file")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: --data's, the checkpoint's, or the config's)")
+    p.add_argument("--data", help="a prepared corpus directory (for its tokenizer.json)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("analyze", help="analysis instruments (gates, knockout, rows, fired, logit-lens, cka, plan)")
+    inst = a.add_subparsers(dest="instrument", metavar="INSTRUMENT")
+
+    p = inst.add_parser("gates", help="gate per token/layer/branch: HTML coloured text + PNG heatmap")
+    _text_opts(p)
+    _common(p)
+    p.set_defaults(func=run_gates)
+
+    p = inst.add_parser("fired", help="n-grams, row ids and gate of one token")
+    _text_opts(p)
+    p.add_argument("--position", type=int, default=-1, help="token index (negative: from the end; 0 is BOS)")
+    _common(p)
+    p.set_defaults(func=run_fired)
+
+    p = inst.add_parser("knockout", help="loss/bpb normal vs Engram suppressed vs capacity-1 table, per class")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", action="append", required=True, help="prepared corpus directory (repeatable)")
+    p.add_argument("--split", action="append", default=None, help="split(s) to score (default val)")
+    p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer knockouts")
+    _common(p, eval_opts=True)
+    p.set_defaults(func=run_knockout)
+
+    p = inst.add_parser("rows", help="row usage, Zipf fit, collisions, loss on frequent vs rare n-grams")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train", help="split whose row accesses are counted (default train)")
+    p.add_argument("--eval-split", default="val", help="split scored for loss by n-gram count ('none' to skip)")
+    p.add_argument("--max-tokens", type=int, default=None, help="count only the first N tokens of --split")
+    _common(p, eval_opts=True)
+    p.set_defaults(func=run_rows)
+
+    p = inst.add_parser("logit-lens", help="KL of each layer's early exit to the final distribution")
+    p.add_argument("checkpoint", nargs="+", help="one or more checkpoints (plotted together)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    _common(p, eval_opts=True)
+    p.set_defaults(func=run_logit_lens)
+
+    p = inst.add_parser("cka", help="linear CKA between the layers of two checkpoints")
+    p.add_argument("checkpoint_a")
+    p.add_argument("checkpoint_b")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-tokens", type=int, default=1024, help="scored positions used (default 1024)")
+    _common(p, eval_opts=True)
+    p.set_defaults(func=run_cka)
+
+    p = inst.add_parser("plan", help="table bytes per tier, bytes per token/step, bandwidth/IOPS needed")
+    p.add_argument("target", help="preset name or config file")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp8 (default: the config's table_dtype)")
+    p.add_argument("--tier", default="hbm", help="hbm | ram | ssd | remote")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step (decode: concurrent sequences)")
+    p.add_argument("--tokens-per-s", type=float, default=1e5, help="target throughput")
+    p.add_argument("--dedup", type=float, default=1.0, help="row reads per distinct row within a step (>= 1)")
+    p.add_argument("--page-bytes", type=int, default=4096, help="ssd read unit")
+    p.add_argument("--ref-bytes-per-s", type=float, default=None, help="override the tier's reference bandwidth")
+    p.add_argument("--ref-iops", type=float, default=None, help="override the tier's reference IOPS")
+    p.add_argument("--out", default="analysis", help="directory for plan.json (default ./analysis)")
+    p.set_defaults(func=run_plan)
+
+    a.set_defaults(func=lambda _args: a.print_help() or 2)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _model_and_tokenizer(args: argparse.Namespace, checkpoint: str, data: str | None = None):
+    from engramlm.analysis.common import find_tokenizer, load_checkpoint, load_matching_tokenizer
+
+    model = load_checkpoint(checkpoint)
+    path = find_tokenizer(model, getattr(args, "tokenizer", None), data, checkpoint)
+    return model, load_matching_tokenizer(model, path)
+
+
+def _read_text(args: argparse.Namespace) -> str:
+    return args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
+
+
+def _done(files: dict[str, str], summary: dict[str, Any]) -> int:
+    print(json.dumps({"files": files, **summary}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def run_gates(args: argparse.Namespace) -> int:
+    from engramlm.analysis.common import encode_text, token_texts, write_outputs
+    from engramlm.analysis.gates import compute_gates, gate_report, plot_gates, render_html
+
+    model, tok = _model_and_tokenizer(args, args.checkpoint, args.data)
+    ids, doc = encode_text(tok, _read_text(args))
+    texts = token_texts(tok, model.config.vocab_size)
+    report = gate_report([texts[i] for i in ids[0].tolist()], ids[0].tolist(), compute_gates(model, ids, doc))
+    report["checkpoint"] = str(args.checkpoint)
+    files = write_outputs(args.out, "gates", report, plot_gates(report), render_html(report))
+    return _done(files, {"tokens": len(report["tokens"]), "mean_gate": report["mean_gate"]})
+
+
+def run_fired(args: argparse.Namespace) -> int:
+    from engramlm.analysis.common import encode_text, token_texts, write_outputs
+    from engramlm.analysis.fired import fired_rows, plot_fired
+
+    model, tok = _model_and_tokenizer(args, args.checkpoint, args.data)
+    ids, doc = encode_text(tok, _read_text(args))
+    report = fired_rows(model, ids, doc, args.position, token_texts(tok, model.config.vocab_size))
+    report["checkpoint"] = str(args.checkpoint)
+    files = write_outputs(args.out, "fired", report, plot_fired(report))
+    return _done(files, {"position": report["position"], "token": report["token"]})
+
+
+def _train_counts(data: str, vocab_size: int):
+    import numpy as np
+
+    from engramlm.data import TokenDataset
+
+    ds = TokenDataset(data, "train", verify=False)
+    return np.bincount(np.asarray(ds.tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+
+
+def run_knockout(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from engramlm.analysis.classes import TokenClasses
+    from engramlm.analysis.common import load_checkpoint, token_texts, write_outputs
+    from engramlm.analysis.knockout import plot_knockout
+    from engramlm.analysis.knockout import run_knockout as knockout
+    from engramlm.data import TokenDataset
+
+    model = load_checkpoint(args.checkpoint)
+    sets = {}
+    for data in args.data:
+        _, tok = _model_and_tokenizer(args, args.checkpoint, data)
+        v = model.config.vocab_size
+        counts = _train_counts(data, v)
+        for split in args.split or ["val"]:
+            ds = TokenDataset(data, split)
+            classes = TokenClasses(token_texts(tok, v), np.asarray(ds.token_bytes), counts)
+            sets[f"{Path(data).name}/{split}"] = (ds, classes, counts)
+    report = knockout(
+        model,
+        sets,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_batches=args.max_batches,
+        per_layer=not args.no_per_layer,
+        progress=not args.no_progress,
+    )
+    report["checkpoint"] = str(args.checkpoint)
+    files = write_outputs(args.out, "knockout", report, plot_knockout(report))
+    summary = {
+        name: {"loss": {m: r["modes"][m]["loss"] for m in r["modes"]}, "share_kept": r["share_kept"]}
+        for name, r in ((n, s["overall"]) for n, s in report["sets"].items())
+    }
+    return _done(files, {"overall": summary})
+
+
+def run_rows(args: argparse.Namespace) -> int:
+    from engramlm.analysis.common import write_outputs
+    from engramlm.analysis.rows import plot_rows
+    from engramlm.analysis.rows import run_rows as rows
+    from engramlm.data import TokenDataset
+
+    model, _ = _model_and_tokenizer(args, args.checkpoint, args.data)
+    eval_ds = None if args.eval_split == "none" else TokenDataset(args.data, args.eval_split)
+    report, curves = rows(
+        model,
+        model.layout,
+        TokenDataset(args.data, args.split),
+        eval_ds,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_batches=args.max_batches,
+        progress=not args.no_progress,
+    )
+    report["checkpoint"] = str(args.checkpoint)
+    files = write_outputs(args.out, "rows", report, plot_rows(report, curves))
+    touched = {lid: [round(h["touched_share"], 4) for h in layer["heads"]] for lid, layer in report["layers"].items()}
+    return _done(files, {"touched_share": touched})
+
+
+def run_logit_lens(args: argparse.Namespace) -> int:
+    from engramlm.analysis.common import write_outputs
+    from engramlm.analysis.lens import logit_lens, plot_logit_lens
+    from engramlm.data import TokenDataset
+
+    ds = TokenDataset(args.data, args.split)
+    reports = {}
+    for ckpt in args.checkpoint:
+        model, _ = _model_and_tokenizer(args, ckpt, args.data)
+        rep = logit_lens(model, ds, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches)
+        reports[str(ckpt)] = rep
+    files = write_outputs(args.out, "logit_lens", {"split": args.split, "models": reports}, plot_logit_lens(reports))
+    return _done(files, {name: {"kl_to_final": r["kl_to_final"]} for name, r in reports.items()})
+
+
+def run_cka(args: argparse.Namespace) -> int:
+    from engramlm.analysis.common import write_outputs
+    from engramlm.analysis.lens import cka_matrix, collect_states, layer_names, plot_cka
+    from engramlm.data import TokenDataset
+
+    ds = TokenDataset(args.data, args.split)
+    states, names = [], []
+    for ckpt in (args.checkpoint_a, args.checkpoint_b):
+        model, _ = _model_and_tokenizer(args, ckpt, args.data)
+        states.append(collect_states(model, ds, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                     seq_len=args.seq_len))  # fmt: skip
+        names.append(layer_names(model))
+    mat = cka_matrix(states[0], states[1])
+    report = {
+        "a": str(args.checkpoint_a),
+        "b": str(args.checkpoint_b),
+        "split": args.split,
+        "tokens": int(states[0][0].shape[0]),
+        "layers_a": names[0],
+        "layers_b": names[1],
+        "cka": mat.round(6).tolist(),
+    }
+    fig = plot_cka(mat, names[0], names[1], Path(args.checkpoint_a).name, Path(args.checkpoint_b).name)
+    files = write_outputs(args.out, "cka", report, fig)
+    return _done(files, {"tokens": report["tokens"], "diagonal": [round(float(x), 4) for x in mat.diagonal()]})
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from engramlm.analysis.planner import PlanRequest, format_plan, plan
+    from engramlm.models.build import resolve_config
+    from engramlm.utils.io import atomic_write_json
+
+    config = resolve_config(args.target)
+    dtype = args.dtype or (config.engram.table_dtype if config.engram is not None else "fp32")
+    req = PlanRequest(
+        dtype=dtype,
+        tier=args.tier,
+        batch=args.batch,
+        tokens_per_s=args.tokens_per_s,
+        dedup=args.dedup,
+        page_bytes=args.page_bytes,
+        reference_bytes_per_s=args.ref_bytes_per_s,
+        reference_iops=args.ref_iops,
+    )
+    result = plan(config, req)
+    print(format_plan(result))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(args.out) / "plan.json", result)
+    print(f"\nwrote {Path(args.out) / 'plan.json'}")
+    return 0

@@ -1,0 +1,50 @@
+"""``engramlm eval CHECKPOINT --data DIR``: held-out loss and bits per byte, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from engramlm.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="held-out loss and bits-per-byte of a checkpoint (JSON)")
+    p.add_argument("checkpoint", help="checkpoint directory, run directory (latest checkpoint) or saved model")
+    p.add_argument("--data", required=True, help="prepared corpus directory (engramlm data prepare)")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's training seq_len")
+    p.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from engramlm.data.loader import EvalLoader
+    from engramlm.train.checkpoint import load_trained_model
+    from engramlm.train.evaluate import evaluate
+    from engramlm.train.trainer import open_dataset
+
+    data = Path(args.data)
+    ds = open_dataset(data, args.split)
+    model, state = load_trained_model(args.checkpoint, data / "tokenizer.json")
+    if state is not None and state.get("tokenizer_sha256") not in (None, ds.manifest.tokenizer.get("sha256")):
+        raise ConfigError(f"--data: {data} was tokenized with a different tokenizer than {args.checkpoint}")
+    if model.config.vocab_size < ds.vocab_size:
+        raise ConfigError(f"--data: {data} has {ds.vocab_size} token ids, the model only {model.config.vocab_size}")
+    seq_len = args.seq_len or (state["config"]["data"]["seq_len"] if state else None)
+    if seq_len is None:
+        raise ConfigError("--seq-len: required for a saved model directory (no training config to read it from)")
+    torch.manual_seed(0)
+    loader = EvalLoader(ds, args.batch_size, seq_len, row_ids_fn=model.hasher)
+    result = evaluate(model, loader, args.max_batches, args.threads)
+    result.update(checkpoint=str(args.checkpoint), data=str(data), split=args.split, seq_len=seq_len)
+    if state is not None:
+        result["step"] = state["step"]
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0

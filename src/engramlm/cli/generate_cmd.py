@@ -1,0 +1,208 @@
+"""``engramlm generate CHECKPOINT --prompt TEXT``: sample text, with the Engram tables on any tier.
+
+CHECKPOINT is a ``save_pretrained`` directory, a training checkpoint (its ``model/``), or a run
+directory (its latest checkpoint). The tokenizer is found, in order: ``--tokenizer``; a
+``tokenizer.json`` next to the model (model dir, checkpoint, run dir); the training data's
+``tokenizer.json`` named by the checkpoint's ``trainer_state.json``; the config's
+``engram.tokenizer``. When the checkpoint's compression map records a tokenizer sha256, the
+chosen file must match it (else the row ids would be wrong), so a wrong tokenizer is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
+
+BOS, EOS = "<|bos|>", "<|eos|>"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a saved model (tables in the model or a store)")
+    p.add_argument("checkpoint", help="save_pretrained dir, training checkpoint or run dir")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--tokenizer", help="tokenizer.json path or known name (default: found next to the model)")
+    p.add_argument("--store", help="store directory (store.json) serving the Engram tables")
+    p.add_argument("--tier", default="mmap", choices=("memory", "mmap", "direct", "mooncake"))
+    p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget in MiB (0 = none)")
+    p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
+    p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
+    p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this client lends to the pool")
+    p.add_argument("--workers", type=int, default=2, help="prefetch worker threads")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the result and timing as JSON")
+    p.set_defaults(func=run)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A save_pretrained directory from a model dir, a training checkpoint or a run directory."""
+    p = Path(path)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    from engramlm.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(p)
+    if not (ckpt / "model" / "config.json").is_file():
+        raise CorruptFileError(f"{ckpt}: training checkpoint without a model/ directory")
+    return ckpt / "model"
+
+
+def _candidates(model_dir: Path, checkpoint: Path) -> list[Path]:
+    """tokenizer.json files that may belong to the model, nearest first."""
+    out = [d / "tokenizer.json" for d in (model_dir, model_dir.parent, checkpoint, *checkpoint.parents[:3])]
+    state = model_dir.parent / "trainer_state.json"
+    if state.is_file():
+        try:
+            data_dir = json.loads(state.read_text(encoding="utf-8"))["config"]["data"]["dir"]
+            out.append(Path(data_dir) / "tokenizer.json")
+        except (ValueError, KeyError, TypeError):
+            pass
+    return out
+
+
+def resolve_tokenizer_for(model: Any, model_dir: Path, checkpoint: Path, explicit: str | None) -> Path:
+    """The tokenizer the checkpoint was trained with (see the module docstring for the order)."""
+    from engramlm.assets import resolve_tokenizer
+    from engramlm.utils.io import sha256_file
+
+    want = model.layout.compression.tokenizer_sha256 if model.layout is not None else None
+    tried: list[str] = []
+    if explicit:
+        choices = [resolve_tokenizer(explicit)]
+    else:
+        choices = [c for c in dict.fromkeys(_candidates(model_dir, checkpoint)) if c.is_file()]
+        if model.config.engram is not None and model.config.engram.tokenizer:
+            choices.append(resolve_tokenizer(model.config.engram.tokenizer))
+    for path in choices:
+        if want is None or sha256_file(path) == want:
+            return path
+        tried.append(str(path))
+    if explicit and tried:
+        raise HashSpecMismatch(
+            f"tokenizer {explicit}: sha256 differs from the tokenizer the checkpoint's hash map was built from"
+        )
+    raise ConfigError(
+        f"tokenizer: none found for {model_dir} (pass --tokenizer); looked for tokenizer.json next to the model, "
+        f"the training data and config.engram.tokenizer" + (f"; sha256 mismatch: {tried}" if tried else "")
+    )
+
+
+def _mooncake_client(args: argparse.Namespace) -> Any:
+    from mooncake.store import MooncakeDistributedStore
+
+    client = MooncakeDistributedStore()
+    segment = args.mooncake_segment_mb << 20
+    rc = client.setup("127.0.0.1", args.mooncake_metadata, segment, 64 << 20, "tcp", "", args.mooncake_master)
+    if rc != 0:
+        raise ConfigError(f"--mooncake-master: cannot set up a client of {args.mooncake_master} (setup returned {rc})")
+    return client
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from engramlm.data.tokenizer import load_tokenizer
+    from engramlm.infer import Engine, SamplingParams
+    from engramlm.infer.tables import drop_model_tables, open_tables
+    from engramlm.models.io import load_pretrained
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_model_dir(args.checkpoint)
+    model = load_pretrained(model_dir, map_location=args.device)
+    tok_path = resolve_tokenizer_for(model, model_dir, Path(args.checkpoint), args.tokenizer)
+    try:
+        tok = load_tokenizer(tok_path)
+        bos, eos = [tok.token_to_id(BOS)], (tok.token_to_id(EOS),)
+    except CorruptFileError:  # not the project layout (e.g. a DeepSeek tokenizer): no BOS/EOS convention
+        from tokenizers import Tokenizer
+
+        tok, bos, eos = Tokenizer.from_file(str(tok_path)), [], ()
+    prompts = [bos + tok.encode(text).ids for text in args.prompt]
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_tokens=eos,
+        seed=args.seed,
+    )
+    tables = None
+    if args.store:
+        if model.layout is None:
+            raise ConfigError("--store: the model has no Engram layers")
+        client = _mooncake_client(args) if args.tier == "mooncake" else None
+        tables = open_tables(
+            args.store,
+            args.tier,
+            cache_bytes=int(args.cache_mb * (1 << 20)),
+            fingerprint=model.layout.fingerprint,
+            mooncake=client,
+        )
+        drop_model_tables(model)
+    on_step = None
+    if args.stream and len(prompts) == 1 and not args.json:
+        ids: list[int] = []
+        shown = [0]
+
+        def on_step(out) -> None:  # one sequence: print the new text as it arrives
+            if bool(out.emitted[0]):
+                ids.append(int(out.tokens[0]))
+                text = tok.decode(ids)
+                if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                    sys.stdout.write(text[shown[0] :])
+                    sys.stdout.flush()
+                    shown[0] = len(text)
+            if bool(out.finished[0]):
+                sys.stdout.write(tok.decode(ids)[shown[0] :])
+
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode(), Engine(model, tables, workers=args.workers, pad_id=bos[0] if bos else 0) as eng:
+            gen = eng.generate(prompts, params, on_step=on_step)
+    finally:
+        for t in (tables or {}).values():
+            t.close()
+    wall = time.perf_counter() - t0
+    texts = [tok.decode(ids) for ids in gen.tokens]
+    if args.json:
+        doc = {
+            "model": str(model_dir),
+            "tokenizer": str(tok_path),
+            "store": args.store,
+            "tier": args.tier if args.store else "model",
+            "outputs": [
+                {"prompt": p, "text": t, "tokens": ids, "finish_reason": r}
+                for p, t, ids, r in zip(args.prompt, texts, gen.tokens, gen.finish_reasons, strict=True)
+            ],
+            "stats": {**gen.stats.as_dict(), "wall_seconds": wall},
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    if on_step is not None:
+        print()
+    else:
+        for prompt, text in zip(args.prompt, texts, strict=True):
+            print(f"{prompt}{text}")
+    s = gen.stats
+    print(
+        f"[{s.new_tokens} tokens, prefill {s.prefill_seconds * 1e3:.1f} ms, decode {s.tokens_per_second:.1f} tok/s"
+        + (f", Engram wait {sum(s.wait_seconds.values()) * 1e3:.1f} ms" if s.wait_seconds else "")
+        + "]",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,158 @@
+"""Decode state of an :class:`~engramlm.models.model.EngramLM`: everything a chunk of new tokens needs
+from the tokens before it, so prefill + one-token steps give the logits of one full forward.
+
+Per sequence: attention keys/values (one :class:`KVCache` per layer), the ShortConv history of every
+Engram layer (:class:`ConvState`), the streaming hasher's last N-1 compressed ids, the committed
+length and the current lookback-window start (document reset, DEAD rule). :meth:`DecodeCache.begin`
+computes a chunk's row ids and windows from the tokens alone, so a caller can start fetching rows
+from an external store before the forward; :meth:`DecodeCache.commit` (called by the forward)
+advances lengths and windows. Chunks may be right-padded (``lengths`` real tokens per row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engramlm.hashing.streaming import StreamingHasher
+from engramlm.nn.attention import KVCache
+from engramlm.nn.engram import ConvState
+
+if TYPE_CHECKING:
+    from engramlm.models.model import EngramLM
+
+
+@dataclass
+class DecodeStep:
+    """One chunk's precomputed inputs: made by :meth:`DecodeCache.begin`, consumed by the forward."""
+
+    row_ids: torch.Tensor | None  # [L, B, T, H_e] offset-applied, on CPU (None: no Engram layers)
+    window_start: torch.Tensor  # [B, T] first readable position, relative to the chunk start (may be < 0)
+    lengths: torch.Tensor  # [B] real tokens per row (right padding after them)
+    next_start: torch.Tensor  # [B] absolute window start for the token after the chunk
+    full: bool  # every row uses all T tokens
+
+
+class DecodeCache:
+    """Per-sequence decode state for ``batch_size`` sequences of at most ``max_len`` tokens."""
+
+    def __init__(
+        self,
+        model: EngramLM,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        ref = next(model.parameters())
+        self.device = torch.device(device) if device is not None else ref.device
+        dtype = dtype or ref.dtype
+        self.batch_size, self.max_len = batch_size, max_len
+        self.kv: dict[int, KVCache] = {
+            blk.index: blk.attn.new_cache(batch_size, max_len, device=self.device, dtype=dtype) for blk in model.layers
+        }
+        self.conv: dict[int, ConvState] = {
+            i: e.conv.new_state(batch_size, self.device) for i, e in model.engram_layers.items() if e.conv is not None
+        }
+        self.layout = model.layout
+        self.hasher = model.hasher
+        self.stream = StreamingHasher(self.layout, batch_size) if self.layout is not None else None
+        self.reset_mode = self.layout is not None and self.layout.spec.boundary_mode == "reset"
+        self.pos = torch.zeros(batch_size, dtype=torch.long)  # committed tokens per sequence (host)
+        self.start = torch.zeros(batch_size, dtype=torch.long)  # window start of the next token (absolute)
+
+    @property
+    def fresh(self) -> bool:
+        return not bool(self.pos.any())
+
+    def begin(
+        self,
+        input_ids: torch.Tensor,
+        doc_start: torch.Tensor | None = None,
+        dead: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> DecodeStep:
+        """Row ids and windows of the chunk ``input_ids`` [B, T]; advances the streaming hasher.
+
+        Call once per chunk, then run the forward with the returned step (the forward calls it
+        itself when not given one). A fresh cache hashes the chunk in one batched call; a
+        one-token step uses the O(1) streaming hasher.
+        """
+        ids = input_ids.detach().to("cpu", torch.long)
+        b, t = ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"input_ids has batch {b}, the cache was made for {self.batch_size}")
+        if t < 1:
+            raise ValueError("a decode chunk needs at least one token")
+        n = torch.full((b,), t, dtype=torch.long) if lengths is None else lengths.detach().to("cpu", torch.long)
+        if n.shape != (b,) or int(n.min()) < 1 or int(n.max()) > t:
+            raise ValueError(f"lengths must be [B] in [1, {t}], got {n.tolist()}")
+        if int((self.pos + t).max()) > self.max_len:
+            raise ValueError(f"decode cache overflow: {int(self.pos.max())} + {t} > max_len {self.max_len}")
+        ds = doc_start.detach().to("cpu").bool() if doc_start is not None and self.reset_mode else None
+        dd = dead.detach().to("cpu").bool() if dead is not None else None
+        for name, mask in (("doc_start", ds), ("dead", dd)):
+            if mask is not None and mask.shape != ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(ids.shape)}")
+        # Window starts (spec §4.2, §11.4), continuing the carried start: -1 = no reset in the chunk yet.
+        idx = torch.arange(t)
+        local = torch.full((b, t), -1, dtype=torch.long)
+        if ds is not None:
+            local = torch.cummax(torch.where(ds, idx, -1), dim=1).values
+        after = None
+        if dd is not None:
+            after = torch.cummax(torch.where(dd, idx + 1, -1), dim=1).values
+            local = torch.maximum(local, torch.cat([torch.full((b, 1), -1), after[:, :-1]], dim=1))
+        ws_abs = torch.where(local >= 0, self.pos[:, None] + local, self.start[:, None])
+        last = (n - 1)[:, None]
+        next_start = ws_abs.gather(1, last)[:, 0]
+        if after is not None:
+            a = after.gather(1, last)[:, 0]
+            next_start = torch.where(a >= 0, torch.maximum(next_start, self.pos + a), next_start)
+        row_ids = self._hash(ids, ds, dd, n, next_start) if self.layout is not None else None
+        return DecodeStep(row_ids, ws_abs - self.pos[:, None], n, next_start, bool((n == t).all()))
+
+    def _hash(
+        self,
+        ids: torch.Tensor,
+        ds: torch.Tensor | None,
+        dd: torch.Tensor | None,
+        n: torch.Tensor,
+        next_start: torch.Tensor,
+    ) -> torch.Tensor:
+        t = ids.shape[1]
+        stream = self.stream
+
+        def column(i: int) -> torch.Tensor:
+            return stream.step(ids[:, i], None if ds is None else ds[:, i], None if dd is None else dd[:, i])
+
+        if t == 1:
+            return column(0)[:, :, None]
+        if self.fresh:
+            threads = torch.get_num_threads()
+            rows = self.hasher(ids, ds, dd)
+            if torch.get_num_threads() != threads:  # the Numba kernel's OpenMP start-up can reset it
+                torch.set_num_threads(threads)
+        else:  # a multi-token chunk after history (rare: chunked prefill): one batched step per column
+            rows = torch.stack([column(i) for i in range(t)], dim=2)
+        # Streaming state after each row's last real token: its last N-1 compressed ids inside the window.
+        keep = stream.state.shape[1]
+        x = self.layout.compression.compress(ids)
+        ext = torch.cat([stream.state.flip(1), x], dim=1)  # column j = position pos - keep + j
+        k = torch.arange(keep)
+        col = keep + n[:, None] - 1 - k  # [B, keep]
+        position = self.pos[:, None] + n[:, None] - 1 - k
+        stream.state = torch.where(position >= next_start[:, None], ext.gather(1, col), stream.pad)
+        return rows
+
+    def commit(self, step: DecodeStep) -> None:
+        """Advance lengths and windows after the forward over ``step``'s chunk."""
+        self.pos += step.lengths
+        self.start = step.next_start
+        if not step.full:
+            lengths = self.pos.to(self.device)
+            for kv in self.kv.values():
+                kv.set_lengths(lengths)

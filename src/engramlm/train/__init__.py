@@ -1,0 +1,40 @@
+"""Training: typed configs, the paper's optimiser recipe (Muon + AdamW + sparse table Adam),
+the Trainer loop, atomic resumable checkpoints and held-out evaluation (issue 3)."""
+
+from engramlm.train.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from engramlm.train.config import (
+    DataConfig,
+    ModelSection,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    load_train_config,
+)
+from engramlm.train.evaluate import evaluate
+from engramlm.train.metrics import read_metrics
+from engramlm.train.muon import Muon, orthogonalize
+from engramlm.train.optim import OptimizerSet, split_parameters
+from engramlm.train.schedule import lr_multiplier
+from engramlm.train.sparse_adam import SparseRowAdam
+from engramlm.train.trainer import Trainer
+
+__all__ = [
+    "DataConfig",
+    "ModelSection",
+    "Muon",
+    "OptimConfig",
+    "OptimizerSet",
+    "ScheduleConfig",
+    "SparseRowAdam",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_train_config",
+    "lr_multiplier",
+    "orthogonalize",
+    "read_metrics",
+    "resolve_checkpoint",
+    "split_parameters",
+]

@@ -1,0 +1,202 @@
+"""Sparse, lazy Adam for Engram tables: per step, only the rows the batch used are read and written.
+
+How a step works (see :class:`SparseRowAdam`):
+
+1. :meth:`gather` takes the batch's row ids [L, B, T, H_e] (computed in the input pipeline), finds
+   each layer's unique rows, copies them into a small leaf tensor ``[U, d_h]`` with
+   ``requires_grad`` and returns ``engram_rows`` (layer id -> ``leaf[inverse]`` [B, T, H_e, d_h])
+   for :meth:`EngramLM.forward`. The table itself never takes part in autograd, so no dense
+   ``.grad`` of the table ever exists.
+2. After ``backward``, :meth:`step` applies Adam to those U rows and writes them back with one
+   ``index_copy_``.
+
+State is lazy: a slot map (sorted row ids -> slot) assigns a slot in growable moment tensors
+the first time a row is touched, so state is proportional to the rows ever touched, and a
+step costs O(rows in the batch) plus O(slots) memmove when new rows appear: nothing is
+proportional to the table size.
+
+Semantics (documented choice, as torch's ``SparseAdam``): a row's moments only advance when the
+row is in the batch, and bias correction uses the row's own update count ``n_r``:
+``m_hat = m / (1 - beta1^n_r)``, ``v_hat = v / (1 - beta2^n_r)``. Rows absent from a batch get
+no update, not even from momentum. Weight decay (default 0 for tables) is decoupled and also
+applied only to touched rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class RowSlots:
+    """Lazy per-row Adam state of one table: slot map + growable moments + per-row update counts."""
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, capacity: int = 1024) -> None:
+        self.dim = dim
+        self.keys = np.empty(0, dtype=np.int64)  # sorted row ids with a slot
+        self.key_slot = np.empty(0, dtype=np.int64)  # slot of keys[i]
+        self.n = 0
+        self.exp_avg = torch.zeros(capacity, dim, dtype=dtype)
+        self.exp_avg_sq = torch.zeros(capacity, dim, dtype=dtype)
+        self.count = torch.zeros(capacity, dtype=torch.int64)
+
+    def _grow(self, need: int) -> None:
+        cap = self.exp_avg.shape[0]
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap)
+        for name in ("exp_avg", "exp_avg_sq", "count"):
+            old = getattr(self, name)
+            grown = torch.zeros((new_cap, *old.shape[1:]), dtype=old.dtype)
+            grown[: self.n] = old[: self.n]
+            setattr(self, name, grown)
+
+    def slots(self, rows: np.ndarray) -> np.ndarray:
+        """Slots of the sorted unique ``rows``, allocating slots for rows seen for the first time."""
+        pos = np.searchsorted(self.keys, rows)
+        found = pos < self.keys.size
+        found[found] = self.keys[pos[found]] == rows[found]
+        out = np.empty(rows.size, dtype=np.int64)
+        out[found] = self.key_slot[pos[found]]
+        new = ~found
+        k = int(new.sum())
+        if k:
+            fresh = np.arange(self.n, self.n + k, dtype=np.int64)
+            out[new] = fresh
+            self.keys = np.insert(self.keys, pos[new], rows[new])
+            self.key_slot = np.insert(self.key_slot, pos[new], fresh)
+            self._grow(self.n + k)
+            self.n += k
+        return out
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes held by this table's optimizer state (allocated capacity, slot map included)."""
+        t = sum(x.numel() * x.element_size() for x in (self.exp_avg, self.exp_avg_sq, self.count))
+        return t + self.keys.nbytes + self.key_slot.nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of state for the rows that have a slot (allocated capacity beyond them excluded)."""
+        per_row = 2 * self.dim * self.exp_avg.element_size() + self.count.element_size()
+        return self.n * per_row + self.keys.nbytes + self.key_slot.nbytes
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Slot-ordered state: ``rows[s]`` is the row id of slot s."""
+        rows = np.empty(self.n, dtype=np.int64)
+        rows[self.key_slot] = self.keys
+        return {
+            "rows": torch.from_numpy(rows),
+            "exp_avg": self.exp_avg[: self.n].clone(),
+            "exp_avg_sq": self.exp_avg_sq[: self.n].clone(),
+            "count": self.count[: self.n].clone(),
+        }
+
+    def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
+        rows = st["rows"].numpy().astype(np.int64)
+        n = rows.size
+        if st["exp_avg"].shape != (n, self.dim) or st["exp_avg_sq"].shape != (n, self.dim) or st["count"].shape != (n,):
+            raise ValueError(f"sparse Adam state shapes disagree: {n} rows of dim {self.dim}")
+        order = np.argsort(rows, kind="stable")
+        self.keys, self.key_slot = rows[order], order.astype(np.int64)
+        if np.any(np.diff(self.keys) <= 0):
+            raise ValueError("sparse Adam state has duplicate row ids")
+        self.n = 0
+        self.exp_avg = torch.zeros(max(n, 1), self.dim, dtype=self.exp_avg.dtype)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        self.count = torch.zeros(max(n, 1), dtype=torch.int64)
+        self.exp_avg[:n] = st["exp_avg"]
+        self.exp_avg_sq[:n] = st["exp_avg_sq"]
+        self.count[:n] = st["count"]
+        self.n = n
+
+
+@dataclass
+class Gathered:
+    """One table's rows for the current step: unique ids, the leaf holding them, and its slots."""
+
+    layer_id: int
+    unique: torch.Tensor  # [U] int64, sorted
+    leaf: torch.Tensor  # [U, d_h], requires_grad
+
+
+class SparseRowAdam:
+    """Adam over the rows a batch touches, for a set of tables (layer id -> weight [R, d_h])."""
+
+    def __init__(
+        self,
+        tables: dict[int, torch.Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.tables = tables
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.state = {lid: RowSlots(w.shape[1], w.dtype) for lid, w in tables.items()}
+        self._pending: list[Gathered] = []
+
+    def gather(self, row_ids: torch.Tensor, layer_ids: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """``engram_rows`` for the forward pass from row ids [L, B, T, H_e] (L in ``layer_ids`` order)."""
+        self._pending = []
+        rows: dict[int, torch.Tensor] = {}
+        for li, lid in enumerate(layer_ids):
+            ids = row_ids[li].long()
+            unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            leaf = self.tables[lid].detach().index_select(0, unique).requires_grad_(True)
+            self._pending.append(Gathered(lid, unique, leaf))
+            # F.embedding, not leaf[inverse]: its CPU backward is deterministic with several threads,
+            # while index_put_'s accumulate is not (exact resume needs bitwise-equal row grads).
+            rows[lid] = F.embedding(inverse, leaf)  # [B, T, H_e, d_h]
+        return rows
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The current step's row tensors (their ``.grad`` joins the global grad-norm clip)."""
+        return [g.leaf for g in self._pending]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        for g in self._pending:
+            grad = g.leaf.grad
+            if grad is None:
+                continue
+            st = self.state[g.layer_id]
+            slot = torch.from_numpy(st.slots(g.unique.numpy()))
+            m = st.exp_avg.index_select(0, slot).mul_(b1).add_(grad, alpha=1 - b1)
+            v = st.exp_avg_sq.index_select(0, slot).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            n = st.count.index_select(0, slot).add_(1)
+            st.exp_avg.index_copy_(0, slot, m)
+            st.exp_avg_sq.index_copy_(0, slot, v)
+            st.count.index_copy_(0, slot, n)
+            nf = n.to(grad.dtype)[:, None]
+            bc1 = 1 - torch.pow(torch.full_like(nf, b1), nf)
+            bc2 = 1 - torch.pow(torch.full_like(nf, b2), nf)
+            w = g.leaf.detach()
+            if self.weight_decay:
+                w = w * (1 - self.lr * self.weight_decay)
+            w = w - self.lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+            self.tables[g.layer_id].index_copy_(0, g.unique, w)
+        self._pending = []
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(s.state_bytes for s in self.state.values())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for lid, st in self.state.items():
+            for k, v in st.state_tensors().items():
+                out[f"layer{lid}.{k}"] = v
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for lid, st in self.state.items():
+            keys = ("rows", "exp_avg", "exp_avg_sq", "count")
+            missing = [k for k in keys if f"layer{lid}.{k}" not in tensors]
+            if missing:
+                raise ValueError(f"sparse Adam state for Engram layer {lid} lacks {missing}")
+            st.load_state_tensors({k: tensors[f"layer{lid}.{k}"] for k in keys})

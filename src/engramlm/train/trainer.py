@@ -1,0 +1,228 @@
+"""The training loop: batch -> sparse row gather -> forward/backward -> clip -> step -> log/eval/checkpoint.
+
+Each step is a pure function of (weights, optimiser state, step): the batch is
+``BatchLoader.batch_at(step)``, the LR is ``lr_multiplier(step)`` and nothing draws random
+numbers, so a run resumed from any checkpoint reproduces the uninterrupted run's losses bit for
+bit on CPU (same thread count). Per step: the loader hashes the batch's row ids in the input
+pipeline; :class:`SparseRowAdam` gathers the rows the batch uses into a leaf tensor passed as
+``engram_rows``; after backward the global grad norm (dense and row grads) is clipped; Muon,
+AdamW and the sparse Adam step; MoE layers nudge their routing bias (aux-loss-free balancing).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from engramlm.data.build import prepare
+from engramlm.data.dataset import TokenDataset
+from engramlm.data.loader import BatchLoader, EvalLoader
+from engramlm.errors import ConfigError, CorruptFileError
+from engramlm.models.accounting import count_parameters
+from engramlm.models.build import build_layout
+from engramlm.models.io import load_pretrained
+from engramlm.models.model import EngramLM
+from engramlm.nn.moe import MoE
+from engramlm.train.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from engramlm.train.config import TrainConfig, config_diff
+from engramlm.train.evaluate import evaluate
+from engramlm.train.metrics import MetricsLogger
+from engramlm.train.optim import OptimizerSet
+from engramlm.train.schedule import lr_multiplier
+from engramlm.utils.io import atomic_write_json
+
+# Config paths that may differ between a checkpoint and the run resuming it: they do not change the
+# training trajectory (the data itself is checked by content hash and tokenizer sha256 instead of by path).
+RESUME_FREE = (
+    "progress", "tensorboard", "threads", "keep_checkpoints", "out_dir", "log_every", "checkpoint_every",
+    "eval_every", "data.dir", "data.source", "data.eval_split", "data.eval_batch_size", "data.eval_max_batches",
+)  # fmt: skip
+
+
+def open_dataset(data_dir: Path, split: str) -> TokenDataset:
+    if not (data_dir / "manifest.json").is_file():
+        raise ConfigError(
+            f"data.dir: {data_dir} is not a prepared corpus (no manifest.json); run `engramlm data prepare`"
+        )
+    return TokenDataset(data_dir, split)
+
+
+def model_for_data(config_model, data_dir: Path, train_set: TokenDataset) -> tuple[Any, Any]:
+    """(model config, hash layout or None) checked against the prepared data's tokenizer."""
+    if config_model.vocab_size < train_set.vocab_size:
+        raise ConfigError(
+            f"model.overrides.vocab_size: {config_model.vocab_size} is smaller than the data's tokenizer "
+            f"({train_set.vocab_size} ids); set model.overrides.vocab_size={train_set.vocab_size}"
+        )
+    layout = None
+    if config_model.engram is not None:
+        layout = build_layout(config_model, config_model.engram.tokenizer or data_dir / "tokenizer.json")
+    return config_model, layout
+
+
+class Trainer:
+    """Train a model per a :class:`TrainConfig`; ``resume`` = True (latest in out_dir) or a path."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool | str | Path = False) -> None:
+        self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.run_dir = Path(config.out_dir)
+        self.data_dir = Path(config.data.dir)
+        if config.data.source is not None:
+            prepare(
+                config.data.source,
+                self.data_dir,
+                config.data.vocab_size,
+                max_bytes=config.data.max_bytes,
+                progress=config.progress,
+                log=lambda msg: print(msg, file=sys.stderr),  # stdout carries the JSON summary
+            )
+        self.train_set = open_dataset(self.data_dir, "train")
+        self.eval_set = open_dataset(self.data_dir, config.data.eval_split)
+        model_cfg, layout = model_for_data(config.model.resolve(), self.data_dir, self.train_set)
+        self.model_config = model_cfg
+        ckpt: Checkpoint | None = None
+        if resume:
+            ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume))
+            self._check_resume(ckpt, layout)
+        torch.manual_seed(config.seed)
+        if ckpt is not None:
+            self.model = load_pretrained(ckpt.model_dir, layout=layout)
+        else:
+            self.model = EngramLM(model_cfg, layout)
+        self.model.train()
+        self.optim = OptimizerSet(self.model, config.optim)
+        self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
+        hasher = self.model.hasher
+        d = config.data
+        self.loader = BatchLoader(self.train_set, d.batch_size, d.seq_len, seed=config.seed, row_ids_fn=hasher)
+        self.eval_loader = EvalLoader(self.eval_set, d.eval_batch_size, d.seq_len, row_ids_fn=hasher)
+        self.step = 0
+        self.resumed_from: int | None = None
+        if ckpt is not None:
+            try:
+                self.optim.load_state_tensors(ckpt.optim_tensors, ckpt.state["optimizer"])
+            except (KeyError, ValueError) as exc:
+                raise CorruptFileError(f"{ckpt.path}: optimizer state does not fit this model ({exc})") from exc
+            self.loader.load_state_dict(ckpt.state["loader"])
+            self.step = self.resumed_from = ckpt.step
+            restore_rng(ckpt)
+
+    def _check_resume(self, ckpt: Checkpoint, layout) -> None:
+        saved_cfg = json.loads((ckpt.model_dir / "config.json").read_text(encoding="utf-8"))
+        saved_fp = saved_cfg.get("hash_fingerprint", "none")
+        if layout is not None:
+            layout.check_fingerprint(saved_fp, what=f"checkpoint {ckpt.path}")
+        elif saved_fp != "none":
+            raise ConfigError(f"model: checkpoint {ckpt.path} has Engram layers, this config has none")
+        diff = [p for p in config_diff(ckpt.state.get("config", {}), self.config.to_dict()) if p not in RESUME_FREE]
+        if diff:
+            raise ConfigError(f"resume: the config differs from checkpoint {ckpt.path} at {diff}")
+        if ckpt.state.get("tokenizer_sha256") != self.train_set.manifest.tokenizer.get("sha256"):
+            raise ConfigError(f"data.dir: {self.data_dir} has a different tokenizer than checkpoint {ckpt.path}")
+
+    # ---- one step ----------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One optimiser step on ``batch`` (default: the loader's batch for the current step)."""
+        cfg = self.config
+        if batch is None:
+            batch = self.loader.batch_at(self.step)
+        if cfg.threads is not None:  # numba's OpenMP hashing kernel resets the shared OpenMP thread count
+            torch.set_num_threads(cfg.threads)
+        self.loader.step = self.step + 1
+        targets = batch["targets"].masked_fill(~batch["loss_mask"], -100)
+        rows = None
+        if self.optim.sparse is not None:
+            rows = self.optim.sparse.gather(batch["row_ids"], self.model.layout.layer_ids)
+        row_ids = batch.get("row_ids") if rows is None else None
+        out = self.model(batch["input_ids"], targets, row_ids=row_ids, engram_rows=rows, doc_start=batch["doc_start"])
+        out.loss.backward()
+        gnorm = self.optim.clip(cfg.optim.clip)
+        mult = lr_multiplier(self.step, cfg.total_steps, cfg.schedule)
+        self.optim.set_lr(mult)
+        self.optim.step()
+        self.optim.zero_grad()
+        for moe in self.moes:
+            moe.update_bias()
+        self.step += 1
+        return {
+            "step": self.step,
+            "kind": "train",
+            "loss": float(out.loss.detach()),
+            "lr": cfg.optim.lr * mult,
+            "grad_norm": gnorm,
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate(self.model, self.eval_loader, self.config.data.eval_max_batches, self.config.threads)
+
+    def save(self) -> Path:
+        tensors, meta = self.optim.state_tensors()
+        state = {
+            "config": self.config.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "loader": self.loader.state_dict(),
+            "optimizer": meta,
+            "tokenizer_sha256": self.train_set.manifest.tokenizer.get("sha256"),
+            "data_content_hash": self.train_set.manifest.content_hash,
+        }
+        return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (from the resume point), evaluating and checkpointing on schedule."""
+        cfg = self.config
+        total = cfg.total_steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        counts = count_parameters(self.model_config)
+        atomic_write_json(
+            self.run_dir / "config.json",
+            {"train": cfg.to_dict(), "model": self.model_config.to_dict(), "params": counts.to_dict()},
+        )
+        logger = MetricsLogger(self.run_dir, self.resumed_from, cfg.tensorboard)
+        bar = tqdm(
+            total=total, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr
+        )
+        t0, start_step = time.perf_counter(), self.step
+        last_eval: dict[str, Any] | None = None
+        rec: dict[str, Any] = {}
+        try:
+            while self.step < total:
+                rec = self.train_step()
+                elapsed = time.perf_counter() - t0
+                tok_s = (self.step - start_step) * cfg.tokens_per_step / max(elapsed, 1e-9)
+                rec.update(tokens=self.step * cfg.tokens_per_step, tokens_per_s=tok_s, elapsed_s=elapsed)
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    logger.log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if self.step == total or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                    last_eval = {"step": self.step, "kind": "eval", **self.evaluate()}
+                    logger.log(last_eval)
+                    if cfg.progress:
+                        bar.write(f"step {self.step}: eval loss {last_eval['loss']:.4f}, bpb {last_eval['bpb']:.4f}",
+                                  file=sys.stderr)  # fmt: skip
+                if self.step == total or self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            logger.close()
+        summary = {
+            "steps": self.step,
+            "tokens": self.step * cfg.tokens_per_step,
+            "train_loss": rec.get("loss"),
+            "eval": last_eval,
+            "params": counts.to_dict(),
+            "sparse_state_bytes": self.optim.sparse_state_bytes,
+            "wall_s": time.perf_counter() - t0,
+            "run_dir": str(self.run_dir),
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
