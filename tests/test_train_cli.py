@@ -12,6 +12,7 @@ import torch
 from engramlm.cli.main import main
 from engramlm.data import TokenDataset, prepare
 from engramlm.train import list_checkpoints, read_metrics
+from engramlm.train.checkpoint import resolve_model_dir
 
 TOML = """
 steps = 6
@@ -81,6 +82,21 @@ def test_train_resume_eval_plot(prep: Path, tmp_path: Path, capsys: pytest.Captu
     rc, out, err = _run(capsys, "plot", str(run), str(run), "-o", str(png))
     assert rc == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    # every downstream command takes the run directory itself (its latest checkpoint)
+    assert resolve_model_dir(run) == list_checkpoints(run)[-1] / "model"
+    rc, out, err = _run(capsys, "analyze", "gates", str(run), "--text", "import os", "--data", str(prep),
+                        "--out", str(tmp_path / "an"))  # fmt: skip
+    assert rc == 0, err
+    assert (tmp_path / "an" / "gates.html").is_file()
+    rc, out, err = _run(capsys, "store", "build", str(run), "--out", str(tmp_path / "store"), "--format", "bf16")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "generate", str(run), "--prompt", "import", "--max-new-tokens", "4",
+                        "--store", str(tmp_path / "store"), "--tier", "mmap", "--json")  # fmt: skip
+    rc2, out2, err2 = _run(capsys, "generate", str(run), "--prompt", "import", "--max-new-tokens", "4", "--json")
+    assert rc == 0 and rc2 == 0, err + err2
+    got, want = json.loads(out), json.loads(out2)
+    assert got["tier"] == "mmap" and got["outputs"][0]["tokens"] == want["outputs"][0]["tokens"]
 
     # errors: data hashed with another tokenizer, a directory without runs, a corrupt model file
     other = tmp_path / "other"

@@ -32,10 +32,12 @@ ModeFn = Callable[[EngramLM, dict[str, Any], torch.Tensor | None], dict[str, Any
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> EngramLM:
-    """A saved model in eval mode with gradients off (analysis never trains)."""
+    """A saved model (a model dir, a training checkpoint or a run directory's latest) in eval mode with
+    gradients off (analysis never trains)."""
     from engramlm.models.io import load_pretrained
+    from engramlm.train.checkpoint import resolve_model_dir
 
-    model = load_pretrained(path)
+    model = load_pretrained(resolve_model_dir(path))
     model.eval()
     model.requires_grad_(False)
     return model

@@ -46,21 +46,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A save_pretrained directory from a model dir, a training checkpoint or a run directory."""
-    p = Path(path)
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    from engramlm.train.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(p)
-    if not (ckpt / "model" / "config.json").is_file():
-        raise CorruptFileError(f"{ckpt}: training checkpoint without a model/ directory")
-    return ckpt / "model"
-
-
 def _candidates(model_dir: Path, checkpoint: Path) -> list[Path]:
     """tokenizer.json files that may belong to the model, nearest first."""
     out = [d / "tokenizer.json" for d in (model_dir, model_dir.parent, checkpoint, *checkpoint.parents[:3])]
@@ -119,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from engramlm.infer import Engine, SamplingParams
     from engramlm.infer.tables import drop_model_tables, open_tables
     from engramlm.models.io import load_pretrained
+    from engramlm.train.checkpoint import resolve_model_dir
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

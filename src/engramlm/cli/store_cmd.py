@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 
@@ -19,7 +18,7 @@ def register(subparsers: Any) -> None:
     inspect.add_argument("path")
     inspect.set_defaults(func=run_inspect)
     build = sub.add_parser("build", help="export a saved model's Engram tables into a store directory")
-    build.add_argument("checkpoint", help="directory written by models.io.save_pretrained")
+    build.add_argument("checkpoint", help="a run directory (latest checkpoint), a checkpoint or a save_pretrained dir")
     build.add_argument("--out", required=True, help="store directory to write (layer files + store.json)")
     build.add_argument("--format", default="fp32", choices=["fp32", "bf16", "fp8"], help="row format")
     build.add_argument(
@@ -52,8 +51,9 @@ def run_build(args: argparse.Namespace) -> int:
     from engramlm.hashing.artifact import load_layout
     from engramlm.store.checkpoint import open_checkpoint_tables
     from engramlm.store.storedir import export_tables, resolve_format
+    from engramlm.train.checkpoint import resolve_model_dir
 
-    ckpt = Path(args.checkpoint)
+    ckpt = resolve_model_dir(args.checkpoint)
     cfg_path = ckpt / "config.json"
     if not cfg_path.is_file():
         raise CorruptFileError(f"{ckpt}: no config.json (is this a saved engramlm model?)")

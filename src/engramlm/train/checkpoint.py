@@ -73,6 +73,19 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return ckpts[-1]
 
 
+def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
+    """A save_pretrained directory from a model dir, a training checkpoint or a run directory (latest)."""
+    p = Path(path)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    ckpt = resolve_checkpoint(p)
+    if not (ckpt / "model" / "config.json").is_file():
+        raise CorruptFileError(f"{ckpt}: training checkpoint without a model/ directory")
+    return ckpt / "model"
+
+
 def rng_state() -> tuple[dict[str, Any], torch.Tensor]:
     """(JSON-able Python/NumPy RNG states, torch CPU RNG state tensor)."""
     np_state = np.random.get_state()  # noqa: NPY002 - saving the legacy global RNG is the point
