@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from _common import interleaved_timings, paired_ratios, stats, write_result
+from engramlm.models.model import engram_block
 from engramlm.models.presets import get_preset
 from engramlm.nn.engram import EngramBlock
 from engramlm.nn.engram_reference import ReferenceEngram
@@ -30,25 +31,8 @@ from engramlm.nn.engram_reference import ReferenceEngram
 def demo_block(num_rows: int) -> EngramBlock:
     """The demo preset's Engram block geometry, built the way the model builds it."""
     cfg = get_preset("demo")
-    e = cfg.engram
-    assert e is not None
-    return EngramBlock(
-        hidden_size=cfg.hidden_size,
-        num_rows=num_rows,
-        num_heads=e.hash.n_head_per_ngram * (e.hash.max_ngram_size - 1),
-        head_dim=e.head_dim,
-        n_branches=cfg.hc_mult,
-        proj_bias=e.proj_bias,
-        gate=e.gate,
-        gate_signed_sqrt=e.gate_signed_sqrt,
-        gate_norm_eps=e.gate_norm_eps,
-        use_short_conv=e.use_short_conv,
-        kernel_size=e.kernel_size,
-        conv_dilation=e.dilation,
-        conv_norm_eps=e.conv_norm_eps,
-        conv_zero_init=e.conv_zero_init,
-        embed_init_std=e.embed_init_std,
-    )
+    h = cfg.engram.hash  # type: ignore[union-attr]
+    return engram_block(cfg, num_rows, h.n_head_per_ngram * (h.max_ngram_size - 1))
 
 
 def block_flops(n_tok: int, d: int, m: int, d_mem: int, kernel: int, conv: bool) -> dict[str, int]:

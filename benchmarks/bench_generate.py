@@ -30,8 +30,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +47,7 @@ from engramlm.infer.tables import export_model_tables, model_tables, open_tables
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.cache import CachedTable
+from engramlm.store.mooncake import connect, local_master
 
 
 def build_workload(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor]]:
@@ -103,47 +102,6 @@ def warm_caches(model: EngramLM, caches: dict[str, dict[int, CachedTable]], ids:
                 cached.inner = inner
             cached.stats.reset()
     return int(ids.numel())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def mooncake_pool(segment_bytes: int, workdir: Path):
-    """A real mooncake_master on 127.0.0.1 and a client lending ``segment_bytes`` (see the tests)."""
-    import mooncake
-    from mooncake.store import MooncakeDistributedStore
-
-    binary = Path(mooncake.__file__).parent / "mooncake_master"
-    binary = binary if binary.exists() else Path(shutil.which("mooncake_master") or "")
-    rpc, http, metrics = _free_port(), _free_port(), _free_port()
-    log = (workdir / "mooncake_master.log").open("wb")
-    proc = subprocess.Popen(
-        [str(binary), f"-rpc_port={rpc}", "-rpc_address=127.0.0.1", "-enable_http_metadata_server=true",
-         f"-http_metadata_server_port={http}", "-http_metadata_server_host=127.0.0.1", f"-metrics_port={metrics}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        for port in (rpc, http):
-            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("mooncake_master did not start")
-                time.sleep(0.1)
-        client = MooncakeDistributedStore()
-        rc = client.setup("127.0.0.1", f"http://127.0.0.1:{http}/metadata", segment_bytes, 64 << 20, "tcp", "",
-                          f"127.0.0.1:{rpc}")  # fmt: skip
-        if rc != 0:
-            raise RuntimeError(f"MooncakeDistributedStore.setup returned {rc}")
-        yield client
-        client.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def main() -> None:
@@ -218,7 +176,9 @@ def main() -> None:
     mooncake_info: dict[str, Any] = {"ran": False}
     if not args.no_mooncake:
         try:
-            client = mooncake_ctx.enter_context(mooncake_pool(2 * file_bytes + (256 << 20), tmp))
+            master = mooncake_ctx.enter_context(local_master(tmp / "mooncake_master.log"))
+            client = connect(master, 2 * file_bytes + (256 << 20))
+            mooncake_ctx.callback(client.close)
             t1 = time.perf_counter()
             tables = open_tables(store, "mooncake", fingerprint=fp, mooncake=client)
             mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1}

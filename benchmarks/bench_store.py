@@ -25,11 +25,10 @@ Run from the repository root: ``python benchmarks/bench_store.py`` (~2-3 minutes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +54,7 @@ from engramlm.store.file import write_store
 from engramlm.store.formats import get_format
 from engramlm.store.memory import MemoryTable
 from engramlm.store.mmap import MmapTable
+from engramlm.store.mooncake import MooncakeTable, connect, local_master
 from engramlm.store.pages import PAGE
 
 FORMATS = ("fp32", "bf16", "fp8_e4m3_ue8m0")
@@ -93,57 +93,6 @@ class RawDirectReader:
 def pages_of(ids: np.ndarray, row_bytes: int, data_offset: int) -> np.ndarray:
     start = data_offset + np.unique(ids) * row_bytes
     return np.union1d(start // PAGE, (start + row_bytes - 1) // PAGE)
-
-
-# ---------------------------------------------------------------------------- mooncake
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mooncake_master exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"mooncake_master did not open port {port}")
-
-
-class MooncakeServer:
-    """A real mooncake_master on 127.0.0.1 and one client contributing a memory segment."""
-
-    def __init__(self, workdir: Path, segment_bytes: int) -> None:
-        import mooncake
-        from mooncake.store import MooncakeDistributedStore
-
-        binary = Path(mooncake.__file__).parent / "mooncake_master"
-        rpc, http, metrics = _free_port(), _free_port(), _free_port()
-        self.log = (workdir / "mooncake_master.log").open("wb")
-        self.proc = subprocess.Popen(
-            [str(binary), f"-rpc_port={rpc}", "-rpc_address=127.0.0.1", "-enable_http_metadata_server=true",
-             f"-http_metadata_server_port={http}", "-http_metadata_server_host=127.0.0.1", f"-metrics_port={metrics}"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        _wait_port(rpc, self.proc)
-        _wait_port(http, self.proc)
-        self.client = MooncakeDistributedStore()
-        rc = self.client.setup("127.0.0.1", f"http://127.0.0.1:{http}/metadata", segment_bytes, 256 << 20, "tcp", "",
-                               f"127.0.0.1:{rpc}")  # fmt: skip
-        if rc != 0:
-            raise RuntimeError(f"MooncakeDistributedStore.setup returned {rc}")
-
-    def close(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.log.close()
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -248,7 +197,7 @@ def bench_format(
     repeats: int,
     queue_depth: int,
     cache_fraction: float,
-    mooncake: MooncakeServer | None,
+    mooncake: Any | None,
     head_sizes: list[int],
     fingerprint: str,
     mooncake_repeats: int,
@@ -269,10 +218,8 @@ def bench_format(
     tiers["cached_direct"] = CachedTable(DirectFileTable(path, fingerprint, queue_depth=queue_depth), cache_budget)
     upload_s = None
     if mooncake is not None and fmt_name == "fp32":
-        from engramlm.store.mooncake import MooncakeTable
-
         t0 = time.perf_counter()
-        tiers["mooncake"] = MooncakeTable.populate(mooncake.client, 1, packed.view(torch.float32), head_sizes,
+        tiers["mooncake"] = MooncakeTable.populate(mooncake, 1, packed.view(torch.float32), head_sizes,
                                                    fingerprint)  # fmt: skip
         upload_s = time.perf_counter() - t0
     raw = RawDirectReader(path, queue_depth)
@@ -353,16 +300,17 @@ def main(argv: list[str] | None = None) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="engramlm_bench_store_", dir=args.dir))
     mooncake = None
     try:
-        if not args.no_mooncake:
-            mooncake = MooncakeServer(scratch, segment_bytes=max(1 << 30, int(rows * dim * 4 * 1.25)))
-        results = {
-            f: bench_format(f, scratch, rows, dim, batches, text[:n_warm], args.repeats, args.queue_depth,
-                            args.cache_fraction, mooncake, head_sizes, layout.fingerprint, args.mooncake_repeats)
-            for f in args.formats
-        }  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            if not args.no_mooncake:  # a real master on 127.0.0.1, one client lending the pool's memory
+                master = stack.enter_context(local_master(scratch / "mooncake_master.log"))
+                mooncake = connect(master, max(1 << 30, int(rows * dim * 4 * 1.25)), 256 << 20)
+                stack.callback(mooncake.close)
+            results = {
+                f: bench_format(f, scratch, rows, dim, batches, text[:n_warm], args.repeats, args.queue_depth,
+                                args.cache_fraction, mooncake, head_sizes, layout.fingerprint, args.mooncake_repeats)
+                for f in args.formats
+            }  # fmt: skip
     finally:
-        if mooncake is not None:
-            mooncake.close()
         shutil.rmtree(scratch, ignore_errors=True)
     payload = {
         "kind": "store",

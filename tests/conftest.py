@@ -1,4 +1,4 @@
-"""Shared fixtures: the pinned DeepSeek tokenizers and their compression maps, built once."""
+"""Shared fixtures: the pinned DeepSeek tokenizers and their compression maps (built once), one torch thread."""
 
 import os
 
@@ -6,13 +6,28 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Regex, normalizers
 
 from engramlm.assets import resolve_tokenizer
 from engramlm.hashing.compression import CompressionMap
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``; module-scoped so
+    it also covers the module's own module-scoped fixtures (set up after it).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from engramlm.models.build import build_model
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.io import save_pretrained
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 ENGRAM_LAYERS = (0, 2)
 
 

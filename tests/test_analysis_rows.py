@@ -25,7 +25,7 @@ from engramlm.data import TokenDataset, prepare
 from engramlm.hashing.compression import CompressionMap
 from engramlm.hashing.spec import HashSpec, make_layout
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

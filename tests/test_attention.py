@@ -1,19 +1,10 @@
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from engramlm.nn.attention import Attention, KVCache
 from engramlm.nn.rope import RotaryEmbedding
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,14 +17,7 @@ from engramlm.models.model import EngramLM
 from engramlm.nn.engram import EngramBlock, ShortConv, signed_sqrt_gate
 from engramlm.nn.engram_reference import ReferenceEngram
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 D, M, HE, DH, R = 8, 4, 4, 4, 50

@@ -1,19 +1,10 @@
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
 
 from engramlm.nn.hyper import BranchReadout, MultiBranchResidual, expand_stream, sinkhorn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 D = 16

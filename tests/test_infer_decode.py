@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
-from engramlm.hashing.compression import CompressionMap
-from engramlm.hashing.spec import HashSpec, make_layout
+from engramlm.hashing.spec import HashSpec
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
 from engramlm.models.decode import DecodeCache
 from engramlm.models.model import EngramLM
+from helpers import tiny_lm
 
 V = 48
 T = 21
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(*, m: int, moe: bool, mode: str = "reset", seed: int = 0) -> EngramLM:
@@ -45,12 +38,7 @@ def build(*, m: int, moe: bool, mode: str = "reset", seed: int = 0) -> EngramLM:
         moe=MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=8, n_dense_layers=1) if moe else None,
         engram=EngramConfig(hash=spec, head_dim=4),
     )
-    torch.manual_seed(seed)
-    model = EngramLM(cfg, make_layout(spec, CompressionMap.identity(V))).eval()
-    with torch.no_grad():  # zero-init conv would hide a wrong decode state
-        for blk in model.engram_layers.values():
-            blk.conv.weight.normal_()
-    return model
+    return tiny_lm(cfg, seed, random_conv=True).eval()
 
 
 def ids_and_masks(b: int, t: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from engramlm.errors import ConfigError, HashSpecMismatch
-from engramlm.hashing.compression import CompressionMap
-from engramlm.hashing.spec import HashSpec, make_layout
+from engramlm.hashing.spec import HashSpec
 from engramlm.infer import Engine, SamplingParams, filter_logits
 from engramlm.infer.tables import drop_model_tables, export_model_tables, model_tables, open_tables
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.memory import MemoryTable
+from helpers import tiny_lm
 
 V = 64
 PROMPTS = [[5, 9, 3, 3, 17, 40, 2], [11, 4], [7, 7, 8, 1, 30, 29, 28, 60, 12, 13, 14], [50]]
 GREEDY = SamplingParams(max_new_tokens=12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(seed: int = 0, m: int = 2) -> EngramLM:
@@ -44,11 +38,9 @@ def build(seed: int = 0, m: int = 2) -> EngramLM:
         moe=MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=16, n_dense_layers=1),
         engram=EngramConfig(hash=spec, head_dim=8),
     )
-    torch.manual_seed(seed)
-    model = EngramLM(cfg, make_layout(spec, CompressionMap.identity(V))).eval()
+    model = tiny_lm(cfg, seed, random_conv=True).eval()
     with torch.no_grad():
         for blk in model.engram_layers.values():
-            blk.conv.weight.normal_()
             blk.embed.weight.mul_(3.0)  # make the rows matter for the argmax
     return model
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,12 @@ from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
 from engramlm.models.io import load_pretrained, save_pretrained
 from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
+from helpers import randomise_conv, tiny_lm
 
 V = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec(**kw: object) -> HashSpec:
@@ -57,26 +51,13 @@ def config(*, m: int = 4, use_moe: bool = True, hash_kw: dict | None = None, **k
     return ModelConfig(**args)
 
 
-def build(cfg: ModelConfig, seed: int = 0) -> EngramLM:
-    torch.manual_seed(seed)
-    layout = make_layout(cfg.engram.hash, CompressionMap.identity(V)) if cfg.engram else None
-    return EngramLM(cfg, layout)
-
-
 def randint(shape: tuple[int, ...], seed: int = 1, high: int = V) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def randomise_conv(model: EngramLM) -> None:
-    with torch.no_grad():
-        for blk in model.engram_layers.values():
-            if blk.conv is not None:
-                blk.conv.weight.normal_()
-
-
 # ---- causality -----------------------------------------------------------------------------------
 def test_whole_model_is_causal_including_hashing() -> None:
-    model = build(config()).eval()
+    model = tiny_lm(config()).eval()
     randomise_conv(model)
     ids = randint((2, 14))
     with torch.no_grad():
@@ -93,7 +74,7 @@ def test_whole_model_is_causal_including_hashing() -> None:
 # ---- training step -----------------------------------------------------------------------------
 @pytest.mark.parametrize("m", [1, 4])
 def test_forward_backward_reaches_table_and_backbone(m: int) -> None:
-    model = build(config(m=m)).train()
+    model = tiny_lm(config(m=m)).train()
     ids = randint((2, 10))
     targets = randint((2, 10), seed=2)
     out = model(ids, targets)
@@ -120,7 +101,7 @@ def test_reset_mode_packed_document_matches_alone() -> None:
     # Layer 0 sees only the token embedding, so its Engram output for a packed document must
     # equal the one for the document alone when hashing and conv both reset.
     cfg = config(hash_kw=dict(layer_ids=(0, 2)))
-    model = build(cfg).eval()
+    model = tiny_lm(cfg).eval()
     randomise_conv(model)
     first, t = 6, 15
     ids = randint((1, t))
@@ -152,9 +133,9 @@ def test_doc_start_honoured_only_in_reset_mode() -> None:
     doc_start = torch.zeros(2, t, dtype=torch.bool)
     doc_start[:, 0] = True
     doc_start[0, 5] = doc_start[1, 8] = True
-    none_model = build(config(hash_kw=dict(boundary_mode="none"))).eval()
+    none_model = tiny_lm(config(hash_kw=dict(boundary_mode="none"))).eval()
     randomise_conv(none_model)
-    reset_model = build(config()).eval()
+    reset_model = tiny_lm(config()).eval()
     randomise_conv(reset_model)
     assert torch.equal(none_model.hash(ids, doc_start), none_model.hash(ids))
     assert not torch.equal(reset_model.hash(ids, doc_start), reset_model.hash(ids))
@@ -166,7 +147,7 @@ def test_doc_start_honoured_only_in_reset_mode() -> None:
 
 # ---- MoE balancing -----------------------------------------------------------------------------
 def test_moe_bias_update_and_eval_does_not_count() -> None:
-    model = build(config())
+    model = tiny_lm(config())
     moes = [mod for mod in model.modules() if isinstance(mod, MoE)]
     assert len(moes) == 2  # layers 1 and 2 (n_dense_layers = 1)
     ids = randint((4, 16))
@@ -194,7 +175,7 @@ def test_moe_bias_update_and_eval_does_not_count() -> None:
 # ---- save / load -------------------------------------------------------------------------------
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[EngramLM, Path]:
-    model = build(config()).eval()
+    model = tiny_lm(config()).eval()
     randomise_conv(model)
     with torch.no_grad():
         for mo in model.modules():
@@ -218,7 +199,7 @@ def test_save_load_roundtrip_identical_logits(saved: tuple[EngramLM, Path]) -> N
 
 
 def test_save_load_tied_embeddings(tmp_path: Path) -> None:
-    model = build(config(tie_embeddings=True)).eval()
+    model = tiny_lm(config(tie_embeddings=True)).eval()
     loaded = load_pretrained(save_pretrained(model, tmp_path / "tied"))
     assert loaded.lm_head.weight is loaded.embed.weight
     ids = randint((1, 7))
@@ -393,7 +374,7 @@ def test_model_refuses_mismatched_layout() -> None:
 
 
 def test_out_of_range_input_ids_raise() -> None:
-    model = build(config(use_moe=False)).eval()
+    model = tiny_lm(config(use_moe=False)).eval()
     ids = randint((1, 6))
     with torch.no_grad():
         model(ids)
@@ -407,7 +388,7 @@ def test_out_of_range_input_ids_raise() -> None:
 
 # ---- externally gathered rows ------------------------------------------------------------------
 def test_engram_rows_equal_hashed_path_full_and_partial() -> None:
-    model = build(config(hash_kw=dict(layer_ids=(0, 2)))).eval()
+    model = tiny_lm(config(hash_kw=dict(layer_ids=(0, 2)))).eval()
     randomise_conv(model)
     ids = randint((2, 9))
     rid = model.hash(ids)
@@ -422,7 +403,7 @@ def test_engram_rows_equal_hashed_path_full_and_partial() -> None:
 
 
 def test_hidden_states_and_engram_knockout() -> None:
-    model, ids = build(config()), randint((2, 24))
+    model, ids = tiny_lm(config()), randint((2, 24))
     out = model(ids, output_hidden_states=True, return_gates=True)
     assert len(out.hidden_states) == model.config.num_layers + 1
     torch.testing.assert_close(model.head(out.hidden_states[-1]), out.logits)
@@ -437,6 +418,6 @@ def test_hidden_states_and_engram_knockout() -> None:
 
 
 def test_skip_engram_on_a_model_without_engram_is_a_no_op() -> None:
-    model = build(config().replace(engram=None))
+    model = tiny_lm(config().replace(engram=None))
     ids = randint((1, 8))
     assert torch.equal(model(ids, skip_engram=True).logits, model(ids).logits)

@@ -1,18 +1,9 @@
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from engramlm.nn.moe import MoE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(**kw: object) -> MoE:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ import torch
 
 from engramlm.cli.main import main
 from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
-from engramlm.hashing.compression import CompressionMap
-from engramlm.hashing.spec import HashSpec, make_layout
+from engramlm.hashing.spec import HashSpec
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.io import save_pretrained
 from engramlm.models.model import EngramLM
@@ -23,16 +21,12 @@ from engramlm.store.file import verify_store
 from engramlm.store.formats import get_format
 from engramlm.store.prefetch import Prefetcher
 from engramlm.store.storedir import open_store_dir, read_index
+from helpers import tiny_lm
 
 V = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +36,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[EngramLM, Path]:
         vocab_size=V, hidden_size=16, num_layers=3, n_heads=2, mlp_hidden=24, hc_mult=2, max_seq_len=64,
         engram=EngramConfig(hash=spec, head_dim=32),
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = EngramLM(cfg, make_layout(spec, CompressionMap.identity(V)))
+    model = tiny_lm(cfg)
     return model, save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "model")
 
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,63 +11,26 @@ from typing import Any
 import pytest
 import torch
 
-from engramlm.errors import HashSpecMismatch
+from engramlm.errors import EngramError, HashSpecMismatch
 from engramlm.store.memory import MemoryTable
 
-if os.environ.get("CI"):  # CI installs the store extra: a missing client must fail, not skip
-    import mooncake.store as mc_store
+# CI installs the store extra: a missing client must fail, not skip. A missing or broken master
+# fails everywhere (local_master raises), since the client package ships it.
+if os.environ.get("CI"):
+    import mooncake.store  # noqa: F401
 else:
-    mc_store = pytest.importorskip("mooncake.store", reason="mooncake-transfer-engine-non-cuda is not installed")
-from engramlm.store.mooncake import MooncakeTable
+    pytest.importorskip("mooncake.store", reason="mooncake-transfer-engine-non-cuda is not installed")
+from engramlm.store.mooncake import MooncakeTable, connect, local_master
 
 FP = hashlib.sha256(b"mooncake-spec").hexdigest()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mooncake_master exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"mooncake_master did not open port {port} in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def mooncake_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    import mooncake
-
-    binary = Path(mooncake.__file__).parent / "mooncake_master"
-    binary = binary if binary.exists() else Path(shutil.which("mooncake_master") or "")
-    rpc, http, metrics = _free_port(), _free_port(), _free_port()
-    log = (tmp_path_factory.mktemp("mooncake") / "master.log").open("wb")
-    proc = subprocess.Popen(
-        [str(binary), f"-rpc_port={rpc}", "-rpc_address=127.0.0.1",
-         "-enable_http_metadata_server=true", f"-http_metadata_server_port={http}",
-         "-http_metadata_server_host=127.0.0.1", f"-metrics_port={metrics}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        _wait_port(rpc, proc)
-        _wait_port(http, proc)
-        client = mc_store.MooncakeDistributedStore()
-        rc = client.setup("127.0.0.1", f"http://127.0.0.1:{http}/metadata",
-                          64 << 20, 16 << 20, "tcp", "", f"127.0.0.1:{rpc}")  # fmt: skip
-        assert rc == 0, f"MooncakeDistributedStore.setup returned {rc}"
+    with local_master(tmp_path_factory.mktemp("mooncake") / "master.log", timeout=15.0) as master:
+        client = connect(master, 64 << 20, 16 << 20)
         yield client
         client.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def test_mooncake_matches_memory(mooncake_client: Any) -> None:
@@ -118,3 +77,14 @@ def test_store_dir_mooncake_tier(mooncake_client: Any, tmp_path: Path) -> None:
         assert torch.equal(again[k].gather(ids), want[k][ids])
     for k in heads:
         assert again[k].remove() == len(heads[k])
+
+
+def test_missing_master_names_the_store_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import mooncake
+
+    import engramlm.store.mooncake as mc
+
+    monkeypatch.setattr(mooncake, "__file__", str(tmp_path / "__init__.py"))
+    monkeypatch.setattr(mc.shutil, "which", lambda name: None)
+    with pytest.raises(EngramError, match=r"engramlm\[store\].*libibverbs1"), local_master(tmp_path / "master.log"):
+        pass

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
+from engramlm.errors import ConfigError, CorruptFileError, EngramError, HashSpecMismatch
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 
@@ -87,14 +87,12 @@ def resolve_tokenizer_for(model: Any, model_dir: Path, checkpoint: Path, explici
 
 
 def _mooncake_client(args: argparse.Namespace) -> Any:
-    from mooncake.store import MooncakeDistributedStore
+    from engramlm.store.mooncake import MasterAddress, connect
 
-    client = MooncakeDistributedStore()
-    segment = args.mooncake_segment_mb << 20
-    rc = client.setup("127.0.0.1", args.mooncake_metadata, segment, 64 << 20, "tcp", "", args.mooncake_master)
-    if rc != 0:
-        raise ConfigError(f"--mooncake-master: cannot set up a client of {args.mooncake_master} (setup returned {rc})")
-    return client
+    try:
+        return connect(MasterAddress(args.mooncake_master, args.mooncake_metadata), args.mooncake_segment_mb << 20)
+    except EngramError as exc:
+        raise ConfigError(f"--mooncake-master: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:

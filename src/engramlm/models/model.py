@@ -36,6 +36,33 @@ class LMOutput:
     hidden_states: list[torch.Tensor] | None = None  # residual stream [B, T, M, d] after embed and each block
 
 
+def engram_block(cfg: ModelConfig, num_rows: int, num_heads: int) -> EngramBlock:
+    """The Engram block ``cfg.engram`` describes, over a ``num_rows`` table split into ``num_heads`` heads.
+
+    One place maps the config's fields onto the block, so the model and the benchmarks build the same thing.
+    """
+    e = cfg.engram
+    if e is None:
+        raise ConfigError("engram: the model config has no Engram section (engram is None)")
+    return EngramBlock(
+        hidden_size=cfg.hidden_size,
+        num_rows=num_rows,
+        num_heads=num_heads,
+        head_dim=e.head_dim,
+        n_branches=cfg.hc_mult,
+        proj_bias=e.proj_bias,
+        gate=e.gate,
+        gate_signed_sqrt=e.gate_signed_sqrt,
+        gate_norm_eps=e.gate_norm_eps,
+        use_short_conv=e.use_short_conv,
+        kernel_size=e.kernel_size,
+        conv_dilation=e.dilation,
+        conv_norm_eps=e.conv_norm_eps,
+        conv_zero_init=e.conv_zero_init,
+        embed_init_std=e.embed_init_std,
+    )
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, layout: HashLayout | None) -> None:
         super().__init__()
@@ -43,24 +70,8 @@ class Block(nn.Module):
         self.index = index
         self.engram: EngramBlock | None = None
         if cfg.engram is not None and layout is not None and index in layout.layer_ids:
-            e = cfg.engram
-            self.engram = EngramBlock(
-                hidden_size=d,
-                num_rows=int(layout.table_rows[layout.layer_index(index)]),
-                num_heads=layout.heads_per_layer,
-                head_dim=e.head_dim,
-                n_branches=m,
-                proj_bias=e.proj_bias,
-                gate=e.gate,
-                gate_signed_sqrt=e.gate_signed_sqrt,
-                gate_norm_eps=e.gate_norm_eps,
-                use_short_conv=e.use_short_conv,
-                kernel_size=e.kernel_size,
-                conv_dilation=e.dilation,
-                conv_norm_eps=e.conv_norm_eps,
-                conv_zero_init=e.conv_zero_init,
-                embed_init_std=e.embed_init_std,
-            )
+            rows = int(layout.table_rows[layout.layer_index(index)])
+            self.engram = engram_block(cfg, rows, layout.heads_per_layer)
         self.attn_hc = MultiBranchResidual(d, m, cfg.hc_dynamic)
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
         self.attn = Attention(d, cfg.n_heads, cfg.n_kv_heads, rope_theta=cfg.rope_theta)

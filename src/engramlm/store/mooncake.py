@@ -6,19 +6,115 @@ that contract: sorted unique ids are split by head (contiguous after sorting), p
 [n_max, 1, H] id grid in one vectorised step, looked up in one batched call, and unpacked.
 The hash-spec fingerprint is stored under its own key so a mismatched table is refused.
 The ``mooncake`` package (PyPI ``mooncake-transfer-engine-non-cuda``) is imported lazily.
+
+``local_master`` starts a private ``mooncake_master`` on 127.0.0.1 and ``connect`` sets up a client
+of any master: the tests, the benchmarks and the CLI share these rather than each spelling them out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from engramlm.errors import HashSpecMismatch
+from engramlm.errors import EngramError, HashSpecMismatch
 from engramlm.store.base import RowTable, check_fingerprint
 from engramlm.store.formats import FP32, RowFormat
+
+_MISSING = "install the `store` extra (pip install 'engramlm[store]') and Debian's libibverbs1"
+
+
+@dataclass(frozen=True)
+class MasterAddress:
+    """What a client needs to reach a master: its RPC address and its HTTP metadata URL."""
+
+    rpc: str
+    metadata: str
+
+
+def master_binary() -> Path:
+    """The ``mooncake_master`` shipped in the ``mooncake`` package, else the one on PATH."""
+    try:
+        import mooncake
+
+        shipped = Path(mooncake.__file__).parent / "mooncake_master"
+        if shipped.exists():
+            return shipped
+    except ImportError:
+        pass
+    found = shutil.which("mooncake_master")
+    if found is None:
+        raise EngramError(f"mooncake_master not found (neither in the mooncake package nor on PATH): {_MISSING}")
+    return Path(found)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], deadline: float, log: Path) -> None:
+    while True:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise EngramError(f"mooncake_master exited with {proc.returncode} ({_MISSING}?); log {log}:\n{tail}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise EngramError(f"mooncake_master did not open 127.0.0.1:{port} in time; log {log}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def local_master(log_path: str | Path, timeout: float = 20.0) -> Iterator[MasterAddress]:
+    """Run a private ``mooncake_master`` bound to 127.0.0.1 on free ports until the block exits.
+
+    Its output goes to ``log_path``; the master is terminated (killed if it lingers) on exit.
+    """
+    binary = master_binary()
+    rpc, http, metrics = _free_port(), _free_port(), _free_port()
+    log_path = Path(log_path)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(binary), f"-rpc_port={rpc}", "-rpc_address=127.0.0.1",
+             "-enable_http_metadata_server=true", f"-http_metadata_server_port={http}",
+             "-http_metadata_server_host=127.0.0.1", f"-metrics_port={metrics}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            for port in (rpc, http):
+                _wait_port(port, proc, deadline, log_path)
+            yield MasterAddress(f"127.0.0.1:{rpc}", f"http://127.0.0.1:{http}/metadata")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 << 20) -> Any:
+    """A ``MooncakeDistributedStore`` of ``master`` (TCP) lending ``segment_bytes`` to the pool."""
+    from mooncake.store import MooncakeDistributedStore
+
+    client = MooncakeDistributedStore()
+    rc = client.setup("127.0.0.1", master.metadata, int(segment_bytes), int(buffer_bytes), "tcp", "", master.rpc)
+    if rc != 0:
+        raise EngramError(f"cannot set up a Mooncake client of {master.rpc} (setup returned {rc})")
+    return client
 
 
 def _fingerprint_key(layer_id: int) -> str:

@@ -32,21 +32,13 @@ import numpy as np
 import torch
 
 from engramlm.errors import CorruptFileError
-from engramlm.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
+from engramlm.utils.io import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
 
 CKPT_FORMAT = "engramlm.train_checkpoint"
 CKPT_VERSION = 1
 STEP_RE = re.compile(r"^step_(\d{8})$")
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -80,7 +72,13 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
         return p
     if (p / "model" / "config.json").is_file():
         return p / "model"
-    ckpt = resolve_checkpoint(p)
+    try:
+        ckpt = resolve_checkpoint(p)
+    except CorruptFileError:
+        raise CorruptFileError(
+            f"{p}: not a saved model (no config.json + model.safetensors), a training checkpoint or a run "
+            "directory with checkpoints"
+        ) from None
     if not (ckpt / "model" / "config.json").is_file():
         raise CorruptFileError(f"{ckpt}: training checkpoint without a model/ directory")
     return ckpt / "model"
@@ -149,12 +147,12 @@ def save_checkpoint(
         files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         doc = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step, "rng": rng_doc, "files": files, **state}
         atomic_write_json(tmp / STATE_NAME, doc)
-        _fsync_path(tmp / "model")
-        _fsync_path(tmp)
+        fsync_path(tmp / "model")
+        fsync_path(tmp)
         if final.exists():  # a re-run of the same step (e.g. resumed and re-saved): replace it
             _remove(final, root)
         os.rename(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -169,7 +167,7 @@ def save_checkpoint(
 def _remove(path: Path, root: Path) -> None:
     trash = root / f".trash-{path.name}-{os.getpid()}"
     os.rename(path, trash)
-    _fsync_path(root)
+    fsync_path(root)
     shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -1,0 +1,32 @@
+"""Builders shared by the model-level tests (``from helpers import tiny_lm``; tests/ is on sys.path).
+
+Each test module keeps its own ``ModelConfig`` (sizes tuned to what it checks); what they share is
+how a config becomes a seeded model over the identity compression map.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engramlm.hashing.compression import CompressionMap
+from engramlm.hashing.spec import make_layout
+from engramlm.models.config import ModelConfig
+from engramlm.models.model import EngramLM
+
+
+def randomise_conv(model: EngramLM) -> None:
+    """Draw every Engram ShortConv's weights: the zero init would hide a wrong conv or decode state."""
+    with torch.no_grad():
+        for blk in model.engram_layers.values():
+            if blk.conv is not None:
+                blk.conv.weight.normal_()
+
+
+def tiny_lm(cfg: ModelConfig, seed: int = 0, *, random_conv: bool = False) -> EngramLM:
+    """``EngramLM(cfg)`` seeded with ``seed``, hashing raw token ids (identity compression map)."""
+    torch.manual_seed(seed)
+    layout = make_layout(cfg.engram.hash, CompressionMap.identity(cfg.vocab_size)) if cfg.engram else None
+    model = EngramLM(cfg, layout)
+    if random_conv:
+        randomise_conv(model)
+    return model
