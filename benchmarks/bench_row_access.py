@@ -167,7 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     # One long stream cut into sequences of T; each sequence is hashed from its own start.
     row_ids = NgramHasher(layout)(torch.from_numpy(raw.reshape(n_seq, args.seq)))  # [L, S, T, H]
     hash_s = time.perf_counter() - t0
-    torch.set_num_threads(1)  # the Numba kernel's omp_set_num_threads also changes torch's thread count
     heads = layout.heads_per_layer
 
     layers: dict[str, Any] = {}

@@ -287,10 +287,6 @@ def main(argv: list[str] | None = None) -> None:
     per_req = args.batch * args.seq
     raw, text_info = stdlib_token_ids(tok, per_req * (args.repeats + n_warm))
     ids = NgramHasher(layout)(torch.from_numpy(raw.reshape(-1, args.seq)))[0]  # [S, T, H]
-    # NgramHasher's Numba kernel (OpenMP layer) calls omp_set_num_threads, which also changes torch's
-    # intra-op thread count; with spinning OpenMP workers on a shared machine that made torch.unique
-    # 400x slower. Pin torch back to one thread after hashing (the gathers are timed single-threaded).
-    torch.set_num_threads(1)
     text = [ids[i * args.batch : (i + 1) * args.batch].to(torch.int64) for i in range(args.repeats + n_warm)]
     g = torch.Generator().manual_seed(0)
     uniform = [torch.randint(0, rows, text[0].shape, generator=g) for _ in range(args.repeats)]

@@ -419,3 +419,17 @@ def test_kernel_reports_out_of_range_in_a_late_chunk() -> None:
         hasher(ids.float())
     with pytest.raises(ConfigError, match="threads"):
         NgramHasher(_layout(), threads=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_leaves_torch_thread_count_alone(threads: int) -> None:
+    """The kernel's worker threads are its own: callers (trainer, decode, benchmarks) rely on torch's
+    intra-op setting surviving a hash call (an OpenMP kernel used to reset it)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ids = torch.randint(0, 400, (4, 9000), generator=torch.Generator().manual_seed(0))
+        NgramHasher(_layout(), backend="kernel", threads=threads)(ids)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

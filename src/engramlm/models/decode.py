@@ -132,10 +132,7 @@ class DecodeCache:
         if t == 1:
             return column(0)[:, :, None]
         if self.fresh:
-            threads = torch.get_num_threads()
             rows = self.hasher(ids, ds, dd)
-            if torch.get_num_threads() != threads:  # the Numba kernel's OpenMP start-up can reset it
-                torch.set_num_threads(threads)
         else:  # a multi-token chunk after history (rare: chunked prefill): one batched step per column
             rows = torch.stack([column(i) for i in range(t)], dim=2)
         # Streaming state after each row's last real token: its last N-1 compressed ids inside the window.

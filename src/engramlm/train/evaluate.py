@@ -20,8 +20,10 @@ from engramlm.data.loader import EvalLoader
 def evaluate(model, loader: EvalLoader, max_batches: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """{"loss", "bpb", "tokens", "bytes", "full_sweep"} of ``model`` on ``loader``'s split.
 
-    ``threads``: torch threads to re-apply per batch (the loader's numba hashing resets them).
+    ``threads``: torch threads for the sweep (None: leave the current setting).
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     was_training = model.training
     model.eval()
     nll = 0.0
@@ -32,8 +34,6 @@ def evaluate(model, loader: EvalLoader, max_batches: int | None = None, threads:
         for batch in loader:
             if max_batches is not None and batches >= max_batches:
                 break
-            if threads is not None:
-                torch.set_num_threads(threads)
             out = model(batch["input_ids"], row_ids=batch.get("row_ids"), doc_start=batch["doc_start"])
             logits = out.logits.float()
             losses = F.cross_entropy(

@@ -134,8 +134,6 @@ class Trainer:
         cfg = self.config
         if batch is None:
             batch = self.loader.batch_at(self.step)
-        if cfg.threads is not None:  # numba's OpenMP hashing kernel resets the shared OpenMP thread count
-            torch.set_num_threads(cfg.threads)
         self.loader.step = self.step + 1
         targets = batch["targets"].masked_fill(~batch["loss_mask"], -100)
         rows = None
