@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import multiprocessing as mp
 import time
@@ -42,6 +43,7 @@ from engramlm.hashing.spec import HashSpec
 from engramlm.models.accounting import count_parameters, iso_parameter_variant
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
 from engramlm.train import TrainConfig, Trainer, evaluate, read_metrics
+from engramlm.train.checkpoint import list_checkpoints
 from engramlm.utils.io import atomic_open
 
 RHO = 0.8
@@ -101,7 +103,13 @@ def resolve_corpus(spec: str, data_root: Path) -> tuple[str, Path]:
 
 
 def train_config(
-    model: ModelConfig, size: dict[str, Any], data: Path, seed: int, out: Path, threads: int
+    model: ModelConfig,
+    size: dict[str, Any],
+    data: Path,
+    seed: int,
+    out: Path,
+    threads: int,
+    optim: dict[str, Any] | None = None,
 ) -> TrainConfig:
     steps = math.ceil(size["tokens"] / (size["batch"] * size["seq"]))
     return TrainConfig.from_dict(
@@ -109,32 +117,61 @@ def train_config(
             "data": {"dir": str(data), "batch_size": size["batch"], "seq_len": size["seq"],
                      "eval_batch_size": size["batch"], "eval_max_batches": 4},
             "model": {"preset": "tiny", "overrides": model.to_dict()},
-            "schedule": {"warmup_steps": size["warmup"]},
+            "schedule": {"warmup_steps": size["warmup"]}, "optim": dict(optim or {}),
             "steps": steps, "seed": seed, "out_dir": str(out), "threads": threads, "progress": False,
-            "tensorboard": False, "checkpoint_every": steps, "keep_checkpoints": 1,
+            "tensorboard": False, "checkpoint_every": max(1, steps // 4), "keep_checkpoints": 1,
             "eval_every": max(1, steps // 4),
         }
     )  # fmt: skip
 
 
-def run_arm(model: ModelConfig, size: dict[str, Any], data: Path, seed: int, out: Path, threads: int) -> dict[str, Any]:
-    cfg = train_config(model, size, data, seed, out, threads)
+RESULT_FILE = "arm_result.json"
+
+
+def run_arm(
+    model: ModelConfig,
+    size: dict[str, Any],
+    data: Path,
+    seed: int,
+    out: Path,
+    threads: int,
+    optim: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one arm (resuming an interrupted run exactly) and score it; a finished arm is reused.
+
+    The result is stored in ``out/arm_result.json`` with the full training config, so a later
+    invocation (another corpus, more seeds) reuses finished arms only when nothing that decides
+    the result changed: long sizes can be run piecewise across sessions.
+    """
+    cfg = train_config(model, size, data, seed, out, threads, optim)
+    key = {"train_config": cfg.to_dict(), "eval_tokens": size["eval_tokens"]}
+    for drop in ("threads", "checkpoint_every", "keep_checkpoints", "progress"):
+        key["train_config"].pop(drop, None)
+    cached = out / RESULT_FILE
+    if cached.is_file():
+        doc = json.loads(cached.read_text())
+        if doc.get("key") == json.loads(json.dumps(key)):
+            return {**doc["result"], "reused": True}
     t0 = time.perf_counter()
-    tr = Trainer(cfg)
+    tr = Trainer(cfg, resume=bool(list_checkpoints(out)))
     summary = tr.fit()
     wall = time.perf_counter() - t0
     ev_batches = max(1, size["eval_tokens"] // (size["batch"] * size["seq"]))
     loader = EvalLoader(tr.eval_set, size["batch"], size["seq"], row_ids_fn=tr.model.hasher)
     final = evaluate(tr.model, loader, ev_batches, threads)
     train = [r for r in read_metrics(out) if r["kind"] == "train"]
-    return {
+    result = {
         "seed": seed,
         "heldout": final,
         "final_train_loss": summary["train_loss"],
         "wall_s": wall,
+        "resumed_from_step": tr.resumed_from,
         "tokens_per_s": summary["tokens"] / summary["wall_s"],
         "curve": [[r["tokens"], r["loss"]] for r in train],
     }
+    with atomic_open(cached, "w") as f:
+        json.dump({"key": key, "result": result}, f, indent=1)
+    return result
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -379,13 +379,16 @@ def test_exact_mod_property(p: int, mixes: list[int], k: int) -> None:
     assert got.tolist() == [v % p for v in vals]
 
 
-@pytest.mark.parametrize("n,row_dtype", [(2, "int64"), (3, "int32"), (4, "int64")])
-def test_kernel_equals_torch_across_chunks_and_blocks(n: int, row_dtype: str) -> None:
+# Columns per layer (orders x heads): 4 and 12 take the scalar transpose, 8 and 24 the 8 x 8 tiles.
+@pytest.mark.parametrize(
+    "n,k,row_dtype", [(2, 4, "int64"), (3, 4, "int32"), (3, 4, "int64"), (4, 4, "int64"), (4, 8, "int32")]
+)
+def test_kernel_equals_torch_across_chunks_and_blocks(n: int, k: int, row_dtype: str) -> None:
     """Long rows cross the kernel's work-item (CHUNK) and block (BLOCK) edges; windows must carry over."""
     from engramlm.hashing import _kernels
 
     for mode in ("none", "reset"):
-        layout = _layout(mode, n, k=4, row_dtype=row_dtype)
+        layout = _layout(mode, n, k=k, row_dtype=row_dtype)
         rng = np.random.default_rng(n)
         t = 2 * _kernels.CHUNK + _kernels.BLOCK // 2 + 3
         ids = torch.from_numpy(rng.integers(0, 400, size=(8, t)))  # >= 2 * MIN_TOKENS_PER_THREAD: 2 threads run
@@ -400,8 +403,9 @@ def test_kernel_equals_torch_across_chunks_and_blocks(n: int, row_dtype: str) ->
         dead[3:6, _kernels.CHUNK - 3 :][:, 1:8] = False
         dead[0, :] = False  # row 0: a window from the start with no DEAD token at all
         torch_h = NgramHasher(layout, backend="torch")
-        for threads in (1, 2):
+        for threads, streaming_bytes in ((1, 0), (2, 1 << 62)):  # non-temporal tile stores on / off
             kern = NgramHasher(layout, backend="kernel", threads=threads)
+            kern.STREAMING_BYTES = streaming_bytes
             for args in ((ids,), (ids, doc, dead), (ids, None, dead)):
                 assert torch.equal(kern(*args), torch_h(*args))
             assert torch.equal(kern(ids.to(torch.int32)), torch_h(ids))  # int32 ids: no conversion copy

@@ -20,6 +20,14 @@ from engramlm.hashing.spec import HashLayout
 Backend = Literal["auto", "kernel", "torch"]
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """``np.empty`` whose data starts on a 64-byte boundary (the kernel's vector stores need 32)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    return buf[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def window_starts(
     doc_start: torch.Tensor | None, dead: torch.Tensor | None, shape: tuple[int, int], device
 ) -> torch.Tensor:
@@ -58,6 +66,9 @@ class NgramHasher:
     """
 
     MIN_TOKENS_PER_THREAD = 8192
+    # Outputs at least this large are written with non-temporal stores (see ``_kernels._tile8_typing``):
+    # above the per-core L2 the output is not read back from cache anyway.
+    STREAMING_BYTES = 4 << 20
 
     def __init__(self, layout: HashLayout, backend: Backend = "auto", threads: int | None = None) -> None:
         if backend not in ("auto", "kernel", "torch"):
@@ -147,14 +158,15 @@ class NgramHasher:
         else:
             doc = dd = np.zeros((0, 0), dtype=np.uint8)
         dtype = np.int32 if self.out_dtype == torch.int32 else np.int64
-        out = np.empty((c["mult"].shape[0], b, t, self.layout.heads_per_layer), dtype=dtype)
+        out = _aligned_empty((c["mult"].shape[0], b, t, self.layout.heads_per_layer), dtype)
+        streaming = out.nbytes >= self.STREAMING_BYTES
         n_items = b * -(-t // _kernels.CHUNK)
         bad = np.zeros(n_items, dtype=np.uint8)
         threads = numba.get_num_threads() if self.threads is None else self.threads
         threads = max(1, min(threads, b * t // self.MIN_TOKENS_PER_THREAD))
         per_task = max(1, n_items // (4 * threads))  # a few tasks per thread: late helpers can still help
         args = (raw, self._lookup, doc, dd, windowed, c["mult"], c["cf"], c["offs_out"],
-                self.layout.compressed_pad_id, out, bad)  # fmt: skip
+                self.layout.compressed_pad_id, out, streaming, bad)  # fmt: skip
 
         def task(i: int) -> None:
             _kernels.hash_items(*args, i * per_task, (i + 1) * per_task)

@@ -42,6 +42,8 @@ from engramlm.utils.io import atomic_write_json
 RESUME_FREE = (
     "progress", "tensorboard", "threads", "keep_checkpoints", "out_dir", "log_every", "checkpoint_every",
     "eval_every", "data.dir", "data.source", "data.eval_split", "data.eval_batch_size", "data.eval_max_batches",
+    # only used to prepare data from ``data.source``; the tokenizer sha256 check below catches a real change
+    "data.vocab_size", "data.max_bytes",
 )  # fmt: skip
 
 
