@@ -6,7 +6,7 @@ on code (stdlib) but trails it on prose (SOTU) in every seed. Issue 3 asks to fi
 one factor changed at a time, on the same data, budget, batches and seeds, next to the MoE arm
 itself, and reports each variant's held-out bpb minus the MoE arm's of the same seed:
 
-- ``engram_lr_mult`` 1 and 25 (default 5: the paper's 5x base LR for tables);
+- ``engram_lr_mult`` 1, 25 and 100 (default 5: the paper's 5x base LR for tables);
 - table rows x0.25 and x4 (not iso-parameter: tells whether the table is too big to train on
   this budget or too small to hold the n-grams);
 - Engram at layer 0 or 2 instead of 1;
@@ -15,7 +15,7 @@ itself, and reports each variant's held-out bpb minus the MoE arm's of the same 
 
 Finished arms are reused (``run_arm`` stores each result with its full config), so the MoE and
 base Engram arms are shared with ``bench_head_to_head.py --size medium`` when both use the same
-runs directory. Results: ``benchmarks/results/head_to_head_why.json`` and a plot.
+runs directory. Results: ``benchmarks/results/head_to_head_why_<corpus>[_unmatched].json`` and a plot.
 
     python benchmarks/bench_h2h_why.py --corpus sotu --seeds 0 --jobs 1
 """
@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from _arms import resolve_corpus, run_arm, spread
 from _common import REPO_ROOT, RESULTS_DIR, write_result
-from bench_head_to_head import SIZES, arms, resolve_corpus, run_arm, spread
+from bench_head_to_head import SIZES, arm_dir, arms
 from engramlm.data import TokenDataset
 from engramlm.models.accounting import count_parameters
 from engramlm.models.config import ModelConfig
@@ -55,6 +56,7 @@ def variants(engram_arm: ModelConfig) -> dict[str, tuple[ModelConfig, dict[str, 
         "engram (base)": (engram_arm, {}),
         "table lr x1": (engram_arm, {"engram_lr_mult": 1.0}),
         "table lr x25": (engram_arm, {"engram_lr_mult": 25.0}),
+        "table lr x100": (engram_arm, {"engram_lr_mult": 100.0}),
         "rows x0.25": (rows(0.25), {}),
         "rows x4": (rows(4.0), {}),
         "layer 0": (layer(0), {}),
@@ -96,17 +98,19 @@ def main() -> None:
     p.add_argument("--data-root", default=str(REPO_ROOT / "runs" / "data"))
     p.add_argument("--runs-root", default=str(REPO_ROOT / "runs" / "h2h"))
     p.add_argument("--out", default="head_to_head_why")
+    p.add_argument("--unmatched-p-act", action="store_true", help="start from the Engram arm with P_act +4%%")
     args = p.parse_args()
     size = dict(SIZES[args.size])
     torch.set_num_threads(args.threads)
     name, data = resolve_corpus(args.corpus, Path(args.data_root))
-    base = arms(size, TokenDataset(data, "train", verify=False).vocab_size)
+    base = arms(size, TokenDataset(data, "train", verify=False).vocab_size, match_p_act=not args.unmatched_p_act)
     todo = {"moe": (base["moe"], {})}
     todo.update({k: v for k, v in variants(base["engram_moe"]).items() if args.only is None or k in args.only})
     # The MoE and base Engram arms train in head_to_head_<size>'s directories so both benchmarks share them.
     shared = Path(args.runs_root) / f"head_to_head_{args.size}" / name
-    dirs = {"moe": shared / "moe", "engram (base)": shared / "engram_moe"}
-    own = Path(args.runs_root) / args.out / name
+    dirs = {"moe": shared / "moe", "engram (base)": shared / arm_dir("engram_moe", args.unmatched_p_act)}
+    out_name = f"{args.out}_{name}" + ("_unmatched" if args.unmatched_p_act else "")
+    own = Path(args.runs_root) / out_name / name
     tasks = {
         (v, seed): (model, size, data, seed, dirs.get(v, own / v.replace(" ", "_")) / f"seed{seed}", args.threads, opt)
         for v, (model, opt) in todo.items() for seed in args.seeds
@@ -133,13 +137,13 @@ def main() -> None:
             "bpb_minus_moe": spread([r["heldout"]["bpb"] - moe_bpb[r["seed"]] for r in runs]),
             "runs": [{k: r[k] for k in ("seed", "heldout", "final_train_loss", "wall_s", "curve")} for r in runs],
         }  # fmt: skip
-    png = RESULTS_DIR / f"{args.out}.png"
-    result = {"corpus": name, "size": args.size, "seeds": args.seeds, **out}
+    png = RESULTS_DIR / f"{out_name}.png"
+    result = {"corpus": name, "size": args.size, "seeds": args.seeds, "p_act_matched": not args.unmatched_p_act, **out}
     plot(result, png)
     write_result(
-        args.out,
+        out_name,
         {
-            "benchmark": args.out,
+            "benchmark": out_name,
             "kind": "head_to_head_why",
             "settings": size,
             **result,

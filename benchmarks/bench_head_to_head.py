@@ -9,9 +9,11 @@ The expected order (Engram < MoE < dense) is a hypothesis under test, not a targ
 
 Arms (``arms()``): a MoE base (shared + top-2 of 16 routed experts, first layer dense), the dense
 arm with the FFN width that gives it the MoE's P_act exactly, and
-``iso_parameter_variant(moe, rho=0.8)`` (fewer routed experts, an Engram table at layer 1 taking
-their parameters). Engram's own dense parameters (projection, gate norms, conv) make its P_act
-~4% larger; the JSON states it.
+``iso_parameter_variant(moe, rho=0.8, match_p_act=True)`` (fewer routed experts, an Engram table at
+layer 1 taking their parameters, and experts narrowed from 256 to 237 so that Engram's own dense
+parameters, its projections, gate norms and conv, do not add to P_act: all three arms have the same P_act,
+the two sparse arms the same P_tot to 0.06%). ``--unmatched-p-act`` gives the first version of the
+Engram arm (16 -> 13 experts of width 256, P_act +3.8%).
 
 Run from the repository root (do not run the default size on a busy machine: ~10-20 min per arm
 and seed on 2 free cores, 18 runs)::
@@ -24,26 +26,20 @@ and seed on 2 free cores, 18 runs)::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import multiprocessing as mp
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from _arms import resolve_corpus, run_arm, spread
 from _common import REPO_ROOT, RESULTS_DIR, write_result
-from engramlm.data import EvalLoader, TokenDataset, prepare
-from engramlm.data.corpora import SourceSpec
+from engramlm.data import TokenDataset
+from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
 from engramlm.models.accounting import count_parameters, iso_parameter_variant
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
-from engramlm.train import TrainConfig, Trainer, evaluate, read_metrics
-from engramlm.train.checkpoint import list_checkpoints
 from engramlm.utils.io import atomic_open
 
 RHO = 0.8
@@ -68,7 +64,7 @@ def dense_width_for(moe: ModelConfig) -> int:
     return 1 + round((target - count_parameters(lo).p_act) / per_unit)
 
 
-def arms(size: dict[str, Any], vocab: int) -> dict[str, ModelConfig]:
+def arms(size: dict[str, Any], vocab: int, match_p_act: bool = True) -> dict[str, ModelConfig]:
     d, e_h = size["d"], size["expert_hidden"]
     moe = ModelConfig(
         name="h2h-moe", vocab_size=vocab, hidden_size=d, num_layers=size["layers"], n_heads=size["heads"],
@@ -81,103 +77,18 @@ def arms(size: dict[str, Any], vocab: int) -> dict[str, ModelConfig]:
                       boundary_mode="reset"),
         head_dim=size["head_dim"],
     )  # fmt: skip
-    variant = iso_parameter_variant(moe, RHO, engram).config.replace(name="h2h-engram-moe")
+    try:
+        variant = iso_parameter_variant(moe, RHO, engram, match_p_act=match_p_act).config
+    except ConfigError as exc:  # the quick size: experts too few and too narrow to pay for Engram's projections
+        print(f"P_act not matched ({exc})", flush=True)
+        variant = iso_parameter_variant(moe, RHO, engram).config
+    variant = variant.replace(name="h2h-engram-moe")
     return {"dense": dense, "moe": moe, "engram_moe": variant}
 
 
-def resolve_corpus(spec: str, data_root: Path) -> tuple[str, Path]:
-    """``sotu`` / ``stdlib`` / a prepared dir / a raw text dir -> (name, prepared dir)."""
-    p = Path(spec)
-    if spec in ("sotu", "stdlib"):
-        out = data_root / spec
-        prepare(spec, out, progress=True)
-        return spec, out
-    if (p / "manifest.json").is_file():
-        return p.name, p
-    if p.is_dir():
-        tag = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]
-        out = data_root / f"dir_{p.name}_{tag}"
-        prepare(SourceSpec(kind="dir", path=str(p)), out, progress=True)
-        return p.name, out
-    raise SystemExit(f"--corpus {spec!r}: not sotu, stdlib, a prepared directory or a directory of .txt files")
-
-
-def train_config(
-    model: ModelConfig,
-    size: dict[str, Any],
-    data: Path,
-    seed: int,
-    out: Path,
-    threads: int,
-    optim: dict[str, Any] | None = None,
-) -> TrainConfig:
-    steps = math.ceil(size["tokens"] / (size["batch"] * size["seq"]))
-    return TrainConfig.from_dict(
-        {
-            "data": {"dir": str(data), "batch_size": size["batch"], "seq_len": size["seq"],
-                     "eval_batch_size": size["batch"], "eval_max_batches": 4},
-            "model": {"preset": "tiny", "overrides": model.to_dict()},
-            "schedule": {"warmup_steps": size["warmup"]}, "optim": dict(optim or {}),
-            "steps": steps, "seed": seed, "out_dir": str(out), "threads": threads, "progress": False,
-            "tensorboard": False, "checkpoint_every": max(1, steps // 4), "keep_checkpoints": 1,
-            "eval_every": max(1, steps // 4),
-        }
-    )  # fmt: skip
-
-
-RESULT_FILE = "arm_result.json"
-
-
-def run_arm(
-    model: ModelConfig,
-    size: dict[str, Any],
-    data: Path,
-    seed: int,
-    out: Path,
-    threads: int,
-    optim: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train one arm (resuming an interrupted run exactly) and score it; a finished arm is reused.
-
-    The result is stored in ``out/arm_result.json`` with the full training config, so a later
-    invocation (another corpus, more seeds) reuses finished arms only when nothing that decides
-    the result changed: long sizes can be run piecewise across sessions.
-    """
-    cfg = train_config(model, size, data, seed, out, threads, optim)
-    key = {"train_config": cfg.to_dict(), "eval_tokens": size["eval_tokens"]}
-    for drop in ("threads", "checkpoint_every", "keep_checkpoints", "progress"):
-        key["train_config"].pop(drop, None)
-    cached = out / RESULT_FILE
-    if cached.is_file():
-        doc = json.loads(cached.read_text())
-        if doc.get("key") == json.loads(json.dumps(key)):
-            return {**doc["result"], "reused": True}
-    t0 = time.perf_counter()
-    tr = Trainer(cfg, resume=bool(list_checkpoints(out)))
-    summary = tr.fit()
-    wall = time.perf_counter() - t0
-    ev_batches = max(1, size["eval_tokens"] // (size["batch"] * size["seq"]))
-    loader = EvalLoader(tr.eval_set, size["batch"], size["seq"], row_ids_fn=tr.model.hasher)
-    final = evaluate(tr.model, loader, ev_batches, threads)
-    train = [r for r in read_metrics(out) if r["kind"] == "train"]
-    result = {
-        "seed": seed,
-        "heldout": final,
-        "final_train_loss": summary["train_loss"],
-        "wall_s": wall,
-        "resumed_from_step": tr.resumed_from,
-        "tokens_per_s": summary["tokens"] / summary["wall_s"],
-        "curve": [[r["tokens"], r["loss"]] for r in train],
-    }
-    with atomic_open(cached, "w") as f:
-        json.dump({"key": key, "result": result}, f, indent=1)
-    return result
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}  # fmt: skip
+def arm_dir(arm: str, unmatched_p_act: bool) -> str:
+    """Run directory name of an arm: the two versions of the Engram arm train in different directories."""
+    return f"{arm}_unmatched" if unmatched_p_act and arm == "engram_moe" else arm
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -232,6 +143,7 @@ def main() -> None:
     p.add_argument("--data-root", default=str(REPO_ROOT / "runs" / "data"))
     p.add_argument("--runs-root", default=str(REPO_ROOT / "runs" / "h2h"))
     p.add_argument("--out", default=None, help="result name (default head_to_head or head_to_head_quick)")
+    p.add_argument("--unmatched-p-act", action="store_true", help="Engram arm without narrower experts (P_act +4%%)")
     args = p.parse_args()
     size_name = args.size or ("quick" if args.quick else "full")
     size = dict(SIZES[size_name])
@@ -242,9 +154,11 @@ def main() -> None:
     corpora = {}
     for spec in args.corpus or ["sotu", "stdlib"]:
         name, data = resolve_corpus(spec, Path(args.data_root))
-        corpora[name] = (data, arms(size, TokenDataset(data, "train", verify=False).vocab_size))
+        vocab = TokenDataset(data, "train", verify=False).vocab_size
+        corpora[name] = (data, arms(size, vocab, match_p_act=not args.unmatched_p_act))
     tasks = {
-        (name, arm, seed): (model, size, data, seed, Path(args.runs_root) / out_name / name / arm / f"seed{seed}",
+        (name, arm, seed): (model, size, data, seed,
+                            Path(args.runs_root) / out_name / name / arm_dir(arm, args.unmatched_p_act) / f"seed{seed}",
                             args.threads)
         for name, (data, models) in corpora.items() for arm, model in models.items() for seed in args.seeds
     }  # fmt: skip

@@ -10,36 +10,50 @@
    single residual branch (M = 1 instead of M > 1), a 4-gram order (same total rows), and the layer
    placement sweep (Engram at each block in turn).
 
-Every arm trains with the same data, seed, schedule and token budget (``engramlm.train.Trainer``) and
-is scored on the same held-out batches. Results: ``benchmarks/results/reproductions[_quick].json``
-(machine, command, every arm's config, parameter counts, final eval loss/bpb, wall time) and three
-plots next to it. ``--quick`` shrinks the model, the batch and the step count so the whole suite runs
-in minutes: its numbers only show the pipeline works, they are far too noisy to confirm or refute
-the paper. The full setting (default) takes hours on 2 cores.
+Every arm trains with the same data, seed, schedule and token budget and is scored on the same
+held-out tokens, through ``_arms.run_arm``: arms are resumable and reusable, and an arm is identified
+by its model config, so identical arms (the memory sweep's reference size, the ablations' reference
+and ``layer=1``) train once. ``--jobs 2`` trains two arms at a time, one thread each. Results:
+``benchmarks/results/reproductions[_quick].json`` (machine, command, every arm's config, parameter
+counts, held-out loss/bpb, training time) and three plots next to it.
 
-    python benchmarks/bench_reproductions.py --data runs/data/sotu --quick
-    python benchmarks/bench_reproductions.py --data runs/data/sotu --only rho memory
+The default corpus is the CPython standard library: at this budget Engram helps on code and not yet
+on prose (see the head-to-head), and a law about how much memory helps can only show where it helps.
+The sparsity arms hold P_act fixed too (``iso_parameter_variant(match_p_act=True)``: experts narrowed
+to pay for Engram's projections) where that is feasible. ``--quick`` shrinks everything to minutes:
+its numbers only show the pipeline works. The full setting is ~21 distinct arms of 120 steps of
+16 x 256 tokens, about 2.5 h with ``--jobs 2`` on 2 cores.
+
+    python benchmarks/bench_reproductions.py --quick --jobs 2
+    python benchmarks/bench_reproductions.py --jobs 2                    # stdlib, full setting
+    python benchmarks/bench_reproductions.py --corpus sotu --only rho --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 import math
+import multiprocessing as mp
 import sys
-import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, command_line, machine_info, write_result
+from tqdm import tqdm
+
+from _arms import resolve_corpus, run_arm
+from _common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, write_result
+from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
 from engramlm.models.accounting import count_parameters, iso_parameter_variant
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
-from engramlm.utils.io import atomic_write_bytes, atomic_write_text
+from engramlm.utils.io import atomic_write_bytes
 
 EXPERIMENTS = ("rho", "memory", "ablations")
 
@@ -47,7 +61,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the CPU head-to-head backbone (configs/sotu_moe.toml): d 256, 4 layers, 16 routed experts, top-2
     "full": {
         "hidden": 256, "layers": 4, "heads": 4, "mlp": 772, "expert": 256, "routed": 16, "head_dim": 32,
-        "hc_mult": 4, "batch": 16, "seq": 256, "steps": 1500, "eval_batches": 32, "warmup": 50,
+        "hc_mult": 4, "batch": 16, "seq": 256, "steps": 120, "eval_batches": 32, "warmup": 15,
         "rhos": (1.0, 0.9, 0.8, 0.7, 0.6, 0.45, 0.3), "bases": (1024, 2048, 4096, 8192, 16384, 32768),
         "ref_base": 8192,
     },
@@ -90,7 +104,11 @@ def rho_arms(s: dict[str, Any], vocab: int) -> dict[str, ModelConfig]:
     base = moe_base(s, vocab)
     arms = {}
     for rho in s["rhos"]:
-        arms[f"rho={rho:g}"] = iso_parameter_variant(base, rho, engram_template(s, 1000)).config
+        try:
+            arms[f"rho={rho:g}"] = iso_parameter_variant(base, rho, engram_template(s, 1000), match_p_act=True).config
+        except ConfigError as exc:  # too few or too narrow experts left to pay for the projections
+            print(f"rho={rho:g}: P_act not matched ({exc})", flush=True)
+            arms[f"rho={rho:g}"] = iso_parameter_variant(base, rho, engram_template(s, 1000)).config
     return arms
 
 
@@ -125,59 +143,26 @@ def ablation_arms(s: dict[str, Any], vocab: int) -> dict[str, ModelConfig]:
     return arms
 
 
-def train_arm(
-    name: str, cfg: ModelConfig, s: dict[str, Any], data: Path, runs: Path, seed: int, threads: int | None = None
-) -> dict[str, Any]:
-    """Train one arm from scratch and return its held-out eval and parameter counts."""
-    from engramlm.train import Trainer
-    from engramlm.train.config import DataConfig, ModelSection, ScheduleConfig, TrainConfig
+def arm_dir(cfg: ModelConfig) -> str:
+    """A run directory named by the model config, so identical arms of different experiments share it."""
+    return hashlib.sha256(cfg.to_json().encode()).hexdigest()[:12]
 
-    arm_dir = runs / name.replace("=", "_")
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    model_file = arm_dir / "model.json"
-    atomic_write_text(model_file, cfg.to_json())
-    tc = TrainConfig(
-        data=DataConfig(
-            dir=str(data),
-            batch_size=s["batch"],
-            seq_len=s["seq"],
-            eval_batch_size=s["batch"],
-            eval_max_batches=s["eval_batches"],
-        ),
-        model=ModelSection(file=str(model_file)),
-        schedule=ScheduleConfig(warmup_steps=s["warmup"]),
-        steps=s["steps"],
-        seed=seed,
-        out_dir=str(arm_dir / "run"),
-        checkpoint_every=s["steps"],
-        keep_checkpoints=1,
-        eval_every=0,
-        log_every=max(1, s["steps"] // 20),
-        threads=threads,
-        tensorboard=False,
-        progress=False,
-    )
-    t0 = time.perf_counter()
-    summary = Trainer(tc).fit()
-    wall = time.perf_counter() - t0
+
+def arm_record(name: str, cfg: ModelConfig, r: dict[str, Any]) -> dict[str, Any]:
     counts = count_parameters(cfg)
-    ev = summary["eval"] or {}
-    rec = {
+    return {
         "arm": name,
-        "eval_loss": ev.get("loss"),
-        "eval_bpb": ev.get("bpb"),
-        "train_loss": summary.get("train_loss"),
-        "steps": summary["steps"],
-        "tokens": summary["tokens"],
-        "wall_s": wall,
+        "eval_loss": r["heldout"]["loss"],
+        "eval_bpb": r["heldout"]["bpb"],
+        "train_loss": r["final_train_loss"],
+        "train_s": r.get("train_s"),
+        "tokens_per_s": r["tokens_per_s"],
         "p_tot": counts.p_tot,
         "p_act": counts.p_act,
         "rho": counts.rho,
         "engram_rows": list(counts.engram_rows),
         "model": cfg.to_dict(),
     }
-    print(f"  {name:<18} eval loss {rec['eval_loss']:.4f}  bpb {rec['eval_bpb']:.4f}  ({wall:.0f} s)", flush=True)
-    return rec
 
 
 def log_fit(rows: list[float], losses: list[float]) -> dict[str, float]:
@@ -225,13 +210,14 @@ def plot(results: dict[str, Any], prefix: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, help="a prepared corpus (engramlm data prepare)")
+    ap.add_argument("--corpus", default="stdlib", help="sotu, stdlib, a prepared dir or a text dir")
     ap.add_argument("--quick", action="store_true", help="tiny settings: minutes, pipeline check only")
     ap.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
-    ap.add_argument("--runs-dir", default=None, help="where arms train (default runs/repro[_quick])")
+    ap.add_argument("--jobs", type=int, default=1, help="arms trained in parallel processes (one thread each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="override the setting's step count")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per arm (default: torch's)")
+    ap.add_argument("--data-root", default=str(REPO_ROOT / "runs" / "data"))
+    ap.add_argument("--runs-root", default=str(REPO_ROOT / "runs" / "repro"))
     args = ap.parse_args()
 
     from engramlm.data import TokenDataset
@@ -240,17 +226,30 @@ def main() -> int:
     s = dict(SETTINGS[setting])
     if args.steps is not None:
         s["steps"] = args.steps
-    data = Path(args.data)
+    budget = {**s, "eval_tokens": s["eval_batches"] * s["batch"] * s["seq"]}
+    corpus, data = resolve_corpus(args.corpus, Path(args.data_root))
     vocab = max(TokenDataset(data, "train", verify=False).vocab_size, 8)
-    runs = Path(args.runs_dir or f"runs/repro{'_quick' if args.quick else ''}")
+    runs = Path(args.runs_root) / setting / corpus
     builders = {"rho": rho_arms, "memory": memory_arms, "ablations": ablation_arms}
-    results: dict[str, Any] = {"setting": setting, "parameters": s, "experiments": {}, "findings": {}}
-    for exp in args.only:
-        arms = builders[exp](s, vocab)
-        print(f"{exp}: {len(arms)} arms", flush=True)
-        results["experiments"][exp] = [
-            train_arm(name, cfg, s, data, runs / exp, args.seed, args.threads) for name, cfg in arms.items()
-        ]
+    plan = {exp: builders[exp](s, vocab) for exp in args.only}
+    distinct = {arm_dir(cfg): cfg for arms in plan.values() for cfg in arms.values()}
+    print(f"{sum(map(len, plan.values()))} arms, {len(distinct)} distinct; runs in {runs}", flush=True)
+    done: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(run_arm, cfg, budget, data, args.seed, runs / key / f"seed{args.seed}", 1): key
+            for key, cfg in distinct.items()
+        }
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="arms"):
+            done[futures[fut]] = fut.result()
+    results: dict[str, Any] = {
+        "setting": setting, "corpus": corpus, "data_dir": str(data), "seed": args.seed,
+        "parameters": s, "experiments": {}, "findings": {},
+    }  # fmt: skip
+    for exp, arms in plan.items():
+        results["experiments"][exp] = [arm_record(name, cfg, done[arm_dir(cfg)]) for name, cfg in arms.items()]
+        for rec in results["experiments"][exp]:
+            print(f"  {exp:<9} {rec['arm']:<16} loss {rec['eval_loss']:.4f}  bpb {rec['eval_bpb']:.4f}", flush=True)
     exps = results["experiments"]
     if "rho" in exps:
         best = min(exps["rho"], key=lambda a: a["eval_loss"])
@@ -276,7 +275,7 @@ def main() -> int:
         results["findings"]["ablations"] = {
             a["arm"]: a["eval_loss"] - ref for a in exps["ablations"] if a["arm"] != "reference"
         }
-    prefix = "reproductions_quick" if args.quick else "reproductions"
+    prefix = "reproductions" + ("_quick" if args.quick else "") + ("" if corpus == "stdlib" else f"_{corpus}")
     results["plots"] = plot(results, prefix)
     payload = {"machine": machine_info(), "command": command_line(), **results}
     path = write_result(prefix, payload)

@@ -4,7 +4,7 @@ Why: numbers in a README drift from the runs they came from when typed by hand. 
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
-store, row_access, sparse_update, head_to_head, generate, reproductions. A result whose kind is a
+store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions. A result whose kind is a
 renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that renderer.
 
 Usage: ``python benchmarks/make_tables.py [--results-dir DIR] [--update-readme README.md]``.
@@ -371,8 +371,8 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
         f"{s['eval_tokens']:,} tokens, seeds {', '.join(map(str, seeds))}. Hypothesis under test: "
         f"{doc.get('hypothesis', 'engram_moe < moe < dense')}.",
         "",
-        "| corpus | arm | P_act | P_tot | ρ | routed experts | Engram rows | held-out bpb, mean ± std | min – max "
-        "| train tok/s (median seed) |",
+        "| corpus | arm | P_act | P_tot | ρ | routed experts × width | Engram rows | held-out bpb, mean ± std "
+        "| min – max | train tok/s (median seed) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for corpus, c in corpora.items():
@@ -382,7 +382,7 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
             tps = sorted(r["tokens_per_s"] for r in a["runs"])
             lines.append(
                 f"| {corpus} | {H2H_ARMS.get(arm, arm)} | {pr['P_act']:,} | {pr['P_tot']:,} | "
-                f"{'—' if pr['rho'] is None else format(pr['rho'], '.2f')} | {pr['n_routed'] or '—'} | "
+                f"{'—' if pr['rho'] is None else format(pr['rho'], '.2f')} | {_experts(a['model'])} | "
                 f"{', '.join(f'{n:,}' for n in pr['engram_rows']) or '—'} | "
                 f"**{b['mean']:.4f}** ± {b['std']:.4f} | {b['min']:.4f} – {b['max']:.4f} | "
                 f"{tps[len(tps) // 2]:,.0f} |"
@@ -407,6 +407,33 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
             + f" | {' < '.join(order)} | {'holds' if ok else 'not observed'} |"
         )
     return lines + _image(doc, doc.get("plot"), f"head-to-head {doc.get('size', '')} curves") + _footer(doc)
+
+
+def _experts(model: dict[str, Any]) -> str:
+    moe = model.get("moe")
+    return f"{moe['n_routed']} × {moe['expert_hidden']}" if moe else "—"
+
+
+def head_to_head_why_table(doc: dict[str, Any]) -> list[str]:
+    """One-factor variants of the head-to-head's Engram arm, each against the MoE arm of the same seed."""
+    s = doc["settings"]
+    lines = [
+        f"**Why, corpus `{doc['corpus']}`, size `{doc['size']}`** (seeds {', '.join(map(str, doc['seeds']))}; "
+        f"{s['tokens']:,} training tokens per arm; Engram arm with P_act "
+        f"{'matched to' if doc.get('p_act_matched', True) else 'above'} the MoE's): held-out bpb of the MoE arm "
+        f"{doc['moe']['bpb']['mean']:.4f}; each row changes one thing in the Engram + MoE arm.",
+        "",
+        "| variant | table LR × | Engram rows | P_act | P_tot | held-out bpb | − MoE (same seed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in doc["variants"].items():
+        pr, d = v["params"], v["bpb_minus_moe"]
+        spread = f" ± {d['std']:.4f}" if d["n"] > 1 else ""
+        lines.append(
+            f"| {name} | {v['optim'].get('engram_lr_mult', 5.0):g} | {', '.join(f'{n:,}' for n in pr['engram_rows'])} "
+            f"| {pr['P_act']:,} | {pr['P_tot']:,} | {v['bpb']['mean']:.4f} | {d['mean']:+.4f}{spread} |"
+        )
+    return lines + _image(doc, doc.get("plot"), f"why {doc['corpus']}") + _footer(doc)
 
 
 # ---------------------------------------------------------------------------- generate
@@ -487,7 +514,8 @@ def reproductions_table(doc: dict[str, Any]) -> list[str]:
     s, exps, fnd = doc["parameters"], doc["experiments"], doc.get("findings", {})
     setting = doc.get("setting", "?")
     lines = [
-        f"**Paper reproductions, setting `{setting}`**: d={s['hidden']}, {s['layers']} layers, {s['routed']} "
+        f"**Paper reproductions, setting `{setting}`, corpus `{doc.get('corpus', '?')}`**: d={s['hidden']}, "
+        f"{s['layers']} layers, {s['routed']} "
         f"routed experts (hidden {s['expert']}), hc_mult {s['hc_mult']}; every arm trains {s['steps']} steps of "
         f"B={s['batch']}×T={s['seq']} on the same data, seed and schedule, scored on the same {s['eval_batches']} "
         "held-out batches."
@@ -555,6 +583,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "row_access": row_access_table,
     "sparse_update": sparse_update_table,
     "head_to_head": head_to_head_table,
+    "head_to_head_why": head_to_head_why_table,
     "generate": generate_table,
     "reproductions": reproductions_table,
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -221,3 +223,30 @@ def test_iso_rho_one_is_base_and_errors() -> None:
         iso_parameter_variant(base.replace(moe=None), 0.5, iso_engram())
     with pytest.raises(ConfigError, match="engram"):
         iso_parameter_variant(base.replace(engram=iso_engram()), 0.5, iso_engram())
+
+
+def test_iso_variant_matching_p_act() -> None:
+    """match_p_act pays for Engram's dense parameters with narrower experts: equal P_act and P_tot."""
+    base = moe_base()
+    base_counts = count_parameters(base)
+    loose = iso_parameter_variant(base, 0.75, iso_engram())
+    iso = iso_parameter_variant(base, 0.75, iso_engram(), match_p_act=True)
+    cfg, var = iso.config, iso.variant
+    assert var == count_parameters(cfg)
+    assert loose.variant.p_act > base_counts.p_act  # the unmatched variant is larger per token
+    assert cfg.moe.expert_hidden < base.moe.expert_hidden
+    # One unit of expert width moves P_act by (top_k + n_shared) * 3 * d * MoE layers: the closest
+    # width leaves at most half of that.
+    unit = (base.moe.top_k + base.moe.n_shared) * 3 * base.hidden_size * (base.num_layers - base.moe.n_dense_layers)
+    assert abs(var.p_act - base_counts.p_act) <= unit // 2 + base.hidden_size * 3
+    assert abs(var.p_act - base_counts.p_act) < abs(loose.variant.p_act - base_counts.p_act)
+    assert abs(var.p_tot - base_counts.p_tot) / base_counts.p_tot < 0.01
+    assert var.rho is not None and abs(var.rho - 0.75) < 0.1
+    assert cfg.replace(moe=base.moe, engram=None, name=base.name) == base  # only the MoE and the table change
+
+
+def test_iso_variant_matching_p_act_infeasible_is_a_clear_error() -> None:
+    base = moe_base().replace(moe=dataclasses.replace(moe_base().moe, expert_hidden=4))
+    iso_parameter_variant(base, 0.9, iso_engram())  # feasible without matching
+    with pytest.raises(ConfigError, match=r"match_p_act: .* needs more routed experts than the base's 16"):
+        iso_parameter_variant(base, 0.9, iso_engram(), match_p_act=True)

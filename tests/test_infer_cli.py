@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,26 @@ def test_generate_streams_text(saved: dict[str, Path], capsys: pytest.CaptureFix
     doc = _generate(capsys, *args[1:], "--temperature", "0.8", "--seed", "1", "--max-new-tokens", "6")
     text = doc["outputs"][0]["text"]
     assert len(doc["outputs"][0]["tokens"]) == 6 and streamed == text + "\n"
+
+
+def test_find_tokenizer_skips_a_nearby_wrong_one_and_refuses_a_named_one(
+    saved: dict[str, Path], tmp_path: Path
+) -> None:
+    from engramlm.errors import ConfigError, HashSpecMismatch
+    from engramlm.models.io import load_pretrained
+    from engramlm.train.checkpoint import find_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(saved["model"], run / "model")
+    model = load_pretrained(run / "model")
+    (run / "model" / "tokenizer.json").write_bytes(saved["other"].read_bytes())  # nearest, but not the one
+    with pytest.raises(ConfigError, match="sha256 mismatch"):
+        find_tokenizer(run / "model", model)
+    (run / "tokenizer.json").write_bytes(saved["tok"].read_bytes())
+    assert find_tokenizer(run / "model", model) == run / "tokenizer.json"
+    assert find_tokenizer(run / "model", model, explicit=saved["tok"]) == saved["tok"]
+    wrong_data = tmp_path / "data"
+    wrong_data.mkdir()
+    (wrong_data / "tokenizer.json").write_bytes(saved["other"].read_bytes())
+    with pytest.raises(HashSpecMismatch, match="compression map"):
+        find_tokenizer(run / "model", model, data=wrong_data)

@@ -198,3 +198,12 @@ def test_update_readme_replaces_only_marked_regions(tmp_path: Path, blocks) -> N
     assert f"<!-- bench:store:start -->\n{blocks['store']}\n<!-- bench:store:end -->" in text
     assert "old" not in text and text.startswith("# T\n\nintro\n") and text.endswith("tail\n")
     assert mt.update_readme(readme, blocks) == done and readme.read_text(encoding="utf-8") == text  # idempotent
+
+
+def test_why_variants_against_moe(grouped) -> None:
+    for doc in grouped["head_to_head_why"]:
+        body = _one("head_to_head_why", doc)
+        assert f"{doc['moe']['bpb']['mean']:.4f}" in body
+        for name, v in doc["variants"].items():
+            row = next(line for line in body.splitlines() if line.startswith(f"| {name} |"))
+            assert f"{v['bpb']['mean']:.4f}" in row and f"{v['bpb_minus_moe']['mean']:+.4f}" in row

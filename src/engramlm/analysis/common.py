@@ -25,7 +25,6 @@ from engramlm.errors import ConfigError
 from engramlm.models.model import EngramLM
 from engramlm.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-TOKENIZER_FILE = "tokenizer.json"
 
 # A mode maps (model, batch, row_ids) to extra forward() keyword arguments.
 ModeFn = Callable[[EngramLM, dict[str, Any], torch.Tensor | None], dict[str, Any]]
@@ -41,29 +40,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> EngramLM:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def find_tokenizer(
-    model: EngramLM,
-    tokenizer: str | os.PathLike[str] | None = None,
-    data: str | os.PathLike[str] | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-) -> Path:
-    """The tokenizer.json to decode with: explicit path, else the prepared data's, else one saved next
-    to the checkpoint, else the one the config names."""
-    from engramlm.assets import resolve_tokenizer
-
-    candidates = [tokenizer, Path(data) / TOKENIZER_FILE if data else None]
-    candidates.append(Path(checkpoint) / TOKENIZER_FILE if checkpoint else None)
-    for c in candidates:
-        if c is not None and Path(c).is_file():
-            return Path(c)
-    if tokenizer is not None:
-        raise ConfigError(f"tokenizer: {tokenizer} is not a file")
-    name = model.config.engram.tokenizer if model.config.engram is not None else None
-    if name:
-        return resolve_tokenizer(name)
-    raise ConfigError("tokenizer: none found; pass --tokenizer PATH or --data DIR (a prepared corpus)")
 
 
 def load_matching_tokenizer(model: EngramLM, path: str | os.PathLike[str]):

@@ -99,10 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_and_tokenizer(args: argparse.Namespace, checkpoint: str, data: str | None = None):
-    from engramlm.analysis.common import find_tokenizer, load_checkpoint, load_matching_tokenizer
+    from engramlm.analysis.common import load_checkpoint, load_matching_tokenizer
+    from engramlm.train.checkpoint import find_tokenizer
 
     model = load_checkpoint(checkpoint)
-    path = find_tokenizer(model, getattr(args, "tokenizer", None), data, checkpoint)
+    path = find_tokenizer(checkpoint, model, explicit=getattr(args, "tokenizer", None), data=data)
     return model, load_matching_tokenizer(model, path)
 
 

@@ -1,11 +1,9 @@
 """``engramlm generate CHECKPOINT --prompt TEXT``: sample text, with the Engram tables on any tier.
 
 CHECKPOINT is a ``save_pretrained`` directory, a training checkpoint (its ``model/``), or a run
-directory (its latest checkpoint). The tokenizer is found, in order: ``--tokenizer``; a
-``tokenizer.json`` next to the model (model dir, checkpoint, run dir); the training data's
-``tokenizer.json`` named by the checkpoint's ``trainer_state.json``; the config's
-``engram.tokenizer``. When the checkpoint's compression map records a tokenizer sha256, the
-chosen file must match it (else the row ids would be wrong), so a wrong tokenizer is refused.
+directory (its latest checkpoint). The tokenizer is the one the model was trained with
+(:func:`engramlm.train.checkpoint.find_tokenizer`: ``--tokenizer``, else found next to the model or
+its training data); one whose sha256 differs from the compression map's record is refused.
 """
 
 from __future__ import annotations
@@ -14,10 +12,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from engramlm.errors import ConfigError, CorruptFileError, EngramError, HashSpecMismatch
+from engramlm.errors import ConfigError, CorruptFileError, EngramError
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 
@@ -46,46 +43,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _candidates(model_dir: Path, checkpoint: Path) -> list[Path]:
-    """tokenizer.json files that may belong to the model, nearest first."""
-    out = [d / "tokenizer.json" for d in (model_dir, model_dir.parent, checkpoint, *checkpoint.parents[:3])]
-    state = model_dir.parent / "trainer_state.json"
-    if state.is_file():
-        try:
-            data_dir = json.loads(state.read_text(encoding="utf-8"))["config"]["data"]["dir"]
-            out.append(Path(data_dir) / "tokenizer.json")
-        except (ValueError, KeyError, TypeError):
-            pass
-    return out
-
-
-def resolve_tokenizer_for(model: Any, model_dir: Path, checkpoint: Path, explicit: str | None) -> Path:
-    """The tokenizer the checkpoint was trained with (see the module docstring for the order)."""
-    from engramlm.assets import resolve_tokenizer
-    from engramlm.utils.io import sha256_file
-
-    want = model.layout.compression.tokenizer_sha256 if model.layout is not None else None
-    tried: list[str] = []
-    if explicit:
-        choices = [resolve_tokenizer(explicit)]
-    else:
-        choices = [c for c in dict.fromkeys(_candidates(model_dir, checkpoint)) if c.is_file()]
-        if model.config.engram is not None and model.config.engram.tokenizer:
-            choices.append(resolve_tokenizer(model.config.engram.tokenizer))
-    for path in choices:
-        if want is None or sha256_file(path) == want:
-            return path
-        tried.append(str(path))
-    if explicit and tried:
-        raise HashSpecMismatch(
-            f"tokenizer {explicit}: sha256 differs from the tokenizer the checkpoint's hash map was built from"
-        )
-    raise ConfigError(
-        f"tokenizer: none found for {model_dir} (pass --tokenizer); looked for tokenizer.json next to the model, "
-        f"the training data and config.engram.tokenizer" + (f"; sha256 mismatch: {tried}" if tried else "")
-    )
-
-
 def _mooncake_client(args: argparse.Namespace) -> Any:
     from engramlm.store.mooncake import MasterAddress, connect
 
@@ -102,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from engramlm.infer import Engine, SamplingParams
     from engramlm.infer.tables import drop_model_tables, open_tables
     from engramlm.models.io import load_pretrained
-    from engramlm.train.checkpoint import resolve_model_dir
+    from engramlm.train.checkpoint import find_tokenizer, resolve_model_dir
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.checkpoint)
     model = load_pretrained(model_dir, map_location=args.device)
-    tok_path = resolve_tokenizer_for(model, model_dir, Path(args.checkpoint), args.tokenizer)
+    tok_path = find_tokenizer(args.checkpoint, model, explicit=args.tokenizer)
     try:
         tok = load_tokenizer(tok_path)
         bos, eos = [tok.token_to_id(BOS)], (tok.token_to_id(EOS),)

@@ -127,13 +127,18 @@ class IsoVariant:
         }
 
 
-def iso_parameter_variant(base: ModelConfig, rho: float, engram: EngramConfig) -> IsoVariant:
+def iso_parameter_variant(
+    base: ModelConfig, rho: float, engram: EngramConfig, *, match_p_act: bool = False
+) -> IsoVariant:
     """The Engram + MoE config with the base MoE's P_tot and top-k, and a share ``rho`` to experts.
 
     Only the routed-expert count and the Engram table size change (spec §9.1 protocol). Routed
     experts are rounded to whole experts and table bases to whole rows, then the table absorbs the
-    remainder, so P_tot matches to within one prime gap per head; P_act grows by the Engram
-    block's dense parameters (projections, norms, conv), which the report states.
+    remainder, so P_tot matches to within one prime gap per head. The Engram block's dense
+    parameters (projections, norms, conv) are activated, so P_act grows by them; negligible at the
+    paper's scale, a few percent in CPU-sized models. ``match_p_act=True`` pays for them with
+    narrower experts (routed and shared alike; the width closest to the base's P_act), so the
+    variant has the base's P_tot and P_act: equal FLOPs per token.
     """
     if base.moe is None:
         raise ConfigError("base.moe: the iso-parameter variant needs a MoE base config")
@@ -145,9 +150,34 @@ def iso_parameter_variant(base: ModelConfig, rho: float, engram: EngramConfig) -
     if rho == 1.0:
         return IsoVariant(base, counts, counts, rho)
     mo = base.moe
-    probe = base.replace(engram=engram)
-    extra_dense = _engram_dense(probe) * len(engram.hash.layer_ids)
-    p_act = counts.p_act + extra_dense
+    if not match_p_act:
+        cfg = _iso_config(base, rho, engram, mo.expert_hidden, counts)
+        return IsoVariant(cfg, counts, count_parameters(cfg), rho)
+    extra = _engram_dense(base.replace(engram=engram)) * len(engram.hash.layer_ids)
+    per_unit = (mo.top_k + mo.n_shared) * 3 * base.hidden_size * (base.num_layers - mo.n_dense_layers)
+    guess = mo.expert_hidden - round(extra / per_unit)
+    candidates = []
+    for h in range(max(1, guess - 2), guess + 3):
+        try:
+            candidates.append(_iso_config(base, rho, engram, h, counts))
+        except ConfigError:  # narrower experts, so more of them than the base has
+            continue
+    if not candidates:
+        raise ConfigError(
+            f"match_p_act: paying for Engram's {extra:,} dense parameters needs experts about {max(guess, 0)} wide "
+            f"instead of {mo.expert_hidden}, and rho {rho} then needs more routed experts than the base's "
+            f"{mo.n_routed}; use a wider or larger MoE base, or match_p_act=False"
+        )
+    best = min(candidates, key=lambda c: abs(count_parameters(c).p_act - counts.p_act))
+    return IsoVariant(best, counts, count_parameters(best), rho)
+
+
+def _iso_config(base: ModelConfig, rho: float, engram: EngramConfig, expert_hidden: int, counts: ParamCounts):
+    """The variant with experts ``expert_hidden`` wide, filling ``counts.p_tot`` (see above)."""
+    mo = dataclasses.replace(base.moe, expert_hidden=expert_hidden)
+    narrow = base.replace(moe=mo)
+    extra_dense = _engram_dense(narrow.replace(engram=engram)) * len(engram.hash.layer_ids)
+    p_act = count_parameters(narrow).p_act + extra_dense
     p_sparse = counts.p_tot - p_act
     n_moe_layers = base.num_layers - mo.n_dense_layers
     per_expert_all_layers = 3 * base.hidden_size * mo.expert_hidden * n_moe_layers
@@ -155,17 +185,18 @@ def iso_parameter_variant(base: ModelConfig, rho: float, engram: EngramConfig) -
     # Removing one expert saves its weights and its router row (the router is activated).
     n_inactive = round(rho * p_sparse / per_expert_all_layers)
     n_routed = mo.top_k + n_inactive
-    if n_routed > mo.n_routed:
-        raise ConfigError(f"rho: {rho} asks for more routed experts ({n_routed}) than the base has ({mo.n_routed})")
-    removed = mo.n_routed - n_routed
+    if n_routed > base.moe.n_routed:
+        raise ConfigError(
+            f"rho: {rho} asks for more routed experts ({n_routed}) than the base has ({base.moe.n_routed})"
+        )
+    removed = base.moe.n_routed - n_routed
     p_act -= removed * router_all_layers
     table_params = counts.p_tot - (p_act + n_inactive * per_expert_all_layers)
     heads = engram.hash.heads_per_layer * len(engram.hash.layer_ids)
     base_rows = max(2, math.floor(table_params / (engram.head_dim * heads)))
     new_hash = engram.hash.replace(engram_vocab_size=(base_rows,) * (engram.hash.max_ngram_size - 1))
-    cfg = base.replace(
+    return base.replace(
         moe=dataclasses.replace(mo, n_routed=n_routed),
         engram=dataclasses.replace(engram, hash=new_hash),
         name=f"{base.name}-engram-rho{rho:g}",
     )
-    return IsoVariant(cfg, counts, count_parameters(cfg), rho)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engramlm.errors import CorruptFileError
+from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
 from engramlm.utils.io import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
 
 CKPT_FORMAT = "engramlm.train_checkpoint"
@@ -199,6 +199,66 @@ def load_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
 def restore_rng(ckpt: Checkpoint) -> None:
     with contextlib.suppress(KeyError):
         set_rng_state(ckpt.state["rng"], ckpt.optim_tensors["rng/torch"])
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _tokenizers_near(model_dir: Path, given: Path) -> list[Path]:
+    """tokenizer.json files that may belong to a saved model, nearest first: next to the model, the
+    checkpoint or run directory, then the training data named by the checkpoint's trainer state."""
+    out = [d / TOKENIZER_FILE for d in (model_dir, model_dir.parent, given, *given.parents[:3])]
+    state = model_dir.parent / "trainer_state.json"
+    if state.is_file():
+        try:
+            out.append(Path(json.loads(state.read_text(encoding="utf-8"))["config"]["data"]["dir"]) / TOKENIZER_FILE)
+        except (ValueError, KeyError, TypeError):
+            pass
+    return list(dict.fromkeys(out))
+
+
+def find_tokenizer(
+    path: str | os.PathLike[str],
+    model: Any,
+    *,
+    explicit: str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The tokenizer.json that the model saved at ``path`` (model dir, checkpoint or run dir) was trained with.
+
+    Tried in order: ``explicit`` (a path or a known name); the prepared corpus ``data``'s; one next to
+    the model (see :func:`_tokenizers_near`); the config's ``engram.tokenizer``. When the model's
+    compression map records the sha256 of the tokenizer it was built from, a tokenizer the caller
+    named (``explicit`` or ``data``) must match it or :class:`HashSpecMismatch` is raised, and found
+    ones that differ are skipped: a different tokenizer would send every n-gram to other rows.
+    """
+    from engramlm.assets import resolve_tokenizer
+
+    layout = getattr(model, "layout", None)
+    want = layout.compression.tokenizer_sha256 if layout is not None else None
+    named = [resolve_tokenizer(explicit)] if explicit else []
+    if data is not None and (Path(data) / TOKENIZER_FILE).is_file():
+        named.append(Path(data) / TOKENIZER_FILE)
+    for candidate in named:
+        if want is not None and sha256_file(candidate) != want:
+            raise HashSpecMismatch(
+                f"tokenizer {candidate}: sha256 differs from the tokenizer this checkpoint's compression map was "
+                "built from (its n-grams would map to other rows); pass the tokenizer it was trained with"
+            )
+        return candidate
+    engram = model.config.engram
+    found = [c for c in _tokenizers_near(resolve_model_dir(path), Path(path)) if c.is_file()]
+    if engram is not None and engram.tokenizer:
+        found.append(resolve_tokenizer(engram.tokenizer))
+    tried = []
+    for candidate in found:
+        if want is None or sha256_file(candidate) == want:
+            return candidate
+        tried.append(str(candidate))
+    raise ConfigError(
+        f"tokenizer: none found for {path} (pass --tokenizer, or --data with a prepared corpus); looked next to the "
+        "model, in the training data and at config.engram.tokenizer" + (f"; sha256 mismatch: {tried}" if tried else "")
+    )
 
 
 def load_trained_model(path: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | None = None):
