@@ -139,3 +139,17 @@ def test_cache_overflow_and_bad_lengths_raise() -> None:
         cache.begin(torch.zeros(2, 3, dtype=torch.long), lengths=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="batch"):
         cache.begin(torch.zeros(3, 1, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_skipped_engram_layers_decode_like_the_full_forward_and_cannot_change_mid_sequence() -> None:
+    model = build(m=2, moe=False)
+    ids, doc, _ = ids_and_masks(2, T)
+    full = model(ids, doc_start=doc, skip_engram={2}).logits
+    cache = DecodeCache(model, 2, T + 3)
+    outs = [model(ids[:, :9], cache=cache, doc_start=doc[:, :9], skip_engram={2}).logits]
+    for t in range(9, T):
+        outs.append(model(ids[:, t : t + 1], cache=cache, doc_start=doc[:, t : t + 1], skip_engram={2}).logits)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"skip_engram: this decode cache was started skipping layers \[2\]"):
+        model(ids[:, :1], cache=cache, skip_engram=False)

@@ -63,6 +63,9 @@ class DecodeCache:
         self.reset_mode = self.layout is not None and self.layout.spec.boundary_mode == "reset"
         self.pos = torch.zeros(batch_size, dtype=torch.long)  # committed tokens per sequence (host)
         self.start = torch.zeros(batch_size, dtype=torch.long)  # window start of the next token (absolute)
+        # Engram layers the forward skips; fixed by the first chunk: a skipped layer's ShortConv history
+        # does not advance, so switching a layer on or off mid-sequence would convolve over stale values.
+        self.skip_engram: frozenset[int] | None = None
 
     @property
     def fresh(self) -> bool:

@@ -207,6 +207,13 @@ class EngramLM(nn.Module):
             )
         window_start = None
         if cache is not None:
+            if cache.skip_engram is None or cache.fresh:
+                cache.skip_engram = frozenset(skip)
+            elif cache.skip_engram != skip:
+                raise ValueError(
+                    f"skip_engram: this decode cache was started skipping layers {sorted(cache.skip_engram)}, "
+                    f"got {sorted(skip)}; the skipped set must stay the same for a cached sequence"
+                )
             step = step if step is not None else cache.begin(input_ids, doc_start, dead, lengths)
             if row_ids is None:
                 row_ids = step.row_ids
