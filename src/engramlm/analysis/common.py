@@ -25,7 +25,6 @@ from engramlm.errors import ConfigError
 from engramlm.models.model import EngramLM
 from engramlm.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-
 # A mode maps (model, batch, row_ids) to extra forward() keyword arguments.
 ModeFn = Callable[[EngramLM, dict[str, Any], torch.Tensor | None], dict[str, Any]]
 
