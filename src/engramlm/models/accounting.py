@@ -172,7 +172,9 @@ def iso_parameter_variant(
     return IsoVariant(best, counts, count_parameters(best), rho)
 
 
-def _iso_config(base: ModelConfig, rho: float, engram: EngramConfig, expert_hidden: int, counts: ParamCounts):
+def _iso_config(
+    base: ModelConfig, rho: float, engram: EngramConfig, expert_hidden: int, counts: ParamCounts
+) -> ModelConfig:
     """The variant with experts ``expert_hidden`` wide, filling ``counts.p_tot`` (see above)."""
     mo = dataclasses.replace(base.moe, expert_hidden=expert_hidden)
     narrow = base.replace(moe=mo)
