@@ -437,3 +437,24 @@ def test_kernel_leaves_torch_thread_count_alone(threads: int) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernel_hashing_leaves_torch_thread_count_alone() -> None:
+    """The default thread count must not launch Numba's OpenMP layer, which resets torch's intra-op threads
+    (torch.set_num_threads(1) silently became 2 and parallel training jobs oversubscribed the cores).
+    A fresh interpreter: the reset happens once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from engramlm.hashing.batch import NgramHasher\n"
+        "from engramlm.hashing.compression import CompressionMap\n"
+        "from engramlm.hashing.spec import HashSpec, make_layout\n"
+        "spec = HashSpec(max_ngram_size=3, n_head_per_ngram=4, engram_vocab_size=(1000, 1000), layer_ids=(1,))\n"
+        "h = NgramHasher(make_layout(spec, CompressionMap.identity(512)))\n"
+        "h(torch.randint(0, 512, (4, 9000)))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "1"

@@ -8,6 +8,7 @@ block 0 (spec §4.6, §10.2).
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import numpy as np
@@ -18,6 +19,23 @@ from engramlm.hashing import _kernels
 from engramlm.hashing.spec import HashLayout
 
 Backend = Literal["auto", "kernel", "torch"]
+
+
+def default_threads() -> int:
+    """Threads for the CPU kernel: ``NUMBA_NUM_THREADS`` if set, else the cores this process may use.
+
+    Not ``numba.get_num_threads()``: that launches Numba's OpenMP threading layer, which resets
+    torch's intra-op thread count (``torch.set_num_threads(1)`` silently became 2, and two training
+    jobs on two cores then ran 4-5x slower). The kernel uses its own plain threads, so it never needs
+    that layer.
+    """
+    env = os.environ.get("NUMBA_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
@@ -59,7 +77,7 @@ class NgramHasher:
     Ids are offset-applied (``o <= r < o + p``) unless ``head_local=True``.
     ``doc_start`` is honoured only in ``boundary_mode="reset"``; ``dead`` always.
 
-    ``threads`` caps the CPU kernel's threads (None: ``numba.get_num_threads()``, all cores by
+    ``threads`` caps the CPU kernel's threads (None: :func:`default_threads`, all usable cores by
     default); they are plain threads sharing work through a counter (see ``_kernels.run_tasks``).
     Inputs under ``MIN_TOKENS_PER_THREAD`` tokens per thread use fewer threads, because waking a
     helper costs more than it saves there.
@@ -140,8 +158,6 @@ class NgramHasher:
         The kernel checks the id range while it compresses; the min/max for the error message
         is only computed when it reports an out-of-range id.
         """
-        import numba
-
         c = self._np
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
@@ -162,7 +178,7 @@ class NgramHasher:
         streaming = out.nbytes >= self.STREAMING_BYTES
         n_items = b * -(-t // _kernels.CHUNK)
         bad = np.zeros(n_items, dtype=np.uint8)
-        threads = numba.get_num_threads() if self.threads is None else self.threads
+        threads = default_threads() if self.threads is None else self.threads
         threads = max(1, min(threads, b * t // self.MIN_TOKENS_PER_THREAD))
         per_task = max(1, n_items // (4 * threads))  # a few tasks per thread: late helpers can still help
         args = (raw, self._lookup, doc, dd, windowed, c["mult"], c["cf"], c["offs_out"],
