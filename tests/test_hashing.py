@@ -448,6 +448,7 @@ def test_kernel_hashing_leaves_torch_thread_count_alone() -> None:
 
     code = (
         "import torch; torch.set_num_threads(1)\n"
+        "assert torch.get_num_threads() == 1  # torch's pool is up, as in training (ops ran before hashing)\n"
         "from engramlm.hashing.batch import NgramHasher\n"
         "from engramlm.hashing.compression import CompressionMap\n"
         "from engramlm.hashing.spec import HashSpec, make_layout\n"
