@@ -150,6 +150,15 @@ def write_result(name: str, payload: Mapping[str, Any], results_dir: Path | None
 # ---------------------------------------------------------------------------- timing
 
 
+def save_png(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (a crash never leaves a torn plot next to a result)."""
+    from engramlm.utils.io import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return path
+
+
 def interleaved_timings(
     contenders: Mapping[str, Callable[[], object]],
     repeats: int,

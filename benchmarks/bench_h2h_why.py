@@ -32,12 +32,11 @@ from typing import Any
 import torch
 
 from _arms import resolve_corpus, run_arm, spread
-from _common import REPO_ROOT, RESULTS_DIR, write_result
+from _common import REPO_ROOT, RESULTS_DIR, save_png, write_result
 from bench_head_to_head import SIZES, arm_dir, arms
 from engramlm.data import TokenDataset
 from engramlm.models.accounting import count_parameters
 from engramlm.models.config import ModelConfig
-from engramlm.utils.io import atomic_open
 
 
 def variants(engram_arm: ModelConfig) -> dict[str, tuple[ModelConfig, dict[str, Any]]]:
@@ -82,8 +81,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("held-out bpb minus MoE (same seed); < 0 = Engram variant better")
     ax.set_title(f"{result['corpus']} ({result['size']}, seeds {result['seeds']})")
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

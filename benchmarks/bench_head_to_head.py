@@ -34,13 +34,12 @@ from typing import Any
 import torch
 
 from _arms import resolve_corpus, run_arm, spread
-from _common import REPO_ROOT, RESULTS_DIR, write_result
+from _common import REPO_ROOT, RESULTS_DIR, save_png, write_result
 from engramlm.data import TokenDataset
 from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
 from engramlm.models.accounting import count_parameters, iso_parameter_variant
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
-from engramlm.utils.io import atomic_open
 
 RHO = 0.8
 SIZES: dict[str, dict[str, Any]] = {
@@ -126,8 +125,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(lo, hi)
         ax.set(title=f"{corpus}: held-out bits per byte (mean, std, seeds)", ylabel="bits/byte")
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import math
 import multiprocessing as mp
 import sys
@@ -48,12 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tqdm import tqdm
 
 from _arms import resolve_corpus, run_arm
-from _common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, write_result
+from _common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, save_png, write_result
 from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
 from engramlm.models.accounting import count_parameters, iso_parameter_variant
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
-from engramlm.utils.io import atomic_write_bytes
 
 EXPERIMENTS = ("rho", "memory", "ablations")
 
@@ -201,9 +199,7 @@ def plot(results: dict[str, Any], prefix: str) -> list[str]:
         ax.set_title(f"{exp} ({results['setting']})")
         fig.tight_layout()
         path = RESULTS_DIR / f"{prefix}_{exp}.png"
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        atomic_write_bytes(path, buf.getvalue())
+        save_png(fig, path)
         written.append(str(path))
     return written
 
