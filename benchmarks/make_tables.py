@@ -512,13 +512,21 @@ PAPER_ABLATIONS = (
 def reproductions_table(doc: dict[str, Any]) -> list[str]:
     """The paper's three findings at CPU scale: sparsity allocation, memory scaling, ablations."""
     s, exps, fnd = doc["parameters"], doc["experiments"], doc.get("findings", {})
-    setting = doc.get("setting", "?")
+    setting, noise = doc.get("setting", "?"), doc.get("noise")
     lines = [
         f"**Paper reproductions, setting `{setting}`, corpus `{doc.get('corpus', '?')}`**: d={s['hidden']}, "
         f"{s['layers']} layers, {s['routed']} "
         f"routed experts (hidden {s['expert']}), hc_mult {s['hc_mult']}; every arm trains {s['steps']} steps of "
         f"B={s['batch']}×T={s['seq']} on the same data, seed and schedule, scored on the same {s['eval_batches']} "
-        "held-out batches."
+        "held-out batches"
+        + (f", tables at {s['engram_lr_mult']:g}× the base LR" if "engram_lr_mult" in s else "")
+        + "."
+        + (
+            f" Seed spread of the reference arm (seeds {', '.join(map(str, noise['seeds']))}): std "
+            f"{noise['std']:.4f} nats, so a difference between two single-seed arms is beyond noise when it exceeds "
+            f"~{noise['threshold']:.3f} (2·√2·std)."
+            if noise else ""
+        )
         + (" *Quick setting: a pipeline check, far too noisy to confirm or refute the paper.*"
            if setting == "quick" else ""),
         "",

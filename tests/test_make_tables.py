@@ -150,6 +150,9 @@ def test_reproductions_findings_and_arms(grouped) -> None:
             assert f"slope {f['memory']['slope_per_ln_rows']:+.4f}" in body
         if "rho" in f:
             assert f"interior optimum: {'yes' if f['rho']['u_shape'] else 'no'}" in body
+        # the seed spread is stated whenever it was measured, and only then
+        noisy = {**doc, "noise": {"seeds": [0, 1, 2], "std": 0.0123, "threshold": 0.0348}}
+        assert "std 0.0123 nats" in _one("reproductions", noisy) and ("Seed spread" in body) == ("noise" in doc)
 
 
 def test_engram_block_and_hashing_speedups(grouped, blocks) -> None:
