@@ -11,12 +11,12 @@
    placement sweep (Engram at each block in turn).
 
 Every arm trains with the same data, seed, schedule and token budget and is scored on the same
-held-out tokens, through ``_arms.run_arm``. The reference arm is also trained with ``noise_seeds``,
+held-out tokens. The reference arm is also trained with ``noise_seeds``,
 so every difference can be read against the seed-to-seed spread of one configuration. The tables
 learn at 25x the base LR, not the paper's 5x: at a budget a million times smaller than the paper's,
 rows are updated too rarely at 5x (``bench_h2h_why.py``: 25x is 0.033 bpb better on stdlib, 3 seeds),
 and laws about memory can only show once the memory is trained. ``--engram-lr-mult 5`` restores
-the paper's value. Arms go through ``_arms.run_arm``: arms are resumable and reusable, and an arm is identified
+the paper's value. Arms go through ``_arms.run_arm``: they are resumable and reusable, and an arm is identified
 by its model config, so identical arms (the memory sweep's reference size, the ablations' reference
 and ``layer=1``) train once. ``--jobs 2`` trains two arms at a time, one thread each. Results:
 ``benchmarks/results/reproductions[_quick].json`` (machine, command, every arm's config, parameter
@@ -26,8 +26,8 @@ The default corpus is the CPython standard library: at this budget Engram helps 
 on prose (see the head-to-head), and a law about how much memory helps can only show where it helps.
 The sparsity arms hold P_act fixed too (``iso_parameter_variant(match_p_act=True)``: experts narrowed
 to pay for Engram's projections) where that is feasible. ``--quick`` shrinks everything to minutes:
-its numbers only show the pipeline works. The full setting is ~21 distinct arms of 120 steps of
-16 x 256 tokens, about 2.5 h with ``--jobs 2`` on 2 cores.
+its numbers only show the pipeline works. The full setting is 23 distinct runs (21 arms + 2 noise
+seeds) of 120 steps of 16 x 256 tokens, ~11 min each on one core: ~2.3 h with ``--jobs 2`` on 2 cores.
 
     python benchmarks/bench_reproductions.py --quick --jobs 2
     python benchmarks/bench_reproductions.py --jobs 2                    # stdlib, full setting
