@@ -107,16 +107,11 @@ def machine_info() -> dict[str, Any]:
         "git_commit": _git_commit(),
         "thread_env": {k: os.environ.get(k) for k in THREAD_ENV_VARS},
     }
-    try:
-        import numba
+    # The hasher's own thread count. Not numba.get_num_threads(): that launches Numba's OpenMP layer,
+    # which resets torch's thread count mid-run (the library does not use that layer at all).
+    from engramlm.hashing.batch import default_threads
 
-        info["numba_threads"] = numba.get_num_threads()
-        try:
-            info["numba_threading_layer"] = numba.threading_layer()
-        except ValueError:  # no parallel region has run yet, so no layer was chosen
-            info["numba_threading_layer"] = None
-    except ImportError:
-        info["numba_threads"] = None
+    info["hash_threads"] = default_threads()
     return info
 
 
@@ -166,11 +161,13 @@ def interleaved_timings(
     warmup: int = 1,
     desc: str = "timing",
     progress: bool = True,
+    block: int = 1,
 ) -> dict[str, list[float]]:
     """Seconds per call for every contender, ``repeats`` samples each.
 
-    Within one repeat every contender runs once; the order rotates between repeats so no
-    contender always runs right after the same neighbour (cache and turbo-state effects).
+    Within one repeat every contender runs once (or ``block`` times back to back, recording the
+    mean: a throughput sample, in the steady state a loop of calls reaches); the order rotates between
+    repeats so no contender always runs right after the same neighbour (cache and turbo-state effects).
     Sample i of every contender comes from the same repeat, so paired ratios
     (:func:`paired_ratios`) cancel slow drifts of the machine.
     """
@@ -186,8 +183,9 @@ def interleaved_timings(
         for n in names[shift:] + names[:shift]:
             fn = contenders[n]
             t0 = time.perf_counter()
-            fn()
-            out[n].append(time.perf_counter() - t0)
+            for _ in range(block):
+                fn()
+            out[n].append((time.perf_counter() - t0) / block)
     return out
 
 
