@@ -12,8 +12,8 @@ int64<->double conversion, so the shape of the loops decides the speed):
    waits for groups that were actually started: a helper thread that the OS has not scheduled
    yet (the machine is shared) never holds up a call, as it would at an OpenMP barrier;
 1. per block of ``BLOCK`` tokens and per layer, the multiply-XOR mix of every order (a short loop
-   over tokens; window handling is one select, and only when windows are in use) and its three
-   21-bit limbs as doubles;
+   over tokens; window handling is one select, and only when windows are in use) and its two
+   limbs (top 21 bits, low 42 bits) as doubles;
 2. per output column (order, head) a long, branch-free loop over the block's tokens computing
    ``mix mod p`` into a small int32 scratch ``[columns, BLOCK]`` (L1-resident);
 3. the scratch is transposed into ``out[layer, b, t, column]`` (adding the head offsets) in 8 x 8
@@ -24,11 +24,12 @@ int64<->double conversion, so the shape of the loops decides the speed):
 Scratch arrays are allocated once per call and indexed in 2-D: a NumPy view created inside a loop
 costs two atomic reference-count updates in Numba (removing them saved ~15% on the V4.1 layout).
 
-The modulo is division-free and exact in float64. With mix = a*2^42 + c*2^21 + d (21-bit limbs,
-mix < 2^63) and p < 2^30, s = a*(2^42 mod p) + c*(2^21 mod p) + d is congruent to mix, every
-term is an exact integer and s < 2^53. With ``inv`` the largest double <= 1/p, the quotient
-estimate q = floor(fl(s * inv)) is floor(s/p) or one less (see :func:`exact_mod` for the proof),
-so r = s - q*p lies in [0, 2p) and one unsigned-min step finishes: min(r, r - p) as uint32.
+The modulo is division-free and exact in float64. With mix = a*2^42 + lo (a < 2^21, lo < 2^42,
+mix < 2^63) and p < 2^30, s = a*(2^42 mod p) + lo is congruent to mix, every term is an exact
+integer and s < 2^52 (one FMA per row id; three 21-bit limbs cost ~5% more on the V4.1 layout).
+With ``inv`` the largest double <= 1/p, the quotient estimate q = floor(fl(s * inv)) is floor(s/p)
+or one less (see :func:`exact_mod` for the proof), so r = s - q*p lies in [0, 2p) and one
+unsigned-min step finishes: min(r, r - p) as uint32.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ _JIT = {"boundscheck": False, "nogil": True, "error_model": "numpy", "fastmath":
 
 
 def modulo_constants(primes: np.ndarray) -> np.ndarray:
-    """Per-prime float64 constants ``[..., 4]``: p, inv (largest double <= 1/p), 2^21 mod p, 2^42 mod p.
+    """Per-prime float64 constants ``[..., 3]``: p, inv (largest double <= 1/p), 2^42 mod p.
 
     ``inv`` is rounded down exactly (checked with integer arithmetic on the double's mantissa),
     which makes the quotient estimate one-sided.
@@ -77,29 +78,27 @@ def modulo_constants(primes: np.ndarray) -> np.ndarray:
         if m * int(flat_p[i]) > (1 << -e):
             flat_inv[i] = np.nextafter(flat_inv[i], 0.0)
     inv = flat_inv.reshape(inv.shape)
-    return np.stack([pf, inv, ((1 << 21) % p).astype(np.float64), ((1 << 42) % p).astype(np.float64)], axis=-1)
+    return np.stack([pf, inv, ((1 << 42) % p).astype(np.float64)], axis=-1)
 
 
 def _limbs_py(mix):  # pragma: no cover - jitted, inlined
-    """The three 21-bit limbs of 0 <= mix < 2^63 as doubles (exact: each < 2^21)."""
-    mask21 = np.int64((1 << 21) - 1)
+    """0 <= mix < 2^63 as two exact doubles: the top 21 bits and the low 42 bits."""
     a = np.float64(np.int32(mix >> 42))
-    c = np.float64(np.int32((mix >> 21) & mask21))
-    d = np.float64(np.int32(mix & mask21))
-    return a, c, d
+    lo = np.float64(np.uint64(mix & np.int64((1 << 42) - 1)))
+    return a, lo
 
 
-def _mod_limbs_py(a, c, d, p, inv, m21, m42):  # pragma: no cover - jitted, inlined
-    """(a*2^42 + c*2^21 + d) mod p as int32, for the constants of :func:`modulo_constants`."""
-    s = a * m42 + c * m21 + d
+def _mod_limbs_py(a, lo, p, inv, m42):  # pragma: no cover - jitted, inlined
+    """(a*2^42 + lo) mod p as int32, for the constants of :func:`modulo_constants`."""
+    s = a * m42 + lo
     r = np.int32(s - np.floor(s * inv) * p)
     return np.int32(min(np.uint32(r), np.uint32(r - np.int32(p))))
 
 
 def _exact_mod(mixes, cf, out):  # pragma: no cover - jitted
     for i in range(mixes.shape[0]):
-        a, c, d = _limbs(mixes[i])
-        out[i] = _mod_limbs(a, c, d, cf[i, 0], cf[i, 1], cf[i, 2], cf[i, 3])
+        a, lo = _limbs(mixes[i])
+        out[i] = _mod_limbs(a, lo, cf[i, 0], cf[i, 1], cf[i, 2])
     return out
 
 
@@ -182,7 +181,7 @@ def _hash_items(  # pragma: no cover - jitted
     """Hash work items lo..hi-1; item = (row, chunk of CHUNK tokens), row-major.
 
     ids [B, T] raw; doc_start/dead uint8 [B, T] (read only when ``windowed``);
-    cf [L, 4, H_e] (modulo_constants, column-major); offs [L, H_e] in out's dtype (C-contiguous);
+    cf [L, 3, H_e] (modulo_constants, column-major); offs [L, H_e] in out's dtype (C-contiguous);
     out [L, B, T, H_e] (C-contiguous); ``streaming``: write the tiles with non-temporal stores (only
     for a 32-byte aligned ``out``); bad [B * chunks] uint8 set to 1 where a chunk holds an id outside
     the lookup."""
@@ -198,8 +197,7 @@ def _hash_items(  # pragma: no cover - jitted
     st = np.zeros(CHUNK, np.int64)
     mix = np.empty(BLOCK, np.int64)
     la = np.empty((n_ord, BLOCK), np.float64)
-    lc = np.empty((n_ord, BLOCK), np.float64)
-    ld = np.empty((n_ord, BLOCK), np.float64)
+    ll = np.empty((n_ord, BLOCK), np.float64)
     tmp = np.empty((n_col, BLOCK), np.int32)
     tmp_flat, out_flat, offs_flat = tmp.reshape(-1), out.reshape(-1), offs.reshape(-1)
     tiles = n_col % 8 == 0
@@ -251,17 +249,16 @@ def _hash_items(  # pragma: no cover - jitted
                         for i in range(n):
                             mix[i] ^= x[base - k + i] * mk
                     for i in range(n):
-                        la[k - 1, i], lc[k - 1, i], ld[k - 1, i] = _limbs(mix[i])
+                        la[k - 1, i], ll[k - 1, i] = _limbs(mix[i])
                 o = 0
                 for j in range(n_col):
                     if j == (o + 1) * heads:  # no integer division in this loop: it runs per block
                         o += 1
                     p = cf[layer, 0, j]
                     inv = cf[layer, 1, j]
-                    m21 = cf[layer, 2, j]
-                    m42 = cf[layer, 3, j]
+                    m42 = cf[layer, 2, j]
                     for i in range(n):
-                        tmp[j, i] = _mod_limbs(la[o, i], lc[o, i], ld[o, i], p, inv, m21, m42)
+                        tmp[j, i] = _mod_limbs(la[o, i], ll[o, i], p, inv, m42)
                 tt = c0 + t0
                 n8 = n - n % 8 if tiles else 0
                 row0 = ((layer * n_batch + b) * n_time + tt) * n_col
@@ -291,7 +288,7 @@ def exact_mod(mixes: np.ndarray, primes: np.ndarray) -> np.ndarray:
     """``mixes % primes`` (elementwise, int32) through the kernel's modulo; for tests.
 
     Exactness, for 0 <= mix < 2^63 and 3 <= p < 2^30 (p prime, so 1/p is not a double):
-    the limbs are < 2^21 and the constants < 2^30, so s < 2^52 + 2^21 is computed exactly
+    a < 2^21, 2^42 mod p < 2^30 and lo < 2^42, so s < 2^51 + 2^42 is computed exactly
     (with or without FMA). Let v = s * inv (real) and m = floor(s/p). Since inv < 1/p,
     v <= s/p <= m + 1 - 1/p; rounding moves v by at most half an ulp < v * 2^-53 < 1/p, so
     fl(v) < m + 1 and q <= m. Since inv >= (1/p)(1 - 2^-52), v >= s/p - 2/p and fl(v) >=
@@ -300,7 +297,7 @@ def exact_mod(mixes: np.ndarray, primes: np.ndarray) -> np.ndarray:
     (r - p wraps above 2^31 when negative) is r mod p.
     """
     mixes = np.ascontiguousarray(mixes, dtype=np.int64).reshape(-1)
-    cf = np.ascontiguousarray(modulo_constants(np.broadcast_to(primes, mixes.shape)).reshape(-1, 4))
+    cf = np.ascontiguousarray(modulo_constants(np.broadcast_to(primes, mixes.shape)).reshape(-1, 3))
     if mixes.size and (int(mixes.min()) < 0):
         raise ValueError("mixes must be non-negative (the spec's mix is < 2^63)")
     return exact_mod_kernel(mixes, cf, np.empty(mixes.shape, np.int32))

@@ -110,7 +110,7 @@ class NgramHasher:
         self._kernel_ok = (
             _kernels.HAVE_NUMBA and _kernels.MIN_PRIME_FOR_KERNEL <= lo and hi < _kernels.MAX_PRIME_FOR_KERNEL
         )
-        if self._kernel_ok:  # [L, 4, H_e]: per output column p, 1/p (rounded down), 2^21 and 2^42 mod p
+        if self._kernel_ok:  # [L, 3, H_e]: per output column p, 1/p (rounded down), 2^42 mod p
             cf = _kernels.modulo_constants(layout.primes.reshape(n_layers, -1))
             self._np["cf"] = np.ascontiguousarray(np.moveaxis(cf, -1, 1))
             self._np["offs_out"] = np.ascontiguousarray(layout.offsets.reshape(n_layers, -1).astype(out_np))
