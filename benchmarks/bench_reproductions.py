@@ -27,7 +27,7 @@ on prose (see the head-to-head), and a law about how much memory helps can only 
 The sparsity arms hold P_act fixed too (``iso_parameter_variant(match_p_act=True)``: experts narrowed
 to pay for Engram's projections) where that is feasible. ``--quick`` shrinks everything to minutes:
 its numbers only show the pipeline works. The full setting is 23 distinct runs (21 arms + 2 noise
-seeds) of 120 steps of 16 x 256 tokens, ~11 min each on one core: ~2.3 h with ``--jobs 2`` on 2 cores.
+seeds) of 120 steps of 16 x 256 tokens, ~12-15 min each on one core: ~3 h with ``--jobs 2`` on 2 cores.
 
     python benchmarks/bench_reproductions.py --quick --jobs 2
     python benchmarks/bench_reproductions.py --jobs 2                    # stdlib, full setting
