@@ -79,6 +79,39 @@ def training_seconds(train: list[dict[str, Any]]) -> float:
     return total + prev
 
 
+def _result_key(cfg: TrainConfig, size: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides an arm's result (not where or how fast it ran), as plain JSON."""
+    key = {"train_config": cfg.to_dict(), "eval_tokens": size["eval_tokens"]}
+    for drop in ("threads", "checkpoint_every", "keep_checkpoints", "progress", "out_dir"):
+        key["train_config"].pop(drop, None)
+    return json.loads(json.dumps(key))
+
+
+def _cached_result(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    cached = out / RESULT_FILE
+    if cached.is_file():
+        doc = json.loads(cached.read_text())
+        if doc.get("key") == key:
+            return doc["result"]
+    return None
+
+
+def arm_status(
+    model: ModelConfig,
+    size: dict[str, Any],
+    data: Path,
+    seed: int,
+    out: Path,
+    optim: dict[str, Any] | None = None,
+) -> str:
+    """``done`` (a result for exactly this config is stored), ``at step N`` (a checkpoint to resume) or ``new``."""
+    cfg = train_config(model, size, data, seed, out, 1, optim)
+    if _cached_result(out, _result_key(cfg, size)) is not None:
+        return "done"
+    ckpts = list_checkpoints(out) if out.is_dir() else []
+    return f"at step {int(ckpts[-1].name.removeprefix('step_'))}" if ckpts else "new"
+
+
 def run_arm(
     model: ModelConfig,
     size: dict[str, Any],
@@ -95,14 +128,10 @@ def run_arm(
     the result changed: long sizes can be run piecewise across sessions.
     """
     cfg = train_config(model, size, data, seed, out, threads, optim)
-    key = {"train_config": cfg.to_dict(), "eval_tokens": size["eval_tokens"]}
-    for drop in ("threads", "checkpoint_every", "keep_checkpoints", "progress", "out_dir"):
-        key["train_config"].pop(drop, None)
-    cached = out / RESULT_FILE
-    if cached.is_file():
-        doc = json.loads(cached.read_text())
-        if doc.get("key") == json.loads(json.dumps(key)):
-            return {**doc["result"], "reused": True}
+    key = _result_key(cfg, size)
+    cached = _cached_result(out, key)
+    if cached is not None:
+        return {**cached, "reused": True}
     t0 = time.perf_counter()
     tr = Trainer(cfg, resume=bool(list_checkpoints(out)))
     tr.fit()
@@ -122,7 +151,7 @@ def run_arm(
         "tokens_per_s": train[-1]["tokens"] / train_s,
         "curve": [[r["tokens"], r["loss"]] for r in train],
     }
-    with atomic_open(cached, "w") as f:
+    with atomic_open(out / RESULT_FILE, "w") as f:
         json.dump({"key": key, "result": result}, f, indent=1)
     return result
 

@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tqdm import tqdm
 
-from _arms import resolve_corpus, run_arm
+from _arms import arm_status, resolve_corpus, run_arm
 from _common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, save_png, write_result
 from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
@@ -221,6 +221,7 @@ def main() -> int:
     ap.add_argument(
         "--noise-seeds", type=int, nargs="*", default=None, help="extra seeds of the reference arm (setting: 1 2)"
     )
+    ap.add_argument("--status", action="store_true", help="list each run as done / at step N / new, train nothing")
     ap.add_argument("--data-root", default=str(REPO_ROOT / "runs" / "data"))
     ap.add_argument("--runs-root", default=str(REPO_ROOT / "runs" / "repro"))
     args = ap.parse_args()
@@ -244,6 +245,15 @@ def main() -> int:
     jobs = {(arm_dir(cfg), args.seed): cfg for arms in plan.values() for cfg in arms.values()}
     jobs.update({(arm_dir(ref), seed): ref for seed in s["noise_seeds"]})  # last: the spread, not the laws
     print(f"{sum(map(len, plan.values()))} arms, {len(jobs)} distinct runs; runs in {runs}", flush=True)
+    if args.status:
+        names: dict[str, list[str]] = {}
+        for arms in plan.values():
+            for name, cfg in arms.items():
+                names.setdefault(arm_dir(cfg), []).append(name)
+        for (key, seed), cfg in jobs.items():
+            state = arm_status(cfg, budget, data, seed, runs / key / f"seed{seed}", optim)
+            print(f"  {'/'.join(names[key]):<32} seed {seed}  {key}  {state}")
+        return 0
     done: dict[tuple[str, int], dict[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = {

@@ -48,11 +48,15 @@ def test_interrupted_arm_resumes_exactly_and_finished_arm_is_reused(data: Path, 
     assert whole["resumed_from_step"] is None and "reused" not in whole
 
     part = tmp_path / "part"  # a run killed after its step-4 checkpoint
+    assert arms.arm_status(MODEL, BUDGET, data, 0, part) == "new"
     tr = Trainer(arms.train_config(MODEL, BUDGET, data, 0, part, 1))
     for _ in range(4):
         tr.train_step()
     tr.save()
+    assert arms.arm_status(MODEL, BUDGET, data, 0, part) == "at step 4"
     resumed = arms.run_arm(MODEL, BUDGET, data, 0, part, 1)
+    assert arms.arm_status(MODEL, BUDGET, data, 0, part) == "done"
+    assert arms.arm_status(MODEL, BUDGET, data, 0, part, optim={"engram_lr_mult": 1.0}) != "done"
     assert resumed["resumed_from_step"] == 4
     assert resumed["heldout"] == whole["heldout"] and resumed["final_train_loss"] == whole["final_train_loss"]
     # (the manual steps above logged nothing, so the resumed log holds steps 5-8 only)
