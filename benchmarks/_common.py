@@ -142,9 +142,6 @@ def write_result(name: str, payload: Mapping[str, Any], results_dir: Path | None
     return path
 
 
-# ---------------------------------------------------------------------------- timing
-
-
 def save_png(fig: Any, path: Path, dpi: int = 110) -> Path:
     """Write a matplotlib figure as PNG atomically (a crash never leaves a torn plot next to a result)."""
     from engramlm.utils.io import atomic_open
@@ -152,6 +149,9 @@ def save_png(fig: Any, path: Path, dpi: int = 110) -> Path:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=dpi)
     return path
+
+
+# ---------------------------------------------------------------------------- timing
 
 
 def interleaved_timings(

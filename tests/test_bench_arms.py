@@ -7,8 +7,6 @@ pieces across sessions; a reused or resumed arm that differed from a fresh one w
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +16,9 @@ from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.train import Trainer
+from helpers import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("_arms", REPO / "benchmarks" / "_arms.py")
-assert _spec is not None and _spec.loader is not None
-arms = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(arms)
+arms = load_benchmark("_arms")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,17 +6,14 @@ or a machine record that changed torch's thread count while it was being taken, 
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("_common", REPO / "benchmarks" / "_common.py")
-assert _spec is not None and _spec.loader is not None
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+common = load_benchmark("_common")
 
 
 class _Clock:

@@ -8,7 +8,6 @@ not typed in.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -17,11 +16,10 @@ from typing import Any
 
 import pytest
 
+from helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_tables", REPO / "benchmarks" / "make_tables.py")
-assert _spec is not None and _spec.loader is not None
-mt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mt)
+mt = load_benchmark("make_tables")
 
 
 @pytest.fixture(scope="module")
