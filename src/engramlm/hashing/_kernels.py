@@ -23,6 +23,8 @@ int64<->double conversion, so the shape of the loops decides the speed):
 
 Scratch arrays are allocated once per call and indexed in 2-D: a NumPy view created inside a loop
 costs two atomic reference-count updates in Numba (removing them saved ~15% on the V4.1 layout).
+Indices Numba cannot prove non-negative (``base - k + i``) go through :func:`_idx_py`: a signed index
+gets a wraparound test per access that keeps LLVM from vectorising the mix (measured 2.3x slower).
 
 The modulo is division-free and exact in float64. With mix = a*2^42 + lo (a < 2^21, lo < 2^42,
 mix < 2^63) and p < 2^30, s = a*(2^42 mod p) + lo is congruent to mix, every term is an exact
@@ -82,10 +84,23 @@ def modulo_constants(primes: np.ndarray) -> np.ndarray:
 
 
 def _limbs_py(mix):  # pragma: no cover - jitted, inlined
-    """0 <= mix < 2^63 as two exact doubles: the top 21 bits and the low 42 bits."""
-    a = np.float64(np.int32(mix >> 42))
-    lo = np.float64(np.uint64(mix & np.int64((1 << 42) - 1)))
+    """0 <= mix < 2^63 as two exact doubles: the top 21 bits and the low 42 bits.
+
+    Each limb is OR-ed into the bits of 2^52 (an integer below 2^52 fills the mantissa exactly), read
+    as a double and 2^52 subtracted: three vector ops, where AVX2's int64 -> double conversion is a
+    long sequence (measured: the V4.1 call 10% faster)."""
+    magic = np.int64(0x4330000000000000)
+    a = np.int64((mix >> 42) | magic).view(np.float64) - 4503599627370496.0
+    lo = np.int64((mix & np.int64((1 << 42) - 1)) | magic).view(np.float64) - 4503599627370496.0
     return a, lo
+
+
+def _idx_py(i):  # pragma: no cover - jitted, inlined
+    """An array index as unsigned, for indices like ``base + i`` that Numba cannot prove non-negative.
+
+    A signed index gets a negative-index wraparound (sign test, add) on every access, which stops LLVM
+    from vectorising the loop: the multiply-XOR mix ran 2.3x slower with it."""
+    return np.uint64(i)
 
 
 def _mod_limbs_py(a, lo, p, inv, m42):  # pragma: no cover - jitted, inlined
@@ -238,16 +253,16 @@ def _hash_items(  # pragma: no cover - jitted
             for layer in range(n_layers):
                 m0 = mult[layer, 0]
                 for i in range(n):
-                    mix[i] = x[base + i] * m0
+                    mix[i] = x[_u(base + i)] * m0
                 for k in range(1, n_max):
                     mk = mult[layer, k]
                     if windowed:
                         for i in range(n):
-                            v = x[base - k + i] if t0 + i - k >= st[t0 + i] else pad
+                            v = x[_u(base - k + i)] if t0 + i - k >= st[_u(t0 + i)] else pad
                             mix[i] ^= v * mk
                     else:
                         for i in range(n):
-                            mix[i] ^= x[base - k + i] * mk
+                            mix[i] ^= x[_u(base - k + i)] * mk
                     for i in range(n):
                         la[k - 1, i], ll[k - 1, i] = _limbs(mix[i])
                 o = 0
@@ -275,6 +290,7 @@ def _hash_items(  # pragma: no cover - jitted
 
 if HAVE_NUMBA:
     _limbs = njit(inline="always", **_JIT)(_limbs_py)
+    _u = njit(inline="always", **_JIT)(_idx_py)
     _mod_limbs = njit(inline="always", **_JIT)(_mod_limbs_py)
     _tr = njit(inline="always", **_JIT)(_transpose_add)
     _tile8 = intrinsic(_tile8_typing)
