@@ -169,39 +169,109 @@ def arm_record(name: str, cfg: ModelConfig, r: dict[str, Any]) -> dict[str, Any]
 
 
 def log_fit(rows: list[float], losses: list[float]) -> dict[str, float]:
-    """loss = a + b ln(rows) by least squares, with R^2."""
+    """loss = a + b ln(rows) by least squares, with R^2 and the standard error of b."""
     x, y = np.log(np.asarray(rows, dtype=float)), np.asarray(losses, dtype=float)
     b, a = np.polyfit(x, y, 1)
+    ss_res = float(((y - (a + b * x)) ** 2).sum())
     ss = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float(((y - (a + b * x)) ** 2).sum()) / ss if ss else float("nan")
-    return {"intercept": float(a), "slope_per_ln_rows": float(b), "r2": r2}
+    sxx = float(((x - x.mean()) ** 2).sum())
+    se = math.sqrt(ss_res / (len(x) - 2) / sxx) if len(x) > 2 and sxx else float("nan")
+    r2 = 1.0 - ss_res / ss if ss else float("nan")
+    return {"intercept": float(a), "slope_per_ln_rows": float(b), "slope_se": se, "r2": r2}
+
+
+def findings(exps: dict[str, list[dict[str, Any]]], noise: dict[str, Any] | None) -> dict[str, Any]:
+    """Each paper finding, measured, and read against the reference arm's seed spread where it is known.
+
+    - rho: the best arm, how far each end of the sweep (pure MoE, most Engram) lies above it, and the
+      vertex of a quadratic fit of loss in rho (None unless it is a minimum inside the sweep); a U shape
+      "beyond noise" needs both ends above the best by more than the threshold.
+    - memory: the log-linear fit (slope, its standard error, R^2) and the fitted drop over the span.
+    - ablations: loss of each arm minus the reference's (positive = the ablation hurts).
+    """
+    thr = noise["threshold"] if noise else None
+    out: dict[str, Any] = {}
+    if "rho" in exps:
+        arms = exps["rho"]
+        rhos = np.array([1.0 if a["rho"] is None else a["rho"] for a in arms])
+        loss = np.array([a["eval_loss"] for a in arms])
+        i = int(loss.argmin())
+        hi, lo = int(rhos.argmax()), int(rhos.argmin())
+        c2, c1, _ = np.polyfit(rhos, loss, 2)
+        vertex = -c1 / (2 * c2) if c2 > 0 else math.nan  # a minimum only when the parabola opens upwards
+        p_tot = [a["p_tot"] for a in arms]
+        out["rho"] = {
+            "best_rho": float(rhos[i]),
+            "best_arm": arms[i]["arm"],
+            "p_tot_spread": (max(p_tot) - min(p_tot)) / max(p_tot),
+            "u_shape": i not in (hi, lo),  # interior optimum
+            "rise_pure_moe": float(loss[hi] - loss[i]),
+            "rise_most_engram": float(loss[lo] - loss[i]),
+            "most_engram_arm": arms[lo]["arm"],
+            "u_shape_beyond_noise": None if thr is None else bool(min(loss[hi], loss[lo]) - loss[i] > thr),
+            "quadratic_optimum_rho": float(vertex) if rhos.min() <= vertex <= rhos.max() else None,
+            "paper": "U shape, optimum near rho 0.75-0.8",
+        }
+    if "memory" in exps:
+        arms = exps["memory"]
+        rows = [sum(a["engram_rows"]) for a in arms]
+        fit = log_fit(rows, [a["eval_loss"] for a in arms])
+        span = max(rows) / min(rows)
+        drop = -fit["slope_per_ln_rows"] * math.log(span)
+        out["memory"] = {
+            **fit,
+            "span": span,
+            "fitted_drop": drop,
+            "drop_beyond_noise": None if thr is None else bool(drop > thr),
+            "paper": "loss linear in log(rows), negative slope",
+        }
+    if "ablations" in exps:
+        ref = next(a for a in exps["ablations"] if a["arm"] == "reference")["eval_loss"]
+        out["ablations"] = {a["arm"]: a["eval_loss"] - ref for a in exps["ablations"] if a["arm"] != "reference"}
+    return out
 
 
 def plot(results: dict[str, Any], prefix: str) -> list[str]:
+    """One PNG per experiment; error bars are the reference arm's seed std where it was measured."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    noise, fnd = results.get("noise"), results["findings"]
+    std = noise["std"] if noise else None
     written = []
     for exp, arms in results["experiments"].items():
         fig = Figure(figsize=(7, 4), dpi=110)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
+        loss = np.array([a["eval_loss"] for a in arms])
         if exp == "rho":
-            x = [a["rho"] if a["rho"] is not None else 1.0 for a in arms]
-            ax.plot(x, [a["eval_loss"] for a in arms], marker="o")
+            x = np.array([1.0 if a["rho"] is None else a["rho"] for a in arms])
+            ax.errorbar(x, loss, yerr=std, marker="o", capsize=3, label="held-out loss")
+            c = np.polyfit(x, loss, 2)
+            grid = np.linspace(x.min(), x.max(), 100)
+            ax.plot(grid, np.polyval(c, grid), ls="--", color="grey", label="quadratic fit")
             ax.set_xlabel("rho (share of sparse parameters in routed experts)")
             ax.invert_xaxis()
         elif exp == "memory":
-            x = [sum(a["engram_rows"]) for a in arms]
-            ax.semilogx(x, [a["eval_loss"] for a in arms], marker="o")
+            x = np.array([sum(a["engram_rows"]) for a in arms], dtype=float)
+            ax.errorbar(x, loss, yerr=std, marker="o", capsize=3, label="held-out loss")
+            f = fnd["memory"]
+            ax.plot(x, f["intercept"] + f["slope_per_ln_rows"] * np.log(x), ls="--", color="grey",
+                    label=f"fit: {f['slope_per_ln_rows']:+.4f} per ln(rows), R² {f['r2']:.2f}")  # fmt: skip
+            ax.set_xscale("log")
             ax.set_xlabel("Engram table rows (log)")
         else:
-            ax.barh([a["arm"] for a in arms], [a["eval_loss"] for a in arms])
-            ax.set_xlim(min(a["eval_loss"] for a in arms) - 0.05, max(a["eval_loss"] for a in arms) + 0.05)
-            ax.set_xlabel("held-out loss")
+            ref = next(a["eval_loss"] for a in arms if a["arm"] == "reference")
+            ax.barh([a["arm"] for a in arms], loss - ref, xerr=std, capsize=3)
+            if noise:
+                ax.axvspan(-noise["threshold"], noise["threshold"], color="grey", alpha=0.2, label="within noise")
+            ax.axvline(0.0, color="black", lw=0.8)
+            ax.set_xlabel("held-out loss minus the reference arm's (nats)")
         if exp != "ablations":
             ax.set_ylabel("held-out loss (nats)")
-        ax.set_title(f"{exp} ({results['setting']})")
+        if exp != "ablations" or noise:
+            ax.legend(fontsize=8)
+        ax.set_title(f"{exp} ({results['setting']})" + (f", error bars: seed std {std:.4f}" if std else ""))
         fig.tight_layout()
         path = RESULTS_DIR / f"{prefix}_{exp}.png"
         save_png(fig, path)
@@ -264,7 +334,7 @@ def main() -> int:
             done[futures[fut]] = fut.result()
     results: dict[str, Any] = {
         "setting": setting, "corpus": corpus, "data_dir": str(data), "seed": args.seed,
-        "parameters": s, "experiments": {}, "findings": {},
+        "parameters": s, "experiments": {},
     }  # fmt: skip
     for exp, arms in plan.items():
         results["experiments"][exp] = [
@@ -280,30 +350,7 @@ def main() -> int:
         # a difference of two single-seed arms has std ~ sqrt(2) * std; 2 of those is our "beyond noise" line
         results["noise"] = {"arm": "reference", "seeds": list(seeds), "losses": losses, "std": std,
                             "threshold": 2 * math.sqrt(2) * std}  # fmt: skip
-    if "rho" in exps:
-        best = min(exps["rho"], key=lambda a: a["eval_loss"])
-        p_tot = [a["p_tot"] for a in exps["rho"]]
-        results["findings"]["rho"] = {
-            "best_rho": best["rho"],
-            "best_arm": best["arm"],
-            "p_tot_spread": (max(p_tot) - min(p_tot)) / max(p_tot),
-            "u_shape": bool(
-                best["arm"] != exps["rho"][0]["arm"] and best["arm"] != exps["rho"][-1]["arm"]
-            ),  # interior optimum
-            "paper": "U shape, optimum near rho 0.75-0.8",
-        }
-    if "memory" in exps:
-        arms = exps["memory"]
-        results["findings"]["memory"] = {
-            **log_fit([sum(a["engram_rows"]) for a in arms], [a["eval_loss"] for a in arms]),
-            "span": max(sum(a["engram_rows"]) for a in arms) / min(sum(a["engram_rows"]) for a in arms),
-            "paper": "loss linear in log(rows), negative slope",
-        }
-    if "ablations" in exps:
-        ref = next(a for a in exps["ablations"] if a["arm"] == "reference")["eval_loss"]
-        results["findings"]["ablations"] = {
-            a["arm"]: a["eval_loss"] - ref for a in exps["ablations"] if a["arm"] != "reference"
-        }
+    results["findings"] = findings(exps, results.get("noise"))
     prefix = "reproductions" + ("_quick" if args.quick else "") + ("" if corpus == "stdlib" else f"_{corpus}")
     results["plots"] = plot(results, prefix)
     payload = {"machine": machine_info(), "command": command_line(), **results}

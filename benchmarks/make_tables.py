@@ -532,6 +532,10 @@ PAPER_ABLATIONS = (
 )
 
 
+def _beyond(delta: float, threshold: float | None) -> bool | None:
+    return None if threshold is None else delta > threshold
+
+
 def reproductions_table(doc: dict[str, Any]) -> list[str]:
     """The paper's three findings at CPU scale: sparsity allocation, memory scaling, ablations."""
     s, exps, fnd = doc["parameters"], doc["experiments"], doc.get("findings", {})
@@ -556,26 +560,45 @@ def reproductions_table(doc: dict[str, Any]) -> list[str]:
         "| finding | paper | here |",
         "|---|---|---|",
     ]  # fmt: skip
+    thr = noise["threshold"] if noise else None
+
+    def verdict(beyond: bool | None) -> str:
+        return "" if beyond is None else (" (beyond noise)" if beyond else " (within noise)")
+
     if "rho" in fnd:
         f = fnd["rho"]
-        lines.append(
-            f"| sparsity allocation | {f['paper']} | best ρ = {f['best_rho']:.2f} (`{f['best_arm']}`), interior "
-            f"optimum: {'yes' if f['u_shape'] else 'no'}; P_tot spread {f['p_tot_spread']:.2%} |"
-        )
+        here = f"best ρ = {f['best_rho']:.2f} (`{f['best_arm']}`), interior optimum: {'yes' if f['u_shape'] else 'no'}"
+        if "rise_pure_moe" in f:
+            here += (
+                f"; above the best: pure MoE {f['rise_pure_moe']:+.4f}{verdict(_beyond(f['rise_pure_moe'], thr))}, "
+                f"`{f['most_engram_arm']}` {f['rise_most_engram']:+.4f}"
+                f"{verdict(_beyond(f['rise_most_engram'], thr))}"
+            )
+            if f.get("quadratic_optimum_rho") is not None:
+                here += f"; quadratic fit's optimum ρ = {f['quadratic_optimum_rho']:.2f}"
+        lines.append(f"| sparsity allocation | {f['paper']} | {here}; P_tot spread {f['p_tot_spread']:.2%} |")
     if "memory" in fnd:
         f = fnd["memory"]
-        lines.append(
-            f"| memory scaling | {f['paper']} | slope {f['slope_per_ln_rows']:+.4f} nats per ln(rows), "
-            f"R² {f['r2']:.2f}, over {f['span']:.0f}× rows |"
-        )
+        se = f" ± {f['slope_se']:.4f}" if "slope_se" in f else ""
+        here = f"slope {f['slope_per_ln_rows']:+.4f}{se} nats per ln(rows), R² {f['r2']:.2f}"
+        here += f", over {f['span']:.0f}× rows"
+        if "fitted_drop" in f:
+            here += f"; fitted drop over the span {f['fitted_drop']:+.4f}{verdict(f['drop_beyond_noise'])}"
+        lines.append(f"| memory scaling | {f['paper']} | {here} |")
     if "ablations" in fnd:
         comp = sorted(
             ((k, v) for k, v in fnd["ablations"].items() if not k.startswith("layer=")), key=lambda kv: -kv[1]
         )
         place = sorted((v, k) for k, v in fnd["ablations"].items() if k.startswith("layer="))
-        here = "Δ loss vs reference: " + ", ".join(f"`{k}` {v:+.3f}" for k, v in comp)
+
+        def mark(v: float) -> str:  # bold: the difference exceeds the seed-noise threshold
+            return f"**{v:+.3f}**" if thr is not None and abs(v) > thr else f"{v:+.3f}"
+
+        here = "Δ loss vs reference: " + ", ".join(f"`{k}` {mark(v)}" for k, v in comp)
         if place:
-            here += f"; best placement `{place[0][1]}` ({place[0][0]:+.3f})"
+            here += f"; best placement `{place[0][1]}` ({mark(place[0][0])})"
+        if thr is not None:
+            here += f"; bold: beyond noise (more than ±{thr:.3f})"
         lines.append(f"| ablations | {PAPER_ABLATIONS} | {here} |")
     if "rho" in exps:
         lines += [
