@@ -25,7 +25,15 @@ from engramlm.analysis.common import (
 from engramlm.analysis.fired import PAD_SHOWN, fired_rows
 from engramlm.analysis.gates import compute_gates, gate_report, render_html
 from engramlm.analysis.knockout import share_kept, summarise, unigram_nll
-from engramlm.analysis.lens import cka_matrix, collect_states, linear_cka, logit_lens
+from engramlm.analysis.lens import (
+    alignment_index,
+    cka_matrix,
+    collect_states,
+    hsic1,
+    linear_cka,
+    logit_lens,
+    recurring_ngram_ends,
+)
 from engramlm.cli.main import main
 from engramlm.data import TokenDataset, prepare
 from engramlm.errors import ConfigError
@@ -241,9 +249,79 @@ def test_linear_cka_properties(env: dict[str, Path]) -> None:
     ds = TokenDataset(env["data"], "val")
     states = collect_states(model, ds, max_tokens=200, batch_size=2, seq_len=64)
     assert len(states) == 4 and states[0].shape == (200, 2 * 64)
-    mat = cka_matrix(states, states)
+    mat = cka_matrix(states, states, minibatch=64)
     np.testing.assert_allclose(np.diag(mat), 1.0, atol=1e-9)
     np.testing.assert_allclose(mat, mat.T, atol=1e-9)
+
+
+def _hsic1_literal(k: np.ndarray, l: np.ndarray) -> float:
+    """Spec §9.8 written out term by term with explicit ones vectors (the reference for ``hsic1``)."""
+    n = k.shape[0]
+    kt, lt = k.copy(), l.copy()
+    np.fill_diagonal(kt, 0.0)
+    np.fill_diagonal(lt, 0.0)
+    one = np.ones(n)
+    return float(
+        (
+            np.trace(kt @ lt)
+            + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ kt @ lt @ one)
+        )
+        / (n * (n - 3))
+    )
+
+
+def test_minibatch_cka_is_the_spec_estimator() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    y = x[:, :8] @ torch.randn(8, 10, generator=g, dtype=torch.float64) + torch.randn(
+        300, 10, generator=g, dtype=torch.float64
+    )
+    k, l = (x[:50] @ x[:50].T), (y[:50] @ y[:50].T)
+    assert hsic1(k, l) == pytest.approx(_hsic1_literal(k.numpy(), l.numpy()), rel=1e-10)
+    # minibatches of 128: 128 + 128 + 44 samples, each summed into numerator and denominators
+    parts = [(x[i : i + 128], y[i : i + 128]) for i in (0, 128, 256)]
+    num = sum(_hsic1_literal((a @ a.T).numpy(), (b @ b.T).numpy()) for a, b in parts)
+    dx = sum(_hsic1_literal((a @ a.T).numpy(), (a @ a.T).numpy()) for a, _ in parts)
+    dy = sum(_hsic1_literal((b @ b.T).numpy(), (b @ b.T).numpy()) for _, b in parts)
+    mat = cka_matrix([x, y], [y], minibatch=128)
+    assert mat[0, 0] == pytest.approx(num / math.sqrt(dx * dy), rel=1e-9) and mat[1, 0] == pytest.approx(1.0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    assert cka_matrix([x], [2.0 * x @ q + 3.0])[0, 0] == pytest.approx(1.0)  # rotation, scale and shift
+    with pytest.raises(ValueError, match="at least 4"):
+        hsic1(k[:3, :3], l[:3, :3])
+
+
+def test_alignment_index_weights_the_most_similar_layers() -> None:
+    mat = np.array([[0.9, 0.5, 0.1, 0.0], [0.2, 0.4, 0.8, 0.6], [0.0, 0.1, 0.3, 0.9]])
+    assert alignment_index(mat, top_k=1) == [0.0, 2.0, 3.0]
+    assert alignment_index(mat, top_k=2) == pytest.approx(
+        [(0.9 * 0 + 0.5 * 1) / 1.4, (0.8 * 2 + 0.6 * 3) / 1.4, 3 * 0.9 / 1.2 + 2 * 0.3 / 1.2]
+    )
+    assert alignment_index(mat, top_k=9) == pytest.approx(alignment_index(mat, top_k=4))  # clipped to the layers
+
+
+def test_recurring_ngram_ends_match_a_brute_force_count(env: dict[str, Path]) -> None:
+    ds = TokenDataset(env["data"], "val")
+    tokens = np.asarray(ds.tokens).tolist()
+    starts = set(np.asarray(ds.doc_offsets).tolist())
+    for n in (1, 3):
+        grams = {}
+        for end in range(n - 1, len(tokens)):
+            if not any(end - b in starts for b in range(n - 1)):
+                grams.setdefault(tuple(tokens[end - n + 1 : end + 1]), []).append(end)
+        want = sorted(e for ends in grams.values() if len(ends) >= 2 for e in ends)
+        got = np.flatnonzero(recurring_ngram_ends(ds, n)).tolist()
+        assert got == want and 0 < len(got) < len(tokens)
+    model = load_checkpoint(env["engram"])
+    where = recurring_ngram_ends(ds, 3)
+    picked = collect_states(model, ds, max_tokens=40, batch_size=2, seq_len=64, positions=where)
+    every = collect_states(model, ds, max_tokens=400, batch_size=2, seq_len=64)
+    assert picked[0].shape[0] == 40
+    # the picked rows are the first scored positions that end a recurring trigram, in order
+    scored = [p for p in range(ds.n_tokens - 1) if tokens[p + 1] != ds.bos_id]  # the loader scores these inputs
+    first = [i for i, p in enumerate(scored[:400]) if where[p]][:40]
+    torch.testing.assert_close(picked[2], every[2][first])
 
 
 def test_cli_writes_json_and_pictures(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,6 +343,12 @@ def test_cli_writes_json_and_pictures(env: dict[str, Path], capsys: pytest.Captu
     ko = json.loads((out / "knockout.json").read_text())
     assert set(ko["modes"]) == {"baseline", "no_engram", "capacity1", "no_engram@0", "no_engram@2"}
     assert set(ko["sets"]["prep/val"]["classes"]) == {"kind", "position", "freq"}
+    cka = json.loads((out / "cka.json").read_text())
+    assert cka["positions"] == "recurring 3-gram ends" and cka["tokens"] == 64
+    assert len(cka["alignment_index"]["a"]) == len(cka["layers_a"]) == 4
+    with pytest.raises(SystemExit):
+        main(["analyze", "cka", ck, str(env["plain"]), *common, "--minibatch", "2"])
+    assert "argument --minibatch: must be an integer >= 4, got '2'" in capsys.readouterr().err
     # a tokenizer other than the one the checkpoint was hashed with is refused
     other = env["root"] / "other"
     prepare("stdlib", other, 300, max_bytes=30_000, progress=False)

@@ -101,39 +101,113 @@ def cka_from_grams(kx: torch.Tensor, ky: torch.Tensor) -> float:
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two feature matrices with the same rows ([N, Dx], [N, Dy])."""
+    """Linear CKA of two feature matrices with the same rows ([N, Dx], [N, Dy]), full-batch (biased) form."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"CKA needs the same samples in both: {x.shape[0]} vs {y.shape[0]} rows")
     return cka_from_grams(centered_gram(x), centered_gram(y))
 
 
+def hsic1(k: torch.Tensor, l: torch.Tensor) -> float:
+    """The unbiased HSIC estimator of the spec (§9.8) for Gram matrices K, L [n, n], n >= 4."""
+    n = k.shape[0]
+    if n < 4:
+        raise ValueError(f"HSIC_1 needs a minibatch of at least 4 samples, got {n}")
+    k = k - torch.diag_embed(torch.diagonal(k))
+    l = l - torch.diag_embed(torch.diagonal(l))
+    k1, l1 = k.sum(dim=1), l.sum(dim=1)
+    value = (k * l).sum() + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)
+    return float(value / (n * (n - 3)))
+
+
+def cka_matrix(states_a: list[torch.Tensor], states_b: list[torch.Tensor], minibatch: int = 256) -> np.ndarray:
+    """CKA between every layer of A (rows) and every layer of B (columns), spec §9.8: linear kernels
+    K = X X^T per minibatch of ``minibatch`` samples, CKA = sum_b HSIC_1(K_b, L_b) /
+    sqrt(sum_b HSIC_1(K_b, K_b) * sum_b HSIC_1(L_b, L_b)). A last partial minibatch under 4 samples is dropped."""
+    n = states_a[0].shape[0]
+    if any(x.shape[0] != n for x in (*states_a, *states_b)):
+        raise ValueError("CKA needs the same samples in every layer of both models")
+    cross = np.zeros((len(states_a), len(states_b)))
+    self_a, self_b = np.zeros(len(states_a)), np.zeros(len(states_b))
+    for lo in range(0, n, minibatch):
+        if min(n, lo + minibatch) - lo < 4:
+            break
+        ga = [(x[lo : lo + minibatch].double() @ x[lo : lo + minibatch].double().T) for x in states_a]
+        gb = [(y[lo : lo + minibatch].double() @ y[lo : lo + minibatch].double().T) for y in states_b]
+        self_a += [hsic1(g, g) for g in ga]
+        self_b += [hsic1(g, g) for g in gb]
+        cross += [[hsic1(x, y) for y in gb] for x in ga]
+    den = np.sqrt(np.outer(self_a, self_b))
+    return np.divide(cross, den, out=np.zeros_like(cross), where=den > 0)
+
+
+def alignment_index(mat: np.ndarray, top_k: int = 5) -> list[float]:
+    """Spec §9.8: for each layer j of A, the CKA-weighted mean index of its ``top_k`` most similar layers
+    of B. a_j > j means layer j of A looks like a deeper layer of B (the paper: Engram-27B layer 5 ~ MoE 12)."""
+    k = min(top_k, mat.shape[1])
+    out = []
+    for row in mat:
+        top = np.argsort(-row, kind="stable")[:k]
+        w = np.clip(row[top], 0.0, None)
+        out.append(float((w * top).sum() / w.sum()) if w.sum() > 0 else float("nan"))
+    return out
+
+
+def recurring_ngram_ends(dataset, n: int = 3, min_count: int = 2) -> np.ndarray:
+    """Spec §9.8 [D]: True at each position of the split that ends an n-gram (inside one document) seen at
+    least ``min_count`` times in the split: the offline stand-in for the paper's named-entity final tokens."""
+    tokens = np.asarray(dataset.tokens, dtype=np.int64)
+    total = tokens.size
+    mask = np.zeros(total, dtype=bool)
+    if total < n:
+        return mask
+    ends = np.arange(n - 1, total, dtype=np.int64)
+    inside = np.ones(ends.size, dtype=bool)
+    for back in range(n - 1):  # a document may not start at any of the n-gram's later positions
+        inside &= ~dataset.doc_start_mask(ends - back)
+    key = np.zeros(ends.size, dtype=np.int64)
+    for back in range(n - 1, -1, -1):
+        key = key * int(dataset.vocab_size) + tokens[ends - back]
+    _, inverse, counts = np.unique(key[inside], return_inverse=True, return_counts=True)
+    mask[ends[inside]] = counts[inverse] >= min_count
+    return mask
+
+
 def collect_states(
-    model: EngramLM, dataset, *, max_tokens: int = 1024, batch_size: int = 8, seq_len: int = 256
+    model: EngramLM,
+    dataset,
+    *,
+    max_tokens: int = 1024,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    positions: np.ndarray | None = None,
 ) -> list[torch.Tensor]:
     """Residual streams [N, M*d] (branches concatenated) after the embedding and each block, for the
-    first ``max_tokens`` scored positions of the split (deterministic, so two models see the same)."""
+    first ``max_tokens`` scored positions of the split (deterministic, so two models see the same); with
+    ``positions`` (a bool mask over the split's tokens, e.g. :func:`recurring_ngram_ends`) only those."""
     from engramlm.data.loader import EvalLoader
 
-    loader = EvalLoader(dataset, batch_size, min(seq_len, model.config.max_seq_len))
+    t = min(seq_len, model.config.max_seq_len)
+    loader = EvalLoader(dataset, batch_size, t)
     parts: list[list[torch.Tensor]] = []
     got = 0
     with torch.inference_mode():
-        for batch in loader:
+        for i, batch in enumerate(loader):
             mask = batch["loss_mask"]
+            if positions is not None:
+                b = mask.shape[0]
+                pos = (i * batch_size + np.arange(b))[:, None] * t + np.arange(t)
+                mask = mask & torch.from_numpy(positions[np.minimum(pos, positions.size - 1)])
+            if not bool(mask.any()):
+                continue
             out = model(batch["input_ids"], doc_start=batch["doc_start"], output_hidden_states=True)
             take = min(int(mask.sum()), max_tokens - got)
             parts.append([h[mask][:take].flatten(1).float() for h in out.hidden_states])
             got += take
             if got >= max_tokens:
                 break
+    if not parts:
+        raise ValueError("no positions selected in this split")
     return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-def cka_matrix(states_a: list[torch.Tensor], states_b: list[torch.Tensor]) -> np.ndarray:
-    """CKA between every layer of A (rows) and every layer of B (columns)."""
-    ga = [centered_gram(x) for x in states_a]
-    gb = [centered_gram(y) for y in states_b]
-    return np.array([[cka_from_grams(a, b) for b in gb] for a in ga])
 
 
 def plot_cka(mat: np.ndarray, names_a: list[str], names_b: list[str], label_a: str, label_b: str):

@@ -13,6 +13,21 @@ from pathlib import Path
 from typing import Any
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= ``low`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, *, eval_opts: bool = False) -> None:
     p.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
     p.add_argument("--no-progress", action="store_true")
@@ -76,6 +91,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--max-tokens", type=int, default=1024, help="scored positions used (default 1024)")
+    p.add_argument(
+        "--positions", choices=("recurring", "all"), default="recurring",
+        help="recurring: final tokens of n-grams seen >= 2 times in the split (spec 9.8); all: every scored token",
+    )  # fmt: skip
+    p.add_argument("--ngram", type=_at_least(1), default=3, help="n of the recurring n-grams (default 3)")
+    p.add_argument("--minibatch", type=_at_least(4), default=256, help="samples per HSIC minibatch (default 256)")
+    p.add_argument("--top-k", type=_at_least(1), default=5, help="layers the alignment index averages (default 5)")
     _common(p, eval_opts=True)
     p.set_defaults(func=run_cka)
 
@@ -232,29 +254,40 @@ def run_logit_lens(args: argparse.Namespace) -> int:
 
 def run_cka(args: argparse.Namespace) -> int:
     from engramlm.analysis.common import write_outputs
-    from engramlm.analysis.lens import cka_matrix, collect_states, layer_names, plot_cka
+    from engramlm.analysis.lens import (
+        alignment_index,
+        cka_matrix,
+        collect_states,
+        layer_names,
+        plot_cka,
+        recurring_ngram_ends,
+    )  # fmt: skip
     from engramlm.data import TokenDataset
 
     ds = TokenDataset(args.data, args.split)
+    where = recurring_ngram_ends(ds, args.ngram) if args.positions == "recurring" else None
     states, names = [], []
     for ckpt in (args.checkpoint_a, args.checkpoint_b):
         model, _ = _model_and_tokenizer(args, ckpt, args.data)
         states.append(collect_states(model, ds, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                                     seq_len=args.seq_len))  # fmt: skip
+                                     seq_len=args.seq_len, positions=where))  # fmt: skip
         names.append(layer_names(model))
-    mat = cka_matrix(states[0], states[1])
+    mat = cka_matrix(states[0], states[1], minibatch=args.minibatch)
     report = {
         "a": str(args.checkpoint_a),
         "b": str(args.checkpoint_b),
         "split": args.split,
+        "positions": args.positions if args.positions == "all" else f"recurring {args.ngram}-gram ends",
         "tokens": int(states[0][0].shape[0]),
+        "minibatch": args.minibatch,
         "layers_a": names[0],
         "layers_b": names[1],
         "cka": mat.round(6).tolist(),
+        "alignment_index": {"top_k": args.top_k, "a": alignment_index(mat, args.top_k)},
     }
     fig = plot_cka(mat, names[0], names[1], Path(args.checkpoint_a).name, Path(args.checkpoint_b).name)
     files = write_outputs(args.out, "cka", report, fig)
-    return _done(files, {"tokens": report["tokens"], "diagonal": [round(float(x), 4) for x in mat.diagonal()]})
+    return _done(files, {"tokens": report["tokens"], "alignment_index": report["alignment_index"]["a"]})
 
 
 def run_plan(args: argparse.Namespace) -> int:
