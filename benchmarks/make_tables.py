@@ -4,8 +4,9 @@ Why: numbers in a README drift from the runs they came from when typed by hand. 
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
-store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions. A result whose kind is a
-renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that renderer.
+store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth. A result
+whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
+renderer.
 
 Usage: ``python benchmarks/make_tables.py [--results-dir DIR] [--update-readme README.md]``.
 """
@@ -630,6 +631,47 @@ def reproductions_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- depth (LogitLens, CKA)
+
+
+def _mean_std(ms: dict[str, list[float]], i: int, fmt: str = ".3f") -> str:
+    return f"{ms['mean'][i]:{fmt}} ± {ms['std'][i]:{fmt}}"
+
+
+def depth_table(doc: dict[str, Any]) -> list[str]:
+    """LogitLens KL per layer for the three head-to-head arms and the CKA alignment index of Engram vs MoE."""
+    p = doc["parameters"]
+    lines = [
+        f"**Does Engram make early layers deeper?** Full-size head-to-head arms, seeds "
+        f"{', '.join(map(str, doc['seeds']))} (mean ± std; Engram − MoE paired by seed). LogitLens: KL(final ‖ "
+        f"early exit) over {p['lens_batches']} held-out batches of {p['batch']}×{p['seq']}. CKA (spec §9.8 minibatch "
+        f"unbiased estimator, minibatches of {p['cka_minibatch']}) between Engram + MoE (layer j) and MoE on the "
+        f"final tokens of recurring held-out {p['ngram']}-grams; alignment index a_j = CKA-weighted mean MoE layer "
+        f"index of the top {p['top_k']} (control: the same index between two MoE seeds, seed s vs s + 1, since the "
+        f"top-k average alone pulls a_j toward the middle). Paper: {doc['paper']['logit_lens']}; "
+        f"{doc['paper']['cka']}.",
+    ]
+    for corpus, r in doc["corpora"].items():
+        kl, d, a = r["kl_to_final"], r["kl_engram_minus_moe"], r["alignment_index"]
+        lines += [
+            "",
+            f"*{corpus}* (Engram at block {', '.join(map(str, r['engram_layers']))}; CKA on {r['cka_tokens']:,} "
+            f"tokens, {r['recurring_share']:.0%} of held-out positions end a recurring trigram)",
+            "",
+            "| j | stream after | KL dense | KL MoE | KL Engram + MoE | KL Engram − MoE | a_j Engram vs MoE "
+            "| a_j MoE vs MoE (control) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        ctrl = r.get("alignment_control_moe_vs_moe")
+        for i, name in enumerate(r["layers"]):
+            lines.append(
+                f"| {i} | {name} | {_mean_std(kl['dense'], i)} | {_mean_std(kl['moe'], i)} | "
+                f"{_mean_std(kl['engram_moe'], i)} | {d['mean'][i]:+.3f} ± {d['std'][i]:.3f} | "
+                f"{_mean_std(a, i, '.2f')} | {_mean_std(ctrl, i, '.2f') if ctrl else 'n/a'} |"
+            )
+    return lines + _image(doc, doc.get("plot"), "LogitLens and CKA") + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -640,6 +682,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "head_to_head_why": head_to_head_why_table,
     "generate": generate_table,
     "reproductions": reproductions_table,
+    "depth": depth_table,
 }
 KINDS = tuple(RENDERERS)
 

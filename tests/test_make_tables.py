@@ -153,6 +153,23 @@ def test_reproductions_findings_and_arms(grouped) -> None:
         assert "std 0.0123 nats" in _one("reproductions", noisy) and ("Seed spread" in body) == ("noise" in doc)
 
 
+def test_depth_kl_and_alignment_per_layer(grouped) -> None:
+    for doc in grouped["depth"]:
+        body = _one("depth", doc)
+        for corpus, r in doc["corpora"].items():
+            assert f"*{corpus}*" in body
+            for i in range(len(r["layers"])):
+                for arm in ("dense", "moe", "engram_moe"):
+                    ms = r["kl_to_final"][arm]
+                    assert f"{ms['mean'][i]:.3f} ± {ms['std'][i]:.3f}" in body
+                a, d = r["alignment_index"], r["kl_engram_minus_moe"]
+                c = r["alignment_control_moe_vs_moe"]
+                assert (
+                    f"{d['mean'][i]:+.3f} ± {d['std'][i]:.3f} | {a['mean'][i]:.2f} ± {a['std'][i]:.2f} | "
+                    f"{c['mean'][i]:.2f} ± {c['std'][i]:.2f} |"
+                ) in body
+
+
 def test_engram_block_and_hashing_speedups(grouped, blocks) -> None:
     for doc in grouped["engram_block"]:
         assert _ratio(doc["speedup_vs_reference"]) in blocks["engram_block"]
