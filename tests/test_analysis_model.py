@@ -322,6 +322,8 @@ def test_recurring_ngram_ends_match_a_brute_force_count(env: dict[str, Path]) ->
     scored = [p for p in range(ds.n_tokens - 1) if tokens[p + 1] != ds.bos_id]  # the loader scores these inputs
     first = [i for i, p in enumerate(scored[:400]) if where[p]][:40]
     torch.testing.assert_close(picked[2], every[2][first])
+    with pytest.raises(ConfigError, match="no scored position"):
+        collect_states(model, ds, max_tokens=40, batch_size=2, seq_len=64, positions=np.zeros_like(where))
 
 
 def test_cli_writes_json_and_pictures(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from engramlm.analysis.common import new_figure
+from engramlm.errors import ConfigError
 from engramlm.models.model import EngramLM
 
 
@@ -206,7 +207,7 @@ def collect_states(
             if got >= max_tokens:
                 break
     if not parts:
-        raise ValueError("no positions selected in this split")
+        raise ConfigError("positions: no scored position of this split is selected (try --positions all)")
     return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
