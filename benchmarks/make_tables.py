@@ -597,7 +597,8 @@ def reproductions_table(doc: dict[str, Any]) -> list[str]:
 
         here = "Δ loss vs reference: " + ", ".join(f"`{k}` {mark(v)}" for k, v in comp)
         if place:
-            here += f"; best placement `{place[0][1]}` ({mark(place[0][0])})"
+            (best, b_arm), (worst, w_arm) = place[0], place[-1]
+            here += f"; best placement `{b_arm}` ({mark(best)}), worst `{w_arm}` ({mark(worst)})"
         if thr is not None:
             here += f"; bold: beyond noise (more than ±{thr:.3f})"
         lines.append(f"| ablations | {PAPER_ABLATIONS} | {here} |")

@@ -88,6 +88,9 @@ def test_table_states_each_verdict() -> None:
     body = "\n".join(mt.reproductions_table(doc))
     assert "pure MoE +0.2000 (beyond noise)" in body and "`rho=0.3` +0.0100 (within noise)" in body
     assert "`no_gate` **+0.100**" in body and "`no_short_conv` +0.005;" in body
-    assert "best placement `layer=0` (**+0.050**)" in body and "beyond noise (more than ±0.014)" in body
+    assert (
+        "best placement `layer=0` (**+0.050**), worst `layer=0` (**+0.050**)" in body
+        and "beyond noise (more than ±0.014)" in body
+    )
     body_no_noise = "\n".join(mt.reproductions_table({**doc, "noise": None}))
     assert not any(w in body_no_noise for w in ("beyond noise", "within noise", "Seed spread", "**+"))
