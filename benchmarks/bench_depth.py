@@ -30,12 +30,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tqdm import tqdm
 
+from _arms import RESULT_FILE
 from _common import REPO_ROOT, RESULTS_DIR, save_png, write_result
 from engramlm.analysis.common import load_checkpoint
 from engramlm.analysis.lens import alignment_index, cka_matrix, collect_states, logit_lens, recurring_ngram_ends
 from engramlm.data import TokenDataset
 
 ARMS = ("dense", "moe", "engram_moe")
+BATCH, SEQ = 16, 256  # held-out batches for both instruments
+CKA_MINIBATCH = 256
+NGRAM = 3  # CKA positions: final tokens of held-out NGRAM-grams that recur in the split
 
 
 def mean_std(rows: list[list[float]]) -> dict[str, list[float]]:
@@ -45,7 +49,7 @@ def mean_std(rows: list[list[float]]) -> dict[str, list[float]]:
 
 def run_corpus(corpus: str, runs: Path, data: Path, seeds: list[int], args: argparse.Namespace) -> dict[str, Any]:
     val = TokenDataset(data, "val")
-    where = recurring_ngram_ends(val, 3)
+    where = recurring_ngram_ends(val, NGRAM)
     lens: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     cka: list[np.ndarray] = []
     moe_states: list[list[torch.Tensor]] = []
@@ -53,28 +57,22 @@ def run_corpus(corpus: str, runs: Path, data: Path, seeds: list[int], args: argp
         models = {}
         for arm in ARMS:
             run = runs / corpus / arm / f"seed{seed}"
-            if not (run / "arm_result.json").exists():
+            if not (run / RESULT_FILE).exists():
                 raise SystemExit(f"{run}: no finished arm; run benchmarks/bench_head_to_head.py --jobs 2 first")
             models[arm] = load_checkpoint(run)
-            lens[arm].append(logit_lens(models[arm], val, batch_size=16, seq_len=256, max_batches=args.lens_batches))
+            lens[arm].append(logit_lens(models[arm], val, batch_size=BATCH, seq_len=SEQ, max_batches=args.lens_batches))
         states = {
-            arm: collect_states(models[arm], val, max_tokens=args.cka_tokens, batch_size=16, seq_len=256,
+            arm: collect_states(models[arm], val, max_tokens=args.cka_tokens, batch_size=BATCH, seq_len=SEQ,
                                 positions=where)
             for arm in ("engram_moe", "moe")
         }  # fmt: skip
-        cka.append(cka_matrix(states["engram_moe"], states["moe"], minibatch=256))
+        cka.append(cka_matrix(states["engram_moe"], states["moe"], minibatch=CKA_MINIBATCH))
         moe_states.append(states["moe"])
     align = [alignment_index(m, args.top_k) for m in cka]
     # control: the same index between two MoE seeds. The top-k average pulls a_j toward the middle layers
     # (a_0 > 0 and a_last < last even for identical architectures), so "deeper" means above this, not above j.
-    control = (
-        [
-            alignment_index(cka_matrix(moe_states[(i + 1) % len(seeds)], moe_states[i], minibatch=256), args.top_k)
-            for i in range(len(seeds))
-        ]
-        if len(seeds) > 1
-        else []
-    )
+    pairs = [(moe_states[(i + 1) % len(seeds)], moe_states[i]) for i in range(len(seeds))] if len(seeds) > 1 else []
+    control = [alignment_index(cka_matrix(a, b, minibatch=CKA_MINIBATCH), args.top_k) for a, b in pairs]
     kl = {arm: [r["kl_to_final"] for r in lens[arm]] for arm in ARMS}
     paired = [np.subtract(e, m).tolist() for e, m in zip(kl["engram_moe"], kl["moe"], strict=True)]
     return {
@@ -141,8 +139,8 @@ def main() -> int:
     torch.set_num_threads(1)
     results: dict[str, Any] = {
         "seeds": args.seeds,
-        "parameters": {"lens_batches": args.lens_batches, "batch": 16, "seq": 256, "cka_tokens": args.cka_tokens,
-                       "cka_minibatch": 256, "ngram": 3, "top_k": args.top_k},
+        "parameters": {"lens_batches": args.lens_batches, "batch": BATCH, "seq": SEQ, "cka_tokens": args.cka_tokens,
+                       "cka_minibatch": CKA_MINIBATCH, "ngram": NGRAM, "top_k": args.top_k},
         "paper": {"logit_lens": "Engram lower KL in early and middle layers (MoE ~7.3-7.5 vs Engram ~6.7-7.0 over "
                                 "layers 5-15 of 30)",
                   "cka": "alignment index a_j > j (Engram-27B layer 5 ~ MoE layer 12)"},

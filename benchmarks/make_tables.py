@@ -657,7 +657,7 @@ def depth_table(doc: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"*{corpus}* (Engram at block {', '.join(map(str, r['engram_layers']))}; CKA on {r['cka_tokens']:,} "
-            f"tokens, {r['recurring_share']:.0%} of held-out positions end a recurring trigram)",
+            f"tokens, {r['recurring_share']:.0%} of held-out positions end a recurring {p['ngram']}-gram)",
             "",
             "| j | stream after | KL dense | KL MoE | KL Engram + MoE | KL Engram − MoE | a_j Engram vs MoE "
             "| a_j MoE vs MoE (control) |",
