@@ -90,13 +90,13 @@ def warm_caches(model: EngramLM, caches: dict[str, dict[int, CachedTable]], ids:
     rows (the cache's inner tier is swapped for the duration), which fills the cache exactly as
     reading the file would, only faster. Returns the tokens used.
     """
-    rows = model.hash(ids.reshape(1, -1))  # [L, 1, T, H_e]
+    rows = model.layout.split(model.hash(ids.reshape(1, -1)))  # {layer: [1, T, H_e]}
     mem = model_tables(model)
     for tables in caches.values():
         for lid, cached in tables.items():
             inner, cached.inner = cached.inner, mem[lid]
             try:
-                for part in rows[model.layout.layer_index(lid), 0].split(chunk):
+                for part in rows[lid][0].split(chunk):
                     cached.gather(part)
             finally:
                 cached.inner = inner

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     layers: dict[str, Any] = {}
     for li, layer in enumerate(layout.layer_ids):
         ids = row_ids[li].numpy().astype(np.int64)  # [S, T, H]
-        rows = int(layout.table_rows[li])
+        rows = layout.rows_of(layer)
         counts = np.bincount(ids.reshape(-1), minlength=rows)
         seen = counts[counts > 0]
         z = zipf_fit(seen)

@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = base.replace(engram_vocab_size=tuple(int(v * args.vocab_scale) for v in base.engram_vocab_size),
                         layer_ids=(base.layer_ids[0],))  # fmt: skip
     layout = make_layout(spec, CompressionMap.from_tokenizer(tok))
-    rows, dim = int(layout.table_rows[0]), cfg.engram.head_dim
-    head_sizes = [int(p) for p in layout.primes[0].reshape(-1)]
+    rows, dim = layout.rows_of(layout.layer_ids[0]), cfg.engram.head_dim
+    head_sizes = layout.head_sizes(layout.layer_ids[0])
     n_warm = 8
     per_req = args.batch * args.seq
     raw, text_info = stdlib_token_ids(tok, per_req * (args.repeats + n_warm))

@@ -459,3 +459,19 @@ def test_kernel_hashing_leaves_torch_thread_count_alone() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "1"
+
+
+def test_layout_answers_by_layer_id() -> None:
+    spec = HashSpec(layer_ids=(1, 3), engram_vocab_size=(50, 60), n_head_per_ngram=2)
+    layout = make_layout(spec, CompressionMap.identity(40))
+    for i, lid in enumerate(layout.layer_ids):
+        assert layout.rows_of(lid) == int(layout.table_rows[i]) == sum(layout.head_sizes(lid))
+        assert layout.head_sizes(lid) == layout.primes[i].reshape(-1).tolist()
+    stacked = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    parts = layout.split(stacked)
+    assert list(parts) == [1, 3] and torch.equal(parts[3], stacked[1])
+    assert list(layout.split(stacked, [3])) == [3]
+    with pytest.raises(ConfigError, match="layer_id: 2 is not an Engram layer"):
+        layout.rows_of(2)
+    with pytest.raises(ValueError, match="leading dim"):
+        layout.split(stacked[:1])

@@ -166,7 +166,7 @@ def row_usage(
                 stats.update(order=n, head=k, collisions=collision_stats(keys[n], local[li, :, col], prime))
                 heads.append(stats)
                 curves[f"L{lid} n{n} h{k}"] = np.sort(counts[counts > 0])[::-1]
-        layers[str(lid)] = {"table_rows": int(layout.table_rows[li]), "heads": heads}
+        layers[str(lid)] = {"table_rows": layout.rows_of(lid), "heads": heads}
     return {"tokens": int(tokens.shape[0]), "layers": layers}, curves
 
 

@@ -62,8 +62,8 @@ def run_build(args: argparse.Namespace) -> int:
         raise ConfigError(f"{ckpt}: the model has no Engram layers, so there are no tables to export")
     layout = load_layout(ckpt / "engram_hash.safetensors")
     layout.check_fingerprint(doc.get("hash_fingerprint", "none"), what=f"model {ckpt}")
-    expected_rows = {lid: int(layout.table_rows[i]) for i, lid in enumerate(layout.layer_ids)}
-    head_sizes = {lid: [int(p) for p in layout.primes[i].reshape(-1)] for i, lid in enumerate(layout.layer_ids)}
+    expected_rows = {lid: layout.rows_of(lid) for lid in layout.layer_ids}
+    head_sizes = {lid: layout.head_sizes(lid) for lid in layout.layer_ids}
     tables = open_checkpoint_tables(ckpt / "model.safetensors", layout.fingerprint, expected_rows=expected_rows)
     index = export_tables(
         tables,

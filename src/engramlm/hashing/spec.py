@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from engramlm.errors import ConfigError, HashSpecMismatch
 from engramlm.hashing.compression import CompressionMap
 from engramlm.hashing.multipliers import layer_multipliers
 from engramlm.hashing.primes import prime_plan
+
+if TYPE_CHECKING:
+    import torch
 
 HASH_ALGORITHM = "engram-multiply-xor-prime/1"
 BOUNDARY_MODES = ("none", "reset")
@@ -200,6 +203,26 @@ class HashLayout:
             raise ConfigError(
                 f"layer_id: {layer_id} is not an Engram layer; Engram layers are {list(self.spec.layer_ids)}"
             ) from None
+
+    # ---- by layer id (callers never do index arithmetic) ---------------------------------
+    def rows_of(self, layer_id: int) -> int:
+        """R_l: rows of layer ``layer_id``'s table (the sum of its head sizes)."""
+        return int(self.table_rows[self.layer_index(layer_id)])
+
+    def head_sizes(self, layer_id: int) -> list[int]:
+        """Rows of each hash head of layer ``layer_id``, order-major then head-minor (its primes)."""
+        return [int(p) for p in self.primes[self.layer_index(layer_id)].reshape(-1)]
+
+    def split(self, row_ids: torch.Tensor, layer_ids: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+        """Stacked row ids [L, ...] (the hashers' output) -> ``{layer_id: row_ids[...]}`` (views, no copy).
+
+        ``layer_ids`` picks a subset (default: every Engram layer)."""
+        if row_ids.shape[0] != self.num_layers:
+            raise ValueError(
+                f"row_ids: leading dim must be the {self.num_layers} Engram layers, got {row_ids.shape[0]}"
+            )
+        wanted = self.layer_ids if layer_ids is None else tuple(layer_ids)
+        return {int(lid): row_ids[self.layer_index(lid)] for lid in wanted}
 
     # ---- fingerprint --------------------------------------------------------------------
     def fingerprint_payload(self) -> dict[str, Any]:

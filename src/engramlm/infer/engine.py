@@ -120,7 +120,7 @@ class Engine:
             if lid not in layout.layer_ids:
                 raise ConfigError(f"tables: layer {lid} is not an Engram layer; Engram layers are {layout.layer_ids}")
             layout.check_fingerprint(table.fingerprint, what=f"table of layer {lid}")
-            rows, dim = int(layout.table_rows[layout.layer_index(lid)]), self.model.engram_layers[lid].head_dim
+            rows, dim = layout.rows_of(lid), self.model.engram_layers[lid].head_dim
             if (table.num_rows, table.dim) != (rows, dim):
                 raise HashSpecMismatch(
                     f"table of layer {lid} is {table.num_rows}x{table.dim}, the model needs {rows}x{dim}"
@@ -142,7 +142,7 @@ class Engine:
         handle = None
         if self.prefetcher is not None:
             layout = self.model.layout
-            handle = self.prefetcher.start({lid: plan.row_ids[layout.layer_index(lid)] for lid in self.tables})
+            handle = self.prefetcher.start(layout.split(plan.row_ids, self.tables))
         with torch.no_grad():
             logits = self.model(x.to(self.device), cache=cache, step=plan, engram_rows=handle).logits
         waits = dict(handle.wait_seconds) if handle is not None else {}

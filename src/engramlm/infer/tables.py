@@ -38,7 +38,7 @@ def model_tables(model: EngramLM) -> dict[int, RowTable]:
 def head_sizes(model: EngramLM) -> dict[int, list[int]]:
     """Rows per hash head of each layer (the primes, order-major then head-minor)."""
     layout = _layout(model)
-    return {lid: [int(p) for p in layout.primes[layout.layer_index(lid)].reshape(-1)] for lid in layout.layer_ids}
+    return {lid: layout.head_sizes(lid) for lid in layout.layer_ids}
 
 
 class _WeightBlocks:

@@ -70,7 +70,7 @@ class Block(nn.Module):
         self.index = index
         self.engram: EngramBlock | None = None
         if cfg.engram is not None and layout is not None and index in layout.layer_ids:
-            rows = int(layout.table_rows[layout.layer_index(index)])
+            rows = layout.rows_of(index)
             self.engram = engram_block(cfg, rows, layout.heads_per_layer)
         self.attn_hc = MultiBranchResidual(d, m, cfg.hc_dynamic)
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
