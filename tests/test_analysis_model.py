@@ -104,8 +104,8 @@ def test_knockout_modes_touch_only_engram(env: dict[str, Path]) -> None:
     # skipping the Engram of layer 2 leaves the stream before layer 2 bit-identical and changes what follows
     x = torch.from_numpy(np.asarray(ds.tokens[:64], dtype=np.int64))[None]
     with torch.inference_mode():
-        a = model(x, output_hidden_states=True).hidden_states
-        b = model(x, output_hidden_states=True, skip_engram={2}).hidden_states
+        a = model.forward_with_hidden_states(x).hidden_states
+        b = model.forward_with_hidden_states(x, engram=model.engram_inputs(x, skip_engram={2})).hidden_states
     assert all(torch.equal(a[i], b[i]) for i in range(3))
     assert not torch.allclose(a[3], b[3])
 
@@ -182,7 +182,7 @@ def test_gates_and_html_escaping(env: dict[str, Path]) -> None:
     gates = compute_gates(model, ids, doc)
     assert sorted(gates) == list(ENGRAM_LAYERS)
     with torch.inference_mode():
-        ref = model(ids, doc_start=doc, return_gates=True).gates
+        ref = model(ids, engram=model.engram_inputs(ids, doc)).gates
     for lid, g in gates.items():
         assert g.shape == (ids.shape[1], 2)
         assert np.array_equal(g, ref[lid][0, :, :, 0].numpy())

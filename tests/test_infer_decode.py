@@ -57,9 +57,9 @@ def incremental(model: EngramLM, ids, prefill: int, doc=None, dead=None) -> torc
     b, t = ids.shape
     cache = DecodeCache(model, b, t + 3)
     sl = lambda x, a, z: None if x is None else x[:, a:z]  # noqa: E731
-    outs = [model(ids[:, :prefill], cache=cache, doc_start=sl(doc, 0, prefill), dead=sl(dead, 0, prefill)).logits]
+    outs = [cache.run(model, ids[:, :prefill], doc_start=sl(doc, 0, prefill), dead=sl(dead, 0, prefill)).logits]
     for i in range(prefill, t):
-        outs.append(model(ids[:, i : i + 1], cache=cache, doc_start=sl(doc, i, i + 1), dead=sl(dead, i, i + 1)).logits)
+        outs.append(cache.run(model, ids[:, i : i + 1], doc_start=sl(doc, i, i + 1), dead=sl(dead, i, i + 1)).logits)
     return torch.cat(outs, dim=1)
 
 
@@ -71,7 +71,7 @@ def test_prefill_then_steps_equal_full_forward(m: int, moe: bool, reset: bool) -
     ids, doc, dead = ids_and_masks(2, T)
     doc, dead = (doc, dead) if reset else (None, None)
     with torch.no_grad():
-        full = model(ids, doc_start=doc, dead=dead).logits
+        full = model(ids, engram=model.engram_inputs(ids, doc, dead)).logits
         for prefill in (1, 5):
             got = incremental(model, ids, prefill, doc, dead)
             torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
@@ -103,16 +103,17 @@ def test_right_padded_batch_prefill_matches_each_sequence_alone(m: int) -> None:
         cache = DecodeCache(model, 3, 11 + steps)
         padded = ids[:, :11].clone()
         padded[torch.arange(11) >= lens[:, None]] = 0
-        out = model(padded, cache=cache, doc_start=doc[:, :11], lengths=lens).logits
+        out = cache.run(model, padded, doc_start=doc[:, :11], lengths=lens).logits
         batched = [out[torch.arange(3), lens - 1]]
         for s in range(steps):
             col = lens + s
             nxt = ids[torch.arange(3), col][:, None]
-            batched.append(model(nxt, cache=cache, doc_start=doc[torch.arange(3), col][:, None]).logits[:, 0])
+            batched.append(cache.run(model, nxt, doc_start=doc[torch.arange(3), col][:, None]).logits[:, 0])
         batched = torch.stack(batched, dim=1)
         for b in range(3):
             n = int(lens[b]) + steps
-            alone = model(ids[b : b + 1, :n], doc_start=doc[b : b + 1, :n]).logits[0, int(lens[b]) - 1 :]
+            x = ids[b : b + 1, :n]
+            alone = model(x, engram=model.engram_inputs(x, doc[b : b + 1, :n])).logits[0, int(lens[b]) - 1 :]
             torch.testing.assert_close(batched[b], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -120,11 +121,11 @@ def test_chunked_prefill_after_history_matches() -> None:
     model = build(m=4, moe=False)
     ids, doc, dead = ids_and_masks(2, T, seed=3)
     with torch.no_grad():
-        full = model(ids, doc_start=doc, dead=dead).logits
+        full = model(ids, engram=model.engram_inputs(ids, doc, dead)).logits
         cache = DecodeCache(model, 2, T)
         parts = [(0, 6), (6, 13), (13, 14), (14, T)]
         got = torch.cat(
-            [model(ids[:, a:z], cache=cache, doc_start=doc[:, a:z], dead=dead[:, a:z]).logits for a, z in parts],
+            [cache.run(model, ids[:, a:z], doc_start=doc[:, a:z], dead=dead[:, a:z]).logits for a, z in parts],
             dim=1,
         )
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
@@ -145,11 +146,11 @@ def test_cache_overflow_and_bad_lengths_raise() -> None:
 def test_skipped_engram_layers_decode_like_the_full_forward_and_cannot_change_mid_sequence() -> None:
     model = build(m=2, moe=False)
     ids, doc, _ = ids_and_masks(2, T)
-    full = model(ids, doc_start=doc, skip_engram={2}).logits
+    full = model(ids, engram=model.engram_inputs(ids, doc, skip_engram={2})).logits
     cache = DecodeCache(model, 2, T + 3)
-    outs = [model(ids[:, :9], cache=cache, doc_start=doc[:, :9], skip_engram={2}).logits]
+    outs = [cache.run(model, ids[:, :9], doc_start=doc[:, :9], skip_engram={2}).logits]
     for t in range(9, T):
-        outs.append(model(ids[:, t : t + 1], cache=cache, doc_start=doc[:, t : t + 1], skip_engram={2}).logits)
+        outs.append(cache.run(model, ids[:, t : t + 1], doc_start=doc[:, t : t + 1], skip_engram={2}).logits)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"skip_engram: this decode cache was started skipping layers \[2\]"):
-        model(ids[:, :1], cache=cache, skip_engram=False)
+        cache.run(model, ids[:, :1], skip_engram=False)

@@ -116,7 +116,7 @@ def test_reset_mode_packed_document_matches_alone() -> None:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     handles = [model.layers[0].engram.register_forward_hook(lambda mod, a, o: seen.append((a[0], o[0])))]
     with torch.no_grad():
-        model(ids, doc_start=doc_start)
+        model(ids, engram=model.engram_inputs(ids, doc_start))
         model(ids[:, first:])
         model(ids)  # no reset: the conv and the hash read the first document
     for h in handles:
@@ -140,8 +140,9 @@ def test_doc_start_honoured_only_in_reset_mode() -> None:
     assert torch.equal(none_model.hash(ids, doc_start), none_model.hash(ids))
     assert not torch.equal(reset_model.hash(ids, doc_start), reset_model.hash(ids))
     with torch.no_grad():
-        assert torch.equal(none_model(ids, doc_start=doc_start).logits, none_model(ids).logits)
-        reset_logits = reset_model(ids, doc_start=doc_start).logits
+        none_doc = none_model.engram_inputs(ids, doc_start)
+        assert torch.equal(none_model(ids, engram=none_doc).logits, none_model(ids).logits)
+        reset_logits = reset_model(ids, engram=reset_model.engram_inputs(ids, doc_start)).logits
         assert not torch.allclose(reset_logits, reset_model(ids).logits)
 
 
@@ -395,29 +396,33 @@ def test_engram_rows_equal_hashed_path_full_and_partial() -> None:
     rows = {lid: model.layers[lid].engram.embed.weight.detach()[rid[i]] for i, lid in enumerate((0, 2))}
     with torch.no_grad():
         full = model(ids).logits
-        torch.testing.assert_close(model(ids, engram_rows=rows).logits, full, atol=1e-6, rtol=0)
-        torch.testing.assert_close(model(ids, row_ids=rid).logits, full, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model(ids, engram=model.engram_inputs(ids, rows=rows)).logits, full, atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            model(ids, engram=model.engram_inputs(ids, row_ids=rid)).logits, full, atol=0, rtol=0
+        )
         # Rows for some layers only: the others must still be hashed from the ids.
-        partial = model(ids, engram_rows={2: rows[2]}).logits
+        partial = model(ids, engram=model.engram_inputs(ids, rows={2: rows[2]})).logits
         torch.testing.assert_close(partial, full, atol=1e-6, rtol=0)
 
 
 def test_hidden_states_and_engram_knockout() -> None:
     model, ids = tiny_lm(config()), randint((2, 24))
-    out = model(ids, output_hidden_states=True, return_gates=True)
+    out = model.forward_with_hidden_states(ids)
     assert len(out.hidden_states) == model.config.num_layers + 1
     torch.testing.assert_close(model.head(out.hidden_states[-1]), out.logits)
-    off = model(ids, skip_engram=True, return_gates=True)
+    off = model(ids, engram=model.engram_inputs(ids, skip_engram=True))
     assert off.gates == {}
     # With the table perturbed, knocked-out logits do not move while normal logits do.
     with torch.no_grad():
         for blk in model.engram_layers.values():
             blk.embed.weight.mul_(3.0)
-    assert torch.equal(model(ids, skip_engram=True).logits, off.logits)
+    assert torch.equal(model(ids, engram=model.engram_inputs(ids, skip_engram=True)).logits, off.logits)
     assert not torch.allclose(model(ids).logits, out.logits)
 
 
 def test_skip_engram_on_a_model_without_engram_is_a_no_op() -> None:
     model = tiny_lm(config().replace(engram=None))
     ids = randint((1, 8))
-    assert torch.equal(model(ids, skip_engram=True).logits, model(ids).logits)
+    assert torch.equal(model(ids, engram=model.engram_inputs(ids, skip_engram=True)).logits, model(ids).logits)

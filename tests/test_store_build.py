@@ -83,7 +83,7 @@ def test_prefetch_from_store_dir_feeds_the_model(saved: tuple[EngramLM, Path], t
     row_ids = model.hasher(x)
     with Prefetcher(tables, workers=2) as pf, torch.no_grad():
         handle = pf.start({lid: row_ids[i] for i, lid in enumerate(model.layout.layer_ids)})
-        got = model(x, engram_rows=handle)
+        got = model(x, engram=model.engram_inputs(x, rows=handle))
         want = model(x)
     got_logits = got.logits if hasattr(got, "logits") else got
     want_logits = want.logits if hasattr(want, "logits") else want

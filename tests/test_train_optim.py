@@ -118,7 +118,7 @@ def test_training_step_never_makes_a_dense_table_grad() -> None:
     ids = torch.randint(0, 64, (2, 12))
     row_ids = model.hash(ids)
     rows = opts.sparse.gather(row_ids, (1,))
-    out = model(ids, torch.roll(ids, -1, 1), engram_rows=rows)
+    out = model(ids, torch.roll(ids, -1, 1), engram=model.engram_inputs(ids, rows=rows))
     out.loss.backward()
     assert table.grad is None and not table.requires_grad
     norm = opts.clip(1e-3)  # tiny max norm: everything is scaled, the row leaves included

@@ -25,7 +25,7 @@ from engramlm.errors import ConfigError
 from engramlm.models.model import EngramLM
 from engramlm.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-# A mode maps (model, batch, row_ids) to extra forward() keyword arguments.
+# A mode maps (model, batch, row_ids) to keyword arguments of ``model.engram_inputs`` (row_ids, skip_engram).
 ModeFn = Callable[[EngramLM, dict[str, Any], torch.Tensor | None], dict[str, Any]]
 
 
@@ -165,8 +165,8 @@ def eval_pass(
             mask = batch["loss_mask"].numpy()
             row_ids = model.hash(batch["input_ids"], batch["doc_start"]) if model.layout is not None else None
             for name, fn in modes.items():
-                kwargs = fn(model, batch, row_ids)
-                logits = model(batch["input_ids"], doc_start=batch["doc_start"], **kwargs).logits
+                engram = model.engram_inputs(batch["input_ids"], batch["doc_start"], **fn(model, batch, row_ids))
+                logits = model(batch["input_ids"], engram=engram).logits
                 per = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")
                 nll[name].append(per.view(b, t).double().numpy()[mask])
             cols["pos"].append(pos[mask])

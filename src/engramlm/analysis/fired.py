@@ -35,7 +35,7 @@ def fired_rows(
     if not 0 <= t < t_len:
         raise ConfigError(f"position: {position} is outside the text's {t_len} tokens")
     with torch.inference_mode():
-        out = model(input_ids, doc_start=doc_start, return_gates=True)
+        out = model(input_ids, engram=model.engram_inputs(input_ids, doc_start))
     rows = model.hasher(input_ids, doc_start)[:, 0, t].numpy()  # [L, H_e] offset-applied
     local = model.hasher(input_ids, doc_start, head_local=True)[:, 0, t].numpy()
     reset = doc_start if layout.spec.boundary_mode == "reset" else None

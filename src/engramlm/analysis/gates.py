@@ -30,7 +30,7 @@ def compute_gates(
         raise ValueError(f"input_ids must be one sequence [1, T], got {tuple(input_ids.shape)}")
     check_length(model, input_ids)
     with torch.inference_mode():
-        out = model(input_ids, doc_start=doc_start, return_gates=True)
+        out = model(input_ids, engram=model.engram_inputs(input_ids, doc_start))
     return {lid: g[0, :, :, 0].float().numpy() for lid, g in sorted(out.gates.items())}
 
 

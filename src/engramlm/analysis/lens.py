@@ -50,7 +50,9 @@ def logit_lens(
             if max_batches is not None and i >= max_batches:
                 break
             mask = batch["loss_mask"]
-            out = model(batch["input_ids"], doc_start=batch["doc_start"], output_hidden_states=True)
+            out = model.forward_with_hidden_states(
+                batch["input_ids"], engram=model.engram_inputs(batch["input_ids"], batch["doc_start"])
+            )
             final = F.log_softmax(out.logits.float()[mask], dim=-1)
             top_final = final.argmax(-1)
             tgt = batch["targets"][mask]
@@ -200,7 +202,9 @@ def collect_states(
                 mask = mask & torch.from_numpy(positions[np.minimum(pos, positions.size - 1)])
             if not bool(mask.any()):
                 continue
-            out = model(batch["input_ids"], doc_start=batch["doc_start"], output_hidden_states=True)
+            out = model.forward_with_hidden_states(
+                batch["input_ids"], engram=model.engram_inputs(batch["input_ids"], batch["doc_start"])
+            )
             take = min(int(mask.sum()), max_tokens - got)
             parts.append([h[mask][:take].flatten(1).float() for h in out.hidden_states])
             got += take

@@ -75,9 +75,8 @@ def run(args: argparse.Namespace) -> int:
             rows = model.hash(batch)
             timings["hash_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = model(
-            batch[:, :-1], batch[:, 1:], row_ids=rows[:, :, :-1] if layout is not None else None, return_gates=True
-        )
+        x = batch[:, :-1]
+        out = model(x, batch[:, 1:], engram=model.engram_inputs(x, row_ids=rows[:, :, :-1] if layout else None))
         timings["forward_s"] = time.perf_counter() - t0
     summary["loss_at_init"] = float(out.loss)
     summary["uniform_loss"] = float(torch.log(torch.tensor(float(config.vocab_size))))

@@ -7,8 +7,8 @@ runs one batch of prompts to completion and yields a :class:`StepOutput` per ste
 1. ``DecodeCache.begin`` hashes the new tokens (batched hasher for the prefill, O(1) streaming
    hasher per decode step): the row ids of every Engram layer, known from the tokens alone;
 2. the prefetcher starts every layer's gather at once, before the forward;
-3. the forward runs with the handle as ``engram_rows``, so layer l waits only for its own rows
-   while the blocks before it compute;
+3. the forward runs with the handle as the step's rows (``EngramInputs.with_rows``), so layer l
+   waits only for its own rows while the blocks before it compute; the engine then commits the step;
 4. the next tokens are sampled for the whole batch with one seeded generator.
 
 Prompts of different lengths are right-padded in one prefill (``lengths`` masks the padding
@@ -139,12 +139,13 @@ class Engine:
 
     def _forward(self, x: torch.Tensor, cache: DecodeCache, lengths: torch.Tensor | None):
         plan = cache.begin(x, lengths=lengths)
-        handle = None
+        engram, handle = plan.engram, None
         if self.prefetcher is not None:
-            layout = self.model.layout
-            handle = self.prefetcher.start(layout.split(plan.row_ids, self.tables))
+            handle = self.prefetcher.start(self.model.layout.split(plan.row_ids, self.tables))
+            engram = engram.with_rows(handle)
         with torch.no_grad():
-            logits = self.model(x.to(self.device), cache=cache, step=plan, engram_rows=handle).logits
+            logits = self.model(x.to(self.device), engram=engram, kv=cache.kv).logits
+        cache.commit(plan)
         waits = dict(handle.wait_seconds) if handle is not None else {}
         return logits, waits
 

@@ -4,43 +4,49 @@ from the tokens before it, so prefill + one-token steps give the logits of one f
 Per sequence: attention keys/values (one :class:`KVCache` per layer), the ShortConv history of every
 Engram layer (:class:`ConvState`), the streaming hasher's last N-1 compressed ids, the committed
 length and the current lookback-window start (document reset, DEAD rule). :meth:`DecodeCache.begin`
-computes a chunk's row ids and windows from the tokens alone, so a caller can start fetching rows
-from an external store before the forward; :meth:`DecodeCache.commit` (called by the forward)
-advances lengths and windows. Chunks may be right-padded (``lengths`` real tokens per row).
+computes a chunk's row ids and windows from the tokens alone and returns them as the step's
+:class:`~engramlm.models.interface.EngramInputs`, so a caller can start fetching rows from an external
+store before the forward; the caller runs ``model(chunk, engram=step.engram, kv=cache.kv)`` and then
+:meth:`DecodeCache.commit` advances lengths and windows (:meth:`DecodeCache.run` does all three).
+The model never imports this module: the cache owns the decode state, the forward only reads it.
+Chunks may be right-padded (``lengths`` real tokens per row).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from torch import nn
 
 from engramlm.hashing.streaming import StreamingHasher
+from engramlm.models.interface import EngramInputs, LMOutput
 from engramlm.nn.attention import KVCache
 from engramlm.nn.engram import ConvState
-
-if TYPE_CHECKING:
-    from engramlm.models.model import EngramLM
 
 
 @dataclass
 class DecodeStep:
-    """One chunk's precomputed inputs: made by :meth:`DecodeCache.begin`, consumed by the forward."""
+    """One chunk's precomputed inputs: made by :meth:`DecodeCache.begin`, read by the forward, then
+    handed to :meth:`DecodeCache.commit`."""
 
     row_ids: torch.Tensor | None  # [L, B, T, H_e] offset-applied, on CPU (None: no Engram layers)
     window_start: torch.Tensor  # [B, T] first readable position, relative to the chunk start (may be < 0)
     lengths: torch.Tensor  # [B] real tokens per row (right padding after them)
     next_start: torch.Tensor  # [B] absolute window start for the token after the chunk
     full: bool  # every row uses all T tokens
+    engram: EngramInputs | None  # the forward's Engram inputs (None: no Engram layers)
 
 
 class DecodeCache:
-    """Per-sequence decode state for ``batch_size`` sequences of at most ``max_len`` tokens."""
+    """Per-sequence decode state for ``batch_size`` sequences of at most ``max_len`` tokens of ``model``
+    (an :class:`~engramlm.models.model.EngramLM`)."""
 
     def __init__(
         self,
-        model: EngramLM,
+        model: nn.Module,
         batch_size: int,
         max_len: int,
         *,
@@ -77,12 +83,14 @@ class DecodeCache:
         doc_start: torch.Tensor | None = None,
         dead: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
+        *,
+        skip_engram: bool | Collection[int] = False,
     ) -> DecodeStep:
         """Row ids and windows of the chunk ``input_ids`` [B, T]; advances the streaming hasher.
 
-        Call once per chunk, then run the forward with the returned step (the forward calls it
-        itself when not given one). A fresh cache hashes the chunk in one batched call; a
-        one-token step uses the O(1) streaming hasher.
+        Call once per chunk, run the forward with ``engram=step.engram, kv=cache.kv``, then
+        :meth:`commit`. A fresh cache hashes the chunk in one batched call; a one-token step uses the
+        O(1) streaming hasher. ``skip_engram`` (True or layer ids) is fixed by the first chunk.
         """
         ids = input_ids.detach().to("cpu", torch.long)
         b, t = ids.shape
@@ -115,8 +123,35 @@ class DecodeCache:
         if after is not None:
             a = after.gather(1, last)[:, 0]
             next_start = torch.where(a >= 0, torch.maximum(next_start, self.pos + a), next_start)
-        row_ids = self._hash(ids, ds, dd, n, next_start) if self.layout is not None else None
-        return DecodeStep(row_ids, ws_abs - self.pos[:, None], n, next_start, bool((n == t).all()))
+        skip = self._skip(skip_engram)
+        full = bool((n == t).all())
+        window = ws_abs - self.pos[:, None]
+        row_ids, engram = None, None
+        if self.layout is not None:
+            row_ids = self._hash(ids, ds, dd, n, next_start)
+            engram = EngramInputs(
+                row_ids=self.layout.split(row_ids),
+                window_start=window,
+                dead=dd,
+                skip=skip,
+                conv=self.conv,
+                lengths=None if full else n,
+            )
+        return DecodeStep(row_ids, window, n, next_start, full, engram)
+
+    def _skip(self, skip_engram: bool | Collection[int]) -> frozenset[int]:
+        if isinstance(skip_engram, bool):
+            skip = frozenset(self.layout.layer_ids) if skip_engram and self.layout is not None else frozenset()
+        else:
+            skip = frozenset(int(i) for i in skip_engram)
+        if self.skip_engram is None or self.fresh:
+            self.skip_engram = skip
+        elif self.skip_engram != skip:
+            raise ValueError(
+                f"skip_engram: this decode cache was started skipping layers {sorted(self.skip_engram)}, "
+                f"got {sorted(skip)}; the skipped set must stay the same for a cached sequence"
+            )
+        return skip
 
     def _hash(
         self,
@@ -149,10 +184,26 @@ class DecodeCache:
         return rows
 
     def commit(self, step: DecodeStep) -> None:
-        """Advance lengths and windows after the forward over ``step``'s chunk."""
+        """Advance lengths and windows after the forward over ``step``'s chunk (the caller's job)."""
         self.pos += step.lengths
         self.start = step.next_start
         if not step.full:
             lengths = self.pos.to(self.device)
             for kv in self.kv.values():
                 kv.set_lengths(lengths)
+
+    def run(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        doc_start: torch.Tensor | None = None,
+        dead: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        *,
+        skip_engram: bool | Collection[int] = False,
+    ) -> LMOutput:
+        """Continue every sequence with the chunk ``input_ids``: :meth:`begin`, the forward, :meth:`commit`."""
+        step = self.begin(input_ids, doc_start, dead, lengths, skip_engram=skip_engram)
+        out: Any = model(input_ids.to(self.device), engram=step.engram, kv=self.kv)
+        self.commit(step)
+        return out

@@ -1,39 +1,33 @@
 """EngramLM: token embedding -> blocks (Engram? -> attention -> FFN/MoE) on an M-branch residual
 stream -> branch readout -> final norm -> LM head. Read it in one sitting.
 
-Row ids for every Engram layer are computed once per forward, before block 0, from the token ids
-alone (or passed in by the data pipeline); each Engram block then looks up its own rows, or takes
-rows gathered from an external store.
+The forward takes the tokens and, for the Engram layers, one :class:`EngramInputs` built by the
+caller before it runs (row ids or gathered rows per layer, windows, decode state); it reads its
+inputs and the caches it is handed, and commits nothing: the caller that owns a decode state
+advances it. Without ``engram`` the row ids are hashed from the tokens (no document resets).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engramlm.errors import ConfigError
-from engramlm.hashing.batch import NgramHasher, window_starts
+from engramlm.hashing.batch import NgramHasher
 from engramlm.hashing.spec import HashLayout
 from engramlm.models.config import ModelConfig
-from engramlm.models.decode import DecodeCache, DecodeStep
-from engramlm.nn.attention import Attention
-from engramlm.nn.engram import ConvState, EngramBlock
+from engramlm.models.interface import EngramInputs, LMOutput
+from engramlm.nn.attention import Attention, KVCache
+from engramlm.nn.engram import EngramBlock
 from engramlm.nn.hyper import BranchReadout, MultiBranchResidual, expand_stream
 from engramlm.nn.mlp import SwiGLU
 from engramlm.nn.moe import MoE
 from engramlm.nn.norm import RMSNorm
 
-
-@dataclass
-class LMOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    gates: dict[int, torch.Tensor] | None = None  # layer id -> alpha [B, T, M, 1]
-    hidden_states: list[torch.Tensor] | None = None  # residual stream [B, T, M, d] after embed and each block
+__all__ = ["Block", "EngramInputs", "EngramLM", "LMOutput", "engram_block"]
 
 
 def engram_block(cfg: ModelConfig, num_rows: int, num_heads: int) -> EngramBlock:
@@ -86,50 +80,27 @@ class Block(nn.Module):
             self.ffn = SwiGLU(d, cfg.mlp_hidden)
 
     def forward(
-        self,
-        h: torch.Tensor,
-        *,
-        row_ids: torch.Tensor | None = None,
-        rows: torch.Tensor | None = None,
-        window_start: torch.Tensor | None = None,
-        dead: torch.Tensor | None = None,
-        gates: dict[int, torch.Tensor] | None = None,
-        kv_cache=None,
-        positions: torch.Tensor | None = None,
-        skip_engram: bool = False,
-        conv_state: ConvState | None = None,
-        lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.engram is not None and not skip_engram:
-            h, alpha = self.engram(
-                h,
-                row_ids,
-                rows=rows,
-                window_start=window_start,
-                dead=dead,
-                return_gate=True,
-                conv_state=conv_state,
-                lengths=lengths,
-            )
-            if gates is not None:
-                gates[self.index] = alpha
+        self, h: torch.Tensor, engram: EngramInputs | None = None, kv_cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (new stream, the Engram gate alpha [B, T, M, 1] or None when this block has no Engram or skips it)."""
+        alpha = None
+        if self.engram is not None and engram is not None and self.index not in engram.skip:
+            kwargs = engram.for_layer(self.index, h.device)
+            h, alpha = self.engram(h, kwargs.pop("row_ids", None), **kwargs, return_gate=True)
         x, ctx = self.attn_hc.read(h)
-        h = self.attn_hc.write(h, self.attn(self.attn_norm(x), positions=positions, kv_cache=kv_cache), ctx)
+        h = self.attn_hc.write(h, self.attn(self.attn_norm(x), kv_cache=kv_cache), ctx)
         x, ctx = self.ffn_hc.read(h)
-        return self.ffn_hc.write(h, self.ffn(self.ffn_norm(x)), ctx)
+        return self.ffn_hc.write(h, self.ffn(self.ffn_norm(x)), ctx), alpha
 
 
 class EngramLM(nn.Module):
     """A causal LM with Engram memory. ``layout`` binds the config's hash spec to a compression map.
 
-    ``forward(input_ids, targets=None, *, row_ids=None, engram_rows=None, doc_start=None,
-    dead=None, return_gates=False) -> LMOutput``. ``row_ids`` [L, B, T, H_e] (offset-applied)
-    come from :class:`NgramHasher` (hashed here when omitted); ``engram_rows`` maps a layer id to
-    rows [B, T, H_e, d_h] gathered from an external table store.
-
-    Decoding: ``forward(chunk, cache=DecodeCache(...), step=cache.begin(chunk))`` continues every
-    sequence in the cache (KV, conv history, streaming hasher); prefill and one-token steps give
-    the logits of the full forward. ``step`` may be omitted (the forward then calls ``begin``).
+    ``forward(input_ids, targets=None, *, engram=None, kv=None) -> LMOutput``: ``engram`` comes from
+    :meth:`engram_inputs` (training, analysis) or :meth:`DecodeCache.begin
+    <engramlm.models.decode.DecodeCache.begin>` (decoding, with ``kv=cache.kv``; the cache's owner then
+    calls ``cache.commit``). :meth:`forward_with_hidden_states` also returns the residual stream after
+    every block (LogitLens, CKA).
     """
 
     def __init__(self, config: ModelConfig, layout: HashLayout | None = None) -> None:
@@ -173,82 +144,75 @@ class EngramLM(nn.Module):
             input_ids.device
         )
 
+    def engram_inputs(
+        self,
+        input_ids: torch.Tensor,
+        doc_start: torch.Tensor | None = None,
+        dead: torch.Tensor | None = None,
+        *,
+        row_ids: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+        rows: Mapping[int, torch.Tensor] | None = None,
+        skip_engram: bool | Collection[int] = False,
+    ) -> EngramInputs | None:
+        """The Engram inputs of a full forward over ``input_ids`` (None for a model without Engram layers).
+
+        See :meth:`EngramInputs.from_tokens`; this one hashes with the model's own hasher.
+        """
+        if self.layout is None:
+            return None
+        return EngramInputs.from_tokens(
+            self.layout,
+            input_ids,
+            doc_start,
+            dead,
+            row_ids=row_ids,
+            rows=rows,
+            skip_engram=skip_engram,
+            hasher=self.hasher,
+        )
+
     def forward(
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        row_ids: torch.Tensor | None = None,
-        engram_rows: dict[int, torch.Tensor] | None = None,
-        doc_start: torch.Tensor | None = None,
-        dead: torch.Tensor | None = None,
-        return_gates: bool = False,
-        output_hidden_states: bool = False,
-        skip_engram: bool | Collection[int] = False,
-        cache: DecodeCache | None = None,
-        step: DecodeStep | None = None,
-        lengths: torch.Tensor | None = None,
+        engram: EngramInputs | None = None,
+        kv: Mapping[int, KVCache] | None = None,
     ) -> LMOutput:
-        """``skip_engram`` (True, or a set of layer ids) bypasses those Engram blocks entirely
-        (knockout analysis: the block's output is suppressed, the rest of the model unchanged).
+        """Logits (and the mean cross-entropy against ``targets``, -100 ignored) of ``input_ids`` [B, T].
 
-        With ``cache`` the tokens continue the cached sequences; ``doc_start``/``dead`` describe the
-        new tokens, ``lengths`` [B] the real tokens of a right-padded chunk (logits past them are junk).
+        ``kv`` (layer index -> KVCache) continues cached sequences: ``engram`` must then come from the
+        same decode cache (its windows and conv state are relative to the cached history).
         """
-        b, t = input_ids.shape
-        if isinstance(skip_engram, bool):
-            skip = set(self.layout.layer_ids) if skip_engram and self.layout is not None else set()
-        else:
-            skip = set(skip_engram)
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise IndexError(
-                f"input ids must lie in [0, {self.config.vocab_size}); got min {int(input_ids.min())}, "
-                f"max {int(input_ids.max())}"
-            )
-        window_start = None
-        if cache is not None:
-            if cache.skip_engram is None or cache.fresh:
-                cache.skip_engram = frozenset(skip)
-            elif cache.skip_engram != skip:
-                raise ValueError(
-                    f"skip_engram: this decode cache was started skipping layers {sorted(cache.skip_engram)}, "
-                    f"got {sorted(skip)}; the skipped set must stay the same for a cached sequence"
-                )
-            step = step if step is not None else cache.begin(input_ids, doc_start, dead, lengths)
-            if row_ids is None:
-                row_ids = step.row_ids
-            window_start = step.window_start.to(input_ids.device)
-            chunk_lengths = None if step.full else step.lengths.to(input_ids.device)
-        elif self.layout is not None:
-            provided = set(engram_rows or {}) | skip
-            if row_ids is None and any(lid not in provided for lid in self.layout.layer_ids):
-                row_ids = self.hasher(input_ids, doc_start, dead)
-            reset = self.layout.spec.boundary_mode == "reset" and doc_start is not None
-            if reset or dead is not None:
-                window_start = window_starts(doc_start if reset else None, dead, (b, t), input_ids.device)
+        return self._run(input_ids, targets, engram, kv, keep_hidden=False)
+
+    def forward_with_hidden_states(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, engram: EngramInputs | None = None
+    ) -> LMOutput:
+        """:meth:`forward`, also returning the residual stream after the embedding and after each block."""
+        return self._run(input_ids, targets, engram, None, keep_hidden=True)
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None,
+        engram: EngramInputs | None,
+        kv: Mapping[int, KVCache] | None,
+        keep_hidden: bool,
+    ) -> LMOutput:
+        if engram is None and self.layout is not None:
+            if kv is not None:
+                raise ConfigError("engram: a cached (kv) forward needs the EngramInputs of DecodeCache.begin")
+            engram = self.engram_inputs(input_ids)
         h = expand_stream(self.embed(input_ids), self.config.hc_mult)
-        gates: dict[int, torch.Tensor] | None = {} if return_gates else None
-        hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
+        gates: dict[int, torch.Tensor] = {}
+        hidden: list[torch.Tensor] | None = [h] if keep_hidden else None
         for blk in self.layers:
-            kwargs = {}
-            if blk.index in skip:
-                kwargs["skip_engram"] = True
-            elif blk.engram is not None:
-                li = self.layout.layer_index(blk.index)
-                if engram_rows is not None and blk.index in engram_rows:
-                    kwargs["rows"] = engram_rows[blk.index]
-                else:
-                    kwargs["row_ids"] = row_ids[li].to(input_ids.device)
-                kwargs.update(window_start=window_start, dead=dead, gates=gates)
-                if cache is not None:
-                    kwargs.update(conv_state=cache.conv.get(blk.index), lengths=chunk_lengths)
-            if cache is not None:
-                kwargs["kv_cache"] = cache.kv[blk.index]
-            h = blk(h, **kwargs)
+            h, alpha = blk(h, engram, None if kv is None else kv[blk.index])
+            if alpha is not None:
+                gates[blk.index] = alpha
             if hidden is not None:
                 hidden.append(h)
-        if cache is not None:
-            cache.commit(step)
         logits = self.head(h)
         loss = None
         if targets is not None:

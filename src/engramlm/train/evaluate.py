@@ -34,7 +34,8 @@ def evaluate(model, loader: EvalLoader, max_batches: int | None = None, threads:
         for batch in loader:
             if max_batches is not None and batches >= max_batches:
                 break
-            out = model(batch["input_ids"], row_ids=batch.get("row_ids"), doc_start=batch["doc_start"])
+            engram = model.engram_inputs(batch["input_ids"], batch["doc_start"], row_ids=batch.get("row_ids"))
+            out = model(batch["input_ids"], engram=engram)
             logits = out.logits.float()
             losses = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1), reduction="none"

@@ -142,7 +142,8 @@ class Trainer:
         if self.optim.sparse is not None:
             rows = self.optim.sparse.gather(batch["row_ids"], self.model.layout.layer_ids)
         row_ids = batch.get("row_ids") if rows is None else None
-        out = self.model(batch["input_ids"], targets, row_ids=row_ids, engram_rows=rows, doc_start=batch["doc_start"])
+        engram = self.model.engram_inputs(batch["input_ids"], batch["doc_start"], row_ids=row_ids, rows=rows)
+        out = self.model(batch["input_ids"], targets, engram=engram)
         out.loss.backward()
         gnorm = self.optim.clip(cfg.optim.clip)
         mult = lr_multiplier(self.step, cfg.total_steps, cfg.schedule)
