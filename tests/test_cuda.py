@@ -38,7 +38,7 @@ def test_forward_and_decode_step_do_not_synchronise() -> None:
 
     cache = DecodeCache(gpu, 2, 20)
     cache.run(gpu, ids[:, :15])
-    step = cache.begin(ids[:, 15:])
-    last = _no_sync(lambda: gpu(ids[:, 15:].cuda(), engram=step.engram, kv=cache.kv))
+    step, nxt = cache.begin(ids[:, 15:]), ids[:, 15:].cuda()
+    last = _no_sync(lambda: gpu(nxt, engram=step.engram, kv=cache.kv))
     cache.commit(step)
     torch.testing.assert_close(last.logits[:, -1].cpu(), cpu(ids).logits[:, -1], atol=1e-4, rtol=1e-4)
