@@ -116,7 +116,14 @@ def machine_info() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """The exact command that produced a result, runnable from the repository root."""
+    """The exact command that produced a result, runnable from the repository root.
+
+    Run as ``python -m benchmarks.<name>``, ``sys.argv[0]`` is the module's file path; the record names the
+    module instead, so it can be pasted back as it was typed.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return shlex.join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
     return shlex.join(["python", *sys.argv])
 
 

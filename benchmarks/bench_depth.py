@@ -13,25 +13,22 @@ LogitLens scores the first ``--lens-batches`` held-out batches; CKA uses the spe
 unbiased estimator on the final tokens of held-out trigrams that recur in the split (the offline
 stand-in for the paper's named-entity final tokens), ``--cka-tokens`` of them.
 
-    python benchmarks/bench_head_to_head.py --jobs 2     # trains the arms (hours), once
-    python benchmarks/bench_depth.py                     # ~10 min on 1 core
+    python -m benchmarks.bench_head_to_head --jobs 2     # trains the arms (hours), once
+    python -m benchmarks.bench_depth                     # ~10 min on 1 core
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tqdm import tqdm
 
-from _arms import RESULT_FILE
-from _common import REPO_ROOT, RESULTS_DIR, save_png, write_result
+from benchmarks._arms import RESULT_FILE
+from benchmarks._common import REPO_ROOT, RESULTS_DIR, save_png, write_result
 from engramlm.analysis.common import load_checkpoint
 from engramlm.analysis.lens import alignment_index, cka_matrix, collect_states, logit_lens, recurring_ngram_ends
 from engramlm.data import TokenDataset
@@ -58,7 +55,7 @@ def run_corpus(corpus: str, runs: Path, data: Path, seeds: list[int], args: argp
         for arm in ARMS:
             run = runs / corpus / arm / f"seed{seed}"
             if not (run / RESULT_FILE).exists():
-                raise SystemExit(f"{run}: no finished arm; run benchmarks/bench_head_to_head.py --jobs 2 first")
+                raise SystemExit(f"{run}: no finished arm; run python -m benchmarks.bench_head_to_head --jobs 2 first")
             models[arm] = load_checkpoint(run)
             lens[arm].append(logit_lens(models[arm], val, batch_size=BATCH, seq_len=SEQ, max_batches=args.lens_batches))
         states = {

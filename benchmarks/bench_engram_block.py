@@ -10,7 +10,7 @@ block reaches, independent of how fast this particular (noisy, shared) machine i
 
 Geometry: the DEMO preset's block (hidden 1024, M=4, 16 heads x 64 = d_mem 1024, conv on with
 dilation 3, proj_bias, dtype-epsilon gate norm), with a 1M-row table: table rows change memory,
-not FLOPs. Run from the repository root: ``python benchmarks/bench_engram_block.py``.
+not FLOPs. Run from the repository root: ``python -m benchmarks.bench_engram_block``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from _common import interleaved_timings, paired_ratios, stats, write_result
+from benchmarks._common import interleaved_timings, paired_ratios, stats, write_result
 from engramlm.models.model import engram_block
 from engramlm.models.presets import get_preset
 from engramlm.nn.engram import EngramBlock

@@ -20,7 +20,7 @@ repeat decodes NEW text (each contender sees the same sequence of texts), and th
 are first brought to a steady state on other held-out text (``warm_caches``), so they are measured
 warm but never on text they have already seen.
 
-Run from the repository root: ``nice python benchmarks/bench_generate.py`` (a couple of minutes on
+Run from the repository root: ``nice python -m benchmarks.bench_generate`` (a couple of minutes on
 2 cores; ``--quick`` for a smoke run).
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from _common import paired_ratios, stats, write_result
+from benchmarks._common import paired_ratios, stats, write_result
 from engramlm.data.corpora import SourceSpec, load_corpus
 from engramlm.data.tokenizer import BOS_ID, train_tokenizer
 from engramlm.hashing.compression import CompressionMap

@@ -17,7 +17,7 @@ Finished arms are reused (``run_arm`` stores each result with its full config), 
 base Engram arms are shared with ``bench_head_to_head.py --size medium`` when both use the same
 runs directory. Results: ``benchmarks/results/head_to_head_why_<corpus>[_unmatched].json`` and a plot.
 
-    python benchmarks/bench_h2h_why.py --corpus sotu --seeds 0 --jobs 1
+    python -m benchmarks.bench_h2h_why --corpus sotu --seeds 0 --jobs 1
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from _arms import resolve_corpus, run_arm, spread
-from _common import REPO_ROOT, RESULTS_DIR, save_png, write_result
-from bench_head_to_head import SIZES, arm_dir, arms
+from benchmarks._arms import resolve_corpus, run_arm, spread
+from benchmarks._common import REPO_ROOT, RESULTS_DIR, save_png, write_result
+from benchmarks.bench_head_to_head import SIZES, arm_dir, arms
 from engramlm.data import TokenDataset
 from engramlm.models.accounting import count_parameters
 from engramlm.models.config import ModelConfig

@@ -19,7 +19,7 @@ contender: on this VM the idle second vCPU and the evicted caches cost the first
 (one call right after the other contender's, i.e. with the caches just evicted by it: a latency
 under interference, which costs the ~1 ms library call far more than the 5-15 ms reference).
 
-Run from the repository root: ``python benchmarks/bench_hashing.py`` (see benchmarks/README.md).
+Run from the repository root: ``python -m benchmarks.bench_hashing`` (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from _common import interleaved_timings, machine_info, paired_ratios, stats, write_result
+from benchmarks._common import interleaved_timings, machine_info, paired_ratios, stats, write_result
 from engramlm.assets import resolve_tokenizer
 from engramlm.hashing import _kernels
 from engramlm.hashing.batch import NgramHasher, default_threads

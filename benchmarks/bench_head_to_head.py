@@ -18,9 +18,9 @@ Engram arm (16 -> 13 experts of width 256, P_act +3.8%).
 Run from the repository root (do not run the default size on a busy machine: ~10-20 min per arm
 and seed on 2 free cores, 18 runs)::
 
-    python benchmarks/bench_head_to_head.py                       # SOTU + stdlib code, 3 seeds
-    python benchmarks/bench_head_to_head.py --quick               # a few minutes, tiny models
-    python benchmarks/bench_head_to_head.py --corpus my_texts/    # any directory of .txt files
+    python -m benchmarks.bench_head_to_head                       # SOTU + stdlib code, 3 seeds
+    python -m benchmarks.bench_head_to_head --quick               # a few minutes, tiny models
+    python -m benchmarks.bench_head_to_head --corpus my_texts/    # any directory of .txt files
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from _arms import resolve_corpus, run_arm, spread
-from _common import REPO_ROOT, RESULTS_DIR, save_png, write_result
+from benchmarks._arms import resolve_corpus, run_arm, spread
+from benchmarks._common import REPO_ROOT, RESULTS_DIR, save_png, write_result
 from engramlm.data import TokenDataset
 from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec

@@ -29,9 +29,9 @@ to pay for Engram's projections) where that is feasible. ``--quick`` shrinks eve
 its numbers only show the pipeline works. The full setting is 23 distinct runs (21 arms + 2 noise
 seeds) of 120 steps of 16 x 256 tokens, ~12-15 min each on one core: ~3 h with ``--jobs 2`` on 2 cores.
 
-    python benchmarks/bench_reproductions.py --quick --jobs 2
-    python benchmarks/bench_reproductions.py --jobs 2                    # stdlib, full setting
-    python benchmarks/bench_reproductions.py --corpus sotu --only rho --jobs 2
+    python -m benchmarks.bench_reproductions --quick --jobs 2
+    python -m benchmarks.bench_reproductions --jobs 2                    # stdlib, full setting
+    python -m benchmarks.bench_reproductions --corpus sotu --only rho --jobs 2
 """
 
 from __future__ import annotations
@@ -41,18 +41,15 @@ import dataclasses
 import hashlib
 import math
 import multiprocessing as mp
-import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tqdm import tqdm
 
-from _arms import arm_status, resolve_corpus, run_arm
-from _common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, save_png, write_result
+from benchmarks._arms import arm_status, resolve_corpus, run_arm
+from benchmarks._common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, save_png, write_result
 from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
 from engramlm.models.accounting import count_parameters, iso_parameter_variant

@@ -15,7 +15,7 @@ sources (tokenized with the DeepSeek-V3 tokenizer) with the ``demo`` preset's re
   (and is the profile ``static`` preloads its hottest rows from); hits are counted on the second.
 
 Writes ``results/row_access.json`` and ``results/row_access.png``.
-Run from the repository root: ``python benchmarks/bench_row_access.py``.
+Run from the repository root: ``python -m benchmarks.bench_row_access``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from _common import RESULTS_DIR, write_result
-from bench_hashing import stdlib_token_ids
+from benchmarks._common import RESULTS_DIR, write_result
+from benchmarks.bench_hashing import stdlib_token_ids
 from engramlm.assets import resolve_tokenizer
 from engramlm.hashing.batch import NgramHasher
 from engramlm.models.build import build_layout

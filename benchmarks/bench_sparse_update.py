@@ -9,7 +9,7 @@ run on the same real batches (SOTU), and reports the paired time ratio and the o
 bytes of the tables after the run. Optionally (``--dense-baseline``) a third and fourth contender
 train the same tables the naive way (dense grad + dense AdamW), to show what the sparse path avoids.
 
-Run from the repository root: ``python benchmarks/bench_sparse_update.py`` (after
+Run from the repository root: ``python -m benchmarks.bench_sparse_update`` (after
 ``engramlm data prepare --source sotu --out runs/data/sotu``).
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from _common import interleaved_timings, paired_ratios, stats, write_result
+from benchmarks._common import interleaved_timings, paired_ratios, stats, write_result
 from engramlm.train import Trainer, load_train_config
 
 

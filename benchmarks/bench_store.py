@@ -19,7 +19,7 @@ table sizes scaled by ``--vocab-scale`` (default 0.2, ~2.07M rows per layer, so 
 is ~530 MB), applied to CPython stdlib tokens (a new batch of B×T tokens per repeat), and the
 same number of uniform random ids. All tiers are checked equal to ``memory`` before timing.
 
-Run from the repository root: ``python benchmarks/bench_store.py`` (~2-3 minutes).
+Run from the repository root: ``python -m benchmarks.bench_store`` (~2-3 minutes).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from _common import paired_ratios, stats, write_result
-from bench_hashing import stdlib_token_ids
+from benchmarks._common import paired_ratios, stats, write_result
+from benchmarks.bench_hashing import stdlib_token_ids
 from engramlm.assets import resolve_tokenizer
 from engramlm.hashing.batch import NgramHasher
 from engramlm.hashing.compression import CompressionMap

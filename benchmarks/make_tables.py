@@ -8,7 +8,7 @@ store, row_access, sparse_update, head_to_head, head_to_head_why, generate, repr
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
 
-Usage: ``python benchmarks/make_tables.py [--results-dir DIR] [--update-readme README.md]``.
+Usage: ``python -m benchmarks.make_tables [--results-dir DIR] [--update-readme README.md]``.
 """
 
 from __future__ import annotations

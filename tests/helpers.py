@@ -6,11 +6,6 @@ how a config becomes a seeded model over the identity compression map.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import torch
 
 from engramlm.hashing.compression import CompressionMap
@@ -35,18 +30,3 @@ def tiny_lm(cfg: ModelConfig, seed: int = 0, *, random_conv: bool = False) -> En
     if random_conv:
         randomise_conv(model)
     return model
-
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module: benchmarks are scripts, not a package, and import each other
-    by bare name (``from _common import ...``), so their folder goes on sys.path first."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import _arms as arms
 from engramlm.data import prepare
 from engramlm.errors import ConfigError
 from engramlm.hashing.spec import HashSpec
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.train import Trainer
-from helpers import load_benchmark
-
-arms = load_benchmark("_arms")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import load_benchmark
+from benchmarks import _common as common
 
 REPO = Path(__file__).resolve().parents[1]
-common = load_benchmark("_common")
 
 
 class _Clock:
@@ -52,10 +51,9 @@ def test_block_samples_are_per_call_means_and_order_rotates(monkeypatch) -> None
 def test_machine_info_leaves_torch_threads_alone_and_records_hash_threads() -> None:
     """numba.get_num_threads() would launch Numba's OpenMP layer and reset torch's threads (1 -> all cores)."""
     code = (
-        "import sys; sys.path.insert(0, 'benchmarks')\n"
         "import torch; torch.set_num_threads(1)\n"
         "assert torch.get_num_threads() == 1\n"
-        "from _common import machine_info\n"
+        "from benchmarks._common import machine_info\n"
         "from engramlm.hashing.batch import default_threads\n"
         "info = machine_info()\n"
         "assert info['hash_threads'] == default_threads(), info\n"

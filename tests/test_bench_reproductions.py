@@ -13,10 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from helpers import load_benchmark
-
-rp = load_benchmark("bench_reproductions")
-mt = load_benchmark("make_tables")
+from benchmarks import bench_reproductions as rp
+from benchmarks import make_tables as mt
 
 
 def _rho_arms(losses: dict[float, float]) -> list[dict]:

@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 
-from helpers import load_benchmark
+from benchmarks import make_tables as mt
 
 REPO = Path(__file__).resolve().parents[1]
-mt = load_benchmark("make_tables")
 
 
 @pytest.fixture(scope="module")

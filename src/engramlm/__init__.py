@@ -1,6 +1,8 @@
 """engramlm: DeepSeek's Engram conditional memory, exact and fast.
 
-Layers (lower never imports higher): hashing -> store -> nn -> models -> train/infer/analysis -> cli.
+Layers (lower never imports higher; ``|`` siblings never import each other), enforced by the import-linter
+contracts in pyproject.toml: utils | errors < assets < nn | store | hashing | data < models
+< train | infer | analysis < cli.
 """
 
 __version__ = "0.1.0"
