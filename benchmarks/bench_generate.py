@@ -48,6 +48,7 @@ from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.cache import CachedTable
 from engramlm.store.mooncake import connect, local_master
+from engramlm.store.tiers import Tier
 
 
 def build_workload(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor]]:
@@ -164,7 +165,7 @@ def main() -> None:
     engines["memory"] = Engine(model, model_tables(model), workers=args.workers)
     for pct in args.cache_pcts:
         budget = int(table_bytes * pct / 100)
-        tables = open_tables(store, "direct", cache_bytes=budget, fingerprint=fp)
+        tables = open_tables(store, Tier.DIRECT, cache_bytes=budget, fingerprint=fp)
         opened.append(tables)
         name = f"ssd_c{pct:g}"
         if budget:
@@ -180,7 +181,7 @@ def main() -> None:
             client = connect(master, 2 * file_bytes + (256 << 20))
             mooncake_ctx.callback(client.close)
             t1 = time.perf_counter()
-            tables = open_tables(store, "mooncake", fingerprint=fp, mooncake=client)
+            tables = open_tables(store, Tier.MOONCAKE, fingerprint=fp, mooncake=client)
             mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1}
             opened.append(tables)
             engines["mooncake"] = Engine(model, tables, workers=args.workers)

@@ -35,25 +35,16 @@ from engramlm.assets import resolve_tokenizer
 from engramlm.hashing.batch import NgramHasher
 from engramlm.models.build import build_layout
 from engramlm.models.presets import get_preset
-from engramlm.store.base import RowTable, check_fingerprint
+from engramlm.store.base import RowTable, TableHeader
 from engramlm.store.cache import POLICIES, CachedTable
-from engramlm.store.formats import FP32, RowFormat
+from engramlm.store.formats import FP32
 
 
 class _IdOnlyTable(RowTable):
     """A [rows, 1] table of zeros: lets the real cache code run on ids alone."""
 
     def __init__(self, rows: int) -> None:
-        super().__init__()
-        self._rows = rows
-
-    num_rows = property(lambda self: self._rows)
-    dim = property(lambda self: 1)
-    fingerprint = property(lambda self: check_fingerprint("0" * 64))
-
-    @property
-    def row_format(self) -> RowFormat:
-        return FP32
+        super().__init__(TableHeader(rows, 1, "0" * 64, FP32))
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(ids.numel(), 1)

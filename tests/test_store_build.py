@@ -61,7 +61,7 @@ def test_build_roundtrip_every_tier(saved: tuple[EngramLM, Path], tmp_path: Path
         assert h.meta["layer_id"] == entry["layer_id"] and h.meta["hash_spec"]["layer_ids"] == [0, 2]
     fmt_obj = get_format(name)
     g = torch.Generator().manual_seed(3)
-    for tier in ("memory", "mmap", "file"):
+    for tier in ("memory", "mmap", "direct"):
         for cache in (0, 4096):
             tables = open_store_dir(out, tier=tier, cache_bytes=cache, expected_fingerprint=layout.fingerprint)
             for layer, table in tables.items():
@@ -98,7 +98,7 @@ def test_refusals(saved: tuple[EngramLM, Path], tmp_path: Path, capsys: pytest.C
     other = hashlib.sha256(b"other").hexdigest()
     with pytest.raises(HashSpecMismatch, match=other):
         open_store_dir(out, expected_fingerprint=other)
-    with pytest.raises(ConfigError, match=r"tier must be one of \('memory', 'mmap', 'file', 'mooncake'\)"):
+    with pytest.raises(ConfigError, match=r"tier: must be one of \['memory', 'mmap', 'direct', 'mooncake'\]"):
         open_store_dir(out, tier="ssd")
     with pytest.raises(ConfigError, match="needs a set-up MooncakeDistributedStore"):
         open_store_dir(out, tier="mooncake")

@@ -12,6 +12,12 @@ Analytic from the config (no tables are built, so 200 GB presets plan instantly)
 * the tier decides the unit of transfer: bytes for hbm/ram/remote, whole pages for ssd (a random read
   of ``ceil(row_bytes / page)`` pages per row, so IOPS are the limit there).
 
+The request's ``tier`` is a hardware word (:class:`engramlm.store.tiers.Medium`: hbm | ram | ssd |
+remote), because the reference device depends on it. The plan also carries ``placement``: the store
+:class:`~engramlm.store.tiers.Tier` that serves rows from that medium (``Medium.tier``: hbm, ram ->
+memory, ssd -> direct, remote -> mooncake) for every layer, with the request's hot-row cache budget
+split by rows, as JSON that :func:`engramlm.store.storedir.open_store_dir` opens (``placement=``).
+
 Reference devices (overridable) turn needs into utilisation: HBM3 3.35 TB/s (H100 SXM); host RAM
 reached over PCIe 5.0 x16, 64 GB/s, the binding link when rows are gathered on the host and shipped to
 the accelerator; one PCIe 4.0 NVMe SSD, 7 GB/s and 1M random 4 KiB reads/s; a 400 Gb/s RDMA NIC,
@@ -28,14 +34,14 @@ from engramlm.errors import ConfigError
 from engramlm.models.accounting import count_parameters, engram_table_rows
 from engramlm.models.config import ModelConfig
 from engramlm.store.formats import get_format
+from engramlm.store.tiers import Medium, Placement
 
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp8": "fp8_e4m3_ue8m0", "fp8_e4m3_ue8m0": "fp8_e4m3_ue8m0"}
-TIERS = ("hbm", "ram", "ssd", "remote")
 REFERENCE = {
-    "hbm": {"device": "HBM3 (H100 SXM)", "bytes_per_s": 3.35e12, "iops": None},
-    "ram": {"device": "host RAM over PCIe 5.0 x16", "bytes_per_s": 64e9, "iops": None},
-    "ssd": {"device": "PCIe 4.0 NVMe SSD", "bytes_per_s": 7e9, "iops": 1e6},
-    "remote": {"device": "400 Gb/s RDMA NIC", "bytes_per_s": 50e9, "iops": None},
+    Medium.HBM: {"device": "HBM3 (H100 SXM)", "bytes_per_s": 3.35e12, "iops": None},
+    Medium.RAM: {"device": "host RAM over PCIe 5.0 x16", "bytes_per_s": 64e9, "iops": None},
+    Medium.SSD: {"device": "PCIe 4.0 NVMe SSD", "bytes_per_s": 7e9, "iops": 1e6},
+    Medium.REMOTE: {"device": "400 Gb/s RDMA NIC", "bytes_per_s": 50e9, "iops": None},
 }
 DENSE_BYTES_PER_PARAM = 2  # bf16
 
@@ -52,12 +58,15 @@ class PlanRequest:
     page_bytes: int = 4096
     reference_bytes_per_s: float | None = None
     reference_iops: float | None = None
+    cache_bytes: int = 0
+    cache_policy: str = "lfu"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.tier not in TIERS:
-            raise ConfigError(f"tier: must be one of {list(TIERS)}, got {self.tier!r}")
+        object.__setattr__(self, "tier", Medium.parse(self.tier, "tier").value)
+        if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
+            raise ConfigError(f"cache_bytes: must be an int >= 0 (hot-row cache budget), got {self.cache_bytes!r}")
         if not isinstance(self.batch, int) or self.batch < 1:
             raise ConfigError(f"batch: must be an int >= 1 (tokens per step), got {self.batch!r}")
         if not self.tokens_per_s > 0:
@@ -70,6 +79,11 @@ class PlanRequest:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"{name}: must be > 0, got {v!r}")
+        self.placement({0: 1})  # the store's own check of cache_policy (and of the medium -> tier map)
+
+    def placement(self, rows: dict[int, int]) -> Placement:
+        """Every layer on the tier serving :attr:`tier`, the cache budget split by ``rows``."""
+        return Placement.uniform(rows, Medium(self.tier).tier, self.cache_bytes, self.cache_policy)
 
 
 def plan(config: ModelConfig, req: PlanRequest) -> dict[str, Any]:
@@ -116,6 +130,7 @@ def plan(config: ModelConfig, req: PlanRequest) -> dict[str, Any]:
         "table_bytes": table_bytes,
         "dense_bytes_bf16": dense_bytes,
         "bytes_per_tier": tiers,
+        "placement": req.placement(dict(zip(e.hash.layer_ids, rows, strict=True))).to_dict(),
         "per_token": {"rows_read": reads_per_token, "bytes_read": reads_per_token * row_bytes},
         "per_batch": {
             "tokens": req.batch,
@@ -146,12 +161,19 @@ def _size(n: float) -> str:
     return f"{n}"
 
 
+def _placement_line(placement: dict[str, Any]) -> str:
+    tiers = sorted({e["tier"] for e in placement["layers"]})
+    cache = sum(e["cache_bytes"] for e in placement["layers"])
+    return f"tier {', '.join(tiers)}" + (f", {_size(cache)} {placement['cache_policy']} cache" if cache else "")
+
+
 def format_plan(p: dict[str, Any]) -> str:
     """A readable table for the terminal (decimal units)."""
     t, b = p["throughput"], p["per_batch"]
     lines = [
         f"Engram table plan: {p['config']}, {p['dtype']} rows of {p['head_dim']} values = {p['row_bytes']} B/row,"
         f" tier {p['tier']}",
+        f"store placement: {_placement_line(p['placement'])} (open_store_dir(..., placement=plan['placement']))",
         "",
         f"{'layer':>8} {'rows':>16} {'bytes':>14}",
     ]

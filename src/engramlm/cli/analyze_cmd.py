@@ -104,13 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = inst.add_parser("plan", help="table bytes per tier, bytes per token/step, bandwidth/IOPS needed")
     p.add_argument("target", help="preset name or config file")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp8 (default: the config's table_dtype)")
-    p.add_argument("--tier", default="hbm", help="hbm | ram | ssd | remote")
+    p.add_argument("--tier", default="hbm", help=f"where the table lives: {' | '.join(_medium_names())}")
     p.add_argument("--batch", type=int, default=4096, help="tokens per step (decode: concurrent sequences)")
     p.add_argument("--tokens-per-s", type=float, default=1e5, help="target throughput")
     p.add_argument("--dedup", type=float, default=1.0, help="row reads per distinct row within a step (>= 1)")
     p.add_argument("--page-bytes", type=int, default=4096, help="ssd read unit")
     p.add_argument("--ref-bytes-per-s", type=float, default=None, help="override the tier's reference bandwidth")
     p.add_argument("--ref-iops", type=float, default=None, help="override the tier's reference IOPS")
+    p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget of the placement, MiB (0 = none)")
     p.add_argument("--out", default="analysis", help="directory for plan.json (default ./analysis)")
     p.set_defaults(func=run_plan)
 
@@ -118,6 +119,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _medium_names() -> tuple[str, ...]:
+    from engramlm.store.tiers import Medium
+
+    return Medium.names()
 
 
 def _model_and_tokenizer(args: argparse.Namespace, checkpoint: str, data: str | None = None):
@@ -306,6 +313,7 @@ def run_plan(args: argparse.Namespace) -> int:
         page_bytes=args.page_bytes,
         reference_bytes_per_s=args.ref_bytes_per_s,
         reference_iops=args.ref_iops,
+        cache_bytes=int(args.cache_mb * (1 << 20)),
     )
     result = plan(config, req)
     print(format_plan(result))

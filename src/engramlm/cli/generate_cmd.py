@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from engramlm.errors import ConfigError, CorruptFileError, EngramError
+from engramlm.store.tiers import Tier, tier_help
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 
@@ -25,7 +26,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--tokenizer", help="tokenizer.json path or known name (default: found next to the model)")
     p.add_argument("--store", help="store directory (store.json) serving the Engram tables")
-    p.add_argument("--tier", default="mmap", choices=("memory", "mmap", "direct", "mooncake"))
+    p.add_argument("--tier", default=Tier.MMAP.value, choices=Tier.names(), help=f"with --store: {tier_help()}")
     p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget in MiB (0 = none)")
     p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
     p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.store:
         if model.layout is None:
             raise ConfigError("--store: the model has no Engram layers")
-        client = _mooncake_client(args) if args.tier == "mooncake" else None
+        client = _mooncake_client(args) if args.tier == Tier.MOONCAKE else None
         tables = open_tables(
             args.store,
             args.tier,

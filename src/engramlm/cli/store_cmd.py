@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from engramlm.store.tiers import Tier, tier_help
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("store", help="build, inspect and verify table stores")
@@ -23,9 +25,9 @@ def register(subparsers: Any) -> None:
     build.add_argument("--format", default="fp32", choices=["fp32", "bf16", "fp8"], help="row format")
     build.add_argument(
         "--tier",
-        default="file",
-        choices=["file", "mmap", "memory", "mooncake"],
-        help="default tier recorded in store.json (mooncake: uploaded from the files when opened)",
+        default=Tier.DIRECT.value,
+        choices=Tier.names(),
+        help=f"default tier recorded in store.json ({tier_help()}; mooncake: uploaded from the files when opened)",
     )
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=run_build)

@@ -2,8 +2,8 @@
 
 ``model_tables`` wraps the model's own ``embed.weight`` tensors as :class:`MemoryTable` s (no
 copy); ``export_model_tables`` writes them as a store directory (``store.json`` + one file per
-layer, :mod:`engramlm.store.storedir`); ``open_tables`` opens such a directory (or one layer
-file) on the memory / mmap / direct (O_DIRECT) / mooncake tier, optionally behind a hot-row cache.
+layer, :mod:`engramlm.store.storedir`); ``open_tables`` opens such a directory (or its ``store.json``)
+on any :class:`~engramlm.store.tiers.Tier`, optionally behind a hot-row cache.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from engramlm.errors import ConfigError
 from engramlm.models.model import EngramLM
 from engramlm.store.base import RowTable
 from engramlm.store.memory import MemoryTable
-
-TIERS = ("memory", "mmap", "direct", "mooncake")
-_STOREDIR_TIER = {"memory": "memory", "mmap": "mmap", "direct": "file", "file": "file", "mooncake": "mooncake"}
+from engramlm.store.tiers import Tier
 
 
 def _layout(model: EngramLM):
@@ -66,7 +64,7 @@ def export_model_tables(
 
 def open_tables(
     path: str | os.PathLike,
-    tier: str = "mmap",
+    tier: Tier | str = Tier.MMAP,
     *,
     cache_bytes: int = 0,
     fingerprint: str | None = None,
@@ -74,19 +72,18 @@ def open_tables(
 ) -> dict[int, RowTable]:
     """Open a store directory (``store.json``) as ``{layer_id: RowTable}`` on ``tier``.
 
-    ``tier``: memory | mmap | direct (O_DIRECT reads) | mooncake (needs a set-up client);
-    ``cache_bytes`` > 0 puts a hot-row cache of that total budget in front of every layer.
+    ``tier``: a :class:`Tier` name (``mooncake`` needs a set-up client); ``cache_bytes`` > 0 puts a
+    hot-row cache of that total budget in front of every layer.
     """
     from engramlm.store.storedir import open_store_dir
 
-    if tier not in _STOREDIR_TIER:
-        raise ConfigError(f"tier: must be one of {TIERS}, got {tier!r}")
+    tier = Tier.parse(tier)
     p = Path(path)
     if p.is_file() and p.name == "store.json":
         p = p.parent
     if not p.is_dir():
         raise ConfigError(f"store: {path} is not a store directory (one with a store.json)")
-    return open_store_dir(p, _STOREDIR_TIER[tier], cache_bytes, expected_fingerprint=fingerprint, mooncake=mooncake)
+    return open_store_dir(p, tier, cache_bytes, expected_fingerprint=fingerprint, mooncake=mooncake)
 
 
 def drop_model_tables(model: EngramLM) -> int:

@@ -1,10 +1,11 @@
 """Tiered Engram table stores: one ``RowTable`` interface over memory, mmap, O_DIRECT, cache, Mooncake
 and checkpoint tensors in place, plus the per-layer ``Prefetcher`` and store directories.
+``Tier`` (``store.tiers``) is the one tier vocabulary every CLI, the planner and ``open_store_dir`` share.
 
 Lower layer: imports only ``engramlm.errors``, ``engramlm.utils.io``, numpy and torch.
 """
 
-from engramlm.store.base import RowTable, StoreStats
+from engramlm.store.base import RowTable, StoreStats, TableHeader
 from engramlm.store.cache import CachedTable
 from engramlm.store.checkpoint import SafetensorsTable, open_checkpoint_tables
 from engramlm.store.direct import DirectFileTable
@@ -14,6 +15,7 @@ from engramlm.store.memory import MemoryTable
 from engramlm.store.mmap import MmapTable
 from engramlm.store.prefetch import Prefetcher, PrefetchHandle
 from engramlm.store.storedir import export_tables, open_store_dir, read_index
+from engramlm.store.tiers import LayerPlacement, Medium, Placement, Tier
 
 __all__ = [
     "BF16",
@@ -21,8 +23,11 @@ __all__ = [
     "FP32",
     "CachedTable",
     "DirectFileTable",
+    "LayerPlacement",
+    "Medium",
     "MemoryTable",
     "MmapTable",
+    "Placement",
     "PrefetchHandle",
     "Prefetcher",
     "RowFormat",
@@ -30,6 +35,8 @@ __all__ = [
     "SafetensorsTable",
     "StoreHeader",
     "StoreStats",
+    "TableHeader",
+    "Tier",
     "decode_split",
     "export_tables",
     "get_format",

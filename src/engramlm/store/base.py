@@ -2,7 +2,9 @@
 
 ``RowTable.gather`` owns the shared work — id validation, batch deduplication, sorting into
 table order, expansion back to request order — so a tier only implements
-``_fetch_unique(sorted_unique_ids)`` and cannot get those parts wrong.
+``_fetch_unique(sorted_unique_ids)`` and cannot get those parts wrong. Likewise the base holds
+the :class:`TableHeader` (rows, width, fingerprint, row format), validated once, so no tier
+re-implements or re-validates it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from engramlm.store.formats import RowFormat
+from engramlm.store.formats import RowFormat, get_format
 
 
 @dataclass
@@ -75,31 +77,59 @@ def check_fingerprint(fingerprint: str) -> str:
     return fp
 
 
-class RowTable(ABC):
-    """A read-only [num_rows, dim] table gathered by int64 offset-applied row ids."""
+@dataclass(frozen=True)
+class TableHeader:
+    """What a table is, whatever its tier: [num_rows, dim] rows of ``row_format`` under ``fingerprint``."""
 
-    def __init__(self) -> None:
+    num_rows: int
+    dim: int
+    fingerprint: str
+    row_format: RowFormat
+    row_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_rows, bool) or int(self.num_rows) != self.num_rows or self.num_rows < 0:
+            raise ValueError(f"num_rows must be an int >= 0, got {self.num_rows!r}")
+        if isinstance(self.dim, bool) or int(self.dim) != self.dim or self.dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {self.dim!r}")
+        object.__setattr__(self, "num_rows", int(self.num_rows))
+        object.__setattr__(self, "dim", int(self.dim))
+        object.__setattr__(self, "fingerprint", check_fingerprint(self.fingerprint))
+        object.__setattr__(self, "row_format", get_format(self.row_format))
+        object.__setattr__(self, "row_bytes", self.row_format.row_bytes(self.dim))
+
+
+class RowTable(ABC):
+    """A read-only [num_rows, dim] table gathered by int64 offset-applied row ids.
+
+    A tier passes its :class:`TableHeader` to ``__init__``; the properties below read it.
+    """
+
+    def __init__(self, header: TableHeader) -> None:
+        if not isinstance(header, TableHeader):
+            raise TypeError(f"header must be a TableHeader, got {type(header).__name__}")
+        self.table_header = header
         self.stats = StoreStats()
 
     @property
-    @abstractmethod
-    def num_rows(self) -> int: ...
+    def num_rows(self) -> int:
+        return self.table_header.num_rows
 
     @property
-    @abstractmethod
-    def dim(self) -> int: ...
+    def dim(self) -> int:
+        return self.table_header.dim
 
     @property
-    @abstractmethod
-    def fingerprint(self) -> str: ...
+    def fingerprint(self) -> str:
+        return self.table_header.fingerprint
 
     @property
-    @abstractmethod
-    def row_format(self) -> RowFormat: ...
+    def row_format(self) -> RowFormat:
+        return self.table_header.row_format
 
     @property
     def row_bytes(self) -> int:
-        return self.row_format.row_bytes(self.dim)
+        return self.table_header.row_bytes
 
     @abstractmethod
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ import torch
 
 from engramlm.errors import ConfigError
 from engramlm.store.base import RowTable
-from engramlm.store.formats import RowFormat
 
 POLICIES = ("lfu", "lru", "static")
 _SKETCH_DEPTH = 4
@@ -74,7 +73,7 @@ class CachedTable(RowTable):
         *,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
+        super().__init__(inner.table_header)
         if policy not in POLICIES:
             raise ConfigError(f"cache policy must be one of {POLICIES}, got {policy!r}")
         self.inner = inner
@@ -91,22 +90,6 @@ class CachedTable(RowTable):
         self._tick = 0
         self._sketch = _FrequencySketch(self.capacity) if policy == "lfu" else None
         self._lock = threading.Lock()
-
-    @property
-    def num_rows(self) -> int:
-        return self.inner.num_rows
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self.inner.fingerprint
-
-    @property
-    def row_format(self) -> RowFormat:
-        return self.inner.row_format
 
     @property
     def cached_rows(self) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from engramlm.errors import CorruptFileError
-from engramlm.store.base import RowTable, check_fingerprint
+from engramlm.store.base import RowTable, TableHeader, check_fingerprint
 from engramlm.store.formats import BF16, FP8, FP8_BLOCK, FP32, RowFormat, decode_split
 from engramlm.store.pages import PAGE
 
@@ -132,9 +132,8 @@ class SafetensorsTable(RowTable):
         expected_rows: int | None = None,
         locations: dict[str, TensorLocation] | None = None,
     ) -> None:
-        super().__init__()
         self.layer_id = int(layer_id)
-        self._fp = check_fingerprint(fingerprint)
+        fp = check_fingerprint(fingerprint)  # refuse a bad fingerprint before touching any file
         locs = locations if locations is not None else find_engram_tensors(path)
         wname, sname = WEIGHT_NAME.format(layer=layer_id), SCALE_NAME.format(layer=layer_id)
         if wname not in locs:
@@ -149,7 +148,6 @@ class SafetensorsTable(RowTable):
                 f"{w.path}: {wname} has {rows} rows, but the hash layout expects {int(expected_rows)} "
                 f"for layer {layer_id}"
             )
-        self._rows_n, self._dim = int(rows), int(dim)
         self.weight_location = w
         self.scale_location: TensorLocation | None = None
         if w.dtype == "F8_E4M3":
@@ -171,22 +169,7 @@ class SafetensorsTable(RowTable):
             self._scale = None
         else:
             raise CorruptFileError(f"{w.path}: {wname} has dtype {w.dtype}; expected F8_E4M3 (+ scale), F32 or BF16")
-
-    @property
-    def num_rows(self) -> int:
-        return self._rows_n
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fp
-
-    @property
-    def row_format(self) -> RowFormat:
-        return self._format
+        super().__init__(TableHeader(rows, dim, fp, self._format))
 
     def _pages(self, loc: TensorLocation, idx: np.ndarray, row_bytes: int) -> int:
         start = loc.offset + idx * row_bytes

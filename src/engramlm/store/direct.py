@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from engramlm.store.base import RowTable
+from engramlm.store.base import RowTable, TableHeader
 from engramlm.store.file import StoreHeader, open_store
-from engramlm.store.formats import RowFormat
 from engramlm.store.pages import PAGE, PagePlan, plan_pages
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -65,11 +64,12 @@ class DirectFileTable(RowTable):
         max_run_pages: int = 64,
         direct: bool = True,
     ) -> None:
-        super().__init__()
         if queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
         self.header: StoreHeader = open_store(path, expected_fingerprint)
-        self._format = self.header.format
+        h = self.header
+        super().__init__(TableHeader(h.num_rows, h.dim, h.fingerprint, h.format))
+        self._format = h.format
         self.queue_depth = queue_depth
         self.max_run_pages = max_run_pages
         self._fd, self.direct_io, self.fallback_reason = _open_direct(path, direct)
@@ -81,22 +81,6 @@ class DirectFileTable(RowTable):
             )
         self._pool = ThreadPoolExecutor(queue_depth, thread_name_prefix="engram-direct")
         self._local = threading.local()
-
-    @property
-    def num_rows(self) -> int:
-        return self.header.num_rows
-
-    @property
-    def dim(self) -> int:
-        return self.header.dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self.header.fingerprint
-
-    @property
-    def row_format(self) -> RowFormat:
-        return self._format
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
         """A per-thread page-aligned buffer, grown on demand, so concurrent gathers never share."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engramlm.store.base import RowTable, check_fingerprint
+from engramlm.store.base import RowTable, TableHeader
 from engramlm.store.formats import BF16, FP8, FP32, RowFormat, decode_split, get_format
 
 _DENSE_FORMATS = {torch.float32: FP32, torch.bfloat16: BF16}
@@ -23,55 +23,37 @@ class MemoryTable(RowTable):
         fingerprint: str,
         row_format: str | RowFormat | None = None,
     ) -> None:
-        super().__init__()
         if weights.dim() != 2:
             raise ValueError(f"weights must be 2-D [rows, dim], got shape {tuple(weights.shape)}")
-        self._fp = check_fingerprint(fingerprint)
         self._scale: torch.Tensor | None = None
         if weights.dtype == torch.uint8:
             if row_format is None:
                 raise ValueError("uint8 (packed) weights need an explicit row_format")
-            self._format = get_format(row_format)
-            self._dim = self._format.dim_of(weights.shape[1])
-            if self._format.row_bytes(self._dim) != weights.shape[1]:
-                raise ValueError(f"{weights.shape[1]} bytes is not a {self._format.name} row")
+            fmt = get_format(row_format)
+            dim = fmt.dim_of(weights.shape[1])
+            if fmt.row_bytes(dim) != weights.shape[1]:
+                raise ValueError(f"{weights.shape[1]} bytes is not a {fmt.name} row")
         elif weights.dtype in _DENSE_FORMATS:
-            self._format = get_format(row_format or _DENSE_FORMATS[weights.dtype])
-            self._dim = weights.shape[1]
+            fmt = get_format(row_format or _DENSE_FORMATS[weights.dtype])
+            dim = weights.shape[1]
         else:
             raise ValueError(f"unsupported weights dtype {weights.dtype}; use from_split for fp8")
+        super().__init__(TableHeader(weights.shape[0], dim, fingerprint, fmt))
+        self._format = fmt
         self._weights = weights
 
     @classmethod
     def from_split(cls, weight: torch.Tensor, scale: torch.Tensor, fingerprint: str) -> MemoryTable:
         """Serve the checkpoint's split fp8 form (e4m3 [R, d] + e8m0 [R, d/32]) in place."""
         table = cls.__new__(cls)
-        RowTable.__init__(table)
         if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float8_e8m0fnu:
             got = f"{weight.dtype}/{scale.dtype}"
             raise ValueError(f"split form dtypes must be e4m3/e8m0, got {got}")
-        table._fp = check_fingerprint(fingerprint)
+        RowTable.__init__(table, TableHeader(weight.shape[0], weight.shape[1], fingerprint, FP8))
         table._format = FP8
-        table._dim = weight.shape[1]
         table._weights = weight
         table._scale = scale
         return table
-
-    @property
-    def num_rows(self) -> int:
-        return self._weights.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fp
-
-    @property
-    def row_format(self) -> RowFormat:
-        return self._format
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         self.stats.add(bytes_read=ids.numel() * self.row_bytes)

@@ -11,9 +11,8 @@ import os
 import numpy as np
 import torch
 
-from engramlm.store.base import RowTable
+from engramlm.store.base import RowTable, TableHeader
 from engramlm.store.file import StoreHeader, open_store
-from engramlm.store.formats import RowFormat
 from engramlm.store.pages import PAGE
 
 
@@ -21,27 +20,11 @@ class MmapTable(RowTable):
     """A store file gathered through ``np.memmap`` fancy indexing, decoded to float."""
 
     def __init__(self, path: str | os.PathLike, expected_fingerprint: str | None = None) -> None:
-        super().__init__()
         self.header: StoreHeader = open_store(path, expected_fingerprint)
         h = self.header
+        super().__init__(TableHeader(h.num_rows, h.dim, h.fingerprint, h.format))
         self._format = h.format
         self._rows = np.memmap(path, dtype=np.uint8, mode="r", offset=h.data_offset, shape=(h.num_rows, h.row_bytes))
-
-    @property
-    def num_rows(self) -> int:
-        return self.header.num_rows
-
-    @property
-    def dim(self) -> int:
-        return self.header.dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self.header.fingerprint
-
-    @property
-    def row_format(self) -> RowFormat:
-        return self._format
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         idx = ids.numpy()

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from engramlm.errors import EngramError, HashSpecMismatch
-from engramlm.store.base import RowTable, check_fingerprint
-from engramlm.store.formats import FP32, RowFormat
+from engramlm.store.base import RowTable, TableHeader, check_fingerprint
+from engramlm.store.formats import FP32
 
 _MISSING = "install the `store` extra (pip install 'engramlm[store]') and Debian's libibverbs1"
 
@@ -144,22 +144,21 @@ class MooncakeTable(RowTable):
         dim: int,
         expected_fingerprint: str | None = None,
     ) -> None:
-        super().__init__()
         self._store = store
         self.layer_id = int(layer_id)
         self.head_sizes = np.asarray(head_sizes, dtype=np.int64)
         self._offsets = np.concatenate(([0], np.cumsum(self.head_sizes)))
-        self._dim = int(dim)
         self._engram = _engram_store(store, layer_id, head_sizes, dim)
         raw = store.get(_fingerprint_key(self.layer_id))
         if not raw:
             raise HashSpecMismatch(f"Mooncake layer {layer_id} has no engramlm fingerprint; populate it first")
-        self._fp = raw.decode("ascii")
-        if expected_fingerprint is not None and self._fp != check_fingerprint(expected_fingerprint):
+        fp = raw.decode("ascii")
+        if expected_fingerprint is not None and fp != check_fingerprint(expected_fingerprint):
             raise HashSpecMismatch(
-                f"Mooncake layer {layer_id} was populated under hash spec {self._fp}, "
+                f"Mooncake layer {layer_id} was populated under hash spec {fp}, "
                 f"but hash spec {check_fingerprint(expected_fingerprint)} was expected"
             )
+        super().__init__(TableHeader(int(self._offsets[-1]), int(dim), fp, FP32))
 
     @classmethod
     def populate(
@@ -185,22 +184,6 @@ class MooncakeTable(RowTable):
         """Delete this layer's head tables and fingerprint from the store."""
         self._store.remove(_fingerprint_key(self.layer_id), True)
         return int(self._engram.remove_from_store(True))
-
-    @property
-    def num_rows(self) -> int:
-        return int(self._offsets[-1])
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fp
-
-    @property
-    def row_format(self) -> RowFormat:
-        return FP32
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         idx = ids.numpy()

@@ -1,7 +1,8 @@
 """A store directory: one store file per Engram layer plus ``store.json``, the index engines open.
 
 ``export_tables`` writes it (used by ``engramlm store build``); ``open_store_dir`` opens it as
-``{layer_id: RowTable}`` on any tier, optionally behind a hot-row cache. The index is written
+``{layer_id: RowTable}`` on any :class:`~engramlm.store.tiers.Tier`, optionally behind a hot-row cache,
+or per layer as a :class:`~engramlm.store.tiers.Placement` says (e.g. the planner's). The index is written
 last and atomically, so a directory whose build was interrupted has no (or the old) index and
 is never opened half-written. Every layer file carries the hash-spec fingerprint; the index's
 fingerprint must agree with each file's, and with the caller's expectation when given.
@@ -19,15 +20,15 @@ import torch
 
 from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
 from engramlm.store.base import RowTable, check_fingerprint
-from engramlm.store.cache import POLICIES, CachedTable
+from engramlm.store.cache import CachedTable
 from engramlm.store.file import open_store, write_store
 from engramlm.store.formats import get_format
+from engramlm.store.tiers import LayerFile, OpenOptions, Placement, Tier, check_options, open_layer
 from engramlm.utils.io import atomic_write_json
 
 INDEX_NAME = "store.json"
 INDEX_FORMAT = "engramlm.store_dir"
 INDEX_VERSION = 1
-TIERS = ("memory", "mmap", "file", "mooncake")
 FORMAT_ALIASES = {"fp32": "fp32", "bf16": "bf16", "fp8": "fp8_e4m3_ue8m0", "fp8_e4m3_ue8m0": "fp8_e4m3_ue8m0"}
 _BLOCK_BYTES = 16 << 20
 
@@ -63,16 +64,18 @@ def export_tables(
     row_format: str,
     fingerprint: str,
     *,
-    tier: str = "file",
+    tier: Tier | str = Tier.DIRECT,
     head_sizes: Mapping[int, Sequence[int]] | None = None,
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write every layer's table as ``layer_{id:03d}.engst`` (+ ``store.json``); returns the index path."""
+    """Write every layer's table as ``layer_{id:03d}.engst`` (+ ``store.json``); returns the index path.
+
+    ``tier`` is the default tier recorded in the index (what ``open_store_dir`` uses when given none).
+    """
     fmt = get_format(resolve_format(row_format))
     fp = check_fingerprint(fingerprint)
-    if tier not in TIERS:
-        raise ConfigError(f"tier must be one of {TIERS}, got {tier!r}")
+    tier = Tier.parse(tier)
     if not tables:
         raise ConfigError("tables: nothing to export (no Engram layers)")
     out = Path(out_dir)
@@ -100,8 +103,8 @@ def export_tables(
     index = out / INDEX_NAME
     atomic_write_json(
         index,
-        {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fp, "row_format": fmt.name, "tier": tier,
-         "layers": layers, "meta": dict(meta or {})},
+        {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fp, "row_format": fmt.name,
+         "tier": tier.value, "layers": layers, "meta": dict(meta or {})},
     )  # fmt: skip
     return index
 
@@ -117,14 +120,19 @@ def read_index(directory: str | os.PathLike) -> dict[str, Any]:
         raise CorruptFileError(f"{path}: not valid JSON: {exc}") from exc
     if doc.get("format") != INDEX_FORMAT or doc.get("version") != INDEX_VERSION:
         raise CorruptFileError(f"{path}: not an {INDEX_FORMAT} v{INDEX_VERSION} index")
+    try:
+        doc["tier"] = Tier.from_index(doc.get("tier", Tier.DIRECT.value)).value
+    except ConfigError as exc:
+        raise CorruptFileError(f"{path}: {exc}") from exc
     return doc
 
 
 def open_store_dir(
     directory: str | os.PathLike,
-    tier: str | None = None,
+    tier: Tier | str | None = None,
     cache_bytes: int = 0,
     *,
+    placement: Placement | Mapping[str, Any] | None = None,
     cache_policy: str = "lfu",
     expected_fingerprint: str | None = None,
     queue_depth: int = 64,
@@ -132,33 +140,32 @@ def open_store_dir(
 ) -> dict[int, RowTable]:
     """Open a store directory as ``{layer_id: RowTable}``.
 
-    ``tier``: ``memory`` (rows loaded into RAM as packed records), ``mmap`` (page cache),
-    ``file`` (O_DIRECT reads, :class:`DirectFileTable`) or ``mooncake`` (a set-up
-    ``MooncakeDistributedStore`` passed as ``mooncake``; layers absent from the pool are uploaded
-    from the files first). ``None`` uses the index's tier. ``cache_bytes`` > 0 puts a
-    :class:`CachedTable` of that total budget (split across layers in proportion to their rows)
-    in front of each layer.
+    Either every layer on one ``tier`` (a :class:`Tier`: ``memory``, ``mmap``, ``direct`` or ``mooncake``;
+    ``None`` uses the index's) with ``cache_bytes`` > 0 putting a :class:`CachedTable` of that total
+    budget (split across layers in proportion to their rows) in front of each layer; or a
+    ``placement`` (a :class:`Placement` or its JSON form, e.g. ``plan()["placement"]``) naming each
+    layer's tier and cache budget. ``mooncake`` is a set-up ``MooncakeDistributedStore``, needed by
+    that tier (layers absent from the pool are uploaded from the files first).
     """
-    from engramlm.store.direct import DirectFileTable
-    from engramlm.store.memory import MemoryTable
-    from engramlm.store.mmap import MmapTable
-
     doc = read_index(directory)
-    tier = tier or doc.get("tier", "file")
-    if tier not in TIERS:
-        raise ConfigError(f"tier must be one of {TIERS}, got {tier!r}")
-    if cache_policy not in POLICIES:
-        raise ConfigError(f"cache_policy must be one of {POLICIES}, got {cache_policy!r}")
-    if cache_bytes < 0:
-        raise ConfigError(f"cache_bytes must be >= 0, got {cache_bytes}")
-    if tier == "mooncake" and mooncake is None:
-        raise ConfigError("tier 'mooncake' needs a set-up MooncakeDistributedStore (mooncake=...)")
+    rows = {int(e["layer_id"]): int(e["num_rows"]) for e in doc["layers"]}
+    if placement is not None:
+        if tier is not None or cache_bytes or cache_policy != "lfu":
+            raise ConfigError("placement: give a placement or tier/cache_bytes/cache_policy, not both")
+        placement = Placement.coerce(placement)
+        if set(placement.layers) != set(rows):
+            raise ConfigError(
+                f"placement: places layers {sorted(placement.layers)}, but {directory} holds layers {sorted(rows)}"
+            )
+    else:
+        placement = Placement.uniform(rows, tier if tier is not None else doc["tier"], cache_bytes, cache_policy)
+    options = OpenOptions(queue_depth=queue_depth, mooncake=mooncake)
+    check_options(placement.tiers, options)
     fp = doc["fingerprint"]
     if expected_fingerprint is not None and check_fingerprint(expected_fingerprint) != fp:
         raise HashSpecMismatch(
             f"{directory}: store was built under hash spec {fp}, but hash spec {expected_fingerprint} was expected"
         )
-    total_rows = sum(int(e["num_rows"]) for e in doc["layers"])
     tables: dict[int, RowTable] = {}
     try:
         for entry in doc["layers"]:
@@ -166,39 +173,13 @@ def open_store_dir(
             header = open_store(path, fp)
             if (header.num_rows, header.dim) != (entry["num_rows"], entry["dim"]):
                 raise CorruptFileError(f"{path}: shape {header.num_rows}x{header.dim} disagrees with {INDEX_NAME}")
-            table: RowTable
-            if tier == "memory":
-                with MmapTable(path, fp) as mm:
-                    raw = torch.from_numpy(mm._rows.copy())
-                table = MemoryTable(raw, fp, row_format=header.row_format)
-            elif tier == "mmap":
-                table = MmapTable(path, fp)
-            elif tier == "file":
-                table = DirectFileTable(path, fp, queue_depth=queue_depth)
-            else:
-                table = _open_mooncake(mooncake, layer, path, entry, fp)
-            if cache_bytes:
-                budget = cache_bytes * int(entry["num_rows"]) // max(total_rows, 1)
-                table = CachedTable(table, budget, cache_policy)
+            where = placement.layers[layer]
+            table = open_layer(where.tier, LayerFile(layer, path, header, list(entry["head_sizes"])), fp, options)
+            if where.cache_bytes:
+                table = CachedTable(table, where.cache_bytes, placement.cache_policy)
             tables[layer] = table
     except BaseException:
         for t in tables.values():
             t.close()
         raise
     return tables
-
-
-def _open_mooncake(client: Any, layer: int, path: Path, entry: Mapping[str, Any], fp: str) -> RowTable:
-    """Open a layer in the Mooncake pool, uploading it from the store file if it is not there yet."""
-    from engramlm.store.mmap import MmapTable
-    from engramlm.store.mooncake import MooncakeTable
-
-    heads, dim = entry["head_sizes"], int(entry["dim"])
-    try:
-        return MooncakeTable(client, layer, heads, dim, fp)
-    except HashSpecMismatch as exc:
-        if "no engramlm fingerprint" not in str(exc):
-            raise
-    with MmapTable(path, fp) as mm:
-        weights = mm.fetch_sorted_unique(torch.arange(mm.num_rows))
-    return MooncakeTable.populate(client, layer, weights, heads, fp)
