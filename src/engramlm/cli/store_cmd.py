@@ -50,7 +50,7 @@ def run_build(args: argparse.Namespace) -> int:
     from engramlm.errors import ConfigError
     from engramlm.hashing.artifact import load_layout
     from engramlm.models.locate import locate_model
-    from engramlm.store.checkpoint import open_checkpoint_tables
+    from engramlm.store.safetensors_tables import open_safetensors_tables
     from engramlm.store.storedir import export_tables, resolve_format
 
     files = locate_model(args.checkpoint)
@@ -63,7 +63,7 @@ def run_build(args: argparse.Namespace) -> int:
     layout.check_fingerprint(doc.get("hash_fingerprint", "none"), what=f"model {model_dir}")
     expected_rows = {lid: layout.rows_of(lid) for lid in layout.layer_ids}
     head_sizes = {lid: layout.head_sizes(lid) for lid in layout.layer_ids}
-    tables = open_checkpoint_tables(model_dir / "model.safetensors", layout.fingerprint, expected_rows=expected_rows)
+    tables = open_safetensors_tables(model_dir / "model.safetensors", layout.fingerprint, expected_rows=expected_rows)
     index = export_tables(
         tables,
         args.out,
