@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "MODEL_SUBDIR",
     "TOKENIZER_FILE",
     "TRAINER_STATE",
     "ModelFiles",
@@ -206,8 +207,8 @@ def locate_model(path: str | os.PathLike[str]) -> ModelFiles:
             )
         return ModelFiles(p, ckpt / MODEL_SUBDIR, ckpt)
     raise ModelNotFoundError(
-        f"checkpoint: {p} is not a saved model ({_CONFIG} + {_WEIGHTS}), a training checkpoint ({TRAINER_STATE}) "
-        "or a run directory with checkpoints"
+        f"checkpoint: {p} is not a saved model (no {_CONFIG} + {_WEIGHTS}), a training checkpoint (no "
+        f"{TRAINER_STATE}) or a run directory with checkpoints"
     )
 
 

@@ -35,6 +35,7 @@ from engramlm.errors import CorruptModelFileError
 from engramlm.models.locate import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    MODEL_SUBDIR,
     TRAINER_STATE,
     checkpoints_dir,
     list_checkpoints,
@@ -82,7 +83,7 @@ class Checkpoint:
 
     @property
     def model_dir(self) -> Path:
-        return self.path / "model"
+        return self.path / MODEL_SUBDIR
 
 
 def save_checkpoint(
@@ -103,7 +104,7 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root))
     try:
-        save_pretrained(model, tmp / "model")
+        save_pretrained(model, tmp / MODEL_SUBDIR)
         rng_doc, torch_rng = rng_state()
         tensors = {**optim_tensors, "rng/torch": torch_rng.clone()}
         atomic_write_bytes(tmp / OPTIM_NAME, save(tensors, metadata={"format": CHECKPOINT_FORMAT}))
@@ -117,7 +118,7 @@ def save_checkpoint(
             **state,
         }
         atomic_write_json(tmp / TRAINER_STATE, doc)
-        fsync_path(tmp / "model")
+        fsync_path(tmp / MODEL_SUBDIR)
         fsync_path(tmp)
         if final.exists():  # a re-run of the same step (e.g. resumed and re-saved): replace it
             _remove(final, root)
