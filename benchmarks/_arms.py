@@ -22,8 +22,9 @@ import numpy as np
 from engramlm.data import EvalLoader, prepare
 from engramlm.data.corpora import SourceSpec
 from engramlm.models.config import ModelConfig
-from engramlm.train import TrainConfig, Trainer, evaluate, read_metrics
-from engramlm.train.checkpoint import list_checkpoints
+from engramlm.models.evaluate import evaluate
+from engramlm.models.locate import list_checkpoints
+from engramlm.train import TrainConfig, Trainer, read_metrics
 from engramlm.utils.io import atomic_open
 
 RESULT_FILE = "arm_result.json"

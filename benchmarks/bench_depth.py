@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from benchmarks._arms import RESULT_FILE
 from benchmarks._common import REPO_ROOT, RESULTS_DIR, save_png, write_result
-from engramlm.analysis.common import load_checkpoint
 from engramlm.analysis.lens import alignment_index, cka_matrix, collect_states, logit_lens, recurring_ngram_ends
 from engramlm.data import TokenDataset
+from engramlm.models.locate import load_trained_model
 
 ARMS = ("dense", "moe", "engram_moe")
 BATCH, SEQ = 16, 256  # held-out batches for both instruments
@@ -56,7 +56,7 @@ def run_corpus(corpus: str, runs: Path, data: Path, seeds: list[int], args: argp
             run = runs / corpus / arm / f"seed{seed}"
             if not (run / RESULT_FILE).exists():
                 raise SystemExit(f"{run}: no finished arm; run python -m benchmarks.bench_head_to_head --jobs 2 first")
-            models[arm] = load_checkpoint(run)
+            models[arm] = load_trained_model(run).model
             lens[arm].append(logit_lens(models[arm], val, batch_size=BATCH, seq_len=SEQ, max_batches=args.lens_batches))
         states = {
             arm: collect_states(models[arm], val, max_tokens=args.cka_tokens, batch_size=BATCH, seq_len=SEQ,

@@ -14,8 +14,6 @@ from engramlm.analysis.classes import FREQ_BUCKETS, KINDS, TokenClasses, freq_bu
 from engramlm.analysis.common import (
     encode_text,
     eval_pass,
-    load_checkpoint,
-    load_matching_tokenizer,
     mode_baseline,
     mode_capacity1,
     mode_no_engram,
@@ -41,6 +39,7 @@ from engramlm.hashing.spec import HashSpec
 from engramlm.models.build import build_model
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.io import save_pretrained
+from engramlm.models.locate import load_trained_model, verify_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGRAM_LAYERS = (0, 2)
@@ -80,7 +79,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_knockout_modes_touch_only_engram(env: dict[str, Path]) -> None:
-    model = load_checkpoint(env["engram"])
+    model = load_trained_model(env["engram"]).model
     ds = TokenDataset(env["data"], "val")
     modes = {
         "baseline": mode_baseline,
@@ -111,10 +110,10 @@ def test_knockout_modes_touch_only_engram(env: dict[str, Path]) -> None:
 
 
 def test_capacity1_is_a_one_row_table(env: dict[str, Path]) -> None:
-    model = load_checkpoint(env["engram"])
+    model = load_trained_model(env["engram"]).model
     ds = TokenDataset(env["data"], "val")
     arr = eval_pass(model, ds, {"capacity1": mode_capacity1}, batch_size=4, seq_len=64, max_batches=2)
-    one_row = load_checkpoint(env["engram"])
+    one_row = load_trained_model(env["engram"]).model
     for blk in one_row.engram_layers.values():
         blk.embed.weight.copy_(blk.embed.weight[0].expand_as(blk.embed.weight))
     ref = eval_pass(one_row, ds, {"baseline": mode_baseline}, batch_size=4, seq_len=64, max_batches=2)
@@ -122,7 +121,7 @@ def test_capacity1_is_a_one_row_table(env: dict[str, Path]) -> None:
 
 
 def test_no_engram_model_knockout_is_identity(env: dict[str, Path]) -> None:
-    model = load_checkpoint(env["plain"])
+    model = load_trained_model(env["plain"]).model
     ds = TokenDataset(env["data"], "val")
     arr = eval_pass(model, ds, {"b": mode_baseline, "n": mode_no_engram}, batch_size=4, seq_len=64, max_batches=2)
     assert np.array_equal(arr.nll["b"], arr.nll["n"])
@@ -139,12 +138,12 @@ def test_share_kept_and_summary(env: dict[str, Path]) -> None:
     np.testing.assert_allclose(np.exp(-nll).sum(), 1.0)
     assert nll[0] < nll[2] < nll[1]
 
-    model = load_checkpoint(env["engram"])
+    model = load_trained_model(env["engram"]).model
     ds = TokenDataset(env["data"], "val")
     arr = eval_pass(
         model, ds, {"baseline": mode_baseline, "no_engram": mode_no_engram}, batch_size=4, seq_len=64, max_batches=3
     )
-    tok = load_matching_tokenizer(model, env["data"] / "tokenizer.json")
+    tok = verify_tokenizer(model, env["data"] / "tokenizer.json")
     train = np.bincount(np.asarray(TokenDataset(env["data"], "train").tokens, dtype=np.int64), minlength=512)
     classes = TokenClasses(token_texts(tok, 512), np.asarray(ds.token_bytes), train)
     rep = summarise(arr, classes, unigram_nll(train, 512), 512)
@@ -175,8 +174,8 @@ def test_token_classes_definitions() -> None:
 
 
 def test_gates_and_html_escaping(env: dict[str, Path]) -> None:
-    model = load_checkpoint(env["engram"])
-    tok = load_matching_tokenizer(model, env["data"] / "tokenizer.json")
+    model = load_trained_model(env["engram"]).model
+    tok = verify_tokenizer(model, env["data"] / "tokenizer.json")
     text = 'def f(x):\n    return "<script>alert(1)</script>" & x'
     ids, doc = encode_text(tok, text)
     gates = compute_gates(model, ids, doc)
@@ -198,8 +197,8 @@ def test_gates_and_html_escaping(env: dict[str, Path]) -> None:
 
 
 def test_fired_rows(env: dict[str, Path]) -> None:
-    model = load_checkpoint(env["engram"])
-    tok = load_matching_tokenizer(model, env["data"] / "tokenizer.json")
+    model = load_trained_model(env["engram"]).model
+    tok = verify_tokenizer(model, env["data"] / "tokenizer.json")
     texts = token_texts(tok, 512)
     ids, doc = encode_text(tok, "import os\nimport sys\n")
     rows = model.hash(ids, doc)
@@ -223,7 +222,7 @@ def test_fired_rows(env: dict[str, Path]) -> None:
 
 
 def test_logit_lens_last_layer_is_final(env: dict[str, Path]) -> None:
-    model = load_checkpoint(env["engram"])
+    model = load_trained_model(env["engram"]).model
     ds = TokenDataset(env["data"], "val")
     rep = logit_lens(model, ds, batch_size=4, seq_len=64, max_batches=3)
     assert len(rep["kl_to_final"]) == 4
@@ -245,7 +244,7 @@ def test_linear_cka_properties(env: dict[str, Path]) -> None:
     feature_form = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
     assert linear_cka(x, y) == pytest.approx(float(feature_form))
     assert linear_cka(x, y) < 0.5
-    model = load_checkpoint(env["engram"])
+    model = load_trained_model(env["engram"]).model
     ds = TokenDataset(env["data"], "val")
     states = collect_states(model, ds, max_tokens=200, batch_size=2, seq_len=64)
     assert len(states) == 4 and states[0].shape == (200, 2 * 64)
@@ -313,7 +312,7 @@ def test_recurring_ngram_ends_match_a_brute_force_count(env: dict[str, Path]) ->
         want = sorted(e for ends in grams.values() if len(ends) >= 2 for e in ends)
         got = np.flatnonzero(recurring_ngram_ends(ds, n)).tolist()
         assert got == want and 0 < len(got) < len(tokens)
-    model = load_checkpoint(env["engram"])
+    model = load_trained_model(env["engram"]).model
     where = recurring_ngram_ends(ds, 3)
     picked = collect_states(model, ds, max_tokens=40, batch_size=2, seq_len=64, positions=where)
     every = collect_states(model, ds, max_tokens=400, batch_size=2, seq_len=64)

@@ -108,7 +108,7 @@ def test_find_tokenizer_skips_a_nearby_wrong_one_and_refuses_a_named_one(
 ) -> None:
     from engramlm.errors import ConfigError, HashSpecMismatch
     from engramlm.models.io import load_pretrained
-    from engramlm.train.checkpoint import find_tokenizer
+    from engramlm.models.locate import find_tokenizer
 
     run = tmp_path / "run"
     shutil.copytree(saved["model"], run / "model")

@@ -11,8 +11,8 @@ import torch
 
 from engramlm.cli.main import main
 from engramlm.data import TokenDataset, prepare
-from engramlm.train import list_checkpoints, read_metrics
-from engramlm.train.checkpoint import resolve_model_dir
+from engramlm.models.locate import list_checkpoints, locate_model
+from engramlm.train import read_metrics
 
 TOML = """
 steps = 6
@@ -84,7 +84,7 @@ def test_train_resume_eval_plot(prep: Path, tmp_path: Path, capsys: pytest.Captu
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
     # every downstream command takes the run directory itself (its latest checkpoint)
-    assert resolve_model_dir(run) == list_checkpoints(run)[-1] / "model"
+    assert locate_model(run).model_dir == list_checkpoints(run)[-1] / "model"
     rc, out, err = _run(capsys, "analyze", "gates", str(run), "--text", "import os", "--data", str(prep),
                         "--out", str(tmp_path / "an"))  # fmt: skip
     assert rc == 0, err

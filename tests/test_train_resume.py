@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from engramlm.data import prepare
 from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
-from engramlm.train import Trainer, list_checkpoints, load_train_config, read_metrics
+from engramlm.models.locate import list_checkpoints
+from engramlm.train import Trainer, load_train_config, read_metrics
 
 STEPS, EVERY = 60, 15
 TOML = f"""

@@ -1,11 +1,11 @@
-"""Shared plumbing for the analysis instruments: checkpoints, tokenizers, evaluation passes, output files.
+"""Shared plumbing for the analysis instruments: token texts, evaluation passes, output files.
 
-Every instrument reads a saved model (``models.io.save_pretrained`` directory) and either a text or a
-prepared split, and writes JSON plus a picture. What they share lives here so each instrument module
-is only its own measurement: loading a model together with the tokenizer it was hashed under (a
-different tokenizer would silently send every n-gram to other rows, so it is refused), and one
-vectorised evaluation pass that returns per-target arrays (NLL per mode, bytes, ids) which the
-instruments then bucket with ``np.bincount`` instead of looping over tokens.
+Every instrument reads a trained model and either a text or a prepared split, and writes JSON plus a
+picture. The model and the tokenizer it was hashed under come from :mod:`engramlm.models.locate`
+(``load_trained_model``, ``find_tokenizer``: a different tokenizer would silently send every n-gram to
+other rows, so it is refused). What the instruments share lives here so each instrument module is
+only its own measurement: one vectorised evaluation pass that returns per-target arrays (NLL per
+mode, bytes, ids) which the instruments then bucket with ``np.bincount`` instead of looping over tokens.
 """
 
 from __future__ import annotations
@@ -27,38 +27,6 @@ from engramlm.utils.io import atomic_write_bytes, atomic_write_json, atomic_writ
 
 # A mode maps (model, batch, row_ids) to keyword arguments of ``model.engram_inputs`` (row_ids, skip_engram).
 ModeFn = Callable[[EngramLM, dict[str, Any], torch.Tensor | None], dict[str, Any]]
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> EngramLM:
-    """A saved model (a model dir, a training checkpoint or a run directory's latest) in eval mode with
-    gradients off (analysis never trains)."""
-    from engramlm.models.io import load_pretrained
-    from engramlm.train.checkpoint import resolve_model_dir
-
-    model = load_pretrained(resolve_model_dir(path))
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def load_matching_tokenizer(model: EngramLM, path: str | os.PathLike[str]):
-    """Load ``path`` and refuse it unless it is the tokenizer the model's hash layout was built from."""
-    from engramlm.data.tokenizer import load_tokenizer
-    from engramlm.hashing.compression import CompressionMap
-
-    tok = load_tokenizer(path)
-    size = tok.get_vocab_size(with_added_tokens=True)
-    if size > model.config.vocab_size:
-        raise ConfigError(f"tokenizer: {path} has {size} ids, the model only {model.config.vocab_size}")
-    if model.layout is not None:
-        cmap = model.layout.compression
-        mine = CompressionMap.from_tokenizer(tok, enabled=model.layout.spec.compression)
-        if mine.vocab_size != cmap.vocab_size or mine.digest() != cmap.digest():
-            raise ConfigError(
-                f"tokenizer: {path} does not produce the compression map this checkpoint was hashed with "
-                "(its n-grams would map to other rows); pass the tokenizer it was trained with"
-            )
-    return tok
 
 
 def token_texts(tok, vocab_size: int | None = None) -> list[str]:

@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser, *, eval_opts: bool = False) -> None:
 
 
 def _text_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a save_pretrained directory")
+    p.add_argument("checkpoint", help="a saved model, a training checkpoint or a run directory (its latest)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="the text to analyse")
     src.add_argument("--text-file", help="read the text from this UTF-8 file")
@@ -128,12 +128,21 @@ def _medium_names() -> tuple[str, ...]:
 
 
 def _model_and_tokenizer(args: argparse.Namespace, checkpoint: str, data: str | None = None):
-    from engramlm.analysis.common import load_checkpoint, load_matching_tokenizer
-    from engramlm.train.checkpoint import find_tokenizer
+    from engramlm.models.locate import load_trained_model
 
-    model = load_checkpoint(checkpoint)
-    path = find_tokenizer(checkpoint, model, explicit=getattr(args, "tokenizer", None), data=data)
-    return model, load_matching_tokenizer(model, path)
+    trained = load_trained_model(checkpoint)
+    return trained.model, _tokenizer(args, trained, data)
+
+
+def _tokenizer(args: argparse.Namespace, trained, data: str | None):
+    """The tokenizer ``trained`` was hashed with (``--tokenizer``, else ``data``'s, else found near it)."""
+    from engramlm.data.tokenizer import check_specials
+    from engramlm.models.locate import find_tokenizer, read_tokenizer
+
+    path = find_tokenizer(trained.files, trained.model, explicit=getattr(args, "tokenizer", None), data=data)
+    tok = read_tokenizer(path)
+    check_specials(tok)  # the instruments prepend the project's BOS id
+    return tok
 
 
 def _read_text(args: argparse.Namespace) -> str:
@@ -186,15 +195,17 @@ def run_knockout(args: argparse.Namespace) -> int:
     import numpy as np
 
     from engramlm.analysis.classes import TokenClasses
-    from engramlm.analysis.common import load_checkpoint, token_texts, write_outputs
+    from engramlm.analysis.common import token_texts, write_outputs
     from engramlm.analysis.knockout import plot_knockout
     from engramlm.analysis.knockout import run_knockout as knockout
     from engramlm.data import TokenDataset
+    from engramlm.models.locate import load_trained_model
 
-    model = load_checkpoint(args.checkpoint)
+    trained = load_trained_model(args.checkpoint)
+    model = trained.model
     sets = {}
     for data in args.data:
-        _, tok = _model_and_tokenizer(args, args.checkpoint, data)
+        tok = _tokenizer(args, trained, data)
         v = model.config.vocab_size
         counts = _train_counts(data, v)
         for split in args.split or ["val"]:

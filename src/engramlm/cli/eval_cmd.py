@@ -25,16 +25,18 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from engramlm.data.dataset import TokenDataset
     from engramlm.data.loader import EvalLoader
-    from engramlm.train.checkpoint import load_trained_model
-    from engramlm.train.evaluate import evaluate
-    from engramlm.train.trainer import open_dataset
+    from engramlm.models.evaluate import evaluate
+    from engramlm.models.locate import TOKENIZER_FILE, load_trained_model, verify_tokenizer
 
     data = Path(args.data)
-    ds = open_dataset(data, args.split)
-    model, state = load_trained_model(args.checkpoint, data / "tokenizer.json")
-    if state is not None and state.get("tokenizer_sha256") not in (None, ds.manifest.tokenizer.get("sha256")):
-        raise ConfigError(f"--data: {data} was tokenized with a different tokenizer than {args.checkpoint}")
+    if not (data / "manifest.json").is_file():
+        raise ConfigError(f"--data: {data} is not a prepared corpus (no manifest.json); run `engramlm data prepare`")
+    ds = TokenDataset(data, args.split)
+    trained = load_trained_model(args.checkpoint)
+    model, state = trained.model, trained.state
+    verify_tokenizer(model, data / TOKENIZER_FILE, what=f"model {trained.files.model_dir}")  # the data's = the model's
     if model.config.vocab_size < ds.vocab_size:
         raise ConfigError(f"--data: {data} has {ds.vocab_size} token ids, the model only {model.config.vocab_size}")
     seq_len = args.seq_len or (state["config"]["data"]["seq_len"] if state else None)
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     loader = EvalLoader(ds, args.batch_size, seq_len, row_ids_fn=model.hasher)
     result = evaluate(model, loader, args.max_batches, args.threads)
     result.update(checkpoint=str(args.checkpoint), data=str(data), split=args.split, seq_len=seq_len)
-    if state is not None:
-        result["step"] = state["step"]
+    if trained.step is not None:
+        result["step"] = trained.step
     print(json.dumps(result, indent=2, sort_keys=True))
     return 0

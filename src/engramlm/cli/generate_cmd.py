@@ -2,8 +2,8 @@
 
 CHECKPOINT is a ``save_pretrained`` directory, a training checkpoint (its ``model/``), or a run
 directory (its latest checkpoint). The tokenizer is the one the model was trained with
-(:func:`engramlm.train.checkpoint.find_tokenizer`: ``--tokenizer``, else found next to the model or
-its training data); one whose sha256 differs from the compression map's record is refused.
+(:func:`engramlm.models.locate.find_tokenizer`: ``--tokenizer``, else found next to the model or
+its training data); one whose compression map differs from the model's is refused.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import sys
 import time
 from typing import Any
 
-from engramlm.errors import ConfigError, CorruptFileError, EngramError
+from engramlm.errors import ConfigError, EngramError
 from engramlm.store.tiers import Tier, tier_help
-
-BOS, EOS = "<|bos|>", "<|eos|>"
 
 
 def register(subparsers: Any) -> None:
@@ -56,24 +54,21 @@ def _mooncake_client(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from engramlm.data.tokenizer import load_tokenizer
+    from engramlm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
     from engramlm.infer import Engine, SamplingParams
     from engramlm.infer.tables import drop_model_tables, open_tables
-    from engramlm.models.io import load_pretrained
-    from engramlm.train.checkpoint import find_tokenizer, resolve_model_dir
+    from engramlm.models.locate import find_tokenizer, load_trained_model, read_tokenizer
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model_dir = resolve_model_dir(args.checkpoint)
-    model = load_pretrained(model_dir, map_location=args.device)
-    tok_path = find_tokenizer(args.checkpoint, model, explicit=args.tokenizer)
-    try:
-        tok = load_tokenizer(tok_path)
-        bos, eos = [tok.token_to_id(BOS)], (tok.token_to_id(EOS),)
-    except CorruptFileError:  # not the project layout (e.g. a DeepSeek tokenizer): no BOS/EOS convention
-        from tokenizers import Tokenizer
-
-        tok, bos, eos = Tokenizer.from_file(str(tok_path)), [], ()
+    trained = load_trained_model(args.checkpoint, map_location=args.device)
+    model, model_dir = trained.model, trained.files.model_dir
+    tok_path = find_tokenizer(trained.files, model, explicit=args.tokenizer)
+    tok = read_tokenizer(tok_path)
+    if [tok.token_to_id(s) for s in SPECIAL_TOKENS] == [BOS_ID, EOS_ID, PAD_ID]:  # the project layout
+        bos, eos = [BOS_ID], (EOS_ID,)
+    else:  # e.g. a DeepSeek tokenizer: no BOS/EOS convention
+        bos, eos = [], ()
     prompts = [bos + tok.encode(text).ids for text in args.prompt]
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,

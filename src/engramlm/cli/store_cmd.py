@@ -49,24 +49,23 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from engramlm.errors import ConfigError, CorruptFileError
+    from engramlm.errors import ConfigError
     from engramlm.hashing.artifact import load_layout
-    from engramlm.store.checkpoint import open_checkpoint_tables
+    from engramlm.models.locate import locate_model
+    from engramlm.store.safetensors_tables import open_safetensors_tables
     from engramlm.store.storedir import export_tables, resolve_format
-    from engramlm.train.checkpoint import resolve_model_dir
 
-    ckpt = resolve_model_dir(args.checkpoint)
-    cfg_path = ckpt / "config.json"
-    if not cfg_path.is_file():
-        raise CorruptFileError(f"{ckpt}: no config.json (is this a saved engramlm model?)")
-    doc = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if not (doc.get("model") or {}).get("engram"):
-        raise ConfigError(f"{ckpt}: the model has no Engram layers, so there are no tables to export")
-    layout = load_layout(ckpt / "engram_hash.safetensors")
-    layout.check_fingerprint(doc.get("hash_fingerprint", "none"), what=f"model {ckpt}")
+    files = locate_model(args.checkpoint)
+    files.verify()
+    model_dir = files.model_dir
+    doc = files.read_config()
+    if not doc["model"].get("engram"):
+        raise ConfigError(f"{model_dir}: the model has no Engram layers, so there are no tables to export")
+    layout = load_layout(model_dir / "engram_hash.safetensors")
+    layout.check_fingerprint(doc.get("hash_fingerprint", "none"), what=f"model {model_dir}")
     expected_rows = {lid: layout.rows_of(lid) for lid in layout.layer_ids}
     head_sizes = {lid: layout.head_sizes(lid) for lid in layout.layer_ids}
-    tables = open_checkpoint_tables(ckpt / "model.safetensors", layout.fingerprint, expected_rows=expected_rows)
+    tables = open_safetensors_tables(model_dir / "model.safetensors", layout.fingerprint, expected_rows=expected_rows)
     index = export_tables(
         tables,
         args.out,
@@ -74,7 +73,7 @@ def run_build(args: argparse.Namespace) -> int:
         layout.fingerprint,
         tier=args.tier,
         head_sizes=head_sizes,
-        meta={"source": str(ckpt.resolve()), "hash_spec": layout.spec.to_dict()},
+        meta={"source": str(model_dir.resolve()), "hash_spec": layout.spec.to_dict()},
         progress=not args.no_progress,
     )
     for t in tables.values():

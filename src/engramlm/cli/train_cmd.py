@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engramlm.train.checkpoint import load_checkpoint
+    from engramlm.models.locate import read_trainer_state, resolve_checkpoint
     from engramlm.train.config import TrainConfig, apply_overrides, load_train_config
     from engramlm.train.trainer import Trainer
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config is None:
         if not isinstance(args.resume, str):
             raise ConfigError("--config: required unless --resume PATH names a checkpoint or run directory")
-        stored = load_checkpoint(args.resume, verify=False).state["config"]
+        stored = read_trainer_state(resolve_checkpoint(args.resume))["config"]
         config = TrainConfig.from_dict(apply_overrides(stored, overrides))
     else:
         config = load_train_config(args.config, overrides)

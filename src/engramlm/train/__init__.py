@@ -1,7 +1,8 @@
 """Training: typed configs, the paper's optimiser recipe (Muon + AdamW + sparse table Adam),
-the Trainer loop, atomic resumable checkpoints and held-out evaluation (issue 3)."""
+the Trainer loop and atomic resumable checkpoints (issue 3). Finding checkpoints and loading a trained
+model are ``engramlm.models.locate``'s; the held-out evaluation loop is ``engramlm.models.evaluate``."""
 
-from engramlm.train.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from engramlm.train.checkpoint import load_checkpoint
 from engramlm.train.config import (
     DataConfig,
     ModelSection,
@@ -10,7 +11,6 @@ from engramlm.train.config import (
     TrainConfig,
     load_train_config,
 )
-from engramlm.train.evaluate import evaluate
 from engramlm.train.metrics import read_metrics
 from engramlm.train.muon import Muon, orthogonalize
 from engramlm.train.optim import OptimizerSet, split_parameters
@@ -28,13 +28,10 @@ __all__ = [
     "SparseRowAdam",
     "TrainConfig",
     "Trainer",
-    "evaluate",
-    "list_checkpoints",
     "load_checkpoint",
     "load_train_config",
     "lr_multiplier",
     "orthogonalize",
     "read_metrics",
-    "resolve_checkpoint",
     "split_parameters",
 ]

@@ -26,12 +26,12 @@ from engramlm.data.loader import BatchLoader, EvalLoader
 from engramlm.errors import ConfigError, CorruptFileError
 from engramlm.models.accounting import count_parameters
 from engramlm.models.build import build_layout
+from engramlm.models.evaluate import evaluate
 from engramlm.models.io import load_pretrained
 from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
 from engramlm.train.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from engramlm.train.config import TrainConfig, config_diff
-from engramlm.train.evaluate import evaluate
 from engramlm.train.metrics import MetricsLogger
 from engramlm.train.optim import OptimizerSet
 from engramlm.train.schedule import lr_multiplier

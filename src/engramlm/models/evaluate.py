@@ -1,5 +1,8 @@
 """Held-out evaluation: mean token loss and bits per byte over an :class:`EvalLoader` sweep.
 
+Here, below ``train`` and ``analysis``, because it is not training: the trainer's periodic evals and
+``engramlm eval`` (a saved model, no training code) run the same loop.
+
 Bits per byte = sum of NLL (nats) over scored targets / (ln 2 * UTF-8 bytes those targets stand
 for), with bytes from ``EvalLoader``'s ``target_bytes``; over a full sweep the denominator is the
 split's byte count, so models with different tokenizers compare fairly.

@@ -1,12 +1,12 @@
-"""Checkpoint tables in place: a layer's ``embed.weight`` (+ ``embed.scale``) read from safetensors.
+"""Tables in place in safetensors files: a layer's ``embed.weight`` (+ ``embed.scale``) read where it lies.
 
 DeepSeek-V4.1 ships each Engram table as two tensors (spec §11.2): ``layers.{L}.engram.embed.weight``
 (F8_E4M3 [R, 256]) and ``layers.{L}.engram.embed.scale`` (F8_E8M0 [R, 8], one ue8m0 exponent per
 32 values). At 94 GiB per layer they must be served where they lie, so this tier parses the
 safetensors header itself (8-byte length + JSON; no dependency on the safetensors package knowing
 F8_E8M0), memory-maps both tensors and reads only the requested rows, dequantising per gather.
-engramlm's own checkpoints (``models.io.save_pretrained``) use the same tensor names with dense
-F32/BF16 tables and no scale; they are served the same way.
+engramlm's saved models (``models.io.save_pretrained``'s ``model.safetensors``) use the same tensor
+names with dense F32/BF16 tables and no scale; they are served the same way.
 
 Shards: ``path`` may be one ``.safetensors`` file or a directory; in a directory the tensor is
 located through ``model.safetensors.index.json`` (``weight_map``) or, without an index, by
@@ -118,7 +118,7 @@ def _memmap(loc: TensorLocation) -> np.memmap:
 class SafetensorsTable(RowTable):
     """One Engram layer's table served in place from safetensors (split fp8 or dense fp32/bf16).
 
-    The checkpoint carries no engramlm fingerprint, so the caller passes the fingerprint of the
+    A DeepSeek release carries no engramlm fingerprint, so the caller passes the fingerprint of the
     layout it will hash with (e.g. the ``deepseek-v4.1`` preset's) and, ideally, ``expected_rows``
     (R_ℓ from that layout): a table of another size cannot belong to that layout.
     """
@@ -206,13 +206,14 @@ class SafetensorsTable(RowTable):
             self._scale = self._scale[:0]
 
 
-def open_checkpoint_tables(
+def open_safetensors_tables(
     path: str | os.PathLike,
     fingerprint: str,
     *,
     expected_rows: dict[int, int] | None = None,
 ) -> dict[int, SafetensorsTable]:
-    """Every Engram layer's table in a checkpoint (file or shard directory), keyed by layer id."""
+    """Every Engram layer's table in a safetensors file or shard directory (e.g. a saved model's weights or
+    DeepSeek-V4.1's release), keyed by layer id."""
     locs = find_engram_tensors(path)
     layers = sorted(int(m.group(1)) for k in locs if (m := _LAYER_RE.match(k)))
     if not layers:

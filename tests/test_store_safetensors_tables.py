@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from engramlm.errors import CorruptFileError
-from engramlm.store.checkpoint import SafetensorsTable, open_checkpoint_tables, read_safetensors_header
 from engramlm.store.formats import FP8, decode_split
 from engramlm.store.memory import MemoryTable
+from engramlm.store.safetensors_tables import SafetensorsTable, open_safetensors_tables, read_safetensors_header
 
 FP = hashlib.sha256(b"v41-spec").hexdigest()
 DIM = 256  # the V4.1 head dim: 256 e4m3 values + 8 ue8m0 scales per row
@@ -86,14 +86,14 @@ def test_sharded_directory_with_index(tmp_path: Path) -> None:
     weight_map = {k: "model-00047-of-00048.safetensors" for k in shard_a}
     weight_map.update({k: "model-00048-of-00048.safetensors" for k in shard_b})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    tables = open_checkpoint_tables(tmp_path, FP, expected_rows=ROWS)
+    tables = open_safetensors_tables(tmp_path, FP, expected_rows=ROWS)
     assert sorted(tables) == [1, 14]
     for layer, table in tables.items():
         weight, scale = _split(layer)
         ids = _ids(300, ROWS[layer], seed=layer)
         assert torch.equal(table.gather(ids), decode_split(weight[ids], scale[ids]))
     with pytest.raises(CorruptFileError, match=r"Engram layers \[1, 14\], but the hash layout has \[1, 2\]"):
-        open_checkpoint_tables(tmp_path, FP, expected_rows={1: ROWS[1], 2: 5})
+        open_safetensors_tables(tmp_path, FP, expected_rows={1: ROWS[1], 2: 5})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
