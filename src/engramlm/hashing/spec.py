@@ -21,6 +21,7 @@ from engramlm.errors import ConfigError, HashSpecMismatch
 from engramlm.hashing.compression import CompressionMap
 from engramlm.hashing.multipliers import layer_multipliers
 from engramlm.hashing.primes import prime_plan
+from engramlm.utils.config import from_dict
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,7 @@ ROW_ID_DTYPES = ("int64", "int32")
 
 def _check(cond: bool, field_name: str, message: str) -> None:
     if not cond:
-        raise ConfigError(f"{field_name}: {message}")
+        raise ConfigError(message, field_name)
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,8 @@ class HashSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HashSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"hash spec: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """Typed construction through the config core (unknown keys name the allowed ones)."""
+        return from_dict(cls, d)
 
     def replace(self, **changes: Any) -> HashSpec:
         return dataclasses.replace(self, **changes)
