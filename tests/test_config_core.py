@@ -143,4 +143,3 @@ def test_apply_overrides_without_schema_and_diff() -> None:
     out = apply_overrides({"a": {"b": 1}}, ["a.c=[1,2]", "d=text"])
     assert out == {"a": {"b": 1, "c": [1, 2]}, "d": "text"}
     assert config_diff({"a": {"b": 1, "c": 2}, "x": 1}, {"a": {"b": 1, "c": 3}, "y": 1}) == ["a.c", "x", "y"]
-
