@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
+from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch, MissingFingerprint
 from engramlm.store.base import RowTable, check_fingerprint
 from engramlm.store.cache import POLICIES, CachedTable
 from engramlm.store.file import open_store, write_store
@@ -196,9 +196,8 @@ def _open_mooncake(client: Any, layer: int, path: Path, entry: Mapping[str, Any]
     heads, dim = entry["head_sizes"], int(entry["dim"])
     try:
         return MooncakeTable(client, layer, heads, dim, fp)
-    except HashSpecMismatch as exc:
-        if "no engramlm fingerprint" not in str(exc):
-            raise
+    except MissingFingerprint:
+        pass  # not uploaded yet: populate below
     with MmapTable(path, fp) as mm:
         weights = mm.fetch_sorted_unique(torch.arange(mm.num_rows))
     return MooncakeTable.populate(client, layer, weights, heads, fp)
