@@ -109,6 +109,7 @@ def test_optional_values_accept_null_and_typed_text() -> None:
     cfg = load_train_config(None, [*BASE, "optim.clip=null", "data.max_bytes=1000", "out_dir=123"])
     assert cfg.optim.clip is None and cfg.data.max_bytes == 1000
     assert cfg.out_dir == "123"  # a str field keeps the override's text
+    assert load_train_config(None, [*BASE, "model.overrides.name=42"]).model.resolve().name == "42"
     cfg = load_train_config(None, [*BASE, "model.overrides.engram.conv_dilation=2"])
     assert cfg.model.resolve().engram.conv_dilation == 2
 

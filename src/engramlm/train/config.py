@@ -62,7 +62,7 @@ class ModelSection:
 
     preset: str = "tiny"
     file: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"schema": ModelConfig})
     drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -156,6 +156,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _override_types(cls: type) -> dict[str, Any]:
+    """Field types for walking an override path: a table field may name its own schema in its metadata
+    (``field(metadata={"schema": ModelConfig})``), so overrides below it are checked and typed too."""
+    types_ = _field_types(cls)
+    return {f.name: f.metadata.get("schema", types_[f.name]) for f in dataclasses.fields(cls)}
+
+
 def _unknown_field(path: str, key: str, allowed: Iterable[str]) -> ConfigError:
     field = f"{path}.{key}" if path else key
     return ConfigError(f"unknown field; allowed: {sorted(allowed)}", field)
@@ -184,7 +191,8 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str], schema: type
     """Set dotted ``key=value`` pairs into a nested dict; a path through a non-table is an error.
 
     With ``schema`` (a config dataclass), keys are checked field by field as far as the schema reaches
-    (an unknown key names its dotted path and the allowed keys), and a value landing on a ``str`` field
+    (an unknown key names its dotted path and the allowed keys; a table field can extend the schema with
+    ``metadata={"schema": cls}``), and a value landing on a ``str`` field
     is kept as text; elsewhere it is parsed by :func:`parse_value` and checked when the config is built.
     """
     out = undot(d)
@@ -199,7 +207,7 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str], schema: type
         for i, p in enumerate(parts):
             cls = _dataclass_arm(tp)
             if cls is not None:
-                types_ = _field_types(cls)
+                types_ = _override_types(cls)
                 if p not in types_:
                     raise _unknown_field(".".join(parts[:i]), p, types_)
                 tp = types_[p]
