@@ -1,7 +1,7 @@
 """engramlm: DeepSeek's Engram conditional memory, exact and fast.
 
 Layers (lower never imports higher; ``|`` siblings never import each other), enforced by the import-linter
-contracts in pyproject.toml: utils | errors < assets < nn | store | hashing | data < models
+contracts in pyproject.toml: errors < utils < assets < nn | store | hashing | data < models
 < train | infer | analysis < cli.
 """
 

@@ -33,9 +33,14 @@ def load_array(
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
-        if "empty" not in str(exc):
-            raise CorruptFileError(f"{path}: not a readable .npy array ({exc})") from exc
-        arr = np.load(path, allow_pickle=False)  # zero-length arrays cannot be mapped
+        # A zero-length array cannot be memory-mapped: read it whole and accept it only if it is empty
+        # (decided by the array read, not by the wording of numpy's error).
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc2:
+            raise CorruptFileError(f"{path}: not a readable .npy array ({exc2})") from exc2
+        if arr.size:
+            raise CorruptFileError(f"{path}: cannot be memory-mapped ({exc})") from exc
     if arr.ndim != 1 or (dtype is not None and arr.dtype != np.dtype(dtype)):
         raise CorruptFileError(f"{path}: shape {arr.shape} dtype {arr.dtype}, want 1-D {dtype}")
     if length is not None and arr.shape[0] != length:

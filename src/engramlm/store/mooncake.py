@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engramlm.errors import EngramError, HashSpecMismatch
+from engramlm.errors import EngramError, HashSpecMismatch, MissingFingerprint
 from engramlm.store.base import RowTable, TableHeader, check_fingerprint
 from engramlm.store.formats import FP32
 
@@ -151,7 +151,7 @@ class MooncakeTable(RowTable):
         self._engram = _engram_store(store, layer_id, head_sizes, dim)
         raw = store.get(_fingerprint_key(self.layer_id))
         if not raw:
-            raise HashSpecMismatch(f"Mooncake layer {layer_id} has no engramlm fingerprint; populate it first")
+            raise MissingFingerprint(f"Mooncake layer {layer_id} has no engramlm fingerprint; populate it first")
         fp = raw.decode("ascii")
         if expected_fingerprint is not None and fp != check_fingerprint(expected_fingerprint):
             raise HashSpecMismatch(

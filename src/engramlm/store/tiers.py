@@ -253,7 +253,7 @@ def _open_direct(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
 
 def _open_mooncake(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
     """Open a layer in the Mooncake pool, uploading it from the store file if it is not there yet."""
-    from engramlm.errors import HashSpecMismatch
+    from engramlm.errors import MissingFingerprint
     from engramlm.store.mmap import MmapTable
     from engramlm.store.mooncake import MooncakeTable
 
@@ -261,9 +261,8 @@ def _open_mooncake(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
     client, heads, dim = opts.mooncake, layer.head_sizes, layer.header.dim
     try:
         return MooncakeTable(client, layer.layer_id, heads, dim, fp)
-    except HashSpecMismatch as exc:
-        if "no engramlm fingerprint" not in str(exc):
-            raise
+    except MissingFingerprint:
+        pass  # not uploaded yet: populate below
     with MmapTable(layer.path, fp) as mm:
         weights = mm.fetch_sorted_unique(torch.arange(mm.num_rows))
     return MooncakeTable.populate(client, layer.layer_id, weights, heads, fp)

@@ -14,7 +14,6 @@ strings.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -23,71 +22,63 @@ from pathlib import Path
 from typing import Any
 
 from engramlm.errors import ConfigError
-from engramlm.models.config import ModelConfig, _from_dict, load_config_file
+from engramlm.models.config import ModelConfig
 from engramlm.models.presets import PRESETS, get_preset
+from engramlm.utils import config as core
+from engramlm.utils.config import (
+    config_diff,
+    deep_merge,
+    finite,
+    from_dict,
+    int_at_least,
+    load_config_file,
+    need,
+    parse_value,
+    undot,
+)
+
+__all__ = [
+    "EVAL_SPLITS",
+    "DataConfig",
+    "ModelSection",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_diff",
+    "load_train_config",
+    "parse_value",
+]
 
 EVAL_SPLITS = ("val", "test", "train")
-
-
-def _need(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {msg}")
-
-
-def _int_at_least(value: Any, name: str, low: int) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    _need(ok, name, f"must be an int >= {low}, got {value!r}")
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _undot(d: dict[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (TOML/YAML files may use either form)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        v = _undot(v) if isinstance(v, dict) else v
-        parts = k.split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _deep_merge(node[parts[-1]], v) if isinstance(node.get(parts[-1]), dict) else v
-    return out
+_OPTIM_FLOATS = ("lr", "weight_decay", "eps", "muon_momentum", "engram_lr_mult", "engram_weight_decay", "engram_eps")
 
 
 @dataclass(frozen=True)
 class ModelSection:
     """A preset (or a model config file) plus overrides of its fields; ``drop`` removes a section."""
 
+    config_section = "model"  # not a field: the prefix of its error paths when built alone
+
     preset: str = "tiny"
     file: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"schema": ModelConfig})
     drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.file is None:
-            _need(self.preset in PRESETS, "model.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        _need(isinstance(self.overrides, dict), "model.overrides", "must be a table of ModelConfig fields")
+            need(self.preset in PRESETS, "model.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        need(isinstance(self.overrides, dict), "model.overrides", "must be a table of ModelConfig fields")
         for d in self.drop:
-            _need(d in ("engram", "moe"), "model.drop", f"entries must be 'engram' or 'moe', got {d!r}")
+            need(d in ("engram", "moe"), "model.drop", f"entries must be 'engram' or 'moe', got {d!r}")
 
     def resolve(self) -> ModelConfig:
         """The validated :class:`ModelConfig` (errors name ``model.overrides.<field>``)."""
         base = ModelConfig.from_file(self.file) if self.file else get_preset(self.preset)
-        d = _deep_merge(base.to_dict(), _undot(self.overrides))
+        d = deep_merge(base.to_dict(), undot(self.overrides))
         for section in self.drop:
             d[section] = None
-        try:
-            return ModelConfig.from_dict(d)
-        except ConfigError as exc:
-            raise ConfigError(f"model.overrides.{exc}") from None
+        return from_dict(ModelConfig, d, "model.overrides")
 
 
 @dataclass(frozen=True)
@@ -97,6 +88,8 @@ class DataConfig:
     With ``source`` set (``"stdlib"``, ``"sotu"``, ``"dir:PATH"``, ``"jsonl:PATH"``) the trainer prepares
     ``dir`` from it first (reused when up to date), so a config alone is a complete, runnable job.
     """
+
+    config_section = "data"  # not a field: the prefix of its error paths when built alone
 
     dir: str = ""
     source: str | None = None
@@ -109,25 +102,27 @@ class DataConfig:
     eval_max_batches: int | None = None  # None: the whole split
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.dir, str) and bool(self.dir), "data.dir", "must name a prepared corpus directory")
+        need(isinstance(self.dir, str) and bool(self.dir), "data.dir", "must name a prepared corpus directory")
         if self.source is not None:
             kind = self.source.partition(":")[0] if isinstance(self.source, str) else None
             allowed = ("stdlib", "sotu", "dir:PATH", "jsonl:PATH")
-            _need(kind in ("stdlib", "sotu", "dir", "jsonl"), "data.source", f"must be one of {allowed}")
-        _int_at_least(self.vocab_size, "data.vocab_size", 259)
+            need(kind in ("stdlib", "sotu", "dir", "jsonl"), "data.source", f"must be one of {allowed}")
+        int_at_least(self.vocab_size, "data.vocab_size", 259)
         if self.max_bytes is not None:
-            _int_at_least(self.max_bytes, "data.max_bytes", 1)
-        _int_at_least(self.batch_size, "data.batch_size", 1)
-        _int_at_least(self.seq_len, "data.seq_len", 1)
-        _int_at_least(self.eval_batch_size, "data.eval_batch_size", 1)
+            int_at_least(self.max_bytes, "data.max_bytes", 1)
+        int_at_least(self.batch_size, "data.batch_size", 1)
+        int_at_least(self.seq_len, "data.seq_len", 1)
+        int_at_least(self.eval_batch_size, "data.eval_batch_size", 1)
         if self.eval_max_batches is not None:
-            _int_at_least(self.eval_max_batches, "data.eval_max_batches", 1)
-        _need(self.eval_split in EVAL_SPLITS, "data.eval_split", f"must be one of {EVAL_SPLITS}")
+            int_at_least(self.eval_max_batches, "data.eval_max_batches", 1)
+        need(self.eval_split in EVAL_SPLITS, "data.eval_split", f"must be one of {EVAL_SPLITS}")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """The paper's recipe. Muon updates are RMS-matched to AdamW (Moonlight scaling), so one ``lr``."""
+
+    config_section = "optim"  # not a field: the prefix of its error paths when built alone
 
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -142,19 +137,25 @@ class OptimConfig:
     clip: float | None = 1.0  # global grad-norm clip (dense grads and sparse row grads); None: off
 
     def __post_init__(self) -> None:
-        _need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _need(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _need(
+        for name in _OPTIM_FLOATS:
+            finite(getattr(self, name), f"optim.{name}")
+        if self.clip is not None:
+            finite(self.clip, "optim.clip")
+        for b in self.betas:
+            finite(b, "optim.betas")
+        need(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "optim.betas",
             f"must be two numbers in [0, 1), got {self.betas}",
         )
-        _need(self.eps > 0 and self.engram_eps > 0, "optim.eps", "eps and engram_eps must be > 0")
-        _need(0 <= self.muon_momentum < 1, "optim.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
-        _int_at_least(self.muon_ns_steps, "optim.muon_ns_steps", 1)
-        _need(self.engram_lr_mult > 0, "optim.engram_lr_mult", f"must be > 0, got {self.engram_lr_mult}")
-        _need(self.engram_weight_decay >= 0, "optim.engram_weight_decay", "must be >= 0")
-        _need(self.clip is None or self.clip > 0, "optim.clip", f"must be > 0 or null, got {self.clip}")
+        need(self.eps > 0 and self.engram_eps > 0, "optim.eps", "eps and engram_eps must be > 0")
+        need(0 <= self.muon_momentum < 1, "optim.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        int_at_least(self.muon_ns_steps, "optim.muon_ns_steps", 1)
+        need(self.engram_lr_mult > 0, "optim.engram_lr_mult", f"must be > 0, got {self.engram_lr_mult}")
+        need(self.engram_weight_decay >= 0, "optim.engram_weight_decay", "must be >= 0")
+        need(self.clip is None or self.clip > 0, "optim.clip", f"must be > 0 or null, got {self.clip}")
 
 
 @dataclass(frozen=True)
@@ -164,18 +165,23 @@ class ScheduleConfig:
     DeepSeek's step schedule: x0.316 at 80% and again at 90% of training.
     """
 
+    config_section = "schedule"  # not a field: the prefix of its error paths when built alone
+
     warmup_steps: int = 100
     milestones: tuple[float, ...] = (0.8, 0.9)
     decay_factor: float = 0.316
 
     def __post_init__(self) -> None:
-        _int_at_least(self.warmup_steps, "schedule.warmup_steps", 0)
-        _need(
+        int_at_least(self.warmup_steps, "schedule.warmup_steps", 0)
+        finite(self.decay_factor, "schedule.decay_factor")
+        for m in self.milestones:
+            finite(m, "schedule.milestones")
+        need(
             all(0 < m < 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
             "schedule.milestones",
             f"must be increasing fractions in (0, 1), got {list(self.milestones)}",
         )
-        _need(0 < self.decay_factor <= 1, "schedule.decay_factor", f"must be in (0, 1], got {self.decay_factor}")
+        need(0 < self.decay_factor <= 1, "schedule.decay_factor", f"must be in (0, 1], got {self.decay_factor}")
 
 
 @dataclass(frozen=True)
@@ -201,23 +207,23 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _need(
+        need(
             (self.steps is None) != (self.tokens is None),
             "steps",
             f"give exactly one of steps or tokens, got steps={self.steps!r}, tokens={self.tokens!r}",
         )
         if self.steps is not None:
-            _int_at_least(self.steps, "steps", 1)
+            int_at_least(self.steps, "steps", 1)
         if self.tokens is not None:
-            _int_at_least(self.tokens, "tokens", 1)
-        _int_at_least(self.seed, "seed", 0)
-        _need(isinstance(self.out_dir, str) and bool(self.out_dir), "out_dir", "must be a directory path")
-        _int_at_least(self.checkpoint_every, "checkpoint_every", 1)
-        _int_at_least(self.keep_checkpoints, "keep_checkpoints", 1)
-        _int_at_least(self.eval_every, "eval_every", 0)
-        _int_at_least(self.log_every, "log_every", 1)
+            int_at_least(self.tokens, "tokens", 1)
+        int_at_least(self.seed, "seed", 0)
+        need(isinstance(self.out_dir, str) and bool(self.out_dir), "out_dir", "must be a directory path")
+        int_at_least(self.checkpoint_every, "checkpoint_every", 1)
+        int_at_least(self.keep_checkpoints, "keep_checkpoints", 1)
+        int_at_least(self.eval_every, "eval_every", 0)
+        int_at_least(self.log_every, "log_every", 1)
         if self.threads is not None:
-            _int_at_least(self.threads, "threads", 1)
+            int_at_least(self.threads, "threads", 1)
         self.model.resolve()  # validate the model section now, with its field paths
 
     @property
@@ -236,58 +242,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         if "data" not in d:
-            raise ConfigError("data: missing section (at least data.dir is required)")
-        return _from_dict(cls, _undot(d), "")
+            raise ConfigError("missing section (at least data.dir is required)", "data")
+        return from_dict(cls, undot(d))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def parse_value(text: str) -> Any:
-    """An override's value: JSON when it parses (``3``, ``1e-3``, ``true``, ``[1,2]``, ``null``), else text."""
-    low = text.strip().lower()
-    if low in ("none", "null", "~"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted ``key=value`` pairs into a nested dict; a path through a non-table is an error."""
-    out = _undot(d)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value with a dotted key, e.g. optim.lr=1e-3")
-        node = out
-        parts = key.split(".")
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key!r} below it")
-            node = nxt
-        node[parts[-1]] = parse_value(raw)
-    return out
+    """Set dotted ``key=value`` pairs into a training-config dict, typed by :class:`TrainConfig`'s fields."""
+    return core.apply_overrides(d, overrides, TrainConfig)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """A TrainConfig from a TOML/YAML/JSON file (or none) plus ``key=value`` overrides."""
     base = load_config_file(path) if path is not None else {}
     return TrainConfig.from_dict(apply_overrides(base, list(overrides or [])))
-
-
-def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted paths where two config dicts differ (for resume checks)."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out
