@@ -12,6 +12,7 @@ AdamW and the sparse Adam step; MoE layers nudge their routing bias (aux-loss-fr
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,17 +24,18 @@ from tqdm import tqdm
 from engramlm.data.build import prepare
 from engramlm.data.dataset import TokenDataset
 from engramlm.data.loader import BatchLoader, EvalLoader
-from engramlm.errors import ConfigError, CorruptFileError
+from engramlm.errors import ConfigError, CorruptFileError, EngramError
 from engramlm.models.accounting import count_parameters
 from engramlm.models.build import build_layout
 from engramlm.models.io import load_pretrained
 from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
-from engramlm.train.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from engramlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from engramlm.train.config import TrainConfig, config_diff
 from engramlm.train.evaluate import evaluate
 from engramlm.train.metrics import MetricsLogger
 from engramlm.train.optim import OptimizerSet
+from engramlm.train.rundir import RunDir
 from engramlm.train.schedule import lr_multiplier
 from engramlm.utils.io import atomic_write_json
 
@@ -68,10 +70,40 @@ def model_for_data(config_model, data_dir: Path, train_set: TokenDataset) -> tup
     return config_model, layout
 
 
-class Trainer:
-    """Train a model per a :class:`TrainConfig`; ``resume`` = True (latest in out_dir) or a path."""
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)  # stdout carries the JSON summary
 
-    def __init__(self, config: TrainConfig, *, resume: bool | str | Path = False) -> None:
+
+class TrainingDiverged(EngramError):
+    """The loss or the gradient norm became NaN/inf; nothing of that step was saved."""
+
+
+class TrainingInterrupted(EngramError):
+    """A stop was requested (Ctrl-C in the CLI); ``checkpoint`` holds the state at ``step``."""
+
+    def __init__(self, step: int, checkpoint: Path | None, run_dir: Path) -> None:
+        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint}")
+
+
+class Trainer:
+    """Train a model per a :class:`TrainConfig`; ``resume`` = True (latest in out_dir) or a path.
+
+    The run directory is locked from construction to the end of :meth:`fit` (:class:`RunDir`): a
+    directory that already holds a run is refused unless resuming, or ``overwrite`` (old run moved
+    aside to ``OUT_DIR.old-<time>/``). Use as a context manager, or :meth:`close`, to release early.
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool | str | Path = False, overwrite: bool = False) -> None:
+        self.run = RunDir(config.out_dir, log=_log)  # lock + orphan cleanup before anything reads the directory
+        self._stop_requested = False
+        try:
+            self._setup(config, resume, overwrite)
+        except BaseException:
+            self.run.close()
+            raise
+
+    def _setup(self, config: TrainConfig, resume: bool | str | Path, overwrite: bool) -> None:
         self.config = config
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -94,6 +126,7 @@ class Trainer:
         if resume:
             ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume))
             self._check_resume(ckpt, layout)
+        self.aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
         torch.manual_seed(config.seed)
         if ckpt is not None:
             self.model = load_pretrained(ckpt.model_dir, layout=layout)
@@ -175,9 +208,49 @@ class Trainer:
         }
         return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
 
+    # ---- run directory and stopping -------------------------------------------------------------
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; :meth:`fit` does it when it returns)."""
+        self.run.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`fit` to stop after the current step: it saves a checkpoint and raises
+        :class:`TrainingInterrupted` (the CLI calls this on SIGINT). Safe from a signal handler."""
+        self._stop_requested = True
+
+    def _check_finite(self, rec: dict[str, Any]) -> None:
+        if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
+            return
+        ckpts = list_checkpoints(self.run_dir)
+        last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved yet"
+        raise TrainingDiverged(
+            f"step {rec['step']}: training diverged (loss {rec['loss']}, grad norm {rec['grad_norm']}); stopped "
+            f"without saving this step; {last}. Remedies: a lower optim.lr or optim.clip in a new run (or resume "
+            "from that checkpoint into another out_dir with the lower rate once resume allows it), more warmup "
+            "(schedule.warmup_steps)"
+        )
+
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps`` (from the resume point), evaluating and checkpointing on schedule."""
+        """Train to ``total_steps`` (from the resume point), evaluating and checkpointing on schedule.
+
+        Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm (that step is neither
+        logged nor saved) and :class:`TrainingInterrupted` after :meth:`request_stop`.
+        """
+        if not self.run.locked:  # a second fit() of this trainer
+            self.run = RunDir(self.run_dir, log=_log)
+        try:
+            return self._fit()
+        finally:
+            self.run.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         total = cfg.total_steps
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,9 +266,17 @@ class Trainer:
         t0, start_step = time.perf_counter(), self.step
         last_eval: dict[str, Any] | None = None
         rec: dict[str, Any] = {}
+        saved_at = self.resumed_from
         try:
             while self.step < total:
+                if self._stop_requested:
+                    raise TrainingInterrupted(
+                        self.step,
+                        self.save() if saved_at != self.step else list_checkpoints(self.run_dir)[-1],
+                        self.run_dir,
+                    )
                 rec = self.train_step()
+                self._check_finite(rec)
                 elapsed = time.perf_counter() - t0
                 tok_s = (self.step - start_step) * cfg.tokens_per_step / max(elapsed, 1e-9)
                 rec.update(tokens=self.step * cfg.tokens_per_step, tokens_per_s=tok_s, elapsed_s=elapsed)
@@ -211,6 +292,7 @@ class Trainer:
                                   file=sys.stderr)  # fmt: skip
                 if self.step == total or self.step % cfg.checkpoint_every == 0:
                     self.save()
+                    saved_at = self.step
         finally:
             bar.close()
             logger.close()
