@@ -206,23 +206,56 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(cfg: Path, tmp_path: Path) -> N
     assert _train_steps(run) == list(range(1, SHORT + 1))
 
 
-def test_divergence_stops_without_saving_nan(cfg: Path, tmp_path: Path) -> None:
+def _nan_grad_at(tr: Trainer, step: int) -> None:
+    """A NaN gradient in one parameter at ``step`` (1-based), as a blown-up batch would give."""
+    p = next(iter(tr.model.parameters()))
+    p.register_hook(lambda g: g * float("nan") if tr.step == step - 1 else g)
+
+
+def test_divergence_stops_without_saving_nan_and_offers_the_remedies(cfg: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     tr = Trainer(load_train_config(cfg, [f"out_dir={run}", "checkpoint_every=2"]))
-    for _ in range(2):
-        tr.train_step()
-    tr.save()
-    with torch.no_grad():
-        next(iter(tr.model.parameters())).fill_(float("nan"))
-    with pytest.raises(TrainingDiverged, match=r"step 3: training diverged .*step_00000002"):
+    _nan_grad_at(tr, 3)
+    with pytest.raises(TrainingDiverged, match=r"step 3: training diverged .*step_00000002.*skip_nonfinite=N") as exc:
         tr.fit()
+    assert "--allow-change optim.lr" in str(exc.value)
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
     text = (run / "metrics.jsonl").read_text()
-    assert "NaN" not in text and "Infinity" not in text
+    assert "NaN" not in text and "Infinity" not in text and _train_steps(run) == [1, 2]
     assert not (run / "summary.json").exists()
-    # the lock was released: the CLI can resume it at once (and it diverges again, the weights are saved finite)
-    with Trainer(load_train_config(cfg, [f"out_dir={run}", "checkpoint_every=2"]), resume=True) as again:
-        assert again.step == 2 and all(torch.isfinite(p).all() for p in again.model.parameters())
+    # the remedies, through the CLI (the lock was released): a lower LR must be asked for explicitly
+    assert main(["train", "--resume", str(run), "optim.lr=0.001"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "optim.lr=0.001", "--allow-change", "optim.lr"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 6 and summary["skipped_nonfinite"] == 0
+
+
+def test_skip_nonfinite_skips_the_batch_and_goes_on(cfg: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    tr = Trainer(load_train_config(cfg, [f"out_dir={run}", "skip_nonfinite=1", "eval_every=0"]))
+    _nan_grad_at(tr, 3)
+    for _ in range(2):
+        tr.train_step()
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    summary = tr.fit()
+    assert summary["steps"] == 6 and summary["skipped_nonfinite"] == 1 and summary["train_loss"] is not None
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs if r["kind"] == "skipped"] == [3] and _train_steps(run) == [4, 5, 6]
+    assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values() if v.is_floating_point())
+    # the skipped step changed nothing: a fresh trainer stepped twice, then the same batch skipped, matches
+    ref = Trainer(load_train_config(cfg, [f"out_dir={tmp_path / 'ref'}", "skip_nonfinite=1"]))
+    _nan_grad_at(ref, 3)
+    for _ in range(3):
+        ref.train_step()
+    assert all(torch.equal(v, before[k]) for k, v in ref.model.state_dict().items())
+    # a second one is over the limit
+    tr2 = Trainer(load_train_config(cfg, [f"out_dir={tmp_path / 'two'}", "skip_nonfinite=1"]))
+    _nan_grad_at(tr2, 2)
+    p = next(iter(tr2.model.parameters()))
+    p.register_hook(lambda g: g * float("nan") if tr2.step == 3 else g)
+    with pytest.raises(TrainingDiverged, match=r"step 4: .*1 batches skipped already"):
+        tr2.fit()
 
 
 def test_lock_is_exclusive_between_processes_and_dies_with_its_holder(tmp_path: Path) -> None:

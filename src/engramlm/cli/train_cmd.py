@@ -41,6 +41,14 @@ def register(subparsers: Any) -> None:
         help="if out_dir already holds a run, move it aside to OUT_DIR.old-<time>/ (never deleted) and start "
         "anew; with --resume PATH, move aside only the checkpoints newer than PATH",
     )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: let config KEY (e.g. optim.lr) differ from the checkpoint's; the run then no longer "
+        "reproduces an uninterrupted one (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -58,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(apply_overrides(stored, overrides))
     else:
         config = load_train_config(args.config, overrides)
-    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, allow_changes=tuple(args.allow_change))
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum: int, frame: Any) -> None:  # first Ctrl-C: stop cleanly; a second one: at once
