@@ -199,12 +199,17 @@ def prepare(
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = DirLock(out.parent / f".{out.name}.lock", f"data directory {out}", wait=True, on_wait=log)
     try:
-        _remove_orphans(out, log)
+        lock = DirLock(out.parent / f".{out.name}.lock", f"data directory {out}", wait=True, on_wait=log)
+    except OSError:  # a read-only parent (a shared, already prepared corpus): nothing to clean, and a
+        lock = None  # rebuild would fail at its first write with the real error
+    try:
+        if lock is not None:
+            _remove_orphans(out, log)
         return _prepare_locked(spec, out, vocab_size, max_bytes, min_frequency, progress, force, log)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _prepare_locked(

@@ -301,11 +301,9 @@ class Trainer:
         try:
             while self.step < total:
                 if self._stop_requested:
-                    raise TrainingInterrupted(
-                        self.step,
-                        self.save() if saved_at != self.step else list_checkpoints(self.run_dir)[-1],
-                        self.run_dir,
-                    )
+                    mine = [c for c in list_checkpoints(self.run_dir) if c.name == f"step_{self.step:08d}"]
+                    raise TrainingInterrupted(self.step, mine[0] if saved_at == self.step and mine else self.save(),
+                                              self.run_dir)  # fmt: skip
                 rec = self.train_step()
                 skipped = self._skip_nonfinite(rec)  # or raises TrainingDiverged: no NaN reaches a log or checkpoint
                 elapsed = time.perf_counter() - t0
