@@ -290,3 +290,21 @@ def test_data_prepare_removes_only_its_own_leftovers(tmp_path: Path) -> None:
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in others)
     assert sum("interrupted data prepare" in m for m in logs) == 2
     assert (out / "manifest.json").is_file()
+
+
+def test_a_second_data_prepare_waits_for_the_first(tmp_path: Path) -> None:
+    out = tmp_path / "prep"
+    lock = tmp_path / ".prep.lock"
+    code = (
+        f"import time; from engramlm.utils.lock import DirLock; DirLock({str(lock)!r}, 'x'); "
+        "print('held', flush=True); time.sleep(1.5)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        logs: list[str] = []
+        prepare("stdlib", out, 400, max_bytes=20_000, progress=False, log=logs.append)
+        assert holder.wait(timeout=60) == 0
+        assert logs[0].startswith(f"waiting: data directory {out.resolve()} is in use by another process (pid")
+    finally:
+        holder.kill()
