@@ -1,9 +1,17 @@
-"""``engramlm train --config FILE [key=value ...] [--resume [PATH]]``: train (or resume) a model."""
+"""``engramlm train --config FILE [key=value ...] [--resume [PATH]] [--overwrite]``: train (or resume) a model.
+
+The run directory is locked for the whole process (a second ``train`` on it fails at once); a
+directory that already holds a run is refused unless ``--resume`` or ``--overwrite`` (which moves
+the old run aside, never deletes it). Ctrl-C stops after the current step, saves a checkpoint and
+exits 130 with the command that resumes it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from typing import Any
 
 from engramlm.errors import ConfigError
@@ -27,6 +35,20 @@ def register(subparsers: Any) -> None:
         help="resume from the latest checkpoint in out_dir, or from PATH (a checkpoint or run directory; "
         "without --config its stored config is used)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if out_dir already holds a run, move it aside to OUT_DIR.old-<time>/ (never deleted) and start "
+        "anew; with --resume PATH, move aside only the checkpoints newer than PATH",
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: let config KEY (e.g. optim.lr) differ from the checkpoint's; the run then no longer "
+        "reproduces an uninterrupted one (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -34,7 +56,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from engramlm.models.locate import read_trainer_state, resolve_checkpoint
     from engramlm.train.config import TrainConfig, apply_overrides, load_train_config
-    from engramlm.train.trainer import Trainer
+    from engramlm.train.trainer import Trainer, TrainingInterrupted
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     if args.config is None:
@@ -44,6 +66,25 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(apply_overrides(stored, overrides))
     else:
         config = load_train_config(args.config, overrides)
-    summary = Trainer(config, resume=args.resume).fit()
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, allow_changes=tuple(args.allow_change))
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:  # first Ctrl-C: stop cleanly; a second one: at once
+        signal.signal(signal.SIGINT, previous)
+        print("engramlm: stopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
+        trainer.request_stop()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        summary = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(
+            f"engramlm: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; continue with: "
+            f"engramlm train --resume {exc.run_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False))
     return 0

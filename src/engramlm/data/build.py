@@ -4,6 +4,10 @@ The output is built in a temp directory beside ``out_dir`` and renamed into plac
 see the old build or the new one, never a half-written one. A content hash over the documents
 (id, split, raw sha256) and every option that changes the output decides whether an existing
 build can be reused as is.
+
+``prepare`` holds an exclusive lock on the sibling ``.NAME.lock`` (``utils.lock``; a second prepare
+of the same output waits for the first, then finds it up to date). Under that lock the siblings
+``.NAME.build-*`` / ``.NAME.old-*`` can only be leftovers of a killed prepare, and are removed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -37,6 +42,7 @@ from engramlm.data.tokenizer import (
     train_tokenizer,
 )
 from engramlm.errors import ConfigError, CorruptFileError, EngramError
+from engramlm.utils.lock import DirLock
 
 TOKENIZER_NAME = "tokenizer.json"
 TOKEN_BYTES_NAME = "token_bytes.npy"
@@ -158,6 +164,15 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_orphans(out: Path, log: Callable[[str], None]) -> None:
+    """Delete ``.NAME.build-*`` / ``.NAME.old-*`` temp dirs of an interrupted prepare (caller holds the lock)."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(build|old)-[a-z0-9_]{8}$")
+    for p in sorted(out.parent.iterdir()):
+        if pattern.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+            log(f"removed {p} (left by an interrupted data prepare)")
+
+
 def prepare(
     source: SourceSpec | str,
     out_dir: str | os.PathLike[str],
@@ -182,17 +197,40 @@ def prepare(
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         os.environ["RAYON_NUM_THREADS"] = str(workers)
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = DirLock(out.parent / f".{out.name}.lock", f"data directory {out}", wait=True, on_wait=log)
+    except OSError:  # a read-only parent (a shared, already prepared corpus): nothing to clean, and a
+        lock = None  # rebuild would fail at its first write with the real error
+    try:
+        if lock is not None:
+            _remove_orphans(out, log)
+        return _prepare_locked(spec, out, vocab_size, max_bytes, min_frequency, progress, force, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _prepare_locked(
+    spec: SourceSpec,
+    out: Path,
+    vocab_size: int,
+    max_bytes: int | None,
+    min_frequency: int,
+    progress: bool,
+    force: bool,
+    log: Callable[[str], None],
+) -> Manifest:
     corpus = load_corpus(spec, max_bytes)
     options = {"vocab_size": vocab_size, "min_frequency": min_frequency, "max_bytes": max_bytes}
     chash = content_hash(corpus, spec, options)
-    out = Path(out_dir).expanduser().resolve()
     if not force and (found := _reusable(out, chash)) is not None:
         log(f"up to date: {out} (content hash {chash[:12]})")
         found.reused = True
         return found
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).exists())):
         raise ConfigError(f"{out} exists and is not a prepared data directory; refusing to replace")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.build-"))
     try:
         manifest = _build(corpus, spec, options, chash, tmp, progress)

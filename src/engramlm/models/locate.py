@@ -59,6 +59,7 @@ __all__ = [
     "TRAINER_STATE",
     "ModelFiles",
     "TrainedModel",
+    "checkpoint_step",
     "checkpoints_dir",
     "find_tokenizer",
     "list_checkpoints",
@@ -86,6 +87,14 @@ _CONFIG, _WEIGHTS = "config.json", "model.safetensors"
 def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Where a run keeps its checkpoints."""
     return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step a checkpoint directory is named for (``step_00000120`` -> 120)."""
+    m = STEP_RE.match(Path(path).name)
+    if m is None:
+        raise ModelNotFoundError(f"checkpoint: {path} is not named step_NNNNNNNN")
+    return int(m.group(1))
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:

@@ -37,6 +37,7 @@ from engramlm.models.locate import (
     CHECKPOINT_VERSION,
     MODEL_SUBDIR,
     TRAINER_STATE,
+    checkpoint_step,
     checkpoints_dir,
     list_checkpoints,
     read_trainer_state,
@@ -127,7 +128,10 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # prune among this run's checkpoints only: one numbered above ``step`` cannot be this run's (the run
+    # directory refuses to mix runs, see train.rundir) and must never win over the one just written
+    ours = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) <= step]
+    for old in ours[:-keep]:
         _remove(old, root)
     for stale in root.glob(".tmp-*"):
         if stale != tmp:

@@ -200,6 +200,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int = 100  # 0: only at the end
     log_every: int = 1
+    # steps whose loss or gradient norm is NaN/inf that may be skipped (no update) before the run stops
+    skip_nonfinite: int = 0
     # torch intra-op threads (re-applied every step: numba's OpenMP hashing kernel resets the shared
     # pool). 1 by default: on a shared 2-core machine, 2 spinning OpenMP threads ran ~9x slower per step.
     threads: int | None = 1
@@ -222,6 +224,7 @@ class TrainConfig:
         int_at_least(self.keep_checkpoints, "keep_checkpoints", 1)
         int_at_least(self.eval_every, "eval_every", 0)
         int_at_least(self.log_every, "log_every", 1)
+        int_at_least(self.skip_nonfinite, "skip_nonfinite", 0)
         if self.threads is not None:
             int_at_least(self.threads, "threads", 1)
         self.model.resolve()  # validate the model section now, with its field paths

@@ -98,9 +98,17 @@ class OptimizerSet:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef.to(g.dtype))
+        self.nonfinite = not bool(torch.isfinite(norm))
         return float(norm)
 
+    # Trainer sets this when config.skip_nonfinite > 0: a step whose gradient norm (computed by clip) is
+    # NaN/inf then changes nothing, so the batch is skipped with every weight and moment as it was.
+    skip_nonfinite = False
+    nonfinite = False
+
     def step(self) -> None:
+        if self.skip_nonfinite and self.nonfinite:  # (the sparse rows gathered for it are dropped at the next gather)
+            return
         if self.muon is not None:
             self.muon.step()
         self.adamw.step()

@@ -12,6 +12,7 @@ AdamW and the sparse Adam step; MoE layers nudge their routing bias (aux-loss-fr
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,17 +24,18 @@ from tqdm import tqdm
 from engramlm.data.build import prepare
 from engramlm.data.dataset import TokenDataset
 from engramlm.data.loader import BatchLoader, EvalLoader
-from engramlm.errors import ConfigError, CorruptFileError
+from engramlm.errors import ConfigError, CorruptFileError, EngramError
 from engramlm.models.accounting import count_parameters
 from engramlm.models.build import build_layout
 from engramlm.models.evaluate import evaluate
 from engramlm.models.io import load_pretrained
 from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
-from engramlm.train.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from engramlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from engramlm.train.config import TrainConfig, config_diff
 from engramlm.train.metrics import MetricsLogger
 from engramlm.train.optim import OptimizerSet
+from engramlm.train.rundir import RunDir
 from engramlm.train.schedule import lr_multiplier
 from engramlm.utils.io import atomic_write_json
 
@@ -41,6 +43,7 @@ from engramlm.utils.io import atomic_write_json
 # training trajectory (the data itself is checked by content hash and tokenizer sha256 instead of by path).
 RESUME_FREE = (
     "progress", "tensorboard", "threads", "keep_checkpoints", "out_dir", "log_every", "checkpoint_every",
+    "skip_nonfinite",  # only acts on a NaN/inf step, which would otherwise stop the run: the remedy on resume
     "eval_every", "data.dir", "data.source", "data.eval_split", "data.eval_batch_size", "data.eval_max_batches",
     # only used to prepare data from ``data.source``; the tokenizer sha256 check below catches a real change
     "data.vocab_size", "data.max_bytes",
@@ -68,10 +71,51 @@ def model_for_data(config_model, data_dir: Path, train_set: TokenDataset) -> tup
     return config_model, layout
 
 
-class Trainer:
-    """Train a model per a :class:`TrainConfig`; ``resume`` = True (latest in out_dir) or a path."""
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)  # stdout carries the JSON summary
 
-    def __init__(self, config: TrainConfig, *, resume: bool | str | Path = False) -> None:
+
+class TrainingDiverged(EngramError):
+    """The loss or the gradient norm became NaN/inf; nothing of that step was saved."""
+
+
+class TrainingInterrupted(EngramError):
+    """A stop was requested (Ctrl-C in the CLI); ``checkpoint`` holds the state at ``step``."""
+
+    def __init__(self, step: int, checkpoint: Path | None, run_dir: Path) -> None:
+        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint}")
+
+
+class Trainer:
+    """Train a model per a :class:`TrainConfig`; ``resume`` = True (latest in out_dir) or a path.
+
+    The run directory is locked from construction to the end of :meth:`fit` (:class:`RunDir`): a
+    directory that already holds a run is refused unless resuming, or ``overwrite`` (old run moved
+    aside to ``OUT_DIR.old-<time>/``). Use as a context manager, or :meth:`close`, to release early.
+    ``allow_changes``: config paths that may differ from the resumed checkpoint's beyond
+    :data:`RESUME_FREE` (e.g. ``optim.lr`` after a divergence; the run then no longer reproduces).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool | str | Path = False,
+        overwrite: bool = False,
+        allow_changes: tuple[str, ...] = (),
+    ) -> None:
+        self.run = RunDir(config.out_dir, log=_log)  # lock + orphan cleanup before anything reads the directory
+        self._stop_requested = False
+        self.allow_changes = tuple(allow_changes)
+        self.skipped = 0  # non-finite steps skipped so far (config.skip_nonfinite), kept in checkpoints
+        try:
+            self._setup(config, resume, overwrite)
+        except BaseException:
+            self.run.close()
+            raise
+
+    def _setup(self, config: TrainConfig, resume: bool | str | Path, overwrite: bool) -> None:
         self.config = config
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -94,6 +138,7 @@ class Trainer:
         if resume:
             ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume))
             self._check_resume(ckpt, layout)
+        self.aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
         torch.manual_seed(config.seed)
         if ckpt is not None:
             self.model = load_pretrained(ckpt.model_dir, layout=layout)
@@ -101,6 +146,7 @@ class Trainer:
             self.model = EngramLM(model_cfg, layout)
         self.model.train()
         self.optim = OptimizerSet(self.model, config.optim)
+        self.optim.skip_nonfinite = config.skip_nonfinite > 0
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
         hasher = self.model.hasher
         d = config.data
@@ -115,6 +161,7 @@ class Trainer:
                 raise CorruptFileError(f"{ckpt.path}: optimizer state does not fit this model ({exc})") from exc
             self.loader.load_state_dict(ckpt.state["loader"])
             self.step = self.resumed_from = ckpt.step
+            self.skipped = int(ckpt.state.get("skipped_nonfinite", 0))
             restore_rng(ckpt)
 
     def _check_resume(self, ckpt: Checkpoint, layout) -> None:
@@ -124,7 +171,8 @@ class Trainer:
             layout.check_fingerprint(saved_fp, what=f"checkpoint {ckpt.path}")
         elif saved_fp != "none":
             raise ConfigError(f"model: checkpoint {ckpt.path} has Engram layers, this config has none")
-        diff = [p for p in config_diff(ckpt.state.get("config", {}), self.config.to_dict()) if p not in RESUME_FREE]
+        free = (*RESUME_FREE, *self.allow_changes)
+        diff = [p for p in config_diff(ckpt.state.get("config", {}), self.config.to_dict()) if p not in free]
         if diff:
             raise ConfigError(f"resume: the config differs from checkpoint {ckpt.path} at {diff}")
         if ckpt.state.get("tokenizer_sha256") != self.train_set.manifest.tokenizer.get("sha256"):
@@ -173,12 +221,67 @@ class Trainer:
             "optimizer": meta,
             "tokenizer_sha256": self.train_set.manifest.tokenizer.get("sha256"),
             "data_content_hash": self.train_set.manifest.content_hash,
+            "skipped_nonfinite": self.skipped,
         }
         return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
 
+    # ---- run directory and stopping -------------------------------------------------------------
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; :meth:`fit` does it when it returns)."""
+        self.run.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`fit` to stop after the current step: it saves a checkpoint and raises
+        :class:`TrainingInterrupted` (the CLI calls this on SIGINT). Safe from a signal handler."""
+        self._stop_requested = True
+
+    def _skip_nonfinite(self, rec: dict[str, Any]) -> bool:
+        """False for a finite step; True for a NaN/inf one the optimiser skipped (config.skip_nonfinite
+        allowing); otherwise :class:`TrainingDiverged`, with the ways to go on."""
+        if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
+            return False
+        limit = self.config.skip_nonfinite
+        if self.optim.skip_nonfinite and self.optim.nonfinite and self.skipped < limit:
+            self.skipped += 1
+            _log(f"step {rec['step']}: loss {rec['loss']}, grad norm {rec['grad_norm']}: batch skipped, no update "
+                 f"({self.skipped} of skip_nonfinite={limit})")  # fmt: skip
+            return True
+        ckpts = list_checkpoints(self.run_dir)
+        cmd = f"engramlm train --resume {self.run_dir}"
+        if ckpts:
+            how = (
+                f"the last good checkpoint is {ckpts[-1]}; to go on from it, skip such batches with `{cmd} "
+                f"skip_nonfinite=N` or lower the learning rate with `{cmd} optim.lr=LOWER --allow-change optim.lr`"
+            )
+        else:
+            how = "no checkpoint was saved yet; start again (--overwrite) with a lower optim.lr or skip_nonfinite=N"
+        raise TrainingDiverged(
+            f"step {rec['step']}: training diverged (loss {rec['loss']}, grad norm {rec['grad_norm']}"
+            + (f", {self.skipped} batches skipped already" if self.skipped else "")
+            + f"); stopped without saving this step; {how}"
+        )
+
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps`` (from the resume point), evaluating and checkpointing on schedule."""
+        """Train to ``total_steps`` (from the resume point), evaluating and checkpointing on schedule.
+
+        Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm (that step is neither
+        logged nor saved) and :class:`TrainingInterrupted` after :meth:`request_stop`.
+        """
+        if not self.run.locked:  # a second fit() of this trainer
+            self.run = RunDir(self.run_dir, log=_log)
+        try:
+            return self._fit()
+        finally:
+            self.run.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         total = cfg.total_steps
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,16 +297,27 @@ class Trainer:
         t0, start_step = time.perf_counter(), self.step
         last_eval: dict[str, Any] | None = None
         rec: dict[str, Any] = {}
+        last_loss: float | None = None
+        saved_at = self.resumed_from
         try:
             while self.step < total:
+                if self._stop_requested:
+                    mine = [c for c in list_checkpoints(self.run_dir) if c.name == f"step_{self.step:08d}"]
+                    raise TrainingInterrupted(self.step, mine[0] if saved_at == self.step and mine else self.save(),
+                                              self.run_dir)  # fmt: skip
                 rec = self.train_step()
+                skipped = self._skip_nonfinite(rec)  # or raises TrainingDiverged: no NaN reaches a log or checkpoint
                 elapsed = time.perf_counter() - t0
                 tok_s = (self.step - start_step) * cfg.tokens_per_step / max(elapsed, 1e-9)
                 rec.update(tokens=self.step * cfg.tokens_per_step, tokens_per_s=tok_s, elapsed_s=elapsed)
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    logger.log(rec)
+                if skipped:
+                    logger.log({"step": self.step, "kind": "skipped", "skipped_nonfinite": self.skipped})
+                else:
+                    last_loss = rec["loss"]
+                    if self.step % cfg.log_every == 0 or self.step == total:
+                        logger.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 if self.step == total or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     last_eval = {"step": self.step, "kind": "eval", **self.evaluate()}
                     logger.log(last_eval)
@@ -212,13 +326,15 @@ class Trainer:
                                   file=sys.stderr)  # fmt: skip
                 if self.step == total or self.step % cfg.checkpoint_every == 0:
                     self.save()
+                    saved_at = self.step
         finally:
             bar.close()
             logger.close()
         summary = {
             "steps": self.step,
             "tokens": self.step * cfg.tokens_per_step,
-            "train_loss": rec.get("loss"),
+            "train_loss": last_loss,
+            "skipped_nonfinite": self.skipped,
             "eval": last_eval,
             "params": counts.to_dict(),
             "sparse_state_bytes": self.optim.sparse_state_bytes,
