@@ -19,7 +19,8 @@ import torch
 
 from engramlm.cli.main import main
 from engramlm.data import prepare
-from engramlm.train import Trainer, list_checkpoints, load_train_config, read_metrics
+from engramlm.models.locate import list_checkpoints
+from engramlm.train import Trainer, load_train_config, read_metrics
 from engramlm.train.trainer import TrainingDiverged
 from engramlm.utils.lock import DirLock, LockedError
 

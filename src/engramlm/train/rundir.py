@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engramlm.errors import ConfigError
-from engramlm.train.checkpoint import STEP_RE, checkpoint_dir, list_checkpoints
+from engramlm.models.locate import checkpoint_step, checkpoints_dir, list_checkpoints
 from engramlm.train.metrics import METRICS_NAME
 from engramlm.utils.io import fsync_path
 from engramlm.utils.lock import DirLock
@@ -42,11 +42,6 @@ RUN_FILES = ("config.json", METRICS_NAME, "summary.json")
 RUN_ENTRIES = ("checkpoints", *RUN_FILES, "tb")
 _ORPHAN_FILE = re.compile(r"^\..+\.tmp$")  # utils.io.atomic_open temp files
 _ORPHAN_CKPT = re.compile(r"^\.(tmp-step_\d{8}-.+|trash-step_\d{8}-\d+)$")  # checkpoint.save_checkpoint / _remove
-
-
-def _step(ckpt: Path) -> int:
-    m = STEP_RE.match(ckpt.name)
-    return int(m.group(1)) if m else -1
 
 
 class RunDir:
@@ -67,7 +62,7 @@ class RunDir:
     def clean_orphans(self) -> list[Path]:
         """Delete leftovers of interrupted writes (safe: only the lock holder writes here)."""
         found = [p for p in self.path.iterdir() if _ORPHAN_FILE.match(p.name) and p.is_file()]
-        ck = checkpoint_dir(self.path)
+        ck = checkpoints_dir(self.path)
         if ck.is_dir():
             found += [p for p in ck.iterdir() if _ORPHAN_CKPT.match(p.name) and p.is_dir()]
         for p in found:
@@ -93,9 +88,9 @@ class RunDir:
         Refuses (:class:`ConfigError` naming ``out_dir``) what would mix two runs, unless
         ``overwrite``: then the conflicting part is moved aside. Returns the aside directory, if any.
         """
-        ck_root = checkpoint_dir(self.path).resolve()
+        ck_root = checkpoints_dir(self.path).resolve()
         if resume_from is not None and Path(resume_from).resolve().parent == ck_root:
-            newer = [c for c in list_checkpoints(self.path) if _step(c) > _step(Path(resume_from))]
+            newer = [c for c in list_checkpoints(self.path) if checkpoint_step(c) > checkpoint_step(Path(resume_from))]
             if not newer:
                 return None
             if not overwrite:
@@ -141,7 +136,7 @@ class RunDir:
                 os.rename(src, dst)
             except OSError as exc:
                 raise ConfigError(f"out_dir: could not move {src} aside to {dst} ({exc}); nothing was deleted") from exc
-        for d in (aside / "checkpoints", aside, checkpoint_dir(self.path), self.path, self.path.parent):
+        for d in (aside / "checkpoints", aside, checkpoints_dir(self.path), self.path, self.path.parent):
             if d.is_dir():
                 fsync_path(d)
         self.log(f"{self.path}: moved the previous run aside to {aside}")
