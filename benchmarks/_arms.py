@@ -134,7 +134,8 @@ def run_arm(
     if cached is not None:
         return {**cached, "reused": True}
     t0 = time.perf_counter()
-    tr = Trainer(cfg, resume=bool(list_checkpoints(out)))
+    resume = bool(list_checkpoints(out))
+    tr = Trainer(cfg, resume=resume, overwrite=not resume)  # an arm killed before its first checkpoint starts over
     tr.fit()
     wall = time.perf_counter() - t0
     ev_batches = max(1, size["eval_tokens"] // (size["batch"] * size["seq"]))

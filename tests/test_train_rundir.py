@@ -232,9 +232,15 @@ def test_divergence_stops_without_saving_nan_and_offers_the_remedies(cfg: Path, 
     assert summary["steps"] == 6 and summary["skipped_nonfinite"] == 0
 
 
-def test_skip_nonfinite_skips_the_batch_and_goes_on(cfg: Path, tmp_path: Path) -> None:
+MOE = ["model.overrides.moe.n_routed=4", "model.overrides.moe.top_k=2", "model.overrides.moe.expert_hidden=16"]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_skip_nonfinite_skips_the_batch_and_goes_on(cfg: Path, tmp_path: Path, moe: bool) -> None:
     run = tmp_path / "run"
-    tr = Trainer(load_train_config(cfg, [f"out_dir={run}", "skip_nonfinite=1", "eval_every=0"]))
+    extra = MOE if moe else []
+    tr = Trainer(load_train_config(cfg, [f"out_dir={run}", "skip_nonfinite=1", "eval_every=0", *extra]))
+    assert bool(tr.moes) == moe
     _nan_grad_at(tr, 3)
     for _ in range(2):
         tr.train_step()
@@ -245,13 +251,13 @@ def test_skip_nonfinite_skips_the_batch_and_goes_on(cfg: Path, tmp_path: Path) -
     assert [r["step"] for r in recs if r["kind"] == "skipped"] == [3] and _train_steps(run) == [4, 5, 6]
     assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values() if v.is_floating_point())
     # the skipped step changed nothing: a fresh trainer stepped twice, then the same batch skipped, matches
-    ref = Trainer(load_train_config(cfg, [f"out_dir={tmp_path / 'ref'}", "skip_nonfinite=1"]))
+    ref = Trainer(load_train_config(cfg, [f"out_dir={tmp_path / 'ref'}", "skip_nonfinite=1", *extra]))
     _nan_grad_at(ref, 3)
     for _ in range(3):
         ref.train_step()
     assert all(torch.equal(v, before[k]) for k, v in ref.model.state_dict().items())
     # a second one is over the limit
-    tr2 = Trainer(load_train_config(cfg, [f"out_dir={tmp_path / 'two'}", "skip_nonfinite=1"]))
+    tr2 = Trainer(load_train_config(cfg, [f"out_dir={tmp_path / 'two'}", "skip_nonfinite=1", *extra]))
     _nan_grad_at(tr2, 2)
     p = next(iter(tr2.model.parameters()))
     p.register_hook(lambda g: g * float("nan") if tr2.step == 3 else g)

@@ -106,14 +106,16 @@ class OptimizerSet:
     skip_nonfinite = False
     nonfinite = False
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Apply the update; False when a non-finite step was skipped (nothing changed)."""
         if self.skip_nonfinite and self.nonfinite:  # (the sparse rows gathered for it are dropped at the next gather)
-            return
+            return False
         if self.muon is not None:
             self.muon.step()
         self.adamw.step()
         if self.sparse is not None:
             self.sparse.step()
+        return True
 
     def zero_grad(self) -> None:
         for p in self.dense_params:

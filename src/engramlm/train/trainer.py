@@ -196,9 +196,9 @@ class Trainer:
         gnorm = self.optim.clip(cfg.optim.clip)
         mult = lr_multiplier(self.step, cfg.total_steps, cfg.schedule)
         self.optim.set_lr(mult)
-        self.optim.step()
+        applied = self.optim.step()
         self.optim.zero_grad()
-        for moe in self.moes:
+        for moe in self.moes if applied else ():  # a skipped non-finite step changes nothing, routing bias included
             moe.update_bias()
         self.step += 1
         return {
