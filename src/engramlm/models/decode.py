@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -204,6 +203,6 @@ class DecodeCache:
     ) -> LMOutput:
         """Continue every sequence with the chunk ``input_ids``: :meth:`begin`, the forward, :meth:`commit`."""
         step = self.begin(input_ids, doc_start, dead, lengths, skip_engram=skip_engram)
-        out: Any = model(input_ids.to(self.device), engram=step.engram, kv=self.kv)
+        out = model(input_ids.to(self.device), engram=step.engram, kv=self.kv)
         self.commit(step)
         return out
