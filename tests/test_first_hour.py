@@ -235,3 +235,9 @@ def test_every_analyze_instrument_defaults_under_the_run(
     assert main(["analyze", "fired", str(model), "--text", "import os", "--data", data]) == 0
     assert (model / "analysis" / "fired" / "fired.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a default directory that cannot be made: refused up front, naming --out
+    shutil.rmtree(model / "analysis")
+    (model / "analysis").write_text("in the way")
+    capsys.readouterr()
+    assert main(["analyze", "fired", str(model), "--text", "import os", "--data", data]) == 2
+    assert f"--out: cannot create {model / 'analysis' / 'fired'}" in capsys.readouterr().err

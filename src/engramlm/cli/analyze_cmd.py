@@ -171,19 +171,27 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _out_dir(args: argparse.Namespace, instrument: str, checkpoint: str) -> Path:
     """``--out``, else ``analysis/<instrument>/`` under the run ``checkpoint`` belongs to: the run directory of
-    a run or of one of its checkpoints, a checkpoint directory outside a run, a bare saved model's directory."""
-    if args.out is not None:
-        return Path(args.out)
+    a run or of one of its checkpoints, a checkpoint directory outside a run, a bare saved model's directory.
+    Created here, so that one we cannot write is refused before the analysis runs."""
+    from engramlm.errors import ConfigError
     from engramlm.models.locate import checkpoints_dir, locate_model
 
-    files = locate_model(checkpoint)
-    if files.checkpoint is None:
-        home = files.model_dir
-    elif files.checkpoint.parent == checkpoints_dir(files.checkpoint.parent.parent):
-        home = files.checkpoint.parent.parent
+    if args.out is not None:
+        out = Path(args.out)
     else:
-        home = files.checkpoint
-    return home / "analysis" / instrument
+        files = locate_model(checkpoint)
+        if files.checkpoint is None:
+            home = files.model_dir
+        elif files.checkpoint.parent == checkpoints_dir(files.checkpoint.parent.parent):
+            home = files.checkpoint.parent.parent
+        else:
+            home = files.checkpoint
+        out = home / "analysis" / instrument
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot create {out} ({exc.strerror}); pass --out DIR") from exc
+    return out
 
 
 def _done(files: dict[str, str], summary: dict[str, Any]) -> int:
@@ -200,14 +208,14 @@ def run_gates(args: argparse.Namespace) -> int:
     from engramlm.analysis.common import encode_text, token_texts, write_outputs
     from engramlm.analysis.gates import compute_gates, gate_report, plot_gates, render_html
 
+    out = _out_dir(args, "gates", args.checkpoint)  # first: an unwritable one fails before the work
+
     model, tok = _model_and_tokenizer(args, args.checkpoint, args.data)
     ids, doc = encode_text(tok, _read_text(args))
     texts = token_texts(tok, model.config.vocab_size)
     report = gate_report([texts[i] for i in ids[0].tolist()], ids[0].tolist(), compute_gates(model, ids, doc))
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(
-        _out_dir(args, "gates", args.checkpoint), "gates", report, plot_gates(report), render_html(report)
-    )
+    files = write_outputs(out, "gates", report, plot_gates(report), render_html(report))
     return _done(files, {"tokens": len(report["tokens"]), "mean_gate": report["mean_gate"]})
 
 
@@ -215,11 +223,13 @@ def run_fired(args: argparse.Namespace) -> int:
     from engramlm.analysis.common import encode_text, token_texts, write_outputs
     from engramlm.analysis.fired import fired_rows, plot_fired
 
+    out = _out_dir(args, "fired", args.checkpoint)  # first: an unwritable one fails before the work
+
     model, tok = _model_and_tokenizer(args, args.checkpoint, args.data)
     ids, doc = encode_text(tok, _read_text(args))
     report = fired_rows(model, ids, doc, args.position, token_texts(tok, model.config.vocab_size))
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(_out_dir(args, "fired", args.checkpoint), "fired", report, plot_fired(report))
+    files = write_outputs(out, "fired", report, plot_fired(report))
     return _done(files, {"position": report["position"], "token": report["token"]})
 
 
@@ -242,6 +252,7 @@ def run_knockout(args: argparse.Namespace) -> int:
     from engramlm.data import TokenDataset
     from engramlm.models.locate import load_trained_model
 
+    out = _out_dir(args, "knockout", args.checkpoint)  # first: an unwritable one fails before the work
     trained = load_trained_model(args.checkpoint)
     model = trained.model
     sets = {}
@@ -263,7 +274,7 @@ def run_knockout(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(_out_dir(args, "knockout", args.checkpoint), "knockout", report, plot_knockout(report))
+    files = write_outputs(out, "knockout", report, plot_knockout(report))
     summary = {
         name: {"loss": {m: r["modes"][m]["loss"] for m in r["modes"]}, "share_kept": r["share_kept"]}
         for name, r in ((n, s["overall"]) for n, s in report["sets"].items())
@@ -276,6 +287,8 @@ def run_rows(args: argparse.Namespace) -> int:
     from engramlm.analysis.rows import plot_rows
     from engramlm.analysis.rows import run_rows as rows
     from engramlm.data import TokenDataset
+
+    out = _out_dir(args, "rows", args.checkpoint)  # first: an unwritable one fails before the work
 
     model, _ = _model_and_tokenizer(args, args.checkpoint, args.data)
     eval_ds = None if args.eval_split == "none" else TokenDataset(args.data, args.eval_split)
@@ -291,7 +304,7 @@ def run_rows(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(_out_dir(args, "rows", args.checkpoint), "rows", report, plot_rows(report, curves))
+    files = write_outputs(out, "rows", report, plot_rows(report, curves))
     touched = {lid: [round(h["touched_share"], 4) for h in layer["heads"]] for lid, layer in report["layers"].items()}
     return _done(files, {"touched_share": touched})
 
@@ -301,6 +314,8 @@ def run_logit_lens(args: argparse.Namespace) -> int:
     from engramlm.analysis.lens import logit_lens, plot_logit_lens
     from engramlm.data import TokenDataset
 
+    out = _out_dir(args, "logit-lens", args.checkpoint[0])  # first: an unwritable one fails before the work
+
     ds = TokenDataset(args.data, args.split)
     reports = {}
     for ckpt in args.checkpoint:
@@ -308,7 +323,6 @@ def run_logit_lens(args: argparse.Namespace) -> int:
         rep = logit_lens(model, ds, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches,
                          progress=_progress(args))  # fmt: skip
         reports[str(ckpt)] = rep
-    out = _out_dir(args, "logit-lens", args.checkpoint[0])
     files = write_outputs(out, "logit_lens", {"split": args.split, "models": reports}, plot_logit_lens(reports))
     return _done(files, {name: {"kl_to_final": r["kl_to_final"]} for name, r in reports.items()})
 
@@ -324,6 +338,8 @@ def run_cka(args: argparse.Namespace) -> int:
         recurring_ngram_ends,
     )  # fmt: skip
     from engramlm.data import TokenDataset
+
+    out = _out_dir(args, "cka", args.checkpoint_a)  # first: an unwritable one fails before the work
 
     ds = TokenDataset(args.data, args.split)
     where = recurring_ngram_ends(ds, args.ngram) if args.positions == "recurring" else None
@@ -347,7 +363,7 @@ def run_cka(args: argparse.Namespace) -> int:
         "alignment_index": {"top_k": args.top_k, "a": alignment_index(mat, args.top_k)},
     }
     fig = plot_cka(mat, names[0], names[1], Path(args.checkpoint_a).name, Path(args.checkpoint_b).name)
-    files = write_outputs(_out_dir(args, "cka", args.checkpoint_a), "cka", report, fig)
+    files = write_outputs(out, "cka", report, fig)
     return _done(files, {"tokens": report["tokens"], "alignment_index": report["alignment_index"]["a"]})
 
 
