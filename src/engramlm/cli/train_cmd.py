@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     last = summary.get("eval")
     if last is not None and not last.get("full_sweep", True):  # say which held-out figure this is
         print(
-            f"engramlm: held-out bpb {last['bpb']:.4f} above is on the {last['scope']} (data.eval_max_batches); "
+            f"engramlm: the summary's held-out bpb {last['bpb']:.4f} covers only the {last['scope']} "
+            f"(data.eval_max_batches={config.data.eval_max_batches}); "
             f"`engramlm eval {config.out_dir} --data {config.data.dir}` scores the full split",
             file=sys.stderr,
         )
