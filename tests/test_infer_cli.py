@@ -96,7 +96,7 @@ def test_generate_refuses_a_tokenizer_the_tables_were_not_hashed_with(
 
 def test_generate_streams_text(saved: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     args = ["generate", str(saved["model"]), "--prompt", PROMPT, "--tokenizer", str(saved["tok"])]
-    assert main([*args, "--max-new-tokens", "6", "--stream", "--temperature", "0.8", "--seed", "1"]) == 0
+    assert main([*args, "--max-new-tokens", "6", "--stream", "--no-echo", "--temperature", "0.8", "--seed", "1"]) == 0
     streamed = capsys.readouterr().out
     doc = _generate(capsys, *args[1:], "--temperature", "0.8", "--seed", "1", "--max-new-tokens", "6")
     text = doc["outputs"][0]["text"]

@@ -34,12 +34,23 @@ def layer_names(model: EngramLM) -> list[str]:
 
 
 def logit_lens(
-    model: EngramLM, dataset, *, batch_size: int = 8, seq_len: int = 256, max_batches: int | None = None
+    model: EngramLM,
+    dataset,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    max_batches: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Per-layer KL to the final distribution, early-exit loss and top-1 agreement over a split."""
+    """Per-layer KL to the final distribution, early-exit loss and top-1 agreement over a split
+    (``progress``: a tqdm bar on stderr, one tick per batch)."""
+    from tqdm import tqdm
+
     from engramlm.data.loader import EvalLoader
 
     loader = EvalLoader(dataset, batch_size, min(seq_len, model.config.max_seq_len))
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = tqdm(total=total, desc="logit-lens", unit="batch", disable=not progress, dynamic_ncols=True)
     n_states = model.config.num_layers + 1
     kl = np.zeros(n_states)
     ce = np.zeros(n_states)
@@ -62,6 +73,8 @@ def logit_lens(
                 ce[li] += float(F.nll_loss(lp, tgt, reduction="sum"))
                 agree[li] += float((lp.argmax(-1) == top_final).sum())
             count += int(mask.sum())
+            bar.update(1)
+    bar.close()
     denom = max(count, 1)
     return {
         "layers": layer_names(model),

@@ -3,12 +3,18 @@
 ``gates`` / ``fired`` take a checkpoint and a text; ``knockout`` / ``rows`` / ``logit-lens`` / ``cka``
 take checkpoints and a prepared corpus (``engramlm data prepare``); ``plan`` takes a preset or
 config file and needs no checkpoint. See ``engramlm.analysis`` for the definitions.
+
+Without ``--out`` the files go next to what was analysed, never into the current directory:
+``RUN/analysis/<instrument>/`` for a run directory or one of its checkpoints (the first checkpoint's,
+for ``logit-lens`` / ``cka``), ``MODEL_DIR/analysis/<instrument>/`` for a bare saved model; one line
+on stderr says where. ``plan`` prints its table and writes ``plan.json`` only into an ``--out`` given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,13 @@ def _at_least(low: int):
 
 
 def _common(p: argparse.ArgumentParser, *, eval_opts: bool = False) -> None:
-    p.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/analysis/INSTRUMENT/, see above)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar of the evaluation sweep on stderr (default: when stderr is a terminal)",
+    )
     if eval_opts:
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--seq-len", type=int, default=256)
@@ -47,7 +58,12 @@ def _text_opts(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    a = sub.add_parser("analyze", help="analysis instruments (gates, knockout, rows, fired, logit-lens, cka, plan)")
+    a = sub.add_parser(
+        "analyze",
+        help="analysis instruments (gates, knockout, rows, fired, logit-lens, cka, plan)",
+        description="Each instrument writes <name>.json plus a picture into --out (default: RUN/analysis/INSTRUMENT/ "
+        "of the run the (first) checkpoint belongs to, or MODEL_DIR/analysis/INSTRUMENT/ for a bare saved model).",
+    )
     inst = a.add_subparsers(dest="instrument", metavar="INSTRUMENT")
 
     p = inst.add_parser("gates", help="gate per token/layer/branch: HTML coloured text + PNG heatmap")
@@ -112,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-bytes-per-s", type=float, default=None, help="override the tier's reference bandwidth")
     p.add_argument("--ref-iops", type=float, default=None, help="override the tier's reference IOPS")
     p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget of the placement, MiB (0 = none)")
-    p.add_argument("--out", default="analysis", help="directory for plan.json (default ./analysis)")
+    p.add_argument("--out", default=None, help="also write plan.json into this directory (default: print only)")
     p.set_defaults(func=run_plan)
 
     a.set_defaults(func=lambda _args: a.print_help() or 2)
@@ -149,7 +165,38 @@ def _read_text(args: argparse.Namespace) -> str:
     return args.text if args.text is not None else Path(args.text_file).read_text(encoding="utf-8")
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+def _out_dir(args: argparse.Namespace, instrument: str, checkpoint: str) -> Path:
+    """``--out``, else ``analysis/<instrument>/`` under the run ``checkpoint`` belongs to: the run directory of
+    a run or of one of its checkpoints, a checkpoint directory outside a run, a bare saved model's directory.
+    Created here, so that one we cannot write is refused before the analysis runs."""
+    from engramlm.errors import ConfigError
+    from engramlm.models.locate import checkpoints_dir, locate_model
+
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        files = locate_model(checkpoint)
+        if files.checkpoint is None:
+            home = files.model_dir
+        elif files.checkpoint.parent == checkpoints_dir(files.checkpoint.parent.parent):
+            home = files.checkpoint.parent.parent
+        else:
+            home = files.checkpoint
+        out = home / "analysis" / instrument
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot create {out} ({exc.strerror}); pass --out DIR") from exc
+    return out
+
+
 def _done(files: dict[str, str], summary: dict[str, Any]) -> int:
+    where = Path(files["json"]).parent
+    print(f"engramlm: wrote {', '.join(Path(f).name for f in files.values())} to {where}/", file=sys.stderr)
     print(json.dumps({"files": files, **summary}, indent=2))
     return 0
 
@@ -161,12 +208,14 @@ def run_gates(args: argparse.Namespace) -> int:
     from engramlm.analysis.common import encode_text, token_texts, write_outputs
     from engramlm.analysis.gates import compute_gates, gate_report, plot_gates, render_html
 
+    out = _out_dir(args, "gates", args.checkpoint)  # first: an unwritable one fails before the work
+
     model, tok = _model_and_tokenizer(args, args.checkpoint, args.data)
     ids, doc = encode_text(tok, _read_text(args))
     texts = token_texts(tok, model.config.vocab_size)
     report = gate_report([texts[i] for i in ids[0].tolist()], ids[0].tolist(), compute_gates(model, ids, doc))
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(args.out, "gates", report, plot_gates(report), render_html(report))
+    files = write_outputs(out, "gates", report, plot_gates(report), render_html(report))
     return _done(files, {"tokens": len(report["tokens"]), "mean_gate": report["mean_gate"]})
 
 
@@ -174,11 +223,13 @@ def run_fired(args: argparse.Namespace) -> int:
     from engramlm.analysis.common import encode_text, token_texts, write_outputs
     from engramlm.analysis.fired import fired_rows, plot_fired
 
+    out = _out_dir(args, "fired", args.checkpoint)  # first: an unwritable one fails before the work
+
     model, tok = _model_and_tokenizer(args, args.checkpoint, args.data)
     ids, doc = encode_text(tok, _read_text(args))
     report = fired_rows(model, ids, doc, args.position, token_texts(tok, model.config.vocab_size))
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(args.out, "fired", report, plot_fired(report))
+    files = write_outputs(out, "fired", report, plot_fired(report))
     return _done(files, {"position": report["position"], "token": report["token"]})
 
 
@@ -201,6 +252,7 @@ def run_knockout(args: argparse.Namespace) -> int:
     from engramlm.data import TokenDataset
     from engramlm.models.locate import load_trained_model
 
+    out = _out_dir(args, "knockout", args.checkpoint)  # first: an unwritable one fails before the work
     trained = load_trained_model(args.checkpoint)
     model = trained.model
     sets = {}
@@ -219,10 +271,10 @@ def run_knockout(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         max_batches=args.max_batches,
         per_layer=not args.no_per_layer,
-        progress=not args.no_progress,
+        progress=_progress(args),
     )
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(args.out, "knockout", report, plot_knockout(report))
+    files = write_outputs(out, "knockout", report, plot_knockout(report))
     summary = {
         name: {"loss": {m: r["modes"][m]["loss"] for m in r["modes"]}, "share_kept": r["share_kept"]}
         for name, r in ((n, s["overall"]) for n, s in report["sets"].items())
@@ -236,6 +288,8 @@ def run_rows(args: argparse.Namespace) -> int:
     from engramlm.analysis.rows import run_rows as rows
     from engramlm.data import TokenDataset
 
+    out = _out_dir(args, "rows", args.checkpoint)  # first: an unwritable one fails before the work
+
     model, _ = _model_and_tokenizer(args, args.checkpoint, args.data)
     eval_ds = None if args.eval_split == "none" else TokenDataset(args.data, args.eval_split)
     report, curves = rows(
@@ -247,10 +301,10 @@ def run_rows(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         max_batches=args.max_batches,
-        progress=not args.no_progress,
+        progress=_progress(args),
     )
     report["checkpoint"] = str(args.checkpoint)
-    files = write_outputs(args.out, "rows", report, plot_rows(report, curves))
+    files = write_outputs(out, "rows", report, plot_rows(report, curves))
     touched = {lid: [round(h["touched_share"], 4) for h in layer["heads"]] for lid, layer in report["layers"].items()}
     return _done(files, {"touched_share": touched})
 
@@ -260,13 +314,16 @@ def run_logit_lens(args: argparse.Namespace) -> int:
     from engramlm.analysis.lens import logit_lens, plot_logit_lens
     from engramlm.data import TokenDataset
 
+    out = _out_dir(args, "logit-lens", args.checkpoint[0])  # first: an unwritable one fails before the work
+
     ds = TokenDataset(args.data, args.split)
     reports = {}
     for ckpt in args.checkpoint:
         model, _ = _model_and_tokenizer(args, ckpt, args.data)
-        rep = logit_lens(model, ds, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches)
+        rep = logit_lens(model, ds, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches,
+                         progress=_progress(args))  # fmt: skip
         reports[str(ckpt)] = rep
-    files = write_outputs(args.out, "logit_lens", {"split": args.split, "models": reports}, plot_logit_lens(reports))
+    files = write_outputs(out, "logit_lens", {"split": args.split, "models": reports}, plot_logit_lens(reports))
     return _done(files, {name: {"kl_to_final": r["kl_to_final"]} for name, r in reports.items()})
 
 
@@ -281,6 +338,8 @@ def run_cka(args: argparse.Namespace) -> int:
         recurring_ngram_ends,
     )  # fmt: skip
     from engramlm.data import TokenDataset
+
+    out = _out_dir(args, "cka", args.checkpoint_a)  # first: an unwritable one fails before the work
 
     ds = TokenDataset(args.data, args.split)
     where = recurring_ngram_ends(ds, args.ngram) if args.positions == "recurring" else None
@@ -304,7 +363,7 @@ def run_cka(args: argparse.Namespace) -> int:
         "alignment_index": {"top_k": args.top_k, "a": alignment_index(mat, args.top_k)},
     }
     fig = plot_cka(mat, names[0], names[1], Path(args.checkpoint_a).name, Path(args.checkpoint_b).name)
-    files = write_outputs(args.out, "cka", report, fig)
+    files = write_outputs(out, "cka", report, fig)
     return _done(files, {"tokens": report["tokens"], "alignment_index": report["alignment_index"]["a"]})
 
 
@@ -328,7 +387,8 @@ def run_plan(args: argparse.Namespace) -> int:
     )
     result = plan(config, req)
     print(format_plan(result))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(args.out) / "plan.json", result)
-    print(f"\nwrote {Path(args.out) / 'plan.json'}")
+    if args.out is not None:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out) / "plan.json", result)
+        print(f"\nwrote {Path(args.out) / 'plan.json'}")
     return 0

@@ -1,9 +1,15 @@
-"""``engramlm eval CHECKPOINT --data DIR``: held-out loss and bits per byte, as JSON."""
+"""``engramlm eval CHECKPOINT --data DIR``: held-out loss and bits per byte, as JSON.
+
+By default the whole split is scored (``scope`` says so), unlike the trainer's periodic evals, which
+stop after ``data.eval_max_batches`` batches: the two figures for one checkpoint differ by design. A
+progress bar (batches, ETA) goes to stderr when it is a terminal, or with ``--progress``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +17,7 @@ from engramlm.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="held-out loss and bits-per-byte of a checkpoint (JSON)")
+    p = subparsers.add_parser("eval", help="held-out loss and bits-per-byte of a checkpoint over a whole split (JSON)")
     p.add_argument("checkpoint", help="checkpoint directory, run directory (latest checkpoint) or saved model")
     p.add_argument("--data", required=True, help="prepared corpus directory (engramlm data prepare)")
     p.add_argument("--split", default="val", choices=("val", "test", "train"))
@@ -19,6 +25,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's training seq_len")
     p.add_argument("--max-batches", type=int, default=None, help="default: the whole split")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
     p.set_defaults(func=run)
 
 
@@ -44,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--seq-len: required for a saved model directory (no training config to read it from)")
     torch.manual_seed(0)
     loader = EvalLoader(ds, args.batch_size, seq_len, row_ids_fn=model.hasher)
-    result = evaluate(model, loader, args.max_batches, args.threads)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = evaluate(model, loader, args.max_batches, args.threads, progress=progress)
     result.update(checkpoint=str(args.checkpoint), data=str(data), split=args.split, seq_len=seq_len)
     if trained.step is not None:
         result["step"] = trained.step

@@ -35,7 +35,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument(
+        "--stream", action="store_true", help="print the prompt, then the new text as it is generated (one prompt)"
+    )
+    p.add_argument("--no-echo", action="store_true", help="with --stream: print only the new text, not the prompt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the result and timing as JSON")
@@ -107,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
             if bool(out.finished[0]):
                 sys.stdout.write(tok.decode(ids)[shown[0] :])
 
+    if on_step is not None and not args.no_echo:  # as the non-streamed output: the prompt, then its continuation
+        sys.stdout.write(args.prompt[0])
+        sys.stdout.flush()
     t0 = time.perf_counter()
     try:
         with torch.inference_mode(), Engine(model, tables, workers=args.workers, pad_id=bos[0] if bos else 0) as eng:

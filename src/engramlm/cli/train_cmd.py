@@ -87,4 +87,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     print(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False))
+    last = summary.get("eval")
+    if last is not None and not last.get("full_sweep", True):  # say which held-out figure this is
+        print(
+            f"engramlm: the summary's held-out bpb {last['bpb']:.4f} covers only the {last['scope']} "
+            f"(data.eval_max_batches={config.data.eval_max_batches}); "
+            f"`engramlm eval {config.out_dir} --data {config.data.dir}` scores the full split",
+            file=sys.stderr,
+        )
     return 0

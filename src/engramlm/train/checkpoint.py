@@ -23,7 +23,6 @@ import contextlib
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from engramlm.models.locate import (
     resolve_checkpoint,
     verify_checkpoint_files,
 )
-from engramlm.utils.io import atomic_write_bytes, atomic_write_json, fsync_path, sha256_file
+from engramlm.utils.io import atomic_write_bytes, atomic_write_json, fsync_path, make_temp_dir, sha256_file
 
 OPTIM_NAME = "optimizer.safetensors"
 
@@ -103,7 +102,7 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root))
+    tmp = make_temp_dir(root, f".tmp-step_{step:08d}-")  # 0777 less the umask, as a plain mkdir
     try:
         save_pretrained(model, tmp / MODEL_SUBDIR)
         rng_doc, torch_rng = rng_state()

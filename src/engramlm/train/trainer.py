@@ -139,6 +139,10 @@ class Trainer:
             ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume))
             self._check_resume(ckpt, layout)
         self.aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
+        if ckpt is None:
+            _log(f"starting a new run in {self.run_dir}")
+        else:
+            _log(f"resuming from step {ckpt.step} (checkpoint {ckpt.path})")
         torch.manual_seed(config.seed)
         if ckpt is not None:
             self.model = load_pretrained(ckpt.model_dir, layout=layout)
@@ -322,8 +326,8 @@ class Trainer:
                     last_eval = {"step": self.step, "kind": "eval", **self.evaluate()}
                     logger.log(last_eval)
                     if cfg.progress:
-                        bar.write(f"step {self.step}: eval loss {last_eval['loss']:.4f}, bpb {last_eval['bpb']:.4f}",
-                                  file=sys.stderr)  # fmt: skip
+                        bar.write(f"step {self.step}: eval loss {last_eval['loss']:.4f}, bpb {last_eval['bpb']:.4f} "
+                                  f"({last_eval['scope']})", file=sys.stderr)  # fmt: skip
                 if self.step == total or self.step % cfg.checkpoint_every == 0:
                     self.save()
                     saved_at = self.step
@@ -336,6 +340,12 @@ class Trainer:
             "train_loss": last_loss,
             "skipped_nonfinite": self.skipped,
             "eval": last_eval,
+            # the held-out figures of the last periodic eval, named so they are not taken for ``engramlm eval``'s
+            # (which sweeps the whole split): eval_scope says what they cover, e.g. "first 16 of 40 batches of val"
+            "eval_loss": None if last_eval is None else last_eval["loss"],
+            "eval_bpb": None if last_eval is None else last_eval["bpb"],
+            "eval_tokens": None if last_eval is None else last_eval["tokens"],
+            "eval_scope": None if last_eval is None else last_eval["scope"],
             "params": counts.to_dict(),
             "sparse_state_bytes": self.optim.sparse_state_bytes,
             "wall_s": time.perf_counter() - t0,
