@@ -95,6 +95,8 @@ def _error_lines(err: str) -> list[str]:
 def test_rerun_is_refused_and_overwrite_moves_the_old_run_aside(cfg: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), f"out_dir={run}"]) == 0
+    (run / "analysis" / "gates").mkdir(parents=True)  # what `analyze` writes about this run by default
+    (run / "analysis" / "gates" / "gates.json").write_text("{}")
     before = _snapshot(run)
     capsys.readouterr()
 

@@ -39,7 +39,8 @@ from engramlm.utils.lock import DirLock
 LOCK_NAME = ".lock"
 # what a run writes at the top of its directory (anything else there is left where it is)
 RUN_FILES = ("config.json", METRICS_NAME, "summary.json")
-RUN_ENTRIES = ("checkpoints", *RUN_FILES, "tb")
+# moved aside with the run by --overwrite: its files plus what commands wrote about it (analyze's default output)
+RUN_ENTRIES = ("checkpoints", *RUN_FILES, "tb", "analysis")
 _ORPHAN_FILE = re.compile(r"^\..+\.tmp$")  # utils.io.atomic_open temp files
 _ORPHAN_CKPT = re.compile(r"^\.(tmp-step_\d{8}-.+|trash-step_\d{8}-\d+)$")  # checkpoint.save_checkpoint / _remove
 
