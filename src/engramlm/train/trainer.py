@@ -141,7 +141,7 @@ class Trainer:
         self.aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
         torch.manual_seed(config.seed)
         if ckpt is not None:
-            self.model = load_pretrained(ckpt.model_dir, layout=layout)
+            self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)  # load_checkpoint checked it
         else:
             self.model = EngramLM(model_cfg, layout)
         self.model.train()
