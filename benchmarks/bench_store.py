@@ -14,6 +14,13 @@ just written), ``direct`` (O_DIRECT, queue depth 64), ``cached_direct`` (LFU cac
 rows in front of ``direct``, warmed on earlier batches) and, for fp32, ``mooncake`` (a real
 ``mooncake_master`` on 127.0.0.1, TCP transport, the real ``EngramStore`` client).
 
+Verification cost: ``mmap`` and ``direct`` are timed as opened by default (every page a gather reads
+checked against its CRC32; ``mmap`` checks a page on its first read only), interleaved with
+``mmap_noverify`` and ``direct_noverify`` (``verify=False``); ``verification_cost`` reports the paired
+time ratios verified / unverified. ``mmap_first_touch`` times one uniform batch on a freshly opened
+verified ``mmap`` table (every page checked) against the unverified one: the cost before the bitmap
+is warm. The ``memory`` tier checks the file's chunk CRC32s once at open: ``memory_open_check``.
+
 Row ids: the ``demo`` preset's real hash (V3 tokenizer + compression, 2/3-grams, 16 heads) with
 table sizes scaled by ``--vocab-scale`` (default 0.2, ~2.07M rows per layer, so the fp32 table
 is ~530 MB), applied to CPython stdlib tokens (a new batch of B×T tokens per repeat), and the
@@ -50,7 +57,7 @@ from engramlm.models.presets import get_preset
 from engramlm.store.base import RowTable
 from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
-from engramlm.store.file import write_store
+from engramlm.store.file import check_chunks, write_store
 from engramlm.store.formats import get_format
 from engramlm.store.memory import MemoryTable
 from engramlm.store.mmap import MmapTable
@@ -179,11 +186,15 @@ def bench_source(
     # Time ratios tier / reference (>1: slower than the physical reference), paired per repeat.
     ratios: dict[str, Any] = {}
     for name in tiers:
-        ref = "ref_odirect_4k" if name in ("direct", "cached_direct") else "ref_index_select"
+        ref = "ref_odirect_4k" if name.startswith(("direct", "cached_direct")) else "ref_index_select"
         k = len(times[name])
         ratios[name] = {"vs": ref, **stats(paired_ratios(times[name], times[ref][:k]))}
     ratios["direct_vs_ref_index_select"] = stats(paired_ratios(times["direct"], times["ref_index_select"]))
     res["time_ratio_vs_reference"] = ratios
+    # >1: how much slower a verified gather is than the same tier unverified, paired per repeat.
+    res["verification_cost"] = {
+        name: stats(paired_ratios(times[name], times[f"{name}_noverify"])) for name in ("mmap", "direct")
+    }
     return res
 
 
@@ -212,8 +223,13 @@ def bench_format(
     tiers: dict[str, RowTable] = {
         "memory": MemoryTable(packed, fingerprint, row_format=fmt),
         "mmap": MmapTable(path, fingerprint),
+        "mmap_noverify": MmapTable(path, fingerprint, verify=False),
         "direct": DirectFileTable(path, fingerprint, queue_depth=queue_depth),
+        "direct_noverify": DirectFileTable(path, fingerprint, queue_depth=queue_depth, verify=False),
     }
+    t0 = time.perf_counter()
+    check_chunks(header, packed.numpy())  # what the memory tier does at open (it reads the file anyway)
+    check_s = time.perf_counter() - t0
     cache_budget = int(cache_fraction * rows) * dim * 4
     tiers["cached_direct"] = CachedTable(DirectFileTable(path, fingerprint, queue_depth=queue_depth), cache_budget)
     upload_s = None
@@ -234,12 +250,30 @@ def bench_format(
             raise AssertionError(f"{fmt_name}/{name}: rows differ from the memory tier")
     for b in warm_batches:  # warm the cache on text batches not used for timing
         tiers["cached_direct"].gather(b)
+    first = batches["uniform"][0]
+    tiers["mmap_noverify"].gather(first)  # page cache warm for both
+    with MmapTable(path, fingerprint) as cold:
+        t0 = time.perf_counter()
+        cold.gather(first)
+        cold_s = time.perf_counter() - t0
+        cold_pages = cold.pages_checked
+    t0 = time.perf_counter()
+    tiers["mmap_noverify"].gather(first)
+    plain_s = time.perf_counter() - t0
 
     results: dict[str, Any] = {
         "row_bytes": header.row_bytes,
         "file_bytes": header.file_size,
         "write_seconds": write_s,
         "mooncake_upload_seconds": upload_s,
+        "memory_open_check": {"seconds": check_s, "gb_per_s": header.data_bytes / check_s / 1e9},
+        "mmap_first_touch": {
+            "seconds_verified": cold_s,
+            "seconds_unverified": plain_s,
+            "ratio": cold_s / plain_s,
+            "pages_checked": cold_pages,
+            "us_per_page": (cold_s - plain_s) / cold_pages * 1e6,
+        },
         "sources": {},
     }
     for source, reqs in batches.items():
@@ -248,6 +282,8 @@ def bench_format(
         results["sources"][source] = res
         line = ", ".join(f"{n} {c['rows_per_s'] / 1e6:.2f}" for n, c in res["contenders"].items())
         print(f"{fmt_name}/{source}: Mrows/s {line}")
+        cost = ", ".join(f"{n} x{c['median']:.2f}" for n, c in res["verification_cost"].items())
+        print(f"{fmt_name}/{source}: verified/unverified time {cost}")
     raw.close()
     for t in tiers.values():
         if isinstance(t, RowTable) and t is not tiers.get("mooncake"):

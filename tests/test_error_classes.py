@@ -39,7 +39,7 @@ def test_empty_array_loads_and_garbage_is_corrupt(tmp_path: Path) -> None:
 class _FakeMmap:
     num_rows = 3
 
-    def __init__(self, path: Any, fp: str) -> None:
+    def __init__(self, path: Any, fp: str, *, verify: bool = True) -> None:
         pass
 
     def __enter__(self) -> _FakeMmap:

@@ -49,6 +49,10 @@ class MissingFingerprint(HashSpecMismatch):
     """A table carries no hash-spec fingerprint at all (e.g. a Mooncake layer not populated yet)."""
 
 
+class ForeignStoreError(HashSpecMismatch):
+    """A store directory was built from another model's weights (same hash spec, different tables)."""
+
+
 class CorruptFileError(EngramError):
     """A file is truncated, has a bad checksum, or is not of the expected format."""
 

@@ -26,6 +26,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--store", help="store directory (store.json) serving the Engram tables")
     p.add_argument("--tier", default=Tier.MMAP.value, choices=Tier.names(), help=f"with --store: {tier_help()}")
     p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget in MiB (0 = none)")
+    p.add_argument(
+        "--no-verify-store",
+        action="store_true",
+        help="with --store: skip the per-page checksum of every row read (faster; corrupt rows then go unnoticed)",
+    )
     p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
     p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
     p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this client lends to the pool")
@@ -92,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             cache_bytes=int(args.cache_mb * (1 << 20)),
             fingerprint=model.layout.fingerprint,
             mooncake=client,
+            model_sha256=trained.files.weights_sha256(),
+            verify=not args.no_verify_store,
         )
         drop_model_tables(model)
     on_step = None

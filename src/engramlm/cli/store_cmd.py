@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
+from engramlm.errors import ConfigError, ForeignStoreError, HashSpecMismatch
 from engramlm.store.tiers import Tier, tier_help
 
 
@@ -13,11 +15,14 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("store", help="build, inspect and verify table stores")
     sub = parser.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     verify = sub.add_parser("verify", help="check the header and every chunk checksum")
-    verify.add_argument("path")
+    verify.add_argument("path", help="a store directory (what `store build --out` writes) or one layer file")
     verify.add_argument("--fingerprint", help="expected hash-spec fingerprint (64 hex)")
+    verify.add_argument(
+        "--model", help="a saved model, checkpoint or run: the store must hold its tables (same weights, same spec)"
+    )
     verify.set_defaults(func=run_verify)
-    inspect = sub.add_parser("inspect", help="print the header as JSON")
-    inspect.add_argument("path")
+    inspect = sub.add_parser("inspect", help="print the header as JSON (a directory: its index and every header)")
+    inspect.add_argument("path", help="a store directory or one layer file")
     inspect.set_defaults(func=run_inspect)
     build = sub.add_parser("build", help="export a saved model's Engram tables into a store directory")
     build.add_argument("checkpoint", help="a run directory (latest checkpoint), a checkpoint or a save_pretrained dir")
@@ -33,23 +38,74 @@ def register(subparsers: Any) -> None:
     build.set_defaults(func=run_build)
 
 
+def _store_dir(path: str) -> Path | None:
+    """The store directory ``path`` names (the directory or its ``store.json``), or None for a layer file."""
+    from engramlm.store.storedir import INDEX_NAME
+
+    p = Path(path)
+    if p.is_file() and p.name == INDEX_NAME:
+        return p.parent
+    return p if p.is_dir() else None
+
+
+def _model_identity(model: str) -> tuple[str, str]:
+    """(hash fingerprint, weights sha256) of the model at ``model``, its files verified first."""
+    from engramlm.models.locate import locate_model
+
+    files = locate_model(model)
+    files.verify()
+    return files.read_config().get("hash_fingerprint", "none"), files.weights_sha256()
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from engramlm.store.file import verify_store
+    from engramlm.store.storedir import INDEX_NAME, check_model, read_index
 
-    h = verify_store(args.path, args.fingerprint)
-    print(f"{args.path}: OK ({h.num_rows} rows x {h.dim}, {h.row_format}, {h.num_chunks} chunks)")
+    fingerprint, weights = args.fingerprint, None
+    if args.model:
+        model_fp, weights = _model_identity(args.model)
+        if fingerprint is not None and fingerprint.lower() != model_fp:
+            raise ConfigError(f"--fingerprint: {fingerprint} is not the hash spec of --model {args.model} ({model_fp})")
+        fingerprint = model_fp
+    directory = _store_dir(args.path)
+    if directory is None:
+        if weights is not None:
+            raise ConfigError("--model: needs a store directory (its store.json records the model), not a layer file")
+        h = verify_store(args.path, fingerprint)
+        print(f"{args.path}: OK ({h.num_rows} rows x {h.dim}, {h.row_format}, {h.num_chunks} chunks)")
+        return 0
+    doc = read_index(directory)
+    if fingerprint is not None and doc["fingerprint"] != fingerprint.lower():
+        raise HashSpecMismatch(
+            f"{directory / INDEX_NAME}: store was built under hash spec {doc['fingerprint']}, not {fingerprint}"
+        )
+    check_model(directory, doc, weights)
+    for entry in doc["layers"]:
+        h = verify_store(directory / entry["file"], doc["fingerprint"])
+        if h.meta.get("model_sha256") != doc.get("model_sha256"):
+            raise ForeignStoreError(f"{h.path}: built from other model weights than {directory / INDEX_NAME} says")
+        print(f"{h.path}: OK ({h.num_rows} rows x {h.dim}, {h.row_format}, {h.num_chunks} chunks)")
+    model = doc.get("model_sha256")
+    bound = f", model weights sha256 {model[:16]}..." if model else ", no model recorded"
+    print(f"{directory}: OK ({len(doc['layers'])} layer(s){bound})")
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from engramlm.store.file import read_header
+    from engramlm.store.storedir import read_index
 
-    print(json.dumps(read_header(args.path).to_dict(), indent=2, sort_keys=True))
+    directory = _store_dir(args.path)
+    if directory is None:
+        print(json.dumps(read_header(args.path).to_dict(), indent=2, sort_keys=True))
+        return 0
+    doc = read_index(directory)
+    doc["headers"] = [read_header(directory / e["file"]).to_dict() for e in doc["layers"]]
+    print(json.dumps(doc, indent=2, sort_keys=True))
     return 0
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from engramlm.errors import ConfigError
     from engramlm.hashing.artifact import load_layout
     from engramlm.models.locate import locate_model
     from engramlm.store.safetensors_tables import open_safetensors_tables
@@ -57,6 +113,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     files = locate_model(args.checkpoint)
     files.verify()
+    weights_sha256 = files.weights_sha256()
     model_dir = files.model_dir
     doc = files.read_config()
     if not doc["model"].get("engram"):
@@ -75,6 +132,7 @@ def run_build(args: argparse.Namespace) -> int:
         head_sizes=head_sizes,
         meta={"source": str(model_dir.resolve()), "hash_spec": layout.spec.to_dict()},
         progress=not args.no_progress,
+        model_sha256=weights_sha256,
     )
     for t in tables.values():
         t.close()

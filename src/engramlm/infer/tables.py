@@ -51,14 +51,28 @@ class _WeightBlocks:
 
 
 def export_model_tables(
-    model: EngramLM, out_dir: str | os.PathLike, row_format: str = "fp32", *, progress: bool = False
+    model: EngramLM,
+    out_dir: str | os.PathLike,
+    row_format: str = "fp32",
+    *,
+    progress: bool = False,
+    model_sha256: str | None = None,
 ) -> Path:
-    """Write the model's tables as a store directory; returns the ``store.json`` path."""
+    """Write the model's tables as a store directory; returns the ``store.json`` path.
+
+    ``model_sha256``: the sha256 of the saved ``model.safetensors`` these weights are (binds the store to
+    it); an in-memory model has no file, so by default the store records no model."""
     from engramlm.store.storedir import export_tables
 
     sources = {lid: _WeightBlocks(blk.embed.weight.detach().float().cpu()) for lid, blk in model.engram_layers.items()}
     return export_tables(
-        sources, out_dir, row_format, _layout(model).fingerprint, head_sizes=head_sizes(model), progress=progress
+        sources,
+        out_dir,
+        row_format,
+        _layout(model).fingerprint,
+        head_sizes=head_sizes(model),
+        progress=progress,
+        model_sha256=model_sha256,
     )
 
 
@@ -69,11 +83,15 @@ def open_tables(
     cache_bytes: int = 0,
     fingerprint: str | None = None,
     mooncake: Any = None,
+    model_sha256: str | None = None,
+    verify: bool = True,
 ) -> dict[int, RowTable]:
     """Open a store directory (``store.json``) as ``{layer_id: RowTable}`` on ``tier``.
 
     ``tier``: a :class:`Tier` name (``mooncake`` needs a set-up client); ``cache_bytes`` > 0 puts a
-    hot-row cache of that total budget in front of every layer.
+    hot-row cache of that total budget in front of every layer. ``model_sha256``: the sha256 of the
+    model's ``model.safetensors`` (``ModelFiles.weights_sha256()``); a store built from other weights is
+    refused. ``verify``: check every row read against the files' checksums (default).
     """
     from engramlm.store.storedir import open_store_dir
 
@@ -83,7 +101,15 @@ def open_tables(
         p = p.parent
     if not p.is_dir():
         raise ConfigError(f"store: {path} is not a store directory (one with a store.json)")
-    return open_store_dir(p, tier, cache_bytes, expected_fingerprint=fingerprint, mooncake=mooncake)
+    return open_store_dir(
+        p,
+        tier,
+        cache_bytes,
+        expected_fingerprint=fingerprint,
+        mooncake=mooncake,
+        expected_model_sha256=model_sha256,
+        verify=verify,
+    )
 
 
 def drop_model_tables(model: EngramLM) -> int:

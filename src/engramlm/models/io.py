@@ -5,28 +5,80 @@ Directory layout::
     config.json             model config (+ format version)
     engram_hash.safetensors compression map, multipliers, primes, hash spec, fingerprint
     model.safetensors       weights; metadata carries the hash-spec fingerprint
+    checksums.json          sha256 of each file above, written last
 
-Every file is written atomically. Loading refuses weights whose fingerprint differs from the
-artefact's, or from a layout the caller insists on.
+Every file is written atomically, ``checksums.json`` last (a directory without it was not finished, or
+was saved before digests were recorded). Loading checks every file against its sha256 first
+(:func:`verify_saved_model`; one pass over the files, ~1.5 GB/s for sha256 on this machine's CPU,
+so ~0.7 s per GB of weights), then refuses weights whose fingerprint differs from the artefact's, or
+from a layout the caller insists on. A directory saved before digests were recorded (no
+``checksums.json``) still loads, with one warning: refusing would strand every model saved until now,
+and re-saving it records the digests.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
+from engramlm.errors import ConfigError, CorruptFileError, CorruptModelFileError, HashSpecMismatch
 from engramlm.hashing.artifact import load_layout, save_layout
 from engramlm.hashing.spec import HashLayout
 from engramlm.models.config import ModelConfig
 from engramlm.models.model import EngramLM
-from engramlm.utils.io import atomic_write_bytes, atomic_write_json
+from engramlm.utils.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 MODEL_FORMAT = "engramlm.model"
 MODEL_VERSION = 1
 NO_ENGRAM = "none"
+CHECKSUMS = "checksums.json"
+CHECKSUMS_FORMAT = "engramlm.checksums"
+_SAVED_FILES = ("config.json", "engram_hash.safetensors", "model.safetensors")
+
+
+def write_checksums(directory: str | Path) -> dict[str, str]:
+    """Record the sha256 of the saved model's files in ``checksums.json`` (atomically); returns them."""
+    out = Path(directory)
+    files = {name: sha256_file(out / name) for name in _SAVED_FILES if (out / name).is_file()}
+    doc = {"format": CHECKSUMS_FORMAT, "version": 1, "algorithm": "sha256", "files": files}
+    atomic_write_json(out / CHECKSUMS, doc)
+    return files
+
+
+def verify_saved_model(directory: str | Path) -> dict[str, str] | None:
+    """Check a saved model's files against ``checksums.json``; returns the digests, or None (with one
+    warning) for a directory saved before digests were recorded. A mismatch, a listed file that is
+    missing or a saved file that is not listed raises :class:`CorruptModelFileError` naming the file."""
+    src = Path(directory)
+    path = src / CHECKSUMS
+    if not path.is_file():
+        warnings.warn(
+            f"{src}: no {CHECKSUMS} (saved before file digests were recorded), so its files are not verified; "
+            "re-save it with save_pretrained to record them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptModelFileError(f"{path}: not a readable JSON file ({exc})") from exc
+    files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == CHECKSUMS_FORMAT else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CorruptModelFileError(f"{path}: not an {CHECKSUMS_FORMAT} file (no 'files' table of sha256 digests)")
+    for name in _SAVED_FILES:
+        if (src / name).is_file() and name not in files:
+            raise CorruptModelFileError(f"{src / name}: not listed in {path}; the saved model is corrupt")
+    for name, digest in files.items():
+        f = src / name
+        if not f.is_file():
+            raise CorruptModelFileError(f"{f}: missing, but {path} lists it; the saved model is corrupt")
+        if sha256_file(f) != digest:
+            raise CorruptModelFileError(f"{f}: sha256 does not match {path}; the file is corrupt")
+    return dict(files)
 
 
 def save_pretrained(model: EngramLM, directory: str | Path) -> Path:
@@ -51,15 +103,24 @@ def save_pretrained(model: EngramLM, directory: str | Path) -> Path:
             "model": model.config.to_dict(),
         },
     )
+    write_checksums(out)
     return out
 
 
 def load_pretrained(
-    directory: str | Path, *, layout: HashLayout | None = None, map_location: str | torch.device = "cpu"
+    directory: str | Path,
+    *,
+    layout: HashLayout | None = None,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> EngramLM:
+    """Load a saved model. ``verify``: check its files against ``checksums.json`` first (default; False
+    for a caller that has already checked them, e.g. against a training checkpoint's digests)."""
     from safetensors import safe_open
 
     src = Path(directory)
+    if verify and (src / "config.json").is_file():
+        verify_saved_model(src)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise CorruptFileError(f"{src}: no config.json (is this a saved engramlm model?)")

@@ -178,12 +178,32 @@ class ModelFiles:
         return None if self.checkpoint is None else read_trainer_state(self.checkpoint)
 
     def verify(self) -> dict[str, Any] | None:
-        """Check the model's files against the sha256 its training checkpoint recorded (nothing to check for
-        a bare saved model); returns the trainer state."""
+        """Check the model's files against the sha256 its training checkpoint recorded, or, for a bare saved
+        model, against its ``checksums.json`` (one warning if it has none); returns the trainer state."""
+        from engramlm.models.io import verify_saved_model
+
         state = self.trainer_state()
         if state is not None:
             verify_checkpoint_files(self.checkpoint, state, under=f"{MODEL_SUBDIR}/")
+        else:
+            verify_saved_model(self.model_dir)
         return state
+
+    def weights_sha256(self) -> str:
+        """The sha256 of ``model.safetensors``: the model's identity a store is bound to. Read from the
+        checkpoint's or the saved model's recorded digests (checked by :meth:`verify`), else computed."""
+        from engramlm.models.io import CHECKSUMS
+
+        state = self.trainer_state()
+        recorded = None
+        if state is not None:
+            recorded = state["files"].get(f"{MODEL_SUBDIR}/{_WEIGHTS}")
+        elif (self.model_dir / CHECKSUMS).is_file():
+            try:
+                recorded = json.loads((self.model_dir / CHECKSUMS).read_text(encoding="utf-8"))["files"][_WEIGHTS]
+            except (OSError, ValueError, KeyError, TypeError):
+                recorded = None
+        return recorded if isinstance(recorded, str) else sha256_file(self.weights)
 
     def read_config(self) -> dict[str, Any]:
         """``config.json`` as written by ``save_pretrained`` (format checks are ``load_pretrained``'s)."""
@@ -243,7 +263,8 @@ def load_trained_model(
 ) -> TrainedModel:
     """Load the model at ``path`` (saved model, checkpoint or run directory).
 
-    ``verify``: when it comes from a training checkpoint, check the model files' sha256 first.
+    ``verify``: check the model files' sha256 first (against the training checkpoint's digests, or the
+    saved model's ``checksums.json``).
     ``inference``: eval mode with gradients off (generation, evaluation and analysis never train).
     Any unreadable file raises :class:`CorruptModelFileError` naming it.
     """
@@ -252,7 +273,7 @@ def load_trained_model(
     files = locate_model(path)
     state = files.verify() if verify else files.trainer_state()
     try:
-        model = load_pretrained(files.model_dir, map_location=map_location)
+        model = load_pretrained(files.model_dir, map_location=map_location, verify=False)  # checked just above
     except CorruptModelFileError:
         raise
     except CorruptFileError as exc:  # raised by io/artifact with the file's path first

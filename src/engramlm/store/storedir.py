@@ -6,19 +6,28 @@ or per layer as a :class:`~engramlm.store.tiers.Placement` says (e.g. the planne
 last and atomically, so a directory whose build was interrupted has no (or the old) index and
 is never opened half-written. Every layer file carries the hash-spec fingerprint; the index's
 fingerprint must agree with each file's, and with the caller's expectation when given.
+
+**Bound to a model.** The hash spec says which row an n-gram maps to, not what the rows hold: two runs
+(or two checkpoints of one run) share a spec and differ in every row. So ``export_tables(model_sha256=)``
+records the sha256 of the ``model.safetensors`` the tables were read from, in ``store.json`` and in each
+layer file's meta, and ``open_store_dir(expected_model_sha256=)`` refuses a store built from other weights
+(:class:`~engramlm.errors.ForeignStoreError`). A model that keeps training gets a new digest at every
+checkpoint, so a store exported at step N serves step N only: its rows are step N's rows. A store that
+records no model (built before this, or from an in-memory model) opens with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
+from engramlm.errors import ConfigError, CorruptFileError, ForeignStoreError, HashSpecMismatch
 from engramlm.store.base import RowTable, check_fingerprint
 from engramlm.store.cache import CachedTable
 from engramlm.store.file import open_store, write_store
@@ -68,11 +77,15 @@ def export_tables(
     head_sizes: Mapping[int, Sequence[int]] | None = None,
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
+    model_sha256: str | None = None,
 ) -> Path:
     """Write every layer's table as ``layer_{id:03d}.engst`` (+ ``store.json``); returns the index path.
 
     ``tier`` is the default tier recorded in the index (what ``open_store_dir`` uses when given none).
+    ``model_sha256``: the sha256 of the ``model.safetensors`` the tables come from (the store's model
+    binding, see the module docstring); None records none.
     """
+    model_fp = check_fingerprint(model_sha256) if model_sha256 is not None else None
     fmt = get_format(resolve_format(row_format))
     fp = check_fingerprint(fingerprint)
     tier = Tier.parse(tier)
@@ -93,6 +106,8 @@ def export_tables(
             name = f"layer_{layer:03d}.engst"
             block_rows = max(1, _BLOCK_BYTES // (4 * src.dim))
             layer_meta = {"layer_id": layer, "head_sizes": heads, **(meta or {})}
+            if model_fp is not None:
+                layer_meta["model_sha256"] = model_fp
             h = write_store(
                 out / name, _blocks(src, block_rows, bar), fmt, fp, layer_meta, progress=False, total_rows=src.num_rows
             )
@@ -104,9 +119,29 @@ def export_tables(
     atomic_write_json(
         index,
         {"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fp, "row_format": fmt.name,
-         "tier": tier.value, "layers": layers, "meta": dict(meta or {})},
+         "tier": tier.value, "layers": layers, "meta": dict(meta or {}), "model_sha256": model_fp},
     )  # fmt: skip
     return index
+
+
+def check_model(directory: str | os.PathLike, doc: Mapping[str, Any], expected_model_sha256: str | None) -> None:
+    """Refuse a store whose index names another model's weights; warn when it names none."""
+    if expected_model_sha256 is None:
+        return
+    want = check_fingerprint(expected_model_sha256)
+    got = doc.get("model_sha256")
+    if got is None:
+        warnings.warn(
+            f"{Path(directory) / INDEX_NAME}: records no source model (built before stores were bound to models, "
+            "or from an in-memory model), so it cannot be checked to hold this model's tables",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif got != want:
+        raise ForeignStoreError(
+            f"{Path(directory) / INDEX_NAME}: store was built from model weights sha256 {got[:16]}..., not from "
+            f"this model ({want[:16]}...); rebuild it with `engramlm store build MODEL --out DIR`"
+        )
 
 
 def read_index(directory: str | os.PathLike) -> dict[str, Any]:
@@ -137,6 +172,8 @@ def open_store_dir(
     expected_fingerprint: str | None = None,
     queue_depth: int = 64,
     mooncake: Any = None,
+    expected_model_sha256: str | None = None,
+    verify: bool = True,
 ) -> dict[int, RowTable]:
     """Open a store directory as ``{layer_id: RowTable}``.
 
@@ -146,6 +183,9 @@ def open_store_dir(
     ``placement`` (a :class:`Placement` or its JSON form, e.g. ``plan()["placement"]``) naming each
     layer's tier and cache budget. ``mooncake`` is a set-up ``MooncakeDistributedStore``, needed by
     that tier (layers absent from the pool are uploaded from the files first).
+    ``expected_model_sha256``: the sha256 of the model's ``model.safetensors``; a store built from other
+    weights is refused (:class:`ForeignStoreError`). ``verify`` (default True): check rows against the
+    files' CRC32s (see :class:`~engramlm.store.tiers.OpenOptions`); False serves them unchecked.
     """
     doc = read_index(directory)
     rows = {int(e["layer_id"]): int(e["num_rows"]) for e in doc["layers"]}
@@ -159,13 +199,14 @@ def open_store_dir(
             )
     else:
         placement = Placement.uniform(rows, tier if tier is not None else doc["tier"], cache_bytes, cache_policy)
-    options = OpenOptions(queue_depth=queue_depth, mooncake=mooncake)
+    options = OpenOptions(queue_depth=queue_depth, mooncake=mooncake, verify=verify)
     check_options(placement.tiers, options)
     fp = doc["fingerprint"]
     if expected_fingerprint is not None and check_fingerprint(expected_fingerprint) != fp:
         raise HashSpecMismatch(
             f"{directory}: store was built under hash spec {fp}, but hash spec {expected_fingerprint} was expected"
         )
+    check_model(directory, doc, expected_model_sha256)
     tables: dict[int, RowTable] = {}
     try:
         for entry in doc["layers"]:
@@ -173,6 +214,11 @@ def open_store_dir(
             header = open_store(path, fp)
             if (header.num_rows, header.dim) != (entry["num_rows"], entry["dim"]):
                 raise CorruptFileError(f"{path}: shape {header.num_rows}x{header.dim} disagrees with {INDEX_NAME}")
+            if header.meta.get("model_sha256") != doc.get("model_sha256"):
+                raise ForeignStoreError(
+                    f"{path}: layer file was built from model weights sha256 {header.meta.get('model_sha256')}, "
+                    f"but {INDEX_NAME} says {doc.get('model_sha256')}"
+                )
             where = placement.layers[layer]
             table = open_layer(where.tier, LayerFile(layer, path, header, list(entry["head_sizes"])), fp, options)
             if where.cache_bytes:

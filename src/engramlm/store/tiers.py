@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from engramlm.errors import ConfigError
+from engramlm.errors import ConfigError, CorruptFileError
 from engramlm.store.base import RowTable
 from engramlm.store.cache import POLICIES
 from engramlm.store.file import StoreHeader
@@ -218,10 +218,16 @@ class LayerFile:
 
 @dataclass(frozen=True)
 class OpenOptions:
-    """Tier-specific knobs: O_DIRECT queue depth, the set-up Mooncake client."""
+    """Tier-specific knobs: O_DIRECT queue depth, the set-up Mooncake client, and whether rows are checked.
+
+    ``verify`` (default True): ``memory`` checks every chunk CRC32 of the file at open (it reads it all
+    anyway); ``mmap`` and ``direct`` check the CRC32 of every 4 KiB page a gather reads; ``mooncake`` uploads
+    from a checked ``mmap`` read. False skips the row checks (header, meta and size are always checked).
+    """
 
     queue_depth: int = 64
     mooncake: Any = field(default=None, compare=False)
+    verify: bool = True
 
 
 def check_options(tiers: set[Tier], options: OpenOptions) -> None:
@@ -231,24 +237,31 @@ def check_options(tiers: set[Tier], options: OpenOptions) -> None:
 
 
 def _open_memory(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
-    from engramlm.store.memory import MemoryTable
-    from engramlm.store.mmap import MmapTable
+    """Read the row area once and check it against the chunk CRC32s (v1 and v2 files) before serving it."""
+    import numpy as np
 
-    with MmapTable(layer.path, fp) as mm:
-        raw = torch.from_numpy(mm._rows.copy())
-    return MemoryTable(raw, fp, row_format=layer.header.row_format)
+    from engramlm.store.file import check_chunks
+    from engramlm.store.memory import MemoryTable
+
+    h = layer.header
+    raw = np.fromfile(layer.path, dtype=np.uint8, count=h.data_bytes, offset=h.data_offset)
+    if raw.size != h.data_bytes:
+        raise CorruptFileError(f"{layer.path}: truncated row data ({raw.size} of {h.data_bytes} bytes)")
+    if opts.verify:
+        check_chunks(h, raw)
+    return MemoryTable(torch.from_numpy(raw.reshape(h.num_rows, h.row_bytes)), fp, row_format=h.row_format)
 
 
 def _open_mmap(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
     from engramlm.store.mmap import MmapTable
 
-    return MmapTable(layer.path, fp)
+    return MmapTable(layer.path, fp, verify=opts.verify)
 
 
 def _open_direct(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
     from engramlm.store.direct import DirectFileTable
 
-    return DirectFileTable(layer.path, fp, queue_depth=opts.queue_depth)
+    return DirectFileTable(layer.path, fp, queue_depth=opts.queue_depth, verify=opts.verify)
 
 
 def _open_mooncake(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
@@ -263,7 +276,7 @@ def _open_mooncake(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
         return MooncakeTable(client, layer.layer_id, heads, dim, fp)
     except MissingFingerprint:
         pass  # not uploaded yet: populate below
-    with MmapTable(layer.path, fp) as mm:
+    with MmapTable(layer.path, fp, verify=opts.verify) as mm:
         weights = mm.fetch_sorted_unique(torch.arange(mm.num_rows))
     return MooncakeTable.populate(client, layer.layer_id, weights, heads, fp)
 

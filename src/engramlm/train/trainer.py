@@ -145,7 +145,7 @@ class Trainer:
             _log(f"resuming from step {ckpt.step} (checkpoint {ckpt.path})")
         torch.manual_seed(config.seed)
         if ckpt is not None:
-            self.model = load_pretrained(ckpt.model_dir, layout=layout)
+            self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)  # load_checkpoint checked it
         else:
             self.model = EngramLM(model_cfg, layout)
         self.model.train()
