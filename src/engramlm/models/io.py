@@ -48,6 +48,15 @@ def write_checksums(directory: str | Path) -> dict[str, str]:
     return files
 
 
+def recorded_checksums(directory: str | Path) -> dict[str, str]:
+    """The digests ``checksums.json`` records (as written; not recomputed), keyed by file name."""
+    path = Path(directory) / CHECKSUMS
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptModelFileError(f"{path}: not a readable checksums file ({exc})") from exc
+
+
 def verify_saved_model(directory: str | Path) -> dict[str, str] | None:
     """Check a saved model's files against ``checksums.json``; returns the digests, or None (with one
     warning) for a directory saved before digests were recorded. A mismatch, a listed file that is

@@ -97,7 +97,7 @@ def save_checkpoint(
     """Write ``step_{step:08d}`` atomically and prune to the newest ``keep`` checkpoints."""
     from safetensors.torch import save
 
-    from engramlm.models.io import save_pretrained
+    from engramlm.models.io import recorded_checksums, save_pretrained
 
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,13 @@ def save_checkpoint(
         rng_doc, torch_rng = rng_state()
         tensors = {**optim_tensors, "rng/torch": torch_rng.clone()}
         atomic_write_bytes(tmp / OPTIM_NAME, save(tensors, metadata={"format": CHECKPOINT_FORMAT}))
-        files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        # the model files were hashed once by save_pretrained (checksums.json): reuse, do not hash twice
+        known = {f"{MODEL_SUBDIR}/{k}": v for k, v in recorded_checksums(tmp / MODEL_SUBDIR).items()}
+        files = {
+            rel: known.get(rel) or sha256_file(f)
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file() and (rel := str(f.relative_to(tmp)))
+        }
         doc = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
