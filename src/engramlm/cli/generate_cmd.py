@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--tokenizer", help="tokenizer.json path or known name (default: found next to the model)")
     p.add_argument("--store", help="store directory (store.json) serving the Engram tables")
-    p.add_argument("--tier", default=Tier.MMAP.value, choices=Tier.names(), help=f"with --store: {tier_help()}")
+    p.add_argument(
+        "--tier", default=None, choices=Tier.names(), help=f"with --store: {tier_help()} (default {Tier.MMAP.value})"
+    )
     p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget in MiB (0 = none)")
     p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
     p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
@@ -59,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     from engramlm.infer.tables import drop_model_tables, open_tables
     from engramlm.models.locate import find_tokenizer, load_trained_model, read_tokenizer
 
+    if args.store is None:
+        for option, given in (("--tier", args.tier is not None), ("--cache-mb", args.cache_mb != 0.0)):
+            if given:
+                raise ConfigError(f"{option}: only applies with --store DIR (the tables then come from that store)")
+    args.tier = args.tier or Tier.MMAP.value
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     trained = load_trained_model(args.checkpoint, map_location=args.device)

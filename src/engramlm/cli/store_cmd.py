@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from engramlm.store.tiers import Tier, tier_help
@@ -55,6 +56,8 @@ def run_build(args: argparse.Namespace) -> int:
     from engramlm.store.safetensors_tables import open_safetensors_tables
     from engramlm.store.storedir import export_tables, resolve_format
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out: {args.out} is a file; a store is a directory (layer files + store.json)")
     files = locate_model(args.checkpoint)
     files.verify()
     model_dir = files.model_dir

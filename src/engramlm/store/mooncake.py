@@ -14,10 +14,12 @@ of any master: the tests, the benchmarks and the CLI share these rather than eac
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +108,48 @@ def local_master(log_path: str | Path, timeout: float = 20.0) -> Iterator[Master
                 proc.wait()
 
 
+CONNECT_TIMEOUT_S = 3.0
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of an RPC address or an ``http://host:port/...`` URL; None when there is none."""
+    netloc = urllib.parse.urlsplit(address).netloc if "://" in address else address
+    host, sep, port = netloc.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_reachable(master: MasterAddress, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail at once, naming the address, when the master's RPC port or its metadata server refuses TCP.
+
+    The Mooncake client itself retries for about 90 s, logging each attempt, before it gives up.
+    """
+    for what, address in (("master", master.rpc), ("metadata server", master.metadata)):
+        hp = _host_port(address)
+        if hp is None:
+            if what == "master":
+                raise EngramError(f"{address!r} is not a host:port address")
+            continue  # e.g. P2PHANDSHAKE: no server of its own to check
+        try:
+            with socket.create_connection(hp, timeout=timeout):
+                pass
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise EngramError(
+                f"no Mooncake {what} at {address} ({reason} within {timeout:g} s); start mooncake_master there "
+                "or pass its address"
+            ) from None
+
+
 def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 << 20) -> Any:
-    """A ``MooncakeDistributedStore`` of ``master`` (TCP) lending ``segment_bytes`` to the pool."""
+    """A ``MooncakeDistributedStore`` of ``master`` (TCP) lending ``segment_bytes`` to the pool.
+
+    The master is checked to be reachable first (:func:`check_reachable`), and the client's glog
+    INFO/WARNING lines are silenced unless ``GLOG_minloglevel`` is set (read when the library loads).
+    """
+    check_reachable(master)
+    os.environ.setdefault("GLOG_minloglevel", "2")
     from mooncake.store import MooncakeDistributedStore
 
     client = MooncakeDistributedStore()
