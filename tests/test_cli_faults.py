@@ -121,6 +121,16 @@ def damaged(how: Callable[[Path], None], which: Callable[[Path], Path] = _latest
     return setup
 
 
+def damaged_data(how: Callable[[Path], None], name: str) -> Callable:
+    def setup(base: dict[str, str], tmp: Path) -> dict[str, str]:
+        data = tmp / "data"
+        shutil.copytree(base["prep"], data)
+        how(data / name)
+        return {"ddata": str(data)}
+
+    return setup
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,6 +156,7 @@ TRAIN = ("train", "--config", "{config}")
 ROWS = [
     # train
     Row("train-config-missing", ("train", "--config", "{tmp}/nope.toml"), "nope.toml"),
+    Row("train-config-is-dir", ("train", "--config", "{prep}"), "directory"),
     Row("train-config-garbage", ("train", "--config", "{garbage}"), "garbage.toml"),
     Row("train-config-latin1", ("train", "--config", "{latin1}"), "latin1.txt", process=True),
     Row("train-bad-override", (*TRAIN, "out_dir={tmp}/out", "model.overrides.hidden_size=33"), "hidden_size"),
@@ -175,6 +186,12 @@ ROWS = [
     Row("eval-checkpoint-missing", ("eval", "{tmp}/nope", "--data", "{prep}"), "nope"),
     Row("eval-truncated-model", ("eval", "{drun}", "--data", "{prep}"), "model.safetensors",
         setup=damaged(_truncate)),
+    Row("eval-flipped-data-shard", ("eval", "{run}", "--data", "{ddata}"), "val.tokens.npy",
+        setup=damaged_data(lambda p: _flip(p, -3), "val.tokens.npy")),
+    Row("eval-truncated-data-shard", ("eval", "{run}", "--data", "{ddata}"), "val.tokens.npy",
+        setup=damaged_data(_truncate, "val.tokens.npy")),
+    Row("eval-garbage-manifest", ("eval", "{run}", "--data", "{ddata}"), "manifest.json",
+        setup=damaged_data(lambda p: p.write_text("{x"), "manifest.json")),
     Row("eval-foreign-data", ("eval", "{run}", "--data", "{other}"), "tokenizer.json"),
     # generate
     Row("generate-tier-without-store", ("generate", "{run}", "--prompt", "x", "--tier", "mmap"), "--store"),
@@ -187,6 +204,8 @@ ROWS = [
         setup=damaged(lambda p: p.write_bytes(b""))),
     Row("generate-flipped-header", ("generate", "{drun}", "--prompt", "x"), "model.safetensors",
         setup=damaged(lambda p: _flip(p, 3))),
+    Row("generate-device-unknown", ("generate", "{run}", "--prompt", "x", "--device", "nope"), "--device"),
+    Row("generate-device-unavailable", ("generate", "{run}", "--prompt", "x", "--device", "mtia"), "--device"),
     Row("generate-threads-zero", ("generate", "{run}", "--prompt", "x", "--threads", "0"), "--threads", usage=True),
     Row("generate-mooncake-no-master", ("generate", "{run}", "--prompt", "x", "--store", "{store}", "--tier",
                                         "mooncake", "--mooncake-master", "127.0.0.1:{port}"), "127.0.0.1:{port}",

@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
             if given:
                 raise ConfigError(f"{option}: only applies with --store DIR (the tables then come from that store)")
     args.tier = args.tier or Tier.MMAP.value
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: {args.device!r} is not a torch device ({exc})") from None
+    if device.type != "cpu" and not getattr(getattr(torch, device.type, None), "is_available", lambda: False)():
+        raise ConfigError(f"--device: {args.device} is not available on this machine; use --device cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     trained = load_trained_model(args.checkpoint, map_location=args.device)
