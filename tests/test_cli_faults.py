@@ -356,3 +356,21 @@ def test_every_numeric_option_has_a_range() -> None:
     parser = cli.build_parser()
     raw = [(cmd, a.dest) for cmd, a in cli.iter_actions(parser) if a.type in (int, float)]
     assert [(cmd, d) for cmd, d in raw if d not in known] == [], "unclassified numeric options"
+
+
+def test_mooncake_tier_with_a_master_is_quiet(base: dict[str, str], tmp_path: Path) -> None:
+    """The positive side of the fast-fail check: a reachable master serves the tables, and the client's
+    glog INFO lines stay off stderr (only the decode summary is printed there)."""
+    pytest.importorskip("mooncake.store", reason="mooncake-transfer-engine-non-cuda is not installed")
+    from engramlm.store.mooncake import local_master
+
+    argv = ["generate", base["run"], "--prompt", "x", "--max-new-tokens", "4", "--store", base["store"]]
+    with local_master(tmp_path / "master.log", timeout=15.0) as master:
+        rc, err = _run_process(
+            [*argv, "--tier", "mooncake", "--mooncake-master", master.rpc, "--mooncake-metadata", master.metadata,
+             "--mooncake-segment-mb", "64"],
+            None,
+        )  # fmt: skip
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("[") and "tokens" in lines[0], err

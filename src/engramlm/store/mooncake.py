@@ -18,12 +18,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -142,20 +144,45 @@ def check_reachable(master: MasterAddress, timeout: float = CONNECT_TIMEOUT_S) -
             ) from None
 
 
+@contextlib.contextmanager
+def _client_log() -> Iterator[IO[bytes] | None]:
+    """Quiet the Mooncake client while it sets up: its glog level to ERROR (``MC_LOG_LEVEL``) and the
+    fd-2 lines of setup (glog's "before InitGoogleLogging" banner, a benign metadata 404) into a temp
+    file, yielded so a failed setup can quote it. A user who sets ``MC_LOG_LEVEL`` sees everything."""
+    if "MC_LOG_LEVEL" in os.environ:
+        yield None
+        return
+    os.environ["MC_LOG_LEVEL"] = "ERROR"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 << 20) -> Any:
     """A ``MooncakeDistributedStore`` of ``master`` (TCP) lending ``segment_bytes`` to the pool.
 
-    The master is checked to be reachable first (:func:`check_reachable`), and the client's glog
-    INFO/WARNING lines are silenced unless ``GLOG_minloglevel`` is set (read when the library loads).
+    The master is checked to be reachable first (:func:`check_reachable`: the client itself retries
+    for about 90 s), and the client's log is kept off the terminal (:func:`_client_log`).
     """
     check_reachable(master)
-    os.environ.setdefault("GLOG_minloglevel", "2")
     from mooncake.store import MooncakeDistributedStore
 
-    client = MooncakeDistributedStore()
-    rc = client.setup("127.0.0.1", master.metadata, int(segment_bytes), int(buffer_bytes), "tcp", "", master.rpc)
+    with _client_log() as log:
+        client = MooncakeDistributedStore()
+        rc = client.setup("127.0.0.1", master.metadata, int(segment_bytes), int(buffer_bytes), "tcp", "", master.rpc)
+        said = ""
+        if rc != 0 and log is not None:
+            log.seek(0)
+            errors = [ln for ln in log.read().decode(errors="replace").splitlines() if ln.startswith(("E", "F"))]
+            said = f"; the client said: {errors[-1].split('] ', 1)[-1]}" if errors else ""
     if rc != 0:
-        raise EngramError(f"cannot set up a Mooncake client of {master.rpc} (setup returned {rc})")
+        raise EngramError(f"cannot set up a Mooncake client of {master.rpc} (setup returned {rc}){said}")
     return client
 
 
