@@ -18,6 +18,14 @@ from engramlm.errors import ConfigError, EngramError
 from engramlm.store.tiers import Tier, tier_help
 
 
+class _Given(argparse.Action):
+    """Store the value and note that it was given (options that only apply with another one)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), option_string}
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate text from a saved model (tables in the model or a store)")
     p.add_argument("checkpoint", help="save_pretrained dir, training checkpoint or run dir")
@@ -25,9 +33,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json path or known name (default: found next to the model)")
     p.add_argument("--store", help="store directory (store.json) serving the Engram tables")
     p.add_argument(
-        "--tier", default=None, choices=Tier.names(), help=f"with --store: {tier_help()} (default {Tier.MMAP.value})"
+        "--tier", default=Tier.MMAP.value, choices=Tier.names(), action=_Given, help=f"with --store: {tier_help()}"
     )
-    p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget in MiB (0 = none)")
+    p.add_argument("--cache-mb", type=float, default=0.0, action=_Given, help="hot-row cache budget in MiB (0 = none)")
     p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
     p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
     p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this client lends to the pool")
@@ -61,11 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from engramlm.infer.tables import drop_model_tables, open_tables
     from engramlm.models.locate import find_tokenizer, load_trained_model, read_tokenizer
 
-    if args.store is None:
-        for option, given in (("--tier", args.tier is not None), ("--cache-mb", args.cache_mb != 0.0)):
-            if given:
-                raise ConfigError(f"{option}: only applies with --store DIR (the tables then come from that store)")
-    args.tier = args.tier or Tier.MMAP.value
+    if args.store is None and getattr(args, "given", None):
+        option = sorted(args.given)[-1]  # --tier before --cache-mb
+        raise ConfigError(f"{option}: only applies with --store DIR (the tables then come from that store)")
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
