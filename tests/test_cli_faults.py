@@ -374,3 +374,24 @@ def test_mooncake_tier_with_a_master_is_quiet(base: dict[str, str], tmp_path: Pa
     assert rc == 0, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("[") and "tokens" in lines[0], err
+
+
+@pytest.mark.parametrize("wait", [0.3, 1.2])
+def test_ctrl_c_is_one_line(wait: float, base: dict[str, str], tmp_path: Path) -> None:
+    """A real SIGINT while the command imports, loads or works: exit 130 and one line, no output left."""
+    import time
+
+    out = tmp_path / "out"
+    argv = ["data", "prepare", "--source", "stdlib", "--out", str(out), "--vocab-size", "2000", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engramlm", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
+    time.sleep(wait)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip(f"finished within {wait} s")
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err
+    assert err.strip() == "engramlm: interrupted", err
+    assert not out.exists() and not list(tmp_path.glob(".out.build-*"))
