@@ -13,11 +13,19 @@ import inspect
 import json
 import time
 
+from engramlm.errors import ConfigError
+
+DEFAULT_TOKENIZER = "deepseek-v4"  # for a preset whose Engram spec names none (e.g. tiny)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="forward pass of an Engram model on real text, with a summary")
     p.add_argument("--preset", default="tiny", help="backbone/Engram preset to start from (default: tiny)")
-    p.add_argument("--tokenizer", default="deepseek-v4", help="tokenizer.json path or known name")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help=f"tokenizer.json path or known name (default: the preset's, else {DEFAULT_TOKENIZER})",
+    )
     p.add_argument("--file", help="text file to read (default: the source of Python's textwrap module)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--batch-size", type=int, default=2)
@@ -48,14 +56,25 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    base = resolve_config(args.preset)
+    wanted = base.engram.tokenizer if base.engram is not None else None
+    args.tokenizer = args.tokenizer or wanted or DEFAULT_TOKENIZER
     tok_path = resolve_tokenizer(args.tokenizer)
     tokenizer = Tokenizer.from_file(str(tok_path))
-    base = resolve_config(args.preset)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     config = base.replace(vocab_size=max(base.vocab_size, vocab), max_seq_len=max(base.max_seq_len, args.seq_len))
     if config.engram is not None:
         config = config.replace(engram=dataclasses.replace(config.engram, tokenizer=str(tok_path)))
-    layout = build_layout(config) if config.engram is not None else None
+    try:
+        layout = build_layout(config) if config.engram is not None else None
+    except ConfigError as exc:
+        if "expected_compressed_vocab_size" not in str(exc):  # the spec was made for another tokenizer
+            raise
+        raise ConfigError(
+            f"{args.tokenizer} does not fit preset {args.preset!r} ({exc}); "
+            f"use --tokenizer {wanted or 'matching the preset'}",
+            "--tokenizer",
+        ) from exc
     timings["tokenizer_and_compression_s"] = time.perf_counter() - t0
 
     text, source = _text(args.file)

@@ -18,14 +18,24 @@ from engramlm.errors import ConfigError, EngramError
 from engramlm.store.tiers import Tier, tier_help
 
 
+class _Given(argparse.Action):
+    """Store the value and note that it was given (options that only apply with another one)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), option_string}
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate text from a saved model (tables in the model or a store)")
     p.add_argument("checkpoint", help="save_pretrained dir, training checkpoint or run dir")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--tokenizer", help="tokenizer.json path or known name (default: found next to the model)")
     p.add_argument("--store", help="store directory (store.json) serving the Engram tables")
-    p.add_argument("--tier", default=Tier.MMAP.value, choices=Tier.names(), help=f"with --store: {tier_help()}")
-    p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget in MiB (0 = none)")
+    p.add_argument(
+        "--tier", default=Tier.MMAP.value, choices=Tier.names(), action=_Given, help=f"with --store: {tier_help()}"
+    )
+    p.add_argument("--cache-mb", type=float, default=0.0, action=_Given, help="hot-row cache budget in MiB (0 = none)")
     p.add_argument(
         "--no-verify-store",
         action="store_true",
@@ -67,6 +77,16 @@ def run(args: argparse.Namespace) -> int:
     from engramlm.infer.tables import drop_model_tables, open_tables
     from engramlm.models.locate import find_tokenizer, load_trained_model, read_tokenizer
 
+    given = {*getattr(args, "given", ()), *(["--no-verify-store"] if args.no_verify_store else [])}
+    if args.store is None and given:
+        option = sorted(given)[-1]  # --tier before --no-verify-store before --cache-mb
+        raise ConfigError(f"{option}: only applies with --store DIR (the tables then come from that store)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: {args.device!r} is not a torch device ({exc})") from None
+    if device.type != "cpu" and not getattr(getattr(torch, device.type, None), "is_available", lambda: False)():
+        raise ConfigError(f"--device: {args.device} is not available on this machine; use --device cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     trained = load_trained_model(args.checkpoint, map_location=args.device)

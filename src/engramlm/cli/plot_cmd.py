@@ -39,6 +39,8 @@ def plot_runs(runs: list[str | Path], output: str | Path, smooth: float = 0.9) -
         raise ConfigError(f"--smooth: must be in [0, 1), got {smooth}")
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
+        if not (Path(run) / "metrics.jsonl").is_file():
+            raise ConfigError(f"{run}: no training records (no metrics.jsonl: not a run's out_dir)")
         recs = read_metrics(run)
         train = [r for r in recs if r.get("kind") == "train"]
         if not train:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ def run_build(args: argparse.Namespace) -> int:
     from engramlm.store.safetensors_tables import open_safetensors_tables
     from engramlm.store.storedir import export_tables, resolve_format
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out: {args.out} is a file; a store is a directory (layer files + store.json)")
     files = locate_model(args.checkpoint)
     files.verify()
     weights_sha256 = files.weights_sha256()
@@ -123,19 +126,26 @@ def run_build(args: argparse.Namespace) -> int:
     expected_rows = {lid: layout.rows_of(lid) for lid in layout.layer_ids}
     head_sizes = {lid: layout.head_sizes(lid) for lid in layout.layer_ids}
     tables = open_safetensors_tables(model_dir / "model.safetensors", layout.fingerprint, expected_rows=expected_rows)
-    index = export_tables(
-        tables,
-        args.out,
-        resolve_format(args.format),
-        layout.fingerprint,
-        tier=args.tier,
-        head_sizes=head_sizes,
-        meta={"source": str(model_dir.resolve()), "hash_spec": layout.spec.to_dict()},
-        progress=not args.no_progress,
-        model_sha256=weights_sha256,
-    )
-    for t in tables.values():
-        t.close()
+    created = not Path(args.out).exists()
+    try:
+        index = export_tables(
+            tables,
+            args.out,
+            resolve_format(args.format),
+            layout.fingerprint,
+            tier=args.tier,
+            head_sizes=head_sizes,
+            meta={"source": str(model_dir.resolve()), "hash_spec": layout.spec.to_dict()},
+            progress=not args.no_progress,
+            model_sha256=weights_sha256,
+        )
+    except BaseException:
+        if created:  # a failed build (full disk, Ctrl-C) leaves no directory it made itself
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
+    finally:
+        for t in tables.values():
+            t.close()
     layers = json.loads(index.read_text(encoding="utf-8"))["layers"]
     total = sum(e["file_size"] for e in layers)
     print(f"{index}: {len(layers)} layer(s), {total / 2**20:.1f} MiB, format {resolve_format(args.format)}")

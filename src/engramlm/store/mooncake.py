@@ -14,14 +14,18 @@ of any master: the tests, the benchmarks and the CLI share these rather than eac
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -106,14 +110,79 @@ def local_master(log_path: str | Path, timeout: float = 20.0) -> Iterator[Master
                 proc.wait()
 
 
+CONNECT_TIMEOUT_S = 3.0
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of an RPC address or an ``http://host:port/...`` URL; None when there is none."""
+    netloc = urllib.parse.urlsplit(address).netloc if "://" in address else address
+    host, sep, port = netloc.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_reachable(master: MasterAddress, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail at once, naming the address, when the master's RPC port or its metadata server refuses TCP.
+
+    The Mooncake client itself retries for about 90 s, logging each attempt, before it gives up.
+    """
+    for what, address in (("master", master.rpc), ("metadata server", master.metadata)):
+        hp = _host_port(address)
+        if hp is None:
+            if what == "master":
+                raise EngramError(f"{address!r} is not a host:port address")
+            continue  # e.g. P2PHANDSHAKE: no server of its own to check
+        try:
+            with socket.create_connection(hp, timeout=timeout):
+                pass
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise EngramError(
+                f"no Mooncake {what} at {address} ({reason} within {timeout:g} s); start mooncake_master there "
+                "or pass its address"
+            ) from None
+
+
+@contextlib.contextmanager
+def _client_log() -> Iterator[IO[bytes] | None]:
+    """Quiet the Mooncake client while it sets up: its glog level to ERROR (``MC_LOG_LEVEL``) and the
+    fd-2 lines of setup (glog's "before InitGoogleLogging" banner, a benign metadata 404) into a temp
+    file, yielded so a failed setup can quote it. A user who sets ``MC_LOG_LEVEL`` sees everything."""
+    if "MC_LOG_LEVEL" in os.environ:
+        yield None
+        return
+    os.environ["MC_LOG_LEVEL"] = "ERROR"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 << 20) -> Any:
-    """A ``MooncakeDistributedStore`` of ``master`` (TCP) lending ``segment_bytes`` to the pool."""
+    """A ``MooncakeDistributedStore`` of ``master`` (TCP) lending ``segment_bytes`` to the pool.
+
+    The master is checked to be reachable first (:func:`check_reachable`: the client itself retries
+    for about 90 s), and the client's log is kept off the terminal (:func:`_client_log`).
+    """
+    check_reachable(master)
     from mooncake.store import MooncakeDistributedStore
 
-    client = MooncakeDistributedStore()
-    rc = client.setup("127.0.0.1", master.metadata, int(segment_bytes), int(buffer_bytes), "tcp", "", master.rpc)
+    with _client_log() as log:
+        client = MooncakeDistributedStore()
+        rc = client.setup("127.0.0.1", master.metadata, int(segment_bytes), int(buffer_bytes), "tcp", "", master.rpc)
+        said = ""
+        if rc != 0 and log is not None:
+            log.seek(0)
+            errors = [ln for ln in log.read().decode(errors="replace").splitlines() if ln.startswith(("E", "F"))]
+            said = f"; the client said: {errors[-1].split('] ', 1)[-1]}" if errors else ""
     if rc != 0:
-        raise EngramError(f"cannot set up a Mooncake client of {master.rpc} (setup returned {rc})")
+        raise EngramError(f"cannot set up a Mooncake client of {master.rpc} (setup returned {rc}){said}")
     return client
 
 

@@ -82,7 +82,7 @@ def load_config_file(path: str | Path, section: str | None = None) -> dict[str, 
     """Read JSON, TOML or YAML into a dict; with ``section``, use that table if present."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p} does not exist", "config file")
+        raise ConfigError(f"{p} is a directory, not a file" if p.is_dir() else f"{p} does not exist", "config file")
     text = p.read_text(encoding="utf-8")
     if p.suffix not in (".json", ".toml", ".yaml", ".yml"):
         raise ConfigError(f"unknown extension {p.suffix!r}; use .json, .toml, .yaml or .yml", "config file")
