@@ -13,8 +13,11 @@ on stderr says where. ``plan`` prints its table and writes ``plan.json`` only in
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = inst.add_parser("gates", help="gate per token/layer/branch: HTML coloured text + PNG heatmap")
     _text_opts(p)
     _common(p)
-    p.set_defaults(func=run_gates)
+    p.set_defaults(func=_leaves_nothing_on_failure(run_gates))
 
     p = inst.add_parser("fired", help="n-grams, row ids and gate of one token")
     _text_opts(p)
     p.add_argument("--position", type=int, default=-1, help="token index (negative: from the end; 0 is BOS)")
     _common(p)
-    p.set_defaults(func=run_fired)
+    p.set_defaults(func=_leaves_nothing_on_failure(run_fired))
 
     p = inst.add_parser("knockout", help="loss/bpb normal vs Engram suppressed vs capacity-1 table, per class")
     p.add_argument("checkpoint")
@@ -83,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", action="append", default=None, help="split(s) to score (default val)")
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer knockouts")
     _common(p, eval_opts=True)
-    p.set_defaults(func=run_knockout)
+    p.set_defaults(func=_leaves_nothing_on_failure(run_knockout))
 
     p = inst.add_parser("rows", help="row usage, Zipf fit, collisions, loss on frequent vs rare n-grams")
     p.add_argument("checkpoint")
@@ -92,14 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", default="val", help="split scored for loss by n-gram count ('none' to skip)")
     p.add_argument("--max-tokens", type=int, default=None, help="count only the first N tokens of --split")
     _common(p, eval_opts=True)
-    p.set_defaults(func=run_rows)
+    p.set_defaults(func=_leaves_nothing_on_failure(run_rows))
 
     p = inst.add_parser("logit-lens", help="KL of each layer's early exit to the final distribution")
     p.add_argument("checkpoint", nargs="+", help="one or more checkpoints (plotted together)")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     _common(p, eval_opts=True)
-    p.set_defaults(func=run_logit_lens)
+    p.set_defaults(func=_leaves_nothing_on_failure(run_logit_lens))
 
     p = inst.add_parser("cka", help="linear CKA between the layers of two checkpoints")
     p.add_argument("checkpoint_a")
@@ -115,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minibatch", type=_at_least(4), default=256, help="samples per HSIC minibatch (default 256)")
     p.add_argument("--top-k", type=_at_least(1), default=5, help="layers the alignment index averages (default 5)")
     _common(p, eval_opts=True)
-    p.set_defaults(func=run_cka)
+    p.set_defaults(func=_leaves_nothing_on_failure(run_cka))
 
     p = inst.add_parser("plan", help="table bytes per tier, bytes per token/step, bandwidth/IOPS needed")
     p.add_argument("target", help="preset name or config file")
@@ -129,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-iops", type=float, default=None, help="override the tier's reference IOPS")
     p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget of the placement, MiB (0 = none)")
     p.add_argument("--out", default=None, help="also write plan.json into this directory (default: print only)")
-    p.set_defaults(func=run_plan)
+    p.set_defaults(func=_leaves_nothing_on_failure(run_plan))
 
     a.set_defaults(func=lambda _args: a.print_help() or 2)
 
@@ -187,11 +190,30 @@ def _out_dir(args: argparse.Namespace, instrument: str, checkpoint: str) -> Path
         else:
             home = files.checkpoint
         out = home / "analysis" / instrument
+    first_new = next((d for d in reversed([out, *out.parents]) if not d.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out: cannot create {out} ({exc.strerror}); pass --out DIR") from exc
+    if first_new is not None:
+        args.created_out = first_new  # removed again if the instrument fails before writing anything
     return out
+
+
+def _leaves_nothing_on_failure(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """An instrument that fails leaves no output directory it created itself (and nothing in it)."""
+
+    @functools.wraps(run)
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except BaseException:
+            created = getattr(args, "created_out", None)
+            if created is not None and not any(p.is_file() for p in created.rglob("*")):
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+    return guarded
 
 
 def _done(files: dict[str, str], summary: dict[str, Any]) -> int:
