@@ -181,3 +181,22 @@ def test_forced_tokens_replace_sampling(model: EngramLM, reference: list[list[in
         assert eng.generate(PROMPTS, GREEDY, force=torch.tensor(reference)).tokens == reference
         with pytest.raises(ConfigError, match="force"):
             eng.generate(PROMPTS, GREEDY, force=forced[:, :3])
+
+
+def test_sampling_stays_inside_the_tokenizer_vocabulary() -> None:
+    """A model vocabulary padded past the tokenizer's: generation never samples an id the tokenizer (and so the
+    hashing) lacks; without the limit a random model samples them and the next hash step fails."""
+    from engramlm.hashing.compression import CompressionMap
+    from engramlm.hashing.spec import make_layout
+
+    base = build()
+    cfg = base.config
+    torch.manual_seed(0)
+    model = EngramLM(cfg, make_layout(cfg.engram.hash, CompressionMap.identity(V // 2))).eval()
+    params = SamplingParams(max_new_tokens=24, temperature=2.0, seed=3)
+    with Engine(model) as eng:
+        assert eng.vocab_size == V // 2
+        out = eng.generate([[1, 2, 3], [4, 5]], params).tokens
+    assert max(max(t) for t in out) < V // 2 and sum(map(len, out)) == 48
+    with pytest.raises(ConfigError, match=r"vocab_size: must lie in \[1, 64\]"):
+        Engine(model, vocab_size=V + 1)

@@ -26,6 +26,11 @@ class _Given(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), option_string}
 
 
+def _sample_vocab(tok: Any, model: Any) -> int:
+    """Ids generation may sample: the tokenizer's (the model's vocabulary may be padded past it)."""
+    return min(tok.get_vocab_size(with_added_tokens=True), model.config.vocab_size)
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("generate", help="generate text from a saved model (tables in the model or a store)")
     p.add_argument("checkpoint", help="save_pretrained dir, training checkpoint or run dir")
@@ -142,7 +147,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode(), Engine(model, tables, workers=args.workers, pad_id=bos[0] if bos else 0) as eng:
+        with (
+            torch.inference_mode(),
+            Engine(
+                model, tables, workers=args.workers, pad_id=bos[0] if bos else 0, vocab_size=_sample_vocab(tok, model)
+            ) as eng,
+        ):
             gen = eng.generate(prompts, params, on_step=on_step)
     finally:
         for t in (tables or {}).values():

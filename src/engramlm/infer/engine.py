@@ -99,8 +99,16 @@ class Engine:
         *,
         workers: int = 2,
         pad_id: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
         self.model = model.eval()
+        # ids the sampler may produce: the tokenizer's (a model's vocabulary is often padded past it, and an id
+        # the tokenizer lacks has no compressed id, so it could be neither hashed nor decoded)
+        if vocab_size is None:
+            vocab_size = model.layout.compression.vocab_size if model.layout is not None else model.config.vocab_size
+        if not 1 <= vocab_size <= model.config.vocab_size:
+            raise ConfigError(f"vocab_size: must lie in [1, {model.config.vocab_size}] (the model's), got {vocab_size}")
+        self.vocab_size = vocab_size
         ref = next(model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
         self.pad_id = pad_id
@@ -164,9 +172,8 @@ class Engine:
         ids = torch.full((b, int(lens.max())), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):  # once per request, not per token
             ids[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-        vocab = self.model.config.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ConfigError(f"prompts: token ids must lie in [0, {vocab})")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ConfigError(f"prompts: token ids must lie in [0, {self.vocab_size})")
         cache = DecodeCache(self.model, b, ids.shape[1] + params.max_new_tokens)
         gen = None
         if params.seed is not None:
@@ -180,6 +187,7 @@ class Engine:
             t0 = time.perf_counter()
             logits, waits = self._forward(x, cache, lengths)
             last = logits[:, -1] if lengths is None else logits[torch.arange(b, device=logits.device), lengths - 1]
+            last = last[:, : self.vocab_size]
             tok = sample(last, params, gen).cpu() if force is None else force[:, step].to(torch.long)
             is_stop = torch.isin(tok, stops)
             emitted = ~finished & ~is_stop
