@@ -251,6 +251,10 @@ def store_table(doc: dict[str, Any]) -> list[str]:
         gap = [_cell_ratio((srcs[f] or {}).get("time_ratio_vs_reference", {}).get("direct_vs_ref_index_select"))
                for f in fmts]  # fmt: skip
         lines.append("| direct ÷ RAM `index_select` (the SSD gap) | " + " | ".join(gap) + " |")
+        for tier in ("direct", "mmap"):  # the default (verified) tier against verify=False, same run
+            cost = [_cell_ratio(((srcs[f] or {}).get("verification_cost") or {}).get(tier)) for f in fmts]
+            if any(c != "—" for c in cost):
+                lines.append(f"| {tier}: verified ÷ `verify=False` (page CRC32 cost) | " + " | ".join(cost) + " |")
     lines += [
         "",
         "| format | row bytes | file MiB | unique / lookups (text · uniform) | direct read amplification "
@@ -271,6 +275,14 @@ def store_table(doc: dict[str, Any]) -> list[str]:
             f"{both(lambda s: s['contenders']['cached_direct']['store_stats']['hit_rate'], '.0%')} | "
             f"{_opt(r.get('mooncake_upload_seconds'), '.2f')} |"
         )
+    once = [
+        f"{f}: memory tier's open check {r['memory_open_check']['gb_per_s']:.1f} GB/s; a fresh verified mmap's first "
+        f"touch {r['mmap_first_touch']['us_per_page']:.1f} µs/page ({r['mmap_first_touch']['ratio']:.1f}× unverified)"
+        for f in fmts
+        if "memory_open_check" in (r := formats[f]) and "mmap_first_touch" in r
+    ]
+    if once:
+        lines += ["", "One-off verification costs: " + "; ".join(once) + "."]
     return lines + _footer(doc)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from engramlm.cli import main as cli
 from engramlm.data import prepare
+from helpers import tiny_model_toml
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,18 +47,7 @@ dir = "{prep}"
 batch_size = 4
 seq_len = 32
 eval_max_batches = 2
-[model]
-preset = "tiny"
-[model.overrides]
-vocab_size = 400
-hidden_size = 32
-num_layers = 2
-n_heads = 2
-mlp_hidden = 64
-hc_mult = 1
-"engram.hash.engram_vocab_size" = [997, 997]
-"engram.head_dim" = 8
-"""
+""" + tiny_model_toml(hc_mult=1)
 
 
 @pytest.fixture(scope="module")

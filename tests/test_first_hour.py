@@ -26,6 +26,7 @@ import pytest
 from engramlm.cli.main import main
 from engramlm.models.locate import list_checkpoints
 from engramlm.utils.io import atomic_write_json, current_umask, make_temp_dir
+from helpers import tiny_model_toml
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOML = """
@@ -40,18 +41,7 @@ batch_size = 4
 seq_len = 32
 eval_batch_size = 2
 eval_max_batches = 2
-[model]
-preset = "tiny"
-[model.overrides]
-vocab_size = 400
-hidden_size = 32
-num_layers = 2
-n_heads = 2
-mlp_hidden = 64
-hc_mult = 2
-"engram.hash.engram_vocab_size" = [997, 997]
-"engram.head_dim" = 8
-"""
+""" + tiny_model_toml()
 
 
 def cli(*args: str, cwd: Path | None = None, umask: int = 0o022, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:

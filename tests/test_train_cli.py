@@ -13,6 +13,7 @@ from engramlm.cli.main import main
 from engramlm.data import TokenDataset, prepare
 from engramlm.models.locate import list_checkpoints, locate_model
 from engramlm.train import read_metrics
+from helpers import tiny_model_toml
 
 TOML = """
 steps = 6
@@ -23,18 +24,7 @@ progress = false
 [data]
 batch_size = 4
 seq_len = 32
-[model]
-preset = "tiny"
-[model.overrides]
-vocab_size = 400
-hidden_size = 32
-num_layers = 2
-n_heads = 2
-mlp_hidden = 64
-hc_mult = 2
-"engram.hash.engram_vocab_size" = [997, 997]
-"engram.head_dim" = 8
-"""
+""" + tiny_model_toml()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from engramlm.models.locate import list_checkpoints
 from engramlm.train import Trainer, load_train_config, read_metrics
 from engramlm.train.trainer import TrainingDiverged
 from engramlm.utils.lock import DirLock, LockedError
+from helpers import tiny_model_toml
 
 TOML = """
 steps = 6
@@ -36,18 +37,7 @@ batch_size = 4
 seq_len = 32
 eval_batch_size = 4
 eval_max_batches = 1
-[model]
-preset = "tiny"
-[model.overrides]
-vocab_size = 400
-hidden_size = 32
-num_layers = 2
-n_heads = 2
-mlp_hidden = 64
-hc_mult = 2
-"engram.hash.engram_vocab_size" = [997, 997]
-"engram.head_dim" = 8
-"""
+""" + tiny_model_toml()
 LONG = 400  # steps of a run that must outlive the start-up of a second process
 SHORT = 100  # steps of a run that is signalled a few steps in
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
