@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import socket
 import textwrap
 from pathlib import Path
@@ -239,3 +240,21 @@ def test_sharded_rows_match_one_process(world: int, tmp_path: Path, reference: d
                 )
     sent = [json.loads((tmp_path / f"rank{r}.json").read_text())["forward_bytes_sent_per_step"] for r in range(world)]
     print(f"world {world}: forward bytes sent per step per rank {sent}")
+
+
+def test_shard_ranges_split_unevenly_and_name_owners() -> None:
+    assert shard_ranges(13, 3) == (0, 5, 9, 13)
+    assert shard_ranges(2, 3) == (0, 1, 2, 2)  # more ranks than rows: the last owns none
+    shard = RowShard((0, 0, 5, 13), 1)
+    assert (shard.start, shard.stop, shard.size, shard.world, shard.num_rows) == (0, 5, 5, 3, 13)
+    assert shard.owners(torch.tensor([0, 4, 5, 12])).tolist() == [1, 1, 2, 2]  # rank 0 owns nothing
+    assert torch.equal(shard.take(torch.arange(26.0).view(13, 2)), torch.arange(10.0).view(5, 2))
+
+
+@pytest.mark.parametrize(
+    ("bounds", "rank", "message"),
+    [((0, 5, 3), 0, "non-decreasing"), ((1, 5), 0, "start at 0"), ((0,), 0, "world+1 >= 2"), ((0, 5), 1, "rank")],
+)
+def test_row_shard_refuses_bad_bounds(bounds: tuple[int, ...], rank: int, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RowShard(bounds, rank)
