@@ -156,6 +156,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         meta["forward_bytes_sent_per_step"] = sent
         save_file({k: v.contiguous() for k, v in res.items()}, f"{out_dir}/rank{rank}.safetensors")
         Path(f"{out_dir}/rank{rank}.json").write_text(json.dumps(meta))
+        dist.barrier()  # no rank tears down gloo while a peer still talks to it (a peer would abort)
     finally:
         dist.destroy_process_group()
 
