@@ -1,7 +1,7 @@
 """The layer map is enforced: ``lint-imports`` checks the contracts in pyproject.toml ([tool.importlinter]).
 
 Layers, lower never importing higher: errors < utils < assets < nn | store | hashing | data < models
-< train | infer | analysis < cli, where ``|`` also forbids imports between siblings; and hashing never reaches
+< dist < train | infer | analysis < cli, where ``|`` also forbids imports between siblings; and hashing never reaches
 network, subprocess or download code. Why a test: a written map drifts, an upward import made in a hurry
 compiles and runs; here it fails the suite with the offending import chain and line.
 """
