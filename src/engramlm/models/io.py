@@ -49,12 +49,17 @@ def write_checksums(directory: str | Path) -> dict[str, str]:
 
 
 def recorded_checksums(directory: str | Path) -> dict[str, str]:
-    """The digests ``checksums.json`` records (as written; not recomputed), keyed by file name."""
+    """The digests ``checksums.json`` records (as written; not recomputed), keyed by file name; the one reader
+    of that file (:class:`CorruptModelFileError` for an unreadable or malformed one)."""
     path = Path(directory) / CHECKSUMS
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CorruptModelFileError(f"{path}: not a readable checksums file ({exc})") from exc
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptModelFileError(f"{path}: not a readable JSON file ({exc})") from exc
+    files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == CHECKSUMS_FORMAT else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CorruptModelFileError(f"{path}: not an {CHECKSUMS_FORMAT} file (no 'files' table of sha256 digests)")
+    return dict(files)
 
 
 def verify_saved_model(directory: str | Path) -> dict[str, str] | None:
@@ -71,13 +76,7 @@ def verify_saved_model(directory: str | Path) -> dict[str, str] | None:
             stacklevel=3,
         )
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CorruptModelFileError(f"{path}: not a readable JSON file ({exc})") from exc
-    files = doc.get("files") if isinstance(doc, dict) and doc.get("format") == CHECKSUMS_FORMAT else None
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise CorruptModelFileError(f"{path}: not an {CHECKSUMS_FORMAT} file (no 'files' table of sha256 digests)")
+    files = recorded_checksums(src)
     for name in _SAVED_FILES:
         if (src / name).is_file() and name not in files:
             raise CorruptModelFileError(f"{src / name}: not listed in {path}; the saved model is corrupt")
@@ -87,7 +86,7 @@ def verify_saved_model(directory: str | Path) -> dict[str, str] | None:
             raise CorruptModelFileError(f"{f}: missing, but {path} lists it; the saved model is corrupt")
         if sha256_file(f) != digest:
             raise CorruptModelFileError(f"{f}: sha256 does not match {path}; the file is corrupt")
-    return dict(files)
+    return files
 
 
 def save_pretrained(model: EngramLM, directory: str | Path) -> Path:

@@ -28,6 +28,7 @@ by the caller that does not match :class:`ForeignTokenizerError`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -192,17 +193,15 @@ class ModelFiles:
     def weights_sha256(self) -> str:
         """The sha256 of ``model.safetensors``: the model's identity a store is bound to. Read from the
         checkpoint's or the saved model's recorded digests (checked by :meth:`verify`), else computed."""
-        from engramlm.models.io import CHECKSUMS
+        from engramlm.models.io import CHECKSUMS, recorded_checksums
 
         state = self.trainer_state()
         recorded = None
         if state is not None:
             recorded = state["files"].get(f"{MODEL_SUBDIR}/{_WEIGHTS}")
         elif (self.model_dir / CHECKSUMS).is_file():
-            try:
-                recorded = json.loads((self.model_dir / CHECKSUMS).read_text(encoding="utf-8"))["files"][_WEIGHTS]
-            except (OSError, ValueError, KeyError, TypeError):
-                recorded = None
+            with contextlib.suppress(CorruptModelFileError):  # unreadable: compute it instead
+                recorded = recorded_checksums(self.model_dir).get(_WEIGHTS)
         return recorded if isinstance(recorded, str) else sha256_file(self.weights)
 
     def read_config(self) -> dict[str, Any]:
