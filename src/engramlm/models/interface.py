@@ -19,7 +19,7 @@ import torch
 
 from engramlm.hashing.batch import NgramHasher, window_starts
 from engramlm.hashing.spec import HashLayout
-from engramlm.nn.engram import ConvState
+from engramlm.nn.engram import ConvState, check_row_ids
 
 
 @dataclass
@@ -127,16 +127,3 @@ class EngramInputs:
             "conv_state": None if self.conv is None else self.conv.get(layer_id),
             "lengths": dev(self.lengths),
         }
-
-
-def check_row_ids(row_ids: torch.Tensor, num_rows: int, num_heads: int, what: str = "row_ids") -> None:
-    """Refuse ids outside a table of ``num_rows`` rows, or with the wrong head count, in one clear line."""
-    if row_ids.shape[-1] != num_heads:
-        raise ValueError(f"{what}: last dim must be H_e={num_heads}, got shape {tuple(row_ids.shape)}")
-    if row_ids.numel():
-        lo, hi = int(row_ids.min()), int(row_ids.max())
-        if lo < 0 or hi >= num_rows:
-            raise IndexError(
-                f"{what}: row ids must lie in [0, {num_rows}) (offset-applied ids of this layer's table); "
-                f"got min {lo}, max {hi}"
-            )

@@ -33,6 +33,24 @@ def _rms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def check_row_ids(
+    row_ids: torch.Tensor, num_rows: int, num_heads: int, what: str = "row_ids", *, values: bool = True
+) -> None:
+    """Refuse ids with the wrong head count or (``values``) outside a table of ``num_rows`` rows, in one clear line.
+
+    The value check reads min and max: a host-device synchronisation on an accelerator, so callers check on the host.
+    """
+    if row_ids.shape[-1] != num_heads:
+        raise ValueError(f"{what}: last dim must be H_e={num_heads}, got shape {tuple(row_ids.shape)}")
+    if values and row_ids.numel():
+        lo, hi = int(row_ids.min()), int(row_ids.max())
+        if lo < 0 or hi >= num_rows:
+            raise IndexError(
+                f"{what}: row ids must lie in [0, {num_rows}) (offset-applied ids of this layer's table); "
+                f"got min {lo}, max {hi}"
+            )
+
+
 @dataclass
 class ConvState:
     """Decode state of one ShortConv: ``hist`` [B, (w-1)*delta, M*d] fp32, the normalised pre-conv
@@ -187,15 +205,7 @@ class EngramBlock(nn.Module):
         Ids are range-checked with a clear error only on the host, where it costs no synchronisation;
         on an accelerator the model's callers check them when they build ``EngramInputs``.
         """
-        if row_ids.shape[-1] != self.num_heads:
-            raise ValueError(f"row_ids last dim must be H_e={self.num_heads}, got {tuple(row_ids.shape)}")
-        if row_ids.numel() and row_ids.device.type == "cpu":
-            lo, hi = int(row_ids.min()), int(row_ids.max())
-            if lo < 0 or hi >= self.num_rows:
-                raise IndexError(
-                    f"row ids must lie in [0, {self.num_rows}) (offset-applied ids of this layer's "
-                    f"table); got min {lo}, max {hi}"
-                )
+        check_row_ids(row_ids, self.num_rows, self.num_heads, values=row_ids.device.type == "cpu")
         return F.embedding(row_ids.long(), self.embed.weight, sparse=self.sparse_grad)
 
     def gate_values(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
