@@ -295,3 +295,23 @@ def test_readme_python_snippet_runs(
     assert printed.strip() == tok.decode(want[0, ids.shape[1] :]).strip()
     if "stored" in scope:
         scope["stored"].close_store()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the device machine)")
+def test_model_on_cuda_with_tables_in_host_memory(exported: dict[str, Path], hf, tok) -> None:
+    """The dense model on the accelerator, the Engram rows from host RAM through the prefetcher: same tokens."""
+    gpu = AutoModelForCausalLM.from_pretrained(
+        exported["out"], device_map="cuda", engram_store=exported["store"], engram_tier="memory"
+    )
+    try:
+        assert next(gpu.engram.parameters()).device.type == "cuda"
+        tok.padding_side = "left"
+        try:
+            batch = tok(list(PROMPTS), return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = "right"
+        want = hf.generate(**batch, max_new_tokens=NEW, do_sample=False)
+        got = gpu.generate(**{k: v.cuda() for k, v in batch.items()}, max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(got.cpu(), want)
+    finally:
+        gpu.close_store()
