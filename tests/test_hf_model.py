@@ -31,6 +31,7 @@ from helpers import randomise_conv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("The hashed n-gram tables", "def read_config(path):")
+PADDED = ("The hashed n-gram tables of every Engram layer, read a row at a time", "x = 1")  # surely unequal lengths
 NEW = 8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,14 +117,14 @@ def test_export_loads_with_the_auto_classes_and_gives_engramlm_logits(exported, 
 def test_padded_batch_logits_equal_each_sequence_alone(hf, tok, side: str) -> None:
     tok.padding_side = side
     try:
-        batch = tok(list(PROMPTS), return_tensors="pt", padding=True)
+        batch = tok(list(PADDED), return_tensors="pt", padding=True)
     finally:
         tok.padding_side = "right"
     mask = batch.attention_mask.bool()
-    assert not bool(mask.all())  # the prompts differ in length: one row is padded
+    assert not bool(mask.all())  # one row is padded
     with torch.no_grad():
         logits = hf(**batch).logits
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(PADDED):
             alone = hf(tok(prompt, return_tensors="pt").input_ids).logits[0]
             torch.testing.assert_close(logits[i][mask[i]], alone, rtol=1e-5, atol=1e-5)
             assert bool((logits[i][~mask[i]] == 0).all())
@@ -139,6 +140,17 @@ def test_refused_inputs_name_what_is_wrong(hf, tok) -> None:
         hf(inputs_embeds=torch.zeros(1, 3, 32))
     with pytest.raises(NotImplementedError, match="beam search"):
         hf.generate(ids, max_new_tokens=2, num_beams=2, do_sample=False)
+
+
+def test_save_pretrained_round_trip_and_dtype(hf, tok, tmp_path: Path) -> None:
+    hf.save_pretrained(tmp_path / "saved")  # engramlm's layout: checksummed, fingerprinted, HF config merged
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert load_pretrained(tmp_path / "saved").layout.fingerprint == again.config.hash_fingerprint
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+        half = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+        assert half(ids).logits.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -158,16 +170,16 @@ def test_greedy_generate_equals_engramlm_generate(
 
 def test_left_padded_batch_generate_equals_one_by_one(hf, tok) -> None:
     alone = []
-    for prompt in PROMPTS:
+    for prompt in PADDED:
         ids = tok(prompt, return_tensors="pt").input_ids
         alone.append(hf.generate(ids, max_new_tokens=NEW, do_sample=False)[0, ids.shape[1] :])
     tok.padding_side = "left"
     try:
-        batch = tok(list(PROMPTS), return_tensors="pt", padding=True)
+        batch = tok(list(PADDED), return_tensors="pt", padding=True)
     finally:
         tok.padding_side = "right"
     out = hf.generate(**batch, max_new_tokens=NEW, do_sample=False)[:, batch.input_ids.shape[1] :]
-    for i in range(len(PROMPTS)):
+    for i in range(len(PADDED)):
         assert _new_tokens(out[i]) == _new_tokens(alone[i])
 
 
@@ -307,7 +319,7 @@ def test_model_on_cuda_with_tables_in_host_memory(exported: dict[str, Path], hf,
         assert next(gpu.engram.parameters()).device.type == "cuda"
         tok.padding_side = "left"
         try:
-            batch = tok(list(PROMPTS), return_tensors="pt", padding=True)
+            batch = tok(list(PADDED), return_tensors="pt", padding=True)
         finally:
             tok.padding_side = "right"
         want = hf.generate(**batch, max_new_tokens=NEW, do_sample=False)
