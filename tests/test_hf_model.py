@@ -199,6 +199,17 @@ def test_cache_holds_the_ngram_history_and_grows(hf, tok) -> None:
     assert cache.decode is not None and cache.decode.stream is not None and cache.decode.conv
 
 
+def test_generate_continues_a_user_cache(hf, tok) -> None:
+    """A second generate() on the same EngramCache feeds only the new columns (a multi-token cached chunk)."""
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    cache = EngramCache(hf)
+    first = hf.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)
+    more = torch.cat([first, tok(" and more", add_special_tokens=False, return_tensors="pt").input_ids], dim=1)
+    again = hf.generate(more, cache=cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(again, hf.generate(more, max_new_tokens=4, do_sample=False))
+    assert cache.get_seq_length() == again.shape[1] - 1  # the last token is sampled, not yet fed
+
+
 # ------------------------------------------------------------------------------------ checks on load
 
 
