@@ -138,6 +138,10 @@ def test_refused_inputs_name_what_is_wrong(hf, tok) -> None:
         hf(ids, attention_mask=holes)
     with pytest.raises(ValueError, match="inputs_embeds"):
         hf(inputs_embeds=torch.zeros(1, 3, 32))
+    tok.padding_side = "right"
+    right = tok(list(PADDED), return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="left padding"):
+        hf.generate(**right, max_new_tokens=2, do_sample=False)
     with pytest.raises(NotImplementedError, match="beam search"):
         hf.generate(ids, max_new_tokens=2, num_beams=2, do_sample=False)
 

@@ -16,7 +16,8 @@ the streaming hasher's last N-1 compressed ids, lengths and lookback windows), s
 prefill + one-token steps exactly as ``engramlm generate`` does. Padding: an ``attention_mask`` whose ones
 form one run per row (left or right padding) is compacted to right padding, the layout the decode cache
 keeps (each row then continues after its own last real token); the logits come back at the caller's
-columns (zeros at padding). Masks with holes, and padding inside a cached continuation, are refused.
+columns (zeros at padding). Masks with holes, padding inside a cached continuation and right padding in
+``generate()`` (which reads every row's logits at the last column) are refused.
 Beam search, assisted decoding and cache cropping are refused (the streaming hasher cannot be rewound).
 
 **Tables elsewhere.** :meth:`use_store` (or ``from_pretrained(..., engram_store=DIR, engram_tier=...)``)
@@ -237,7 +238,17 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         batch_size: int,
         max_cache_length: int,
     ) -> None:
-        """An :class:`EngramCache` sized for ``generate()``'s ``max_length`` (no other cache can hold the state)."""
+        """An :class:`EngramCache` sized for ``generate()``'s ``max_length`` (no other cache can hold the state).
+
+        Also refuses right padding here, once: generate() reads each row's next-token logits at the last column,
+        which is padding for a right-padded row.
+        """
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask[:, -1].to(torch.bool).all()):
+            raise ValueError(
+                "attention_mask: generate() needs left padding (a right-padded row's last column is padding); "
+                "set tokenizer.padding_side = 'left'"
+            )
         given = model_kwargs.get("cache")
         if given is not None:
             if not isinstance(given, EngramCache):
