@@ -128,6 +128,14 @@ def test_padded_batch_logits_equal_each_sequence_alone(hf, tok, side: str) -> No
             alone = hf(tok(prompt, return_tensors="pt").input_ids).logits[0]
             torch.testing.assert_close(logits[i][mask[i]], alone, rtol=1e-5, atol=1e-5)
             assert bool((logits[i][~mask[i]] == 0).all())
+        # the loss counts only targets predicted from real positions: each row's own next-token loss
+        loss = hf(**batch, labels=batch.input_ids).loss
+        per_row = []
+        for prompt in PADDED:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            per_row.append((hf(ids, labels=ids).loss, ids.shape[1] - 1))
+    total = sum(x * k for x, k in per_row) / sum(k for _, k in per_row)
+    torch.testing.assert_close(loss, total, rtol=1e-5, atol=1e-5)
 
 
 def test_refused_inputs_name_what_is_wrong(hf, tok) -> None:

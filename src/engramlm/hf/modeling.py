@@ -316,8 +316,9 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             targets = labels[:, 1:].to(logits.device)
-            if attention_mask is not None:
-                targets = targets.masked_fill(~attention_mask[:, -t:][:, 1:].to(targets.device, torch.bool), -100)
+            if attention_mask is not None:  # a target counts when it and the position predicting it are real
+                real = attention_mask[:, -t:].to(targets.device, torch.bool)
+                targets = targets.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
             flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
         if return_dict is False:
