@@ -199,7 +199,7 @@ def test_cache_holds_the_ngram_history_and_grows(hf, tok) -> None:
     """Prefill + one-token steps through an EngramCache made too small give the full forward's logits."""
     ids = tok(" ".join(PROMPTS), return_tensors="pt").input_ids
     split = ids.shape[1] - 4
-    cache = EngramCache(hf, max_len=split)
+    cache = EngramCache(max_len=split)
     with torch.no_grad():
         full = hf(ids).logits
         steps = [hf(ids[:, :split], cache=cache).logits]
@@ -214,7 +214,7 @@ def test_cache_holds_the_ngram_history_and_grows(hf, tok) -> None:
 def test_generate_continues_a_user_cache(hf, tok) -> None:
     """A second generate() on the same EngramCache feeds only the new columns (a multi-token cached chunk)."""
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
-    cache = EngramCache(hf)
+    cache = EngramCache()
     first = hf.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)
     more = torch.cat([first, tok(" and more", add_special_tokens=False, return_tensors="pt").input_ids], dim=1)
     again = hf.generate(more, cache=cache, max_new_tokens=4, do_sample=False)

@@ -36,16 +36,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from engramlm.errors import ConfigError, HashSpecMismatch
+from engramlm.hf.cache import EngramCache, compact, expand, runs
 from engramlm.hf.configuration import MODEL_TYPE, EngramConfig
-from engramlm.models.decode import DecodeCache
 from engramlm.models.interface import EngramInputs
 from engramlm.models.io import NO_ENGRAM
 from engramlm.models.model import EngramLM
-from engramlm.nn.attention import KVCache
 
 __all__ = ["EngramCache", "EngramForCausalLM", "register"]
 
@@ -55,133 +53,6 @@ _HUB_KWARGS = frozenset(
     {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token", "_from_auto",
      "trust_remote_code", "adapter_kwargs", "code_revision", "subfolder"}
 )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------ padding
-
-
-def _runs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first real column, real tokens) per row of a 2-D 0/1 mask whose ones form one run per row."""
-    m = mask.to(torch.bool)
-    t = m.shape[1]
-    n = m.sum(1)
-    if bool((n == 0).any()):
-        raise ValueError("attention_mask: a row has no real token (all zeros)")
-    first = m.to(torch.int8).argmax(1)
-    idx = torch.arange(t, device=m.device)
-    run = (idx >= first[:, None]) & (idx < (first + n)[:, None])
-    if not bool(torch.equal(run, m)):
-        raise ValueError(
-            "attention_mask: each row's ones must form one run (left or right padding); padding between "
-            "real tokens is not supported"
-        )
-    return first, n
-
-
-def _compact(ids: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """Each row's real tokens moved to the front (right padding); the tail repeats real tokens (ignored)."""
-    t = ids.shape[1]
-    idx = (first[:, None] + torch.arange(t, device=ids.device)).clamp(max=t - 1)
-    return ids.gather(1, idx)
-
-
-def _expand(logits: torch.Tensor, first: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Compacted logits [B, T, V] back at the caller's columns; zeros at padding."""
-    b, t, v = logits.shape
-    src = torch.arange(t, device=logits.device) - first[:, None].to(logits.device)
-    valid = (src >= 0) & (src < n[:, None].to(logits.device))
-    out = logits.gather(1, src.clamp(0, t - 1)[..., None].expand(b, t, v))
-    return out.masked_fill(~valid[..., None], 0.0)
-
-
-# ------------------------------------------------------------------------------------ the cache
-
-
-class EngramCache(Cache):
-    """A HF ``Cache`` holding an engramlm :class:`DecodeCache` (KV, ShortConv state, streaming hasher).
-
-    Made empty (``EngramCache(model)``, or by ``generate()`` sized for its ``max_length``); the first forward
-    that gets it sizes the decode state for its batch. It grows (copying the keys/values) when a sequence
-    outgrows ``max_len``. ``get_seq_length()`` counts the columns of the caller's sequence consumed so far,
-    padding included, which is what HF's generation loop slices new tokens by.
-    """
-
-    def __init__(self, model: EngramForCausalLM, max_len: int | None = None) -> None:
-        super().__init__(layers=[])
-        self._owner = [model]  # a list: not a submodule, not a reference cycle HF would try to follow
-        self.max_len = max_len
-        self.decode: DecodeCache | None = None
-        self.columns = 0
-
-    def __repr__(self) -> str:
-        b = None if self.decode is None else self.decode.batch_size
-        return f"EngramCache(batch={b}, columns={self.columns}, max_len={self.max_len})"
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.columns
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1  # grows on demand
-
-    @property
-    def batch_size(self) -> int:
-        return -1 if self.decode is None else self.decode.batch_size
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.decode is not None
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-    def reset(self) -> None:
-        self.decode, self.columns = None, 0
-
-    def _refuse(self, what: str) -> None:
-        raise NotImplementedError(
-            f"EngramCache: {what} is not supported (the streaming n-gram hasher and the ShortConv state cannot be "
-            "rewound or reordered); use greedy or sampling without beams or an assistant"
-        )
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._refuse("beam search (reorder_cache)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self._refuse("crop (assisted decoding)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._refuse("batch_repeat_interleave")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._refuse("batch_select_indices")
-
-    def state(self, model: EngramLM, batch_size: int, new_tokens: int) -> DecodeCache:
-        """The decode state for ``batch_size`` sequences, made or grown so ``new_tokens`` more fit."""
-        if self.decode is None:
-            self.decode = DecodeCache(model, batch_size, max(self.max_len or 0, new_tokens))
-        elif self.decode.batch_size != batch_size:
-            raise ValueError(f"cache: made for batch {self.decode.batch_size}, got input_ids of batch {batch_size}")
-        need = int(self.decode.pos.max()) + new_tokens
-        if need > self.decode.max_len:
-            self._grow(max(need, 2 * self.decode.max_len))
-        return self.decode
-
-    def _grow(self, max_len: int) -> None:
-        dc = self.decode
-        for i, old in dc.kv.items():
-            b, n_kv, _, hd = old.k.shape
-            new = KVCache(b, n_kv, max_len, hd, device=old.k.device, dtype=old.k.dtype)
-            new.k[:, :, : old.max_len] = old.k
-            new.v[:, :, : old.max_len] = old.v
-            new.lengths.copy_(old.lengths)
-            new.bound = old.bound
-            dc.kv[i] = new
-        dc.max_len = self.max_len = max_len
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -262,7 +133,7 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
                 f"cache_implementation: {generation_config.cache_implementation!r} is not supported; "
                 "EngramForCausalLM keeps its own EngramCache (leave cache_implementation unset)"
             )
-        model_kwargs["cache"] = EngramCache(self, max_len=max_cache_length + 1)
+        model_kwargs["cache"] = EngramCache(max_len=max_cache_length + 1)
 
     # -------------------------------------------------------------- forward
 
@@ -293,7 +164,7 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("input_ids: required (Engram hashes token ids, so inputs_embeds cannot replace them)")
         if cache is None and use_cache:
-            cache = EngramCache(self)
+            cache = EngramCache()
         if cache is not None and not isinstance(cache, EngramCache):
             raise TypeError(f"cache: EngramForCausalLM needs an EngramCache, got {type(cache).__name__}")
         ids = input_ids.to(torch.long)
@@ -308,11 +179,11 @@ class EngramForCausalLM(EngramPreTrainedModel, GenerationMixin):
                 if not bool(chunk.to(torch.bool).all()):
                     raise ValueError("attention_mask: padding inside a cached continuation is not supported")
             elif not bool(chunk.to(torch.bool).all()):
-                first, n = _runs(chunk)
-                ids = _compact(ids, first.to(ids.device))
+                first, n = runs(chunk)
+                ids = compact(ids, first.to(ids.device))
         logits = self._logits(ids, cache, None if n is None else n.cpu())
         if first is not None:
-            logits = _expand(logits, first, n)
+            logits = expand(logits, first, n)
         loss = None
         if labels is not None:
             targets = labels[:, 1:].to(logits.device)
