@@ -202,6 +202,15 @@ ROWS = [
     Row("generate-mooncake-no-master", ("generate", "{run}", "--prompt", "x", "--store", "{store}", "--tier",
                                         "mooncake", "--mooncake-master", "127.0.0.1:{port}"), "127.0.0.1:{port}",
         process=True),
+    # export-hf
+    Row("export-hf-missing", ("export-hf", "{tmp}/nope", "{tmp}/out"), "nope"),
+    Row("export-hf-out-not-empty", ("export-hf", "{run}", "{prep}"), "{prep}"),
+    Row("export-hf-out-is-file", ("export-hf", "{run}", "{file}"), "a_file"),
+    Row("export-hf-foreign-tokenizer", ("export-hf", "{run}", "{tmp}/out", "--tokenizer", "{other}/tokenizer.json"),
+        "tokenizer.json"),
+    Row("export-hf-flipped-model", ("export-hf", "{drun}", "{tmp}/out"), "model.safetensors",
+        setup=damaged(lambda p: _flip(p, 3))),
+    Row("export-hf-full-disk", ("export-hf", "{run}", "{tmp}/out"), "model.safetensors", fsize_limit=20_000),
     # store build
     Row("store-build-out-is-file", ("store", "build", "{run}", "--out", "{file}"), "a_file"),
     Row("store-build-missing", ("store", "build", "{tmp}/nope", "--out", "{tmp}/out"), "nope"),

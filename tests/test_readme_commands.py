@@ -49,6 +49,8 @@ QUICK: dict[str, tuple[str, ...]] = {
     "engramlm train --config configs/sotu_engram_moe.toml --resume": SOTU,
     "engramlm eval runs/sotu_engram_moe --data runs/data/sotu": ("--max-batches", "2"),
     "engramlm plot runs/sotu_dense runs/sotu_moe runs/sotu_engram_moe -o loss.png": (),
+    "engramlm export-hf runs/quickstart runs/quickstart-hf": (),
+    "engramlm store build runs/quickstart-hf --out runs/quickstart-hf-store": ("--no-progress",),
     # inline commands without placeholders
     "engramlm data prepare --source stdlib --out data/stdlib": ("--max-bytes", "40000", "--vocab-size", "400"),
     'engramlm hash --preset deepseek-v4.1 --text "Milky Way" --json': (),

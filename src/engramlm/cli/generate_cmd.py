@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         bos, eos = [BOS_ID], (EOS_ID,)
     else:  # e.g. a DeepSeek tokenizer: no BOS/EOS convention
         bos, eos = [], ()
-    prompts = [bos + tok.encode(text).ids for text in args.prompt]
+    # BOS is ours to add: a tokenizer that adds it itself (an `export-hf` copy's post-processor) must not add it twice
+    prompts = [bos + tok.encode(text, add_special_tokens=not bos).ids for text in args.prompt]
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

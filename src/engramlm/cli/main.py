@@ -44,6 +44,7 @@ COMMAND_MODULES = (
     "engramlm.cli.plot_cmd",
     "engramlm.cli.analyze_cmd",
     "engramlm.cli.generate_cmd",
+    "engramlm.cli.export_hf_cmd",
 )
 
 EXIT_OS_ERROR = 1
