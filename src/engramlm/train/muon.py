@@ -29,6 +29,7 @@ NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Bumped whenever the update's numerics change (benchmarks/_arms.py keys cached arm results on it):
 # 1 = per-parameter chains with separate elementwise ops; 2 = fused baddbmm, same-shape matrices batched.
 MUON_NUMERICS_VERSION = 2
+CPU_CHUNK_BYTES = 256 << 10
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -36,10 +37,26 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
 
     The iteration runs in ``dtype`` (fp32, or bf16 as the Muon reference does on accelerators).
     """
-    a, b, c = NS_COEFFS
     shape = g.shape
-    x = g.reshape(-1, shape[-2], shape[-1]).to(dtype)
-    transposed = shape[-2] > shape[-1]
+    x = g.reshape(-1, shape[-2], shape[-1])
+    per = _chunk(shape[-2], shape[-1], x.device)
+    out = torch.cat([_newton_schulz(c, steps, dtype) for c in x.split(per)]) if x.shape[0] > per else None
+    return (out if out is not None else _newton_schulz(x, steps, dtype)).reshape(shape)
+
+
+def _chunk(rows: int, cols: int, device: torch.device) -> int:
+    """Matrices per batched chain: all of them on an accelerator; on a CPU as many as keep one
+    iterate within CPU_CHUNK_BYTES, so the chain's working set (~4 iterates) stays in the core's
+    cache (measured: 140 matrices of 256 x 256 in one chain take 1.5x as long as one at a time)."""
+    if device.type != "cpu":
+        return 1 << 62
+    return max(1, CPU_CHUNK_BYTES // (rows * cols * 4))
+
+
+def _newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    a, b, c = NS_COEFFS
+    x = g.to(dtype)
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
@@ -49,7 +66,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
         x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly X
     if transposed:
         x = x.mT
-    return x.float().reshape(shape)
+    return x.float()
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
