@@ -14,6 +14,7 @@ from engramlm.analysis.planner import (
     DistRequest,
     PlanRequest,
     expected_unique_rows,
+    fit_zipf_s,
     format_distributed,
     format_plan,
     plan,
@@ -195,3 +196,13 @@ def test_cli_plan_distributed(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["analyze", "plan", "tiny", "--ranks", "2", "--unique-model", "measured"]) == 2
     err = capsys.readouterr()
     assert "unique_fraction" in err.err and "Engram table plan" not in err.out  # refused before printing
+
+
+def test_zipf_fit_recovers_the_exponent_it_was_given() -> None:
+    cfg = get_preset("tiny")
+    heads = cfg.engram.hash.heads_per_layer * len(cfg.engram.hash.layer_ids)
+    req = DistRequest(ranks=1, batch=4096, unique_model="zipf", zipf_s=1.2, zipf_types=10**7)
+    frac = sum(expected_unique_rows(cfg, 4096, req)) / (4096 * heads)
+    assert fit_zipf_s(cfg, 4096, frac, types=10**7) == pytest.approx(1.2, rel=1e-3)
+    with pytest.raises(ConfigError, match="unique_fraction"):
+        fit_zipf_s(cfg, 4096, 0.0)

@@ -295,6 +295,28 @@ def zipf_distinct(draws: float, types: int, s: float) -> float:
     return min(distinct, float(draws), float(types))
 
 
+def fit_zipf_s(config: ModelConfig, tokens: int, unique_fraction: float, types: int = 10**9) -> float:
+    """The Zipf exponent under which ``tokens`` tokens touch ``unique_fraction`` of their row reads.
+
+    Calibrates the ``zipf`` model on one measurement (e.g. one process's global batch) so that it can
+    predict another batch size (e.g. a rank's local batch); bisection on ``s`` in [0.05, 5], over which
+    the expected unique fraction falls monotonically.
+    """
+    if not 0 < unique_fraction <= 1:
+        raise ConfigError(f"unique_fraction: must lie in (0, 1], got {unique_fraction!r}")
+    heads = config.engram.hash.heads_per_layer * len(config.engram.hash.layer_ids)
+
+    def fraction(s: float) -> float:
+        req = DistRequest(ranks=1, batch=tokens, unique_model="zipf", zipf_s=s, zipf_types=types)
+        return sum(expected_unique_rows(config, tokens, req)) / (tokens * heads)
+
+    lo, hi = 0.05, 5.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fraction(mid) > unique_fraction else (lo, mid)
+    return (lo + hi) / 2
+
+
 def _head_primes(config: ModelConfig) -> list[list[tuple[int, ...]]]:
     """Per layer, per order: the head table sizes (primes)."""
     from engramlm.hashing.primes import prime_plan
