@@ -13,10 +13,14 @@ interleaved) with three Muon implementations swapped into the same trainer:
 * ``v2 bf16``: the same chain iterated in bf16 (as the Muon reference does on accelerators; an option,
   ``Muon(ns_dtype="bf16")``, not the default).
 
-Reported per contender: step time, optimizer time (the whole ``OptimizerSet.step``: Muon, AdamW,
-sparse table Adam) and its share of the step, training tokens/s, and the fraction of the machine's
+Every variant steps Muon on the same gradients of the same step, in rotating order (so the
+comparison is paired and the machine's drift cancels), inside the trainer's own ``train_step``; the
+rest of the step (gather, forward, backward, clip, AdamW, sparse table Adam) is timed once per step
+and shared. Reported per contender: step time (rest + that Muon), optimizer time (Muon + AdamW +
+sparse Adam) and its share of the step, training tokens/s, and the fraction of the machine's
 measured fp32 GEMM rate the step reaches (FLOPs: 6 P_act per token, attention's sequence term left
-out, plus Newton-Schulz's). Distributed work sharing divides the Newton-Schulz part by the number
+out, plus Newton-Schulz's). The parameters take several updates per step: this times, it does not
+train. Distributed work sharing divides the Newton-Schulz part by the number
 of data-parallel ranks; it is tested in tests/test_muon.py, not timed here (2 shared cores).
 
 Run from the repository root: ``python -m benchmarks.bench_muon`` (after
@@ -30,7 +34,6 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -103,7 +106,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="runs/data/sotu", help="prepared corpus (engramlm data prepare)")
     p.add_argument("--config", default=CONFIG)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="muon")
     args = p.parse_args()
@@ -113,59 +116,67 @@ def main() -> None:
           f"threads={args.threads}"]  # fmt: skip
     tr = Trainer(load_train_config(args.config, ov))
     muon, optim = tr.optim.muon, tr.optim
-    inner_step = optim.step
-    opt_times: dict[str, list[float]] = {}
-
-    def timed_optim_step(name: str):
-        def step() -> bool:
-            t0 = time.perf_counter()
-            out = inner_step()
-            opt_times[name].append(time.perf_counter() - t0)
-            return out
-
-        return step
-
-    modes = {
-        "v1 per-parameter": lambda: _step_v1(muon),
-        "v2 fp32": lambda: Muon.step(muon),
-        "v2 bf16": lambda: Muon.step(muon),
+    variants = {
+        "v1 per-parameter": (lambda: _step_v1(muon), torch.float32),
+        "v2 fp32": (lambda: Muon.step(muon), torch.float32),
+        "v2 bf16": (lambda: Muon.step(muon), torch.bfloat16),
     }
-    dtypes = {"v1 per-parameter": torch.float32, "v2 fp32": torch.float32, "v2 bf16": torch.bfloat16}
-    batches: list[dict[str, Any]] = []
+    names = list(variants)
+    muon_s: dict[str, list[float]] = {n: [] for n in names}
+    rest_s: list[float] = []
+    inside: list[float] = []
+
+    def step() -> bool:  # every Muon variant on the same gradients, in rotating order, then AdamW + sparse Adam
+        t_in = time.perf_counter()
+        r = len(rest_s)
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            fn, muon.ns_dtype = variants[n]
+            t0 = time.perf_counter()
+            fn()
+            muon_s[n].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        optim.adamw.step()
+        if optim.sparse is not None:
+            optim.sparse.step()
+        rest_s.append(time.perf_counter() - t0)
+        inside.append(time.perf_counter() - t_in)
+        return True
+
+    optim.step = step
+    batches = []
     for k in range(args.repeats + 1):
         raw = tr.loader.batch_at(k)
         batches.append({**raw, "row_ids": tr.model.hasher(raw["input_ids"], raw["doc_start"])})
-
-    step_times: dict[str, list[float]] = {n: [] for n in modes}
-    names = list(modes)
-    for r in range(args.repeats + 1):  # repeat 0 is the warmup
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            muon.step, muon.ns_dtype = modes[n], dtypes[n]
-            opt_times.setdefault(n, [])
-            optim.step = timed_optim_step(n)
-            t0 = time.perf_counter()
-            tr.train_step(batches[r])
-            dt = time.perf_counter() - t0
-            if r:
-                step_times[n].append(dt)
-            else:
-                opt_times[n].clear()
-        if r:
-            print(f"repeat {r}/{args.repeats}: " + ", ".join(f"{n} {step_times[n][-1]:.2f} s" for n in names))
+    rate = gemm_rate(args.threads)
+    compute_s: list[float] = []
+    for r, batch in enumerate(batches):  # batch 0 is the warmup
+        t0 = time.perf_counter()
+        tr.train_step(batch)
+        compute = time.perf_counter() - t0 - inside[-1]  # gather, forward, backward, clip, zero_grad, routing bias
+        if r == 0:
+            for v in (*muon_s.values(), rest_s, inside):
+                v.clear()
+            continue
+        compute_s.append(compute)
+        print(
+            f"repeat {r}/{args.repeats}: compute {compute:.2f} s, Muon "
+            + ", ".join(f"{n} {muon_s[n][-1]:.2f} s" for n in names)
+        )
+    rate = max(rate, gemm_rate(args.threads))
     tokens = tr.config.tokens_per_step
     counts = count_parameters(tr.model_config)
     backbone_flops = 6 * counts.p_act * tokens
     nsf = ns_flops(muon)
-    rate = gemm_rate(args.threads)
     arms = {}
     for n in names:
-        share = [o / s for o, s in zip(opt_times[n], step_times[n], strict=True)]
-        med = stats(step_times[n])["median"]
+        opt = [m + o for m, o in zip(muon_s[n], rest_s, strict=True)]
+        step_s = [c + o for c, o in zip(compute_s, opt, strict=True)]
+        med = stats(step_s)["median"]
         arms[n] = {
-            "step_s": stats(step_times[n]),
-            "optimizer_s": stats(opt_times[n]),
-            "optimizer_share": stats(share),
+            "step_s": stats(step_s),
+            "muon_s": stats(muon_s[n]),
+            "optimizer_s": stats(opt),
+            "optimizer_share": stats([o / s for o, s in zip(opt, step_s, strict=True)]),
             "tokens_per_s": tokens / med,
             "matmul_rate_fraction": (backbone_flops + nsf) / med / rate,
         }
@@ -173,10 +184,11 @@ def main() -> None:
         "params": {**vars(args), "tokens_per_step": tokens, "muon_numerics_version": MUON_NUMERICS_VERSION},
         "flops": {"backbone_6_p_act_per_step": backbone_flops, "newton_schulz_per_step": nsf, "p_act": counts.p_act},
         "gemm_fp32_flops_per_s": rate,
+        "compute_s": stats(compute_s),
+        "adamw_and_sparse_s": stats(rest_s),
         "arms": arms,
-        "speedup_step_v2_fp32_over_v1": stats(paired_ratios(step_times["v1 per-parameter"], step_times["v2 fp32"])),
-        "speedup_optimizer_v2_fp32_over_v1": stats(paired_ratios(opt_times["v1 per-parameter"], opt_times["v2 fp32"])),
-        "speedup_optimizer_v2_bf16_over_v1": stats(paired_ratios(opt_times["v1 per-parameter"], opt_times["v2 bf16"])),
+        "speedup_muon_v2_fp32_over_v1": stats(paired_ratios(muon_s["v1 per-parameter"], muon_s["v2 fp32"])),
+        "speedup_muon_v2_bf16_over_v1": stats(paired_ratios(muon_s["v1 per-parameter"], muon_s["v2 bf16"])),
     }
     path = write_result(args.out, result)
     tr.close()

@@ -745,19 +745,20 @@ def muon_table(doc: dict[str, Any]) -> list[str]:
     p, arms, f = doc["params"], doc["arms"], doc["flops"]
     lines = [
         f"**Muon on the Engram + MoE arm** (`{p['config']}`, {p['tokens_per_step']:,} tokens/step, "
-        f"{p['threads']} thread(s), {p['repeats']} interleaved repeats): Newton-Schulz is "
+        f"{p['threads']} thread(s), {p['repeats']} steps, every variant on the same gradients): Newton-Schulz is "
         f"{f['newton_schulz_per_step'] / 1e9:.1f} GFLOP/step against the backbone's "
-        f"{f['backbone_6_p_act_per_step'] / 1e9:.1f} (6 P_act per token). Optimizer step v1 ÷ v2 fp32: "
-        f"{_x(doc['speedup_optimizer_v2_fp32_over_v1'])}; v1 ÷ v2 bf16: "
-        f"{_x(doc['speedup_optimizer_v2_bf16_over_v1'])}.",
+        f"{f['backbone_6_p_act_per_step'] / 1e9:.1f} (6 P_act per token). Muon step v1 ÷ v2 fp32: "
+        f"{_x(doc['speedup_muon_v2_fp32_over_v1'])}; v1 ÷ v2 bf16: {_x(doc['speedup_muon_v2_bf16_over_v1'])} "
+        f"(paired). The rest of the step: {_ms(doc['compute_s'])} ms.",
         "",
-        "| Muon | step ms | optimizer ms | optimizer share | tokens/s | fraction of the fp32 matmul rate |",
-        "|---|---|---|---|---|---|",
+        "| Muon | Muon ms | optimizer ms | step ms | optimizer share | tokens/s | fraction of the fp32 matmul rate |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, a in arms.items():
+    for name in _ordered(arms, ("v1 per-parameter", "v2 fp32", "v2 bf16")):
+        a = arms[name]
         lines.append(
-            f"| {name} | {_ms(a['step_s'])} | {_ms(a['optimizer_s'])} | {_pct(a['optimizer_share']['median'])} | "
-            f"{a['tokens_per_s']:,.0f} | {_pct(a['matmul_rate_fraction'])} |"
+            f"| {name} | {_ms(a['muon_s'])} | {_ms(a['optimizer_s'])} | {_ms(a['step_s'])} | "
+            f"{_pct(a['optimizer_share']['median'])} | {a['tokens_per_s']:,.0f} | {_pct(a['matmul_rate_fraction'])} |"
         )
     return lines + _footer(doc)
 
