@@ -22,6 +22,10 @@ Reference devices (overridable) turn needs into utilisation: HBM3 3.35 TB/s (H10
 reached over PCIe 5.0 x16, 64 GB/s, the binding link when rows are gathered on the host and shipped to
 the accelerator; one PCIe 4.0 NVMe SSD, 7 GB/s and 1M random 4 KiB reads/s; a 400 Gb/s RDMA NIC,
 50 GB/s. The rest of the model is counted in bf16 on the accelerator for the HBM total.
+
+:func:`plan_distributed` (``engramlm analyze plan --ranks N``) is the training view with the tables
+row-sharded over N ranks (``engramlm.dist``): bytes per rank, all-to-all bytes per step and their time
+at stated link speeds against the backbone's compute; its formulas are stated above the function.
 """
 
 from __future__ import annotations
