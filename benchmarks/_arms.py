@@ -25,6 +25,7 @@ from engramlm.models.config import ModelConfig
 from engramlm.models.evaluate import evaluate
 from engramlm.models.locate import list_checkpoints
 from engramlm.train import TrainConfig, Trainer, read_metrics
+from engramlm.train.muon import MUON_NUMERICS_VERSION
 from engramlm.utils.io import atomic_open
 
 RESULT_FILE = "arm_result.json"
@@ -83,6 +84,8 @@ def training_seconds(train: list[dict[str, Any]]) -> float:
 def _result_key(cfg: TrainConfig, size: dict[str, Any]) -> dict[str, Any]:
     """Everything that decides an arm's result (not where or how fast it ran), as plain JSON."""
     key = {"train_config": cfg.to_dict(), "eval_tokens": size["eval_tokens"]}
+    if cfg.optim.use_muon:  # Muon's numerics changed in version 2 (fused, batched Newton-Schulz)
+        key["muon_numerics"] = MUON_NUMERICS_VERSION
     for drop in ("threads", "checkpoint_every", "keep_checkpoints", "progress", "out_dir"):
         key["train_config"].pop(drop, None)
     return json.loads(json.dumps(key))

@@ -685,6 +685,84 @@ def depth_table(doc: dict[str, Any]) -> list[str]:
     return lines + _image(doc, doc.get("plot"), "LogitLens and CKA") + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- distributed and Muon
+
+
+def distributed_table(doc: dict[str, Any]) -> list[str]:
+    """1 vs N gloo processes: step time, tokens/s, phases, communication share; exchange bytes vs the planner."""
+    p, one, many = doc["params"], doc["one_process"], doc["distributed"]
+    ex = doc["exchange_bytes_per_step"]
+    n = many["processes"]
+    lines = [
+        f"**Distributed training (row-sharded tables, gloo)**: the same EngramLM (d = {p['model']['hidden_size']}, "
+        f"{p['model']['num_layers']} layers, tables of {sum(p['table_rows']):,} rows) and the same global batches "
+        f"({p['batch_size']} x {p['seq_len']} = {p['tokens_per_step']:,} real SOTU tokens), one thread per process, "
+        f"{p['steps']} timed steps after {p['warmup']}. {n} processes reach "
+        f"**{doc['speedup_tokens_per_s']:.2f}x** the one-process tokens/s; the per-step loss differs by at most "
+        f"{doc['loss_max_rel_diff']:.1e} (relative).",
+        "",
+        "| run | step ms | tokens/s | fwd exchange ms | compute ms | bwd exchange ms | all-reduce ms | optimizer ms "
+        "| communication share | table rows per rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in (("1 process", one), (f"{n} processes", many)):
+        ph = r["phases_s"]
+        comm = "–" if r["processes"] == 1 else _pct(r["communication_share"]["median"])
+        lines.append(
+            f"| {label} | {_ms(r['step_s'])} | {r['tokens_per_s']:,.0f} | {ph['fwd_exchange']['median'] * 1e3:.1f} | "
+            f"{ph['compute']['median'] * 1e3:.1f} | {ph['bwd_exchange']['median'] * 1e3:.1f} | "
+            f"{ph['allreduce']['median'] * 1e3:.1f} | {ph['optimizer']['median'] * 1e3:.1f} | {comm} | "
+            f"{', '.join(f'{x:,}' for x in r['table_rows_per_rank'])} |"
+        )
+    m = ex["measured"]
+    lines += [
+        "",
+        f"Row-exchange bytes per step, all ranks (forward ids + rows, backward row gradients), measured by "
+        f"`ExchangeStats` vs `engramlm analyze plan --ranks {n}` (unique rows / reads: "
+        f"{ex['unique_fraction_local']:.1%} in a rank's local batch, "
+        f"{ex['unique_fraction_global']:.1%} in the global one):",
+        "",
+        "| | unique rows | forward bytes | backward bytes | total bytes | error |",
+        "|---|---|---|---|---|---|",
+        f"| measured | {m['unique']:,.0f} | {m['forward']:,.0f} | {m['backward']:,.0f} | {m['total']:,.0f} | |",
+    ]
+    what = {
+        "measured": "planner, unique fraction counted by hashing the local batches",
+        "zipf": f"planner, Zipf s = {ex['zipf_s_fit_on_global']:.2f} fitted on the global batch "
+        f"({ex['zipf_types']:.0e} types)",
+        "uniform": "planner, uniform worst case (every read a distinct n-gram)",
+    }
+    for name, pr in ex["predicted"].items():
+        lines.append(
+            f"| {what.get(name, name)} | {pr['unique']:,.0f} | {pr['forward']:,.0f} | {pr['backward']:,.0f} | "
+            f"{pr['total']:,.0f} | {pr['error_total']:+.1%} |"
+        )
+    return lines + _footer(doc)
+
+
+def muon_table(doc: dict[str, Any]) -> list[str]:
+    """Optimizer share of an Engram + MoE step for Muon before/after batching, and bf16 iterations."""
+    p, arms, f = doc["params"], doc["arms"], doc["flops"]
+    lines = [
+        f"**Muon on the Engram + MoE arm** (`{p['config']}`, {p['tokens_per_step']:,} tokens/step, "
+        f"{p['threads']} thread(s), {p['repeats']} steps, every variant on the same gradients): Newton-Schulz is "
+        f"{f['newton_schulz_per_step'] / 1e9:.1f} GFLOP/step against the backbone's "
+        f"{f['backbone_6_p_act_per_step'] / 1e9:.1f} (6 P_act per token). Muon step v1 ÷ v2 fp32: "
+        f"{_x(doc['speedup_muon_v2_fp32_over_v1'])}; v1 ÷ v2 bf16: {_x(doc['speedup_muon_v2_bf16_over_v1'])} "
+        f"(paired). The rest of the step: {_ms(doc['compute_s'])} ms.",
+        "",
+        "| Muon | Muon ms | optimizer ms | step ms | optimizer share | tokens/s | fraction of the fp32 matmul rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in _ordered(arms, ("v1 per-parameter", "v2 fp32", "v2 bf16")):
+        a = arms[name]
+        lines.append(
+            f"| {name} | {_ms(a['muon_s'])} | {_ms(a['optimizer_s'])} | {_ms(a['step_s'])} | "
+            f"{_pct(a['optimizer_share']['median'])} | {a['tokens_per_s']:,.0f} | {_pct(a['matmul_rate_fraction'])} |"
+        )
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -696,6 +774,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "generate": generate_table,
     "reproductions": reproductions_table,
     "depth": depth_table,
+    "distributed": distributed_table,
+    "muon": muon_table,
 }
 KINDS = tuple(RENDERERS)
 

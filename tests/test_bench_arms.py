@@ -67,3 +67,12 @@ def test_interrupted_arm_resumes_exactly_and_finished_arm_is_reused(data: Path, 
 def test_training_seconds_adds_up_the_segments_of_a_resumed_run() -> None:
     rows = [{"elapsed_s": 1.0}, {"elapsed_s": 2.0}, {"elapsed_s": 0.5}, {"elapsed_s": 1.5}]
     assert arms.training_seconds(rows) == 3.5
+
+
+def test_muon_numerics_version_is_part_of_the_result_key(data: Path, tmp_path: Path) -> None:
+    from engramlm.train.muon import MUON_NUMERICS_VERSION
+
+    muon = arms.train_config(MODEL, BUDGET, data, 0, tmp_path, 1)
+    adamw = arms.train_config(MODEL, BUDGET, data, 0, tmp_path, 1, {"use_muon": False})
+    assert arms._result_key(muon, BUDGET)["muon_numerics"] == MUON_NUMERICS_VERSION
+    assert "muon_numerics" not in arms._result_key(adamw, BUDGET)  # AdamW-only arms keep their cached results

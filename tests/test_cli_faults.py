@@ -226,6 +226,9 @@ ROWS = [
     Row("analyze-out-is-file", ("analyze", "gates", "{run}", "--text", "x", "--data", "{prep}", "--out", "{file}"),
         "a_file"),
     Row("analyze-plan-unknown", ("analyze", "plan", "nope", "--out", "{tmp}/out"), "nope"),
+    Row("analyze-plan-bad-ranks", ("analyze", "plan", "tiny", "--ranks", "0,8"), "--ranks"),
+    Row("analyze-plan-measured-no-fraction", ("analyze", "plan", "tiny", "--ranks", "2", "--unique-model",
+                                              "measured"), "unique_fraction"),
     # plot, hash, info, demo
     Row("plot-run-missing", ("plot", "{tmp}/nope", "-o", "{tmp}/out.png"), "nope"),
     Row("plot-out-under-file", ("plot", "{run}", "-o", "{file}/x.png"), "a_file"),

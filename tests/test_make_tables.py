@@ -224,3 +224,27 @@ def test_why_variants_against_moe(grouped) -> None:
         for name, v in doc["variants"].items():
             row = next(line for line in body.splitlines() if line.startswith(f"| {name} |"))
             assert f"{v['bpb']['mean']:.4f}" in row and f"{v['bpb_minus_moe']['mean']:+.4f}" in row
+
+
+def test_distributed_speedup_and_exchange_prediction(grouped) -> None:
+    for doc in grouped["distributed"]:
+        body = _one("distributed", doc)
+        assert f"**{doc['speedup_tokens_per_s']:.2f}x**" in body
+        ex = doc["exchange_bytes_per_step"]
+        assert f"| measured | {ex['measured']['unique']:,.0f} |" in body
+        for pr in ex["predicted"].values():
+            assert f"| {pr['total']:,.0f} | {pr['error_total']:+.1%} |" in body
+        assert abs(ex["predicted"]["measured"]["error_total"]) < 0.10  # the target: within 10%
+        assert _pct(doc["distributed"]["communication_share"]["median"]) in body
+
+
+def test_muon_optimizer_share_per_variant(grouped) -> None:
+    for doc in grouped["muon"]:
+        body = _one("muon", doc)
+        for name, a in doc["arms"].items():
+            assert f"| {name} |" in body and _pct(a["optimizer_share"]["median"]) in body
+        assert _ratio(doc["speedup_muon_v2_bf16_over_v1"]) in body
+
+
+def _pct(q: float) -> str:
+    return f"{q * 100:.1f}%"

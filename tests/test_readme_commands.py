@@ -56,6 +56,10 @@ QUICK: dict[str, tuple[str, ...]] = {
     'engramlm hash --preset deepseek-v4.1 --text "Milky Way" --json': (),
     "engramlm info paper-27b": (),
     "engramlm info --list": (),
+    "engramlm analyze plan deepseek-v4.1 --batch 1280 --seq-len 4096 --ranks 8,64,512 --row-dtype bf16": (),
+    "engramlm analyze plan deepseek-v4.1 --batch 1280 --seq-len 4096 --ranks 64 --row-dtype bf16 --unique-model zipf"
+    " --zipf-s 1.0": (),
+    "engramlm analyze plan tiny --ranks 2": (),
 }
 NOT_RUN: dict[str, str] = {
     "./scripts/setup.sh": "installs system and Python packages",

@@ -22,10 +22,15 @@ Reference devices (overridable) turn needs into utilisation: HBM3 3.35 TB/s (H10
 reached over PCIe 5.0 x16, 64 GB/s, the binding link when rows are gathered on the host and shipped to
 the accelerator; one PCIe 4.0 NVMe SSD, 7 GB/s and 1M random 4 KiB reads/s; a 400 Gb/s RDMA NIC,
 50 GB/s. The rest of the model is counted in bf16 on the accelerator for the HBM total.
+
+:func:`plan_distributed` (``engramlm analyze plan --ranks N``) is the training view with the tables
+row-sharded over N ranks (``engramlm.dist``): bytes per rank, all-to-all bytes per step and their time
+at stated link speeds against the backbone's compute; its formulas are stated above the function.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -194,4 +199,240 @@ def format_plan(p: dict[str, Any]) -> str:
         f" -> bandwidth utilisation {t['bandwidth_utilisation']:.1%}"
         + (f", IOPS utilisation {t['iops_utilisation']:.1%}" if t["iops_utilisation"] is not None else ""),
     ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- distributed view
+# Training with the tables row-sharded over N ranks (engramlm.dist): every rank owns a contiguous row
+# range of every layer's table (dist.shard_ranges), and one step moves, per layer and per rank,
+#   forward:  U ids out (int64, 8 B) to their owners + U rows back from them (row bytes each),
+#   backward: U row gradients out to the owners (row bytes each; the grad has the rows' dtype),
+# with U the rank's unique rows of that layer in its local batch of ``batch / N`` tokens (the
+# exchange deduplicates before sending), plus one N-entry int64 count exchange per layer. Owners are
+# uniform over ranks (hashed ids spread evenly over each head's rows), so a rank serves U rows in
+# expectation and (N-1)/N of what it sends leaves it (the rest is its own share). ExchangeStats'
+# ``bytes_sent`` counts forward ids + served rows, self-share included: that is ``forward_bytes``.
+
+ID_BYTES = 8  # exchange_rows sends int64 ids and int64 counts
+SLOT_MAP_BYTES = 16  # SparseRowAdam's slot map: a sorted int64 key + an int64 slot per touched row
+DEFAULT_LINKS_GBPS = (25.0, 50.0, 100.0, 400.0)
+UNIQUE_MODELS = ("measured", "zipf", "uniform")
+
+
+@dataclass(frozen=True)
+class DistRequest:
+    """The distributed view's inputs: ranks, global tokens per step, and how many rows a rank's batch touches.
+
+    Unique-row model (``unique_model``):
+
+    * ``uniform`` (worst case): every row read is a distinct n-gram, so only hash collisions inside
+      a head's table merge reads: ``U_head = p (1 - exp(-b / p))`` for a head of ``p`` rows read ``b`` times;
+    * ``measured``: ``U = unique_fraction * reads`` per layer, a fraction measured on the corpus at the
+      rank's local batch size (e.g. by hashing batches, as ``benchmarks/bench_distributed.py`` does);
+    * ``zipf``: each order's n-grams are drawn from a Zipf law of exponent ``zipf_s`` over
+      ``zipf_types`` n-gram types; the expected distinct n-grams ``D`` of ``b`` draws are hashed into
+      each head: ``U_head = p (1 - exp(-D / p))``.
+
+    Compute (to say whether the exchange hides behind it): ``6 * P_act`` FLOPs per token for forward
+    and backward (attention's sequence-length term left out), at ``accel_flops * mfu`` per rank.
+    """
+
+    ranks: int
+    batch: int
+    row_dtype: str = "fp32"
+    unique_model: str = "uniform"
+    unique_fraction: float | None = None
+    zipf_s: float = 1.0
+    zipf_types: int = 10**9
+    links_gbps: tuple[float, ...] = DEFAULT_LINKS_GBPS
+    accel_flops: float = 989e12  # H100 SXM dense bf16
+    mfu: float = 0.4
+
+    def __post_init__(self) -> None:
+        for name in ("ranks", "batch", "zipf_types"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: must be an int >= 1, got {v!r}")
+        if self.batch < self.ranks:
+            raise ConfigError(f"batch: {self.batch} tokens cannot be split over {self.ranks} ranks (batch >= ranks)")
+        if self.row_dtype not in DTYPES:
+            raise ConfigError(f"row_dtype: must be one of {sorted(DTYPES)}, got {self.row_dtype!r}")
+        if self.unique_model not in UNIQUE_MODELS:
+            raise ConfigError(f"unique_model: must be one of {list(UNIQUE_MODELS)}, got {self.unique_model!r}")
+        if self.unique_model == "measured":
+            f = self.unique_fraction
+            if f is None or not 0 < f <= 1:
+                raise ConfigError(f"unique_fraction: the measured model needs a value in (0, 1], got {f!r}")
+        if not self.zipf_s > 0:
+            raise ConfigError(f"zipf_s: must be > 0, got {self.zipf_s!r}")
+        if not self.links_gbps or any(not g > 0 for g in self.links_gbps):
+            raise ConfigError(f"links_gbps: must be one or more speeds > 0, got {self.links_gbps!r}")
+        object.__setattr__(self, "links_gbps", tuple(float(g) for g in self.links_gbps))
+        if not self.accel_flops > 0:
+            raise ConfigError(f"accel_flops: must be > 0, got {self.accel_flops!r}")
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"mfu: must lie in (0, 1], got {self.mfu!r}")
+
+
+def zipf_distinct(draws: float, types: int, s: float) -> float:
+    """Expected distinct types in ``draws`` samples of a Zipf(``s``) law over ``types`` types.
+
+    ``sum_k 1 - exp(-draws p_k)`` (Poisson approximation of ``1 - (1 - p_k)^draws``), with ``p_k =
+    k^-s / H``: summed exactly over the first 10^5 types and integrated on a log grid over the tail.
+    """
+    import numpy as np
+
+    head = min(types, 100_000)
+    k = np.arange(1, head + 1, dtype=np.float64)
+    w_head = k**-s
+    if types > head:
+        u = np.linspace(math.log(head + 0.5), math.log(types + 0.5), 4001)
+        x = np.exp(u)
+        w_tail_int = np.trapezoid(x ** (1 - s), u)  # integral of k^-s dk over the tail
+    else:
+        x = u = None
+        w_tail_int = 0.0
+    norm = float(w_head.sum()) + float(w_tail_int)
+    distinct = float((-np.expm1(-draws * w_head / norm)).sum())
+    if x is not None:
+        distinct += float(np.trapezoid(-np.expm1(-draws * x**-s / norm) * x, u))
+    return min(distinct, float(draws), float(types))
+
+
+def fit_zipf_s(config: ModelConfig, tokens: int, unique_fraction: float, types: int = 10**9) -> float:
+    """The Zipf exponent under which ``tokens`` tokens touch ``unique_fraction`` of their row reads.
+
+    Calibrates the ``zipf`` model on one measurement (e.g. one process's global batch) so that it can
+    predict another batch size (e.g. a rank's local batch); bisection on ``s`` in [0.05, 5], over which
+    the expected unique fraction falls monotonically.
+    """
+    if not 0 < unique_fraction <= 1:
+        raise ConfigError(f"unique_fraction: must lie in (0, 1], got {unique_fraction!r}")
+    heads = config.engram.hash.heads_per_layer * len(config.engram.hash.layer_ids)
+
+    def fraction(s: float) -> float:
+        req = DistRequest(ranks=1, batch=tokens, unique_model="zipf", zipf_s=s, zipf_types=types)
+        return sum(expected_unique_rows(config, tokens, req)) / (tokens * heads)
+
+    lo, hi = 0.05, 5.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fraction(mid) > unique_fraction else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _head_primes(config: ModelConfig) -> list[list[tuple[int, ...]]]:
+    """Per layer, per order: the head table sizes (primes)."""
+    from engramlm.hashing.primes import prime_plan
+
+    h = config.engram.hash
+    return [list(layer) for layer in prime_plan(h.layer_ids, h.engram_vocab_size, h.n_head_per_ngram)]
+
+
+def expected_unique_rows(config: ModelConfig, tokens: int, req: DistRequest) -> list[float]:
+    """Expected unique rows of each Engram layer touched by ``tokens`` tokens, under ``req``'s model."""
+    out = []
+    for layer in _head_primes(config):
+        reads = tokens * sum(len(heads) for heads in layer)
+        rows = sum(sum(heads) for heads in layer)
+        if req.unique_model == "measured":
+            out.append(min(reads * req.unique_fraction, rows))
+            continue
+        total = 0.0
+        for heads in layer:
+            if req.unique_model == "uniform":
+                distinct = float(tokens)
+            else:
+                distinct = zipf_distinct(tokens, req.zipf_types, req.zipf_s)
+            total += sum(p * -math.expm1(-distinct / p) for p in heads)
+        out.append(total)
+    return out
+
+
+def plan_distributed(config: ModelConfig, req: DistRequest) -> dict[str, Any]:
+    """Per-rank table, optimizer-state and all-to-all bytes of one training step (formulas above)."""
+    from engramlm.dist.rows import shard_ranges
+
+    if config.engram is None:
+        raise ConfigError("engram: this config has no Engram section, so there is no table to plan")
+    d = config.engram.head_dim
+    row_bytes = get_format(DTYPES[req.row_dtype]).row_bytes(d)
+    state_row = 2 * d * 4 + 8 + SLOT_MAP_BYTES  # fp32 exp_avg + exp_avg_sq, int64 count, slot map
+    rows = engram_table_rows(config)
+    n = req.ranks
+    largest = [max(b - a for a, b in itertools.pairwise(shard_ranges(r, n))) for r in rows]
+    local_tokens = req.batch / n
+    unique = expected_unique_rows(config, local_tokens, req)
+    heads = config.engram.hash.heads_per_layer
+    reads = local_tokens * heads * len(rows)
+    u = sum(unique)
+    fwd_ids, fwd_rows, bwd_rows = u * ID_BYTES, u * row_bytes, u * row_bytes
+    counts = 2 * n * ID_BYTES * len(rows)  # counts out and in, per layer (forward only)
+    sent = fwd_ids + fwd_rows + bwd_rows
+    wire = sent * (n - 1) / n
+    flops = 6 * count_parameters(config).p_act * local_tokens
+    compute_s = flops / (req.accel_flops * req.mfu)
+    links = []
+    for gbps in req.links_gbps:
+        t = wire / (gbps * 1e9 / 8)
+        links.append({"gbps": gbps, "exchange_s": t, "exchange_over_compute": t / compute_s, "hidden": t <= compute_s})
+    return {
+        "config": config.name,
+        "ranks": n,
+        "batch_tokens": req.batch,
+        "tokens_per_rank": local_tokens,
+        "row_dtype": get_format(DTYPES[req.row_dtype]).name,
+        "row_bytes": row_bytes,
+        "table_rows_per_rank": sum(largest),
+        "table_bytes_per_rank": sum(largest) * row_bytes,
+        "optimizer_state_bytes_per_rank": sum(largest) * state_row,  # every owned row touched (the long-run bound)
+        "optimizer_state_bytes_per_row": state_row,
+        "unique_model": {
+            "name": req.unique_model,
+            **({"unique_fraction": req.unique_fraction} if req.unique_model == "measured" else {}),
+            **({"zipf_s": req.zipf_s, "zipf_types": req.zipf_types} if req.unique_model == "zipf" else {}),
+        },
+        "per_rank_step": {
+            "row_reads": reads,
+            "unique_rows": u,
+            "unique_rows_per_layer": unique,
+            "unique_fraction": u / reads,
+            "forward_ids_bytes": fwd_ids,
+            "forward_rows_bytes": fwd_rows,
+            "forward_bytes": fwd_ids + fwd_rows,
+            "backward_bytes": bwd_rows,
+            "count_bytes": counts,
+            "bytes_sent": sent,
+            "bytes_off_rank": wire,
+        },
+        "all_to_all_bytes_per_step": sent * n,
+        "compute": {"flops_per_rank": flops, "accel_flops": req.accel_flops, "mfu": req.mfu, "seconds": compute_s},
+        "links": links,
+        "break_even_gbps": wire * 8 / compute_s / 1e9,
+    }
+
+
+def format_distributed(p: dict[str, Any]) -> str:
+    """The distributed view as terminal lines (decimal units)."""
+    s = p["per_rank_step"]
+    model = p["unique_model"]
+    extra = {k: v for k, v in model.items() if k != "name"}
+    lines = [
+        f"distributed: {p['ranks']} ranks, {p['batch_tokens']:,} tokens/step ({p['tokens_per_rank']:,.0f} per rank),"
+        f" {p['row_dtype']} rows of {p['row_bytes']} B",
+        f"  per rank: table {_size(p['table_bytes_per_rank'])} ({p['table_rows_per_rank']:,} rows),"
+        f" sparse Adam state <= {_size(p['optimizer_state_bytes_per_rank'])}",
+        f"  unique rows per rank and step: {s['unique_rows']:,.0f} of {s['row_reads']:,.0f} reads"
+        f" ({s['unique_fraction']:.1%}; model {model['name']}{' ' + str(extra) if extra else ''})",
+        f"  all-to-all per rank and step: forward {_size(s['forward_bytes'])}, backward {_size(s['backward_bytes'])},"
+        f" {_size(s['bytes_off_rank'])} off-rank; all ranks {_size(p['all_to_all_bytes_per_step'])}",
+        f"  compute per rank and step: {p['compute']['seconds'] * 1e3:,.1f} ms (6 P_act FLOPs/token at"
+        f" {p['compute']['accel_flops'] / 1e12:,.0f} TFLOP/s x MFU {p['compute']['mfu']:g})",
+    ]
+    for link in p["links"]:
+        lines.append(
+            f"  {link['gbps']:>6g} Gb/s: exchange {link['exchange_s'] * 1e3:,.1f} ms"
+            f" = {link['exchange_over_compute']:.2f}x compute ({'hidden' if link['hidden'] else 'NOT hidden'})"
+        )
+    lines.append(f"  hidden behind compute from {p['break_even_gbps']:,.1f} Gb/s per rank")
     return "\n".join(lines)

@@ -22,6 +22,31 @@ from pathlib import Path
 from typing import Any
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    """``8,64,512`` -> [8, 64, 512]; a bad entry is a ConfigError naming ``option``."""
+    from engramlm.errors import ConfigError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option}: must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str, option: str) -> list[float]:
+    from engramlm.errors import ConfigError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{option}: must be comma-separated numbers > 0, got {text!r}")
+    return values
+
+
 def _at_least(low: int):
     """An argparse type: an int >= ``low`` (argparse names the option in its error)."""
 
@@ -131,6 +156,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-bytes-per-s", type=float, default=None, help="override the tier's reference bandwidth")
     p.add_argument("--ref-iops", type=float, default=None, help="override the tier's reference IOPS")
     p.add_argument("--cache-mb", type=float, default=0.0, help="hot-row cache budget of the placement, MiB (0 = none)")
+    p.add_argument(
+        "--seq-len",
+        type=_at_least(1),
+        default=None,
+        help="--batch counts sequences of this many tokens (tokens per step = batch x seq-len)",
+    )
+    d = p.add_argument_group("distributed view (training with tables row-sharded over ranks)")
+    d.add_argument("--ranks", default=None, help="comma-separated rank counts, e.g. 8,64,512 (default: no view)")
+    d.add_argument("--row-dtype", default="fp32", help="dtype of the trained rows the exchange moves (default fp32)")
+    d.add_argument("--unique-model", default="uniform", help="uniform (worst case) | zipf | measured")
+    d.add_argument(
+        "--unique-fraction",
+        type=float,
+        default=None,
+        help="measured unique rows / row reads of one rank's local batch (--unique-model measured)",
+    )
+    d.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of n-gram draws (--unique-model zipf)")
+    d.add_argument("--zipf-types", type=int, default=10**9, help="n-gram types of the Zipf law (--unique-model zipf)")
+    d.add_argument("--links-gbps", default="25,50,100,400", help="per-rank link speeds to time the exchange at, Gb/s")
+    d.add_argument("--accel-tflops", type=float, default=989.0, help="accelerator dense rate, TFLOP/s (H100 bf16)")
+    d.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation of that rate (default 0.4)")
     p.add_argument("--out", default=None, help="also write plan.json into this directory (default: print only)")
     p.set_defaults(func=_leaves_nothing_on_failure(run_plan))
 
@@ -390,16 +436,24 @@ def run_cka(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from engramlm.analysis.planner import PlanRequest, format_plan, plan
+    from engramlm.analysis.planner import (
+        DistRequest,
+        PlanRequest,
+        format_distributed,
+        format_plan,
+        plan,
+        plan_distributed,
+    )
     from engramlm.models.build import resolve_config
     from engramlm.utils.io import atomic_write_json
 
     config = resolve_config(args.target)
     dtype = args.dtype or (config.engram.table_dtype if config.engram is not None else "fp32")
+    tokens = args.batch * (args.seq_len or 1)
     req = PlanRequest(
         dtype=dtype,
         tier=args.tier,
-        batch=args.batch,
+        batch=tokens,
         tokens_per_s=args.tokens_per_s,
         dedup=args.dedup,
         page_bytes=args.page_bytes,
@@ -407,8 +461,27 @@ def run_plan(args: argparse.Namespace) -> int:
         reference_iops=args.ref_iops,
         cache_bytes=int(args.cache_mb * (1 << 20)),
     )
+    dreqs = [
+        DistRequest(
+            ranks=ranks,
+            batch=tokens,
+            row_dtype=args.row_dtype,
+            unique_model=args.unique_model,
+            unique_fraction=args.unique_fraction,
+            zipf_s=args.zipf_s,
+            zipf_types=args.zipf_types,
+            links_gbps=tuple(_float_list(args.links_gbps, "--links-gbps")),
+            accel_flops=args.accel_tflops * 1e12,
+            mfu=args.mfu,
+        )
+        for ranks in (_int_list(args.ranks, "--ranks") if args.ranks is not None else [])
+    ]  # every request checked before anything prints
     result = plan(config, req)
     print(format_plan(result))
+    if dreqs:
+        result["distributed"] = [plan_distributed(config, d) for d in dreqs]
+        for view in result["distributed"]:
+            print("\n" + format_distributed(view))
     if args.out is not None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(args.out) / "plan.json", result)

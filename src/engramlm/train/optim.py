@@ -51,7 +51,8 @@ def split_parameters(model: EngramLM) -> tuple[dict[str, nn.Parameter], dict[str
 class OptimizerSet:
     """Muon, AdamW and sparse table Adam driven together; ``set_lr(mult)`` then ``step()``."""
 
-    def __init__(self, model: EngramLM, cfg: OptimConfig) -> None:
+    def __init__(self, model: EngramLM, cfg: OptimConfig, process_group: Any = None) -> None:
+        """``process_group``: data-parallel ranks that share Muon's Newton-Schulz work (None: one process)."""
         self.cfg = cfg
         muon, adamw, tables = split_parameters(model)
         for t in tables.values():
@@ -61,7 +62,7 @@ class OptimizerSet:
             muon = {}
         self.muon_names, self.adamw_names = list(muon), list(adamw)
         self.muon = Muon(list(muon.values()), lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                         ns_steps=cfg.muon_ns_steps) if muon else None  # fmt: skip
+                         ns_steps=cfg.muon_ns_steps, process_group=process_group) if muon else None  # fmt: skip
         decay = [p for p in adamw.values() if p.dim() >= 2]
         no_decay = [p for p in adamw.values() if p.dim() < 2]
         groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
