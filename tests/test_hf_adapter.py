@@ -256,3 +256,45 @@ def test_bad_arguments_are_one_clear_error(tok) -> None:
         add_engram(ok, tok, layers=[1])
     with pytest.raises(ConfigError, match="input_ids"):
         ok(inputs_embeds=torch.zeros(1, 3, 32))
+
+
+def test_readme_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python example, as written, on a prepared corpus standing in for runs/data/sotu."""
+    import re
+
+    from engramlm.data import prepare
+
+    blocks = [
+        b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "add_engram(" in b
+    ]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    prepare("stdlib", tmp_path / "runs/data/sotu", 400, max_bytes=40_000, progress=False, log=lambda s: None)
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    trained = ns["model"].engram_adapter
+    assert ns["opt"].sparse.state[1].n > 0  # the tables were stepped sparsely
+    again = transformers.LlamaForCausalLM(ns["config"])
+    loaded = load_engram(again, ns["tok"], tmp_path / "runs/llama_engram")
+    for k, v in trained.blocks.state_dict().items():
+        assert torch.equal(loaded.blocks.state_dict()[k], v), k
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok, texts: list[str]) -> None:
+    """HF recomputes a checkpointed layer through its ``__call__``: the Engram pre-hook runs again, same rows."""
+
+    def grads(checkpointing: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        model = _model("llama", len(tok)).train()
+        _randomise(add_engram(model, tok, layers=[1], seed=0))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        opt, _ = engram_optimizers(model, lr=1e-3)
+        ids = torch.tensor([tok.encode(texts[0][:400])])
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], opt._gathered[0].leaf.grad
+
+    dense, rows = grads(False)
+    dense_gc, rows_gc = grads(True)
+    assert len(dense) == len(dense_gc) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(dense, dense_gc, strict=True))
+    assert torch.allclose(rows, rows_gc, atol=1e-6) and rows.abs().sum() > 0
