@@ -298,3 +298,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, texts: list[str]) 
     assert len(dense) == len(dense_gc) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(dense, dense_gc, strict=True))
     assert torch.allclose(rows, rows_gc, atol=1e-6) and rows.abs().sum() > 0
+
+
+def test_left_padded_batched_generate_equals_each_prompt_alone(tok, texts: list[str]) -> None:
+    model = _model("llama", len(tok), seed=2)
+    _randomise(add_engram(model, tok, layers=[1], seed=0))
+    prompts = [texts[0][:160], texts[1][:60]]
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        assert (enc.attention_mask == 0).any()  # the short prompt is left-padded
+        batch = model.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        for i, p in enumerate(prompts):
+            alone = model.generate(**tok([p], return_tensors="pt"), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            assert batch[i, -8:].tolist() == alone[0, -8:].tolist()
+    finally:
+        tok.padding_side = "right"
