@@ -763,6 +763,46 @@ def muon_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- lm-eval on the head-to-head arms
+
+
+def _lm(v: float, sign: str = "") -> str:
+    """4 decimals for bits per byte and accuracy, 1 for perplexities in the thousands."""
+    return format(v, f"{sign},.1f" if abs(v) >= 100 else f"{sign}.4f")
+
+
+def lm_eval_h2h_table(doc: dict[str, Any]) -> list[str]:
+    """The head-to-head arms scored by lm-evaluation-harness on the offline tasks, with paired seed diffs."""
+    s, metrics = doc["settings"], doc["metrics"]
+    keys = [f"{m['task']}:{m['metric']}" for m in metrics]
+    names = [f"{m['task']} {m['metric'].split(',')[0]} ({'↓' if m['lower_is_better'] else '↑'})" for m in metrics]
+    lines = [
+        f"**Head-to-head arms through lm-evaluation-harness {s['lm_eval']}**, size `{doc['size']}` (the arms of "
+        f"`bench_head_to_head`, windows of {s['seq']} tokens), seeds {', '.join(map(str, s['seeds']))}, mean ± std; "
+        f"tasks built offline from the corpus's held-out split (cloze/code: up to {s['max_examples']} examples"
+        + (f", `--limit {s['limit']}`" if s.get("limit") else "")
+        + ").",
+        "",
+        "| corpus | arm | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for corpus, c in doc["corpora"].items():
+        for arm in _ordered(c["arms"], H2H_ARMS):
+            sc = c["arms"][arm]["scores"]
+            lines.append(
+                f"| {corpus} | {H2H_ARMS.get(arm, arm)} | "
+                + " | ".join(f"{_lm(sc[k]['mean'])} ± {_lm(sc[k]['std'])}" for k in keys)
+                + " |"
+            )
+        for pair, d in c["paired_diff"].items():
+            lines.append(
+                f"| {corpus} | {pair.replace('_minus_', ' − ')} (paired) | "
+                + " | ".join(f"{_lm(d[k]['mean'], '+')} ± {_lm(d[k]['std'])}" for k in keys)
+                + " |"
+            )
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -776,6 +816,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "depth": depth_table,
     "distributed": distributed_table,
     "muon": muon_table,
+    "lm_eval_h2h": lm_eval_h2h_table,
 }
 KINDS = tuple(RENDERERS)
 

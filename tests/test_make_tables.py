@@ -248,3 +248,18 @@ def test_muon_optimizer_share_per_variant(grouped) -> None:
 
 def _pct(q: float) -> str:
     return f"{q * 100:.1f}%"
+
+
+def test_lm_eval_h2h_every_arm_and_pair_reaches_the_table(grouped) -> None:
+    for doc in grouped["lm_eval_h2h"]:
+        body = _one("lm_eval_h2h", doc)
+        keys = [f"{m['task']}:{m['metric']}" for m in doc["metrics"]]
+        for corpus, c in doc["corpora"].items():
+            for arm, a in c["arms"].items():
+                row = next(line for line in body.splitlines() if line.startswith(f"| {corpus} | {mt.H2H_ARMS[arm]} |"))
+                for k in keys:
+                    assert f"{mt._lm(a['scores'][k]['mean'])} ± {mt._lm(a['scores'][k]['std'])}" in row
+                    assert len(a["runs"]) == len(doc["settings"]["seeds"])
+            for pair, d in c["paired_diff"].items():
+                row = next(line for line in body.splitlines() if f"{pair.replace('_minus_', ' − ')} (paired)" in line)
+                assert all(f"{mt._lm(d[k]['mean'], '+')}" in row for k in keys)

@@ -38,6 +38,8 @@ TINY_TRAIN = (
 # The quickstart job on a 60 kB slice of the stdlib with a 400-id tokenizer (the model's vocab to match).
 QUICKSTART = (*TINY_TRAIN, "steps=2", "data.max_bytes=60000", "data.vocab_size=400", "model.overrides.vocab_size=400")
 SOTU = (*TINY_TRAIN, "tokens=128", "model.overrides.vocab_size=400")
+# `eval --tasks` on 2 examples per task, 64-token windows.
+LM_EVAL_TASKS = ("--limit", "2", "--max-examples", "4", "--seq-len", "64", "--split", "test")
 
 # README line -> arguments appended so that it runs in seconds here.
 QUICK: dict[str, tuple[str, ...]] = {
@@ -51,6 +53,9 @@ QUICK: dict[str, tuple[str, ...]] = {
     "engramlm plot runs/sotu_dense runs/sotu_moe runs/sotu_engram_moe -o loss.png": (),
     "engramlm export-hf runs/quickstart runs/quickstart-hf": (),
     "engramlm store build runs/quickstart-hf --out runs/quickstart-hf-store": ("--no-progress",),
+    # the stand-in slice's test split holds Python functions for engram_code (its val split has none)
+    "engramlm eval runs/sotu_engram_moe --data runs/data/sotu --tasks engramlm --task-dir runs/lm_eval_tasks "
+    "--output runs/sotu_engram_moe/lm_eval.json": LM_EVAL_TASKS,
     # inline commands without placeholders
     "engramlm data prepare --source stdlib --out data/stdlib": ("--max-bytes", "40000", "--vocab-size", "400"),
     'engramlm hash --preset deepseek-v4.1 --text "Milky Way" --json': (),
@@ -68,6 +73,9 @@ NOT_RUN: dict[str, str] = {
     "in for it, and the `dir:PATH` form the comment offers is run by test_data_prepare_dir_source",
     "engramlm analyze logit-lens": "names the instrument in prose; its arguments are checked as a synopsis",
     "engramlm store build": "names the command in prose; `store build RUN --out DIR` is checked as a synopsis",
+    "python -m engramlm.hf.harness run --model engramlm --model_args run=runs/sotu_engram_moe --tasks engram_cloze "
+    "--include_path runs/lm_eval_tasks --device cpu": "lm-eval's CLI indexes its 13,883 task files (about a minute "
+    "here); tests/test_hf_harness.py::test_lm_eval_cli_with_the_engramlm_model runs it (slow)",
 }
 # Runs the plot line needs besides the README's own sotu_engram_moe (the comment's "or sotu_dense / sotu_moe").
 PLOT_PREREQUISITES = ("configs/sotu_dense.toml", "configs/sotu_moe.toml")

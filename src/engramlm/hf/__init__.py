@@ -5,6 +5,10 @@ Light on purpose: importing ``engramlm.hf`` imports no transformers. The names b
 :mod:`engramlm.hf.modeling`, whose import registers ``model_type = "engramlm"`` with ``AutoConfig`` and
 ``AutoModelForCausalLM`` (so ``from engramlm.hf import EngramForCausalLM`` before
 ``AutoModelForCausalLM.from_pretrained(OUT)``); ``export_hf`` writes an export (:mod:`engramlm.hf.export`).
+
+:mod:`engramlm.hf.adapter`: Engram added to an existing HF causal LM (``add_engram``, ``engram_optimizers``,
+``save_engram`` / ``load_engram``). :mod:`engramlm.hf.harness`: the ``engramlm`` model for
+lm-evaluation-harness and the offline tasks built from prepared corpora (:mod:`engramlm.hf.evaltasks`).
 """
 
 from __future__ import annotations
