@@ -75,17 +75,24 @@ def run(args: argparse.Namespace) -> int:
         trainer.request_stop()
 
     signal.signal(signal.SIGINT, on_sigint)
+    clean = False
     try:
         summary = trainer.fit()
+        clean = True
     except TrainingInterrupted as exc:
-        print(
-            f"engramlm: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; continue with: "
-            f"engramlm train --resume {exc.run_dir}",
-            file=sys.stderr,
-        )
+        clean = True
+        if trainer.main:
+            print(
+                f"engramlm: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; continue with: "
+                f"engramlm train --resume {exc.run_dir}",
+                file=sys.stderr,
+            )
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
+        trainer.close(clean=clean)  # under torchrun: leave the process group (after a barrier when clean)
+    if not trainer.main:  # under torchrun, rank 0 alone reports
+        return 0
     print(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False))
     last = summary.get("eval")
     if last is not None and not last.get("full_sweep", True):  # say which held-out figure this is
