@@ -39,7 +39,7 @@ from engramlm.data import prepare
 from engramlm.models.locate import list_checkpoints, load_trained_model
 from engramlm.train import Trainer, load_checkpoint, load_train_config, read_metrics
 
-pytestmark = pytest.mark.slow  # five torchrun jobs: ~1 min on 2 shared cores
+slow = pytest.mark.slow  # the fixture runs four torchrun jobs: ~1 min of CPU on 2 shared cores
 
 STEPS, EVERY = 12, 4
 TOML = f"""
@@ -148,6 +148,7 @@ def _assert_close_losses(got: dict, want: dict, steps: range) -> None:
         torch.testing.assert_close(got[("train", step)], want[("train", step)], rtol=2e-6, atol=0)
 
 
+@slow
 def test_two_ranks_match_one_process(runs: dict[str, Any]) -> None:
     one, two = _train(runs["one"]), _train(runs["two"])
     assert sorted(one) == sorted(two)
@@ -181,6 +182,7 @@ def test_two_ranks_match_one_process(runs: dict[str, Any]) -> None:
         assert torch.equal(rows, torch.sort(rows).values)
 
 
+@slow
 def test_metrics_report_the_exchange(runs: dict[str, Any]) -> None:
     recs = [r for r in read_metrics(runs["two"]) if r["kind"] == "train"]
     assert len(recs) == STEPS
@@ -196,6 +198,7 @@ def test_metrics_report_the_exchange(runs: dict[str, Any]) -> None:
     assert not (runs["two"] / "checkpoints" / "metrics.jsonl").exists()
 
 
+@slow
 def test_kill_one_rank_then_resume_reproduces_the_run(runs: dict[str, Any]) -> None:
     killed_at = runs["killed_at"]
     assert EVERY < killed_at < STEPS
@@ -205,6 +208,7 @@ def test_kill_one_rank_then_resume_reproduces_the_run(runs: dict[str, Any]) -> N
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+@slow
 def test_resume_with_other_rank_counts(runs: dict[str, Any]) -> None:
     two = _train(runs["two"])
     for name in ("three", "single"):  # 2 -> 3 ranks (uneven rows) and 2 -> 1 process
@@ -215,6 +219,7 @@ def test_resume_with_other_rank_counts(runs: dict[str, Any]) -> None:
     assert state["shards"]["bounds"]["1"] == [0, 2721, 5442, 8162]
 
 
+@slow
 def test_sharded_checkpoint_is_an_ordinary_model(runs: dict[str, Any], tmp_path: Path) -> None:
     """``load_trained_model`` and ``engramlm store build`` read a checkpoint that 2 ranks wrote."""
     trained = load_trained_model(runs["two"])  # sha256 of every file checked
@@ -226,3 +231,21 @@ def test_sharded_checkpoint_is_an_ordinary_model(runs: dict[str, Any], tmp_path:
     tables = open_store_dir(tmp_path / "store", "memory")
     ids = torch.tensor([0, 4080, 4081, 8161])  # both sides of the rank boundary
     assert torch.equal(tables[1].gather(ids), table[ids])
+
+
+def test_rank_slices_tile_the_global_batch(tmp_path: Path) -> None:
+    """Each rank's batch is a contiguous slice of the one global batch, for any number of ranks."""
+    from engramlm.data.dataset import TokenDataset
+    from engramlm.data.loader import BatchLoader
+    from engramlm.errors import ConfigError
+
+    prepare("stdlib", tmp_path / "prep", 300, max_bytes=20_000, progress=False)
+    data = TokenDataset(tmp_path / "prep", "train")
+    whole = BatchLoader(data, 5, 16, seed=2).batch_at(7)
+    for world in (2, 3, 5):
+        parts = [BatchLoader(data, 5, 16, seed=2, part=(r, world)).batch_at(7) for r in range(world)]
+        assert [len(p["input_ids"]) for p in parts] == [5 // world + (r < 5 % world) for r in range(world)]
+        for key in ("input_ids", "targets", "doc_start", "loss_mask"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), whole[key])
+    with pytest.raises(ConfigError, match="cannot be split over 6 ranks"):
+        BatchLoader(data, 5, 16, part=(0, 6))

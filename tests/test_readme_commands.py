@@ -62,6 +62,20 @@ NOT_RUN: dict[str, str] = {
     "in for it, and the `dir:PATH` form the comment offers is run by test_data_prepare_dir_source",
     "engramlm analyze logit-lens": "names the instrument in prose; its arguments are checked as a synopsis",
     "engramlm store build": "names the command in prose; `store build RUN --out DIR` is checked as a synopsis",
+    **{
+        line: "runs several processes under torchrun; tests/test_dist_train.py runs the same torchrun commands "
+        "(2 and 3 ranks, --resume, one-process resume and store build of a sharded run) on a tiny config"
+        for line in (
+            "torchrun --standalone --nproc-per-node 2 -m engramlm train --config configs/quickstart.toml "
+            "out_dir=runs/quickstart_2r",
+            "torchrun --standalone --nproc-per-node 2 -m engramlm train --config configs/quickstart.toml "
+            "out_dir=runs/quickstart_2r --resume",
+            "torchrun --standalone --nproc-per-node 3 -m engramlm train --config configs/quickstart.toml "
+            "out_dir=runs/quickstart_2r --resume",
+            "engramlm train --config configs/quickstart.toml out_dir=runs/quickstart_2r --resume",
+            "engramlm store build runs/quickstart_2r --out runs/quickstart_2r_store",
+        )
+    },
 }
 # Runs the plot line needs besides the README's own sotu_engram_moe (the comment's "or sotu_dense / sotu_moe").
 PLOT_PREREQUISITES = ("configs/sotu_dense.toml", "configs/sotu_moe.toml")
