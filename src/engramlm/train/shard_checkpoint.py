@@ -134,7 +134,7 @@ def save_sharded_checkpoint(
 
     from engramlm.hashing.artifact import save_layout
     from engramlm.models.locate import checkpoints_dir
-    from engramlm.train.checkpoint import OPTIM_NAME, prune_checkpoints, rng_state
+    from engramlm.train.checkpoint import OPTIM_NAME, _remove, prune_checkpoints, rng_state
 
     root = checkpoints_dir(run_dir)
     final = root / f"step_{step:08d}"
@@ -203,8 +203,8 @@ def save_sharded_checkpoint(
             atomic_write_json(tmp / TRAINER_STATE, doc)
             for d in (tmp / MODEL_SUBDIR, tmp / SHARDS_SUBDIR, tmp):
                 fsync_path(d)
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # a re-run of the same step (e.g. resumed and re-saved): replace it
+                _remove(final, root)
             os.rename(tmp, final)
             fsync_path(root)
             prune_checkpoints(run_dir, step, keep, tmp)
