@@ -7,6 +7,9 @@ bit on CPU (same thread count). Per step: the loader hashes the batch's row ids 
 pipeline; :class:`SparseRowAdam` gathers the rows the batch uses into a leaf tensor passed as
 ``engram_rows``; after backward the global grad norm (dense and row grads) is clipped; Muon,
 AdamW and the sparse Adam step; MoE layers nudge their routing bias (aux-loss-free balancing).
+
+Under ``torchrun`` (world > 1) the same loop runs on every rank with the backbone in DDP and the Engram
+tables sharded by row (:mod:`engramlm.train.distributed`, :mod:`engramlm.train.shard_checkpoint`).
 """
 
 from __future__ import annotations
