@@ -1,6 +1,6 @@
 """`torchrun -m engramlm train` on 2 and 3 real gloo ranks equals one process (issue 13, items 1, 4, 5, 6).
 
-One tiny Engram + MoE model on a prepared stdlib slice (real BPE tokens), the project's optimiser recipe (Muon,
+One tiny Engram model on a prepared stdlib slice (real BPE tokens), the project's optimiser recipe (Muon,
 AdamW, sparse row Adam at 5x LR), 12 steps of a global batch of 4 sequences. The runs:
 
 * ``one``: one process (the in-process :class:`Trainer`), the reference;
@@ -16,6 +16,11 @@ to ~1e-7 relative (asserted 2e-6). Adam and Muon normalise updates, so a coordin
 cancels can take a different-signed step: after 12 steps table rows differ by at most ~1e-5 (an update is
 ~1e-2; asserted 2e-4) and the row moments by ~1e-5 of their scale (asserted 1e-3); which rows have state
 and their update counts agree exactly.
+
+No MoE here: top-k routing is discrete, and at initialisation the router's scores are near-tied, so a 1e-7
+perturbation moves a token to another expert; an Engram + MoE model (3 layers, 4 experts, top 2) measured
+losses within 2e-7 relative for 5 steps, then 1e-6 to 2e-4 once routings had flipped. Its expert counts
+are summed over ranks before the bias update as the code says, but this test cannot tell that from a flip.
 """
 
 from __future__ import annotations
@@ -61,17 +66,12 @@ preset = "tiny"
 [model.overrides]
 vocab_size = 400
 hidden_size = 32
-num_layers = 3
+num_layers = 2
 n_heads = 2
 mlp_hidden = 64
 hc_mult = 1
 "engram.hash.engram_vocab_size" = [997, 997]
 "engram.head_dim" = 8
-[model.overrides.moe]
-n_routed = 4
-top_k = 2
-expert_hidden = 32
-n_dense_layers = 1
 [schedule]
 warmup_steps = 3
 """
@@ -167,8 +167,6 @@ def test_two_ranks_match_one_process(runs: dict[str, Any]) -> None:
     assert sorted(w_one) == sorted(w_two)
     for k in w_one:
         torch.testing.assert_close(w_two[k], w_one[k], rtol=0, atol=2e-4, msg=k)
-    biases = [k for k in w_one if k.endswith("expert_bias")]  # moved by the expert counts summed over ranks
-    assert len(biases) == 2 and all(torch.equal(w_two[k], w_one[k]) for k in biases)
     s_one, s_two = load_checkpoint(final_one).optim_tensors, load_checkpoint(final_two).optim_tensors
     rows_one, rows_two = s_one["sparse/layer1.rows"], s_two["sparse/layer1.rows"]
     o1, o2 = torch.argsort(rows_one), torch.argsort(rows_two)
