@@ -76,6 +76,20 @@ NOT_RUN: dict[str, str] = {
     "python -m engramlm.hf.harness run --model engramlm --model_args run=runs/sotu_engram_moe --tasks engram_cloze "
     "--include_path runs/lm_eval_tasks --device cpu": "lm-eval's CLI indexes its 13,883 task files (about a minute "
     "here); tests/test_hf_harness.py::test_lm_eval_cli_with_the_engramlm_model runs it (slow)",
+    **{
+        line: "runs several processes under torchrun; tests/test_dist_train.py runs the same torchrun commands "
+        "(2 and 3 ranks, --resume, one-process resume and store build of a sharded run) on a tiny config"
+        for line in (
+            "torchrun --standalone --nproc-per-node 2 -m engramlm train --config configs/quickstart.toml "
+            "out_dir=runs/quickstart_2r",
+            "torchrun --standalone --nproc-per-node 2 -m engramlm train --config configs/quickstart.toml "
+            "out_dir=runs/quickstart_2r --resume",
+            "torchrun --standalone --nproc-per-node 3 -m engramlm train --config configs/quickstart.toml "
+            "out_dir=runs/quickstart_2r --resume",
+            "engramlm train --config configs/quickstart.toml out_dir=runs/quickstart_2r --resume",
+            "engramlm store build runs/quickstart_2r --out runs/quickstart_2r_store",
+        )
+    },
 }
 # Runs the plot line needs besides the README's own sotu_engram_moe (the comment's "or sotu_dense / sotu_moe").
 PLOT_PREREQUISITES = ("configs/sotu_dense.toml", "configs/sotu_moe.toml")

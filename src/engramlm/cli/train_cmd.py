@@ -4,6 +4,9 @@ The run directory is locked for the whole process (a second ``train`` on it fail
 directory that already holds a run is refused unless ``--resume`` or ``--overwrite`` (which moves
 the old run aside, never deletes it). Ctrl-C stops after the current step, saves a checkpoint and
 exits 130 with the command that resumes it.
+
+Under ``torchrun --nproc-per-node N -m engramlm train ...`` the same command trains one model on N
+processes (``engramlm.train.distributed``): rank 0 owns the run directory and prints the summary.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def register(subparsers: Any) -> None:
         "train",
         help="train a model from a TOML/YAML config (+ key=value overrides)",
         description="Train per a TrainConfig. Overrides use dotted paths: optim.lr=1e-3 data.batch_size=16 "
-        "model.overrides.hidden_size=128. Checkpoints land in OUT_DIR/checkpoints/step_XXXXXXXX/.",
+        "model.overrides.hidden_size=128. Checkpoints land in OUT_DIR/checkpoints/step_XXXXXXXX/. Under "
+        "`torchrun --nproc-per-node N -m engramlm train ...` it trains on N processes (Engram tables split by row).",
     )
     p.add_argument("--config", help="training config (.toml, .yaml, .yml or .json)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
@@ -75,17 +79,24 @@ def run(args: argparse.Namespace) -> int:
         trainer.request_stop()
 
     signal.signal(signal.SIGINT, on_sigint)
+    clean = False
     try:
         summary = trainer.fit()
+        clean = True
     except TrainingInterrupted as exc:
-        print(
-            f"engramlm: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; continue with: "
-            f"engramlm train --resume {exc.run_dir}",
-            file=sys.stderr,
-        )
+        clean = True
+        if trainer.main:
+            print(
+                f"engramlm: interrupted at step {exc.step}, checkpoint {exc.checkpoint}; continue with: "
+                f"engramlm train --resume {exc.run_dir}",
+                file=sys.stderr,
+            )
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
+        trainer.close(clean=clean)  # under torchrun: leave the process group (after a barrier when clean)
+    if not trainer.main:  # under torchrun, rank 0 alone reports
+        return 0
     print(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False))
     last = summary.get("eval")
     if last is not None and not last.get("full_sweep", True):  # say which held-out figure this is

@@ -78,14 +78,22 @@ class BatchLoader:
         seq_len: int,
         seed: int = 0,
         row_ids_fn: RowIdsFn | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
         _check_shape(dataset, batch_size, seq_len)
+        rank, world = part
+        if not 0 <= rank < world or world > batch_size:
+            raise ConfigError(f"batch_size {batch_size} cannot be split over {world} ranks (rank {rank})")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = int(seed)
         self.row_ids_fn = row_ids_fn
         self.step = 0
+        # data parallelism: rank r reads the contiguous rows [lo, hi) of every global batch (sizes differ by at
+        # most one); the windows, and so the global batch, do not depend on the number of ranks
+        base, extra = divmod(batch_size, world)
+        self.rows = (rank * base + min(rank, extra), (rank + 1) * base + min(rank + 1, extra))
 
     def window_starts(self, step: int) -> np.ndarray:
         """Token offsets of batch ``step``'s windows (uniform, so every window fits)."""
@@ -94,8 +102,8 @@ class BatchLoader:
         return rng.integers(0, high, size=self.batch_size, dtype=np.int64)
 
     def batch_at(self, step: int) -> Batch:
-        """The batch number ``step``; a pure function of (data, seed, shape, step)."""
-        starts = self.window_starts(step)
+        """The batch number ``step`` (this rank's rows of it); a pure function of (data, seed, shape, step)."""
+        starts = self.window_starts(step)[self.rows[0] : self.rows[1]]
         positions = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)
         window = np.asarray(self.dataset.tokens[positions])
         valid = np.ones(positions.shape, dtype=bool)

@@ -16,6 +16,8 @@ Works with gloo on CPU and NCCL on GPU: counts, ids and rows live on ``device``.
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,7 +57,7 @@ class RowShard:
 
     def __post_init__(self) -> None:
         b = tuple(int(x) for x in self.bounds)
-        if len(b) < 2 or b[0] != 0 or any(hi < lo for lo, hi in zip(b, b[1:], strict=False)):
+        if len(b) < 2 or b[0] != 0 or any(hi < lo for lo, hi in itertools.pairwise(b)):
             raise ValueError(
                 f"bounds must start at 0, be non-decreasing and have world+1 >= 2 entries, got {self.bounds!r}"
             )
@@ -105,8 +107,8 @@ class _AllToAllRows(torch.autograd.Function):
     """Rows [sum(in_splits), d] -> [sum(out_splits), d]; backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x, out_splits, in_splits, group, stats=None):  # type: ignore[override]
+        ctx.splits, ctx.group, ctx.stats = (out_splits, in_splits), group, stats
         out = x.new_empty(sum(out_splits), x.shape[1])
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
@@ -114,9 +116,12 @@ class _AllToAllRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         out_splits, in_splits = ctx.splits
+        t0 = time.perf_counter()
         back = grad.new_empty(sum(in_splits), grad.shape[1])
         dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        if ctx.stats is not None:
+            ctx.stats.backward_s += time.perf_counter() - t0
+        return back, None, None, None, None
 
 
 @dataclass
@@ -127,6 +132,25 @@ class ExchangeStats:
     unique_requested: int = 0
     rows_served: int = 0
     bytes_sent: int = 0  # ids out + served rows out, forward only (backward sends the same row bytes back)
+    row_bytes: int = 0  # bytes of one row (d * element size)
+    world: int = 1
+    forward_s: float = 0.0  # wall time in the forward's collectives (counts, ids, rows)
+    backward_s: float = 0.0  # wall time in the backward's row-gradient exchange (set by autograd)
+
+    @property
+    def bytes_received(self) -> int:
+        """Forward: the ids peers asked for, and the rows that came back."""
+        return self.rows_served * 8 + self.unique_requested * self.row_bytes
+
+    @property
+    def step_bytes_sent(self) -> int:
+        """Forward and backward: counts, ids, served rows, then the gradients of the rows received."""
+        return 8 * self.world + self.bytes_sent + self.unique_requested * self.row_bytes
+
+    @property
+    def step_bytes_received(self) -> int:
+        """Forward and backward: counts, asked ids, rows back, then the gradients of the rows served."""
+        return 8 * self.world + self.bytes_received + self.rows_served * self.row_bytes
 
 
 def exchange_rows(
@@ -159,6 +183,7 @@ def exchange_rows(
     world = dist.get_world_size(group)
     if world != shard.world:
         raise ValueError(f"the shard bounds describe {shard.world} ranks, the process group has {world}")
+    t0 = time.perf_counter()
     flat = ids.reshape(-1).to(device, torch.int64)
     unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
     if unique.numel() and (int(unique[0]) < 0 or int(unique[-1]) >= shard.num_rows):
@@ -171,13 +196,17 @@ def exchange_rows(
     send, recv = send_counts.tolist(), recv_counts.tolist()
     asked = unique.new_empty(sum(recv))
     dist.all_to_all_single(asked, unique, recv, send, group=group)
+    t_read = time.perf_counter()
     served = read(asked - shard.start)  # [sum(recv), d], owner side
     if served.shape != (asked.numel(), dim):
         raise ValueError(f"local_rows returned {tuple(served.shape)}, expected ({asked.numel()}, {dim})")
-    rows = _AllToAllRows.apply(served, send, recv, group)  # [U, d] in unique order
+    t_rows = time.perf_counter()
+    rows = _AllToAllRows.apply(served, send, recv, group, stats)  # [U, d] in unique order
     if stats is not None:
         stats.ids_requested, stats.unique_requested, stats.rows_served = flat.numel(), unique.numel(), asked.numel()
         stats.bytes_sent = unique.numel() * 8 + served.numel() * served.element_size()
+        stats.row_bytes, stats.world = int(dim) * served.element_size(), world
+        stats.forward_s, stats.backward_s = (t_read - t0) + (time.perf_counter() - t_rows), 0.0
     # F.embedding, not rows[inverse]: deterministic CPU backward (as SparseRowAdam.gather)
     return F.embedding(inverse, rows).reshape(*ids.shape, dim)
 

@@ -133,6 +133,13 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune_checkpoints(run_dir, step, keep, tmp)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], step: int, keep: int, tmp: Path) -> None:
+    """Keep the newest ``keep`` checkpoints at or below ``step``; remove stale temp directories but ``tmp``."""
+    root = checkpoints_dir(run_dir)
     # prune among this run's checkpoints only: one numbered above ``step`` cannot be this run's (the run
     # directory refuses to mix runs, see train.rundir) and must never win over the one just written
     ours = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) <= step]
@@ -141,7 +148,6 @@ def save_checkpoint(
     for stale in root.glob(".tmp-*"):
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def _remove(path: Path, root: Path) -> None:
@@ -151,9 +157,14 @@ def _remove(path: Path, root: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], verify: bool = True, merge_shards: bool = True) -> Checkpoint:
     """Read a training checkpoint (or a run's latest), every file checked against its sha256 when ``verify``;
-    anything corrupt raises :class:`CorruptModelFileError` naming the file."""
+    anything corrupt raises :class:`CorruptModelFileError` naming the file.
+
+    A checkpoint of a row-sharded run (``engramlm.train.shard_checkpoint``) has its tables' optimiser state
+    in one file per rank: ``merge_shards`` gathers it into ``optim_tensors`` as one process saves it (a
+    sharded job reads only its own rows instead and passes False).
+    """
     from safetensors.torch import load
 
     ckpt = resolve_checkpoint(path)
@@ -164,6 +175,13 @@ def load_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
         tensors = load((ckpt / OPTIM_NAME).read_bytes())
     except Exception as exc:
         raise CorruptModelFileError(f"{ckpt / OPTIM_NAME}: not a readable safetensors file ({exc})") from exc
+    if merge_shards and state.get("shards"):
+        from engramlm.train.shard_checkpoint import merged_sparse_state
+
+        try:
+            tensors.update(merged_sparse_state(ckpt, state))
+        except (OSError, ValueError, KeyError) as exc:
+            raise CorruptModelFileError(f"{ckpt}: unreadable row-optimiser shard files ({exc})") from exc
     return Checkpoint(ckpt, state, tensors)
 
 

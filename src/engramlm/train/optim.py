@@ -16,6 +16,7 @@ The learning rates follow :func:`engramlm.train.schedule.lr_multiplier`, set bef
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,12 +52,24 @@ def split_parameters(model: EngramLM) -> tuple[dict[str, nn.Parameter], dict[str
 class OptimizerSet:
     """Muon, AdamW and sparse table Adam driven together; ``set_lr(mult)`` then ``step()``."""
 
-    def __init__(self, model: EngramLM, cfg: OptimConfig, process_group: Any = None) -> None:
-        """``process_group``: data-parallel ranks that share Muon's Newton-Schulz work (None: one process)."""
+    def __init__(
+        self,
+        model: EngramLM,
+        cfg: OptimConfig,
+        tables: dict[int, torch.Tensor] | None = None,
+        process_group: Any = None,
+    ) -> None:
+        """``tables``: the Engram tables the sparse Adam steps instead of the model's (a row-sharded run
+        passes each table's local shard; the model's own tables are then empty placeholders).
+        ``process_group``: data-parallel ranks that share Muon's Newton-Schulz work (None: one process)."""
         self.cfg = cfg
-        muon, adamw, tables = split_parameters(model)
-        for t in tables.values():
+        muon, adamw, model_tables = split_parameters(model)
+        for t in model_tables.values():
             t.requires_grad_(False)
+        if tables is None:
+            tables = model_tables
+        elif set(tables) != set(model_tables):
+            raise ValueError(f"tables cover Engram layers {sorted(tables)}, the model has {sorted(model_tables)}")
         if not cfg.use_muon:
             adamw = {**muon, **adamw}
             muon = {}
@@ -89,8 +102,14 @@ class OptimizerSet:
         leaves = self.sparse.leaves() if self.sparse is not None else []
         return [p for p in self.dense_params + leaves if p.grad is not None]
 
-    def clip(self, max_norm: float | None) -> float:
-        """Global grad norm over dense and sparse-row grads; scales all of them when above ``max_norm``."""
+    def clip(self, max_norm: float | None, reduce_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+        """Global grad norm over dense and sparse-row grads; scales all of them when above ``max_norm``.
+
+        ``reduce_rows``: row-sharded runs, where each rank holds its own rows' grads and identical dense
+        grads: sums the local rows' squared norm over ranks (an all-reduce), so every rank clips alike.
+        """
+        if reduce_rows is not None:
+            return self._clip_sharded(max_norm, reduce_rows)
         grads = [t.grad for t in self.grad_tensors()]
         if not grads:
             return 0.0
@@ -98,6 +117,22 @@ class OptimizerSet:
         if max_norm is not None:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for g in grads:
+                g.mul_(coef.to(g.dtype))
+        self.nonfinite = not bool(torch.isfinite(norm))
+        return float(norm)
+
+    def _clip_sharded(self, max_norm: float | None, reduce_rows: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        dense = [p.grad for p in self.dense_params if p.grad is not None]
+        rows = [t.grad for t in (self.sparse.leaves() if self.sparse is not None else []) if t.grad is not None]
+        zero = torch.zeros((), dtype=torch.float32)
+        sq = [torch.linalg.vector_norm(g.float()).square() for g in dense]
+        dense_sq = torch.stack(sq).sum() if sq else zero
+        rsq = [torch.linalg.vector_norm(g.float()).square() for g in rows]
+        row_sq = reduce_rows((torch.stack(rsq).sum() if rsq else zero).to(dense_sq.device))
+        norm = (dense_sq + row_sq).sqrt()
+        if max_norm is not None:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in dense + rows:
                 g.mul_(coef.to(g.dtype))
         self.nonfinite = not bool(torch.isfinite(norm))
         return float(norm)

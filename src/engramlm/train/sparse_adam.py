@@ -141,17 +141,25 @@ class SparseRowAdam:
 
     def gather(self, row_ids: torch.Tensor, layer_ids: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """``engram_rows`` for the forward pass from row ids [L, B, T, H_e] (L in ``layer_ids`` order)."""
+        self.reset()
+        return {lid: self.gather_layer(lid, row_ids[li]) for li, lid in enumerate(layer_ids)}
+
+    def reset(self) -> None:
+        """Forget the rows gathered so far (a step that was skipped leaves them pending)."""
         self._pending = []
-        rows: dict[int, torch.Tensor] = {}
-        for li, lid in enumerate(layer_ids):
-            ids = row_ids[li].long()
-            unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-            leaf = self.tables[lid].detach().index_select(0, unique).requires_grad_(True)
-            self._pending.append(Gathered(lid, unique, leaf))
-            # F.embedding, not leaf[inverse]: its CPU backward is deterministic with several threads,
-            # while index_put_'s accumulate is not (exact resume needs bitwise-equal row grads).
-            rows[lid] = F.embedding(inverse, leaf)  # [B, T, H_e, d_h]
-        return rows
+
+    def gather_layer(self, layer_id: int, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``[*ids.shape, d_h]`` of one table, added to this step's pending rows (see :meth:`gather`).
+
+        Called once per layer per step; the row owner of a sharded table calls it with the local ids its
+        peers asked for (``engramlm.dist``), and repeats across peers sum in the leaf's gradient.
+        """
+        unique, inverse = torch.unique(ids.long(), sorted=True, return_inverse=True)
+        leaf = self.tables[layer_id].detach().index_select(0, unique).requires_grad_(True)
+        self._pending.append(Gathered(layer_id, unique, leaf))
+        # F.embedding, not leaf[inverse]: its CPU backward is deterministic with several threads,
+        # while index_put_'s accumulate is not (exact resume needs bitwise-equal row grads).
+        return F.embedding(inverse, leaf)  # [*ids.shape, d_h]
 
     def leaves(self) -> list[torch.Tensor]:
         """The current step's row tensors (their ``.grad`` joins the global grad-norm clip)."""

@@ -7,6 +7,9 @@ bit on CPU (same thread count). Per step: the loader hashes the batch's row ids 
 pipeline; :class:`SparseRowAdam` gathers the rows the batch uses into a leaf tensor passed as
 ``engram_rows``; after backward the global grad norm (dense and row grads) is clipped; Muon,
 AdamW and the sparse Adam step; MoE layers nudge their routing bias (aux-loss-free balancing).
+
+Under ``torchrun`` (world > 1) the same loop runs on every rank with the backbone in DDP and the Engram
+tables sharded by row (:mod:`engramlm.train.distributed`, :mod:`engramlm.train.shard_checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from engramlm.data.build import prepare
@@ -33,10 +37,12 @@ from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
 from engramlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from engramlm.train.config import TrainConfig, config_diff
+from engramlm.train.distributed import DistEnv, ShardedTables, Timer, check_world, evaluate_sharded, sum_hook
 from engramlm.train.metrics import MetricsLogger
 from engramlm.train.optim import OptimizerSet
 from engramlm.train.rundir import RunDir
 from engramlm.train.schedule import lr_multiplier
+from engramlm.train.shard_checkpoint import load_sharded_weights, local_sparse_tensors, save_sharded_checkpoint
 from engramlm.utils.io import atomic_write_json
 
 # Config paths that may differ between a checkpoint and the run resuming it: they do not change the
@@ -105,15 +111,37 @@ class Trainer:
         overwrite: bool = False,
         allow_changes: tuple[str, ...] = (),
     ) -> None:
-        self.run = RunDir(config.out_dir, log=_log)  # lock + orphan cleanup before anything reads the directory
+        # under torchrun (several processes): one rank each, rank 0 owns the run directory and the logs
+        self.dist = DistEnv.from_env()
+        self.main = self.dist is None or self.dist.is_main
+        self.run: RunDir | None = None
         self._stop_requested = False
         self.allow_changes = tuple(allow_changes)
         self.skipped = 0  # non-finite steps skipped so far (config.skip_nonfinite), kept in checkpoints
+        self.tables: ShardedTables | None = None
+        self.ddp: torch.nn.Module | None = None
         try:
+            self._on_main(self._lock_run_dir, config.out_dir)  # lock + orphan cleanup before anything reads it
             self._setup(config, resume, overwrite)
         except BaseException:
-            self.run.close()
+            self._close_run()
+            if self.dist is not None:
+                self.dist.close(barrier=False)
             raise
+
+    def _lock_run_dir(self, out_dir: str) -> None:
+        self.run = RunDir(out_dir, log=_log)
+
+    def _on_main(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the process that owns the run directory (rank 0, or the only one); its result
+        and any error reach every rank."""
+        if self.dist is None:
+            return fn(*args)
+        return self.dist.on_main(lambda: fn(*args))
+
+    def _close_run(self) -> None:
+        if self.run is not None:
+            self.run.close()
 
     def _setup(self, config: TrainConfig, resume: bool | str | Path, overwrite: bool) -> None:
         self.config = config
@@ -122,45 +150,82 @@ class Trainer:
         self.run_dir = Path(config.out_dir)
         self.data_dir = Path(config.data.dir)
         if config.data.source is not None:
-            prepare(
-                config.data.source,
-                self.data_dir,
-                config.data.vocab_size,
-                max_bytes=config.data.max_bytes,
-                progress=config.progress,
-                log=lambda msg: print(msg, file=sys.stderr),  # stdout carries the JSON summary
-            )
+
+            def prepare_data() -> None:  # one writer; the other ranks wait for it
+                prepare(
+                    config.data.source,
+                    self.data_dir,
+                    config.data.vocab_size,
+                    max_bytes=config.data.max_bytes,
+                    progress=config.progress,
+                    log=lambda msg: print(msg, file=sys.stderr),  # stdout carries the JSON summary
+                )
+
+            self._on_main(prepare_data)
         self.train_set = open_dataset(self.data_dir, "train")
         self.eval_set = open_dataset(self.data_dir, config.data.eval_split)
         model_cfg, layout = model_for_data(config.model.resolve(), self.data_dir, self.train_set)
         self.model_config = model_cfg
         ckpt: Checkpoint | None = None
+        if self.dist is not None:
+            check_world(config.data.batch_size, self.dist)
         if resume:
-            ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume))
+            ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume), merge_shards=self.dist is None)
             self._check_resume(ckpt, layout)
-        self.aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
+
+        def claim() -> str | None:
+            aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
+            return None if aside is None else str(aside)
+
+        aside = self._on_main(claim)
+        self.aside = None if aside is None else Path(aside)
+        where = "" if self.dist is None else f" on {self.dist.world} ranks (tables sharded by row)"
         if ckpt is None:
-            _log(f"starting a new run in {self.run_dir}")
+            self._log(f"starting a new run in {self.run_dir}{where}")
         else:
-            _log(f"resuming from step {ckpt.step} (checkpoint {ckpt.path})")
+            self._log(f"resuming from step {ckpt.step} (checkpoint {ckpt.path}){where}")
         torch.manual_seed(config.seed)
-        if ckpt is not None:
+        if self.dist is not None:
+            self.model = EngramLM(model_cfg, layout)
+            if layout is not None:
+                self.tables = ShardedTables.cut(self.model, self.dist)
+            if ckpt is not None:
+                load_sharded_weights(self.model, ckpt.model_dir, self.tables)
+        elif ckpt is not None:
             self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)  # load_checkpoint checked it
         else:
             self.model = EngramLM(model_cfg, layout)
         self.model.train()
-        self.optim = OptimizerSet(self.model, config.optim)
+        local = self.tables.local if self.tables is not None else None
+        # Muon's Newton-Schulz work is shared over the data-parallel ranks (each orthogonalises a share, all-gather)
+        group = self.dist.dp_group if self.dist is not None else None
+        self.optim = OptimizerSet(self.model, config.optim, tables=local, process_group=group)
         self.optim.skip_nonfinite = config.skip_nonfinite > 0
+        if self.tables is not None:
+            self.tables.bind(self.optim.sparse.gather_layer)
+        if self.dist is not None:
+            # the replicated backbone: one bucketed gradient all-reduce overlapping the backward. Buffers are
+            # not broadcast: the only changing one (MoE routing bias) moves alike on every rank (counts summed)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=False)
+            self.ddp.register_comm_hook(None, sum_hook)  # each rank's loss is its share of the global mean
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
         hasher = self.model.hasher
         d = config.data
-        self.loader = BatchLoader(self.train_set, d.batch_size, d.seq_len, seed=config.seed, row_ids_fn=hasher)
+        part = (0, 1) if self.dist is None else (self.dist.rank, self.dist.world)
+        self.loader = BatchLoader(
+            self.train_set, d.batch_size, d.seq_len, seed=config.seed, row_ids_fn=hasher, part=part
+        )
         self.eval_loader = EvalLoader(self.eval_set, d.eval_batch_size, d.seq_len, row_ids_fn=hasher)
         self.step = 0
         self.resumed_from: int | None = None
         if ckpt is not None:
+            tensors = ckpt.optim_tensors
+            if self.tables is not None:  # this rank's rows only, from whichever files hold them (re-sharding)
+                dims = {lid: t.shape[1] for lid, t in self.tables.local.items()}
+                tensors = {k: v for k, v in tensors.items() if not k.startswith("sparse/")}
+                tensors.update(local_sparse_tensors(ckpt.path, ckpt.state, ckpt.optim_tensors, self.tables, dims))
             try:
-                self.optim.load_state_tensors(ckpt.optim_tensors, ckpt.state["optimizer"])
+                self.optim.load_state_tensors(tensors, ckpt.state["optimizer"])
             except (KeyError, ValueError) as exc:
                 raise CorruptFileError(f"{ckpt.path}: optimizer state does not fit this model ({exc})") from exc
             self.loader.load_state_dict(ckpt.state["loader"])
@@ -182,9 +247,16 @@ class Trainer:
         if ckpt.state.get("tokenizer_sha256") != self.train_set.manifest.tokenizer.get("sha256"):
             raise ConfigError(f"data.dir: {self.data_dir} has a different tokenizer than checkpoint {ckpt.path}")
 
+    def _log(self, msg: str) -> None:
+        if self.main:
+            _log(msg)
+
     # ---- one step ----------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One optimiser step on ``batch`` (default: the loader's batch for the current step)."""
+        """One optimiser step on ``batch`` (default: the loader's batch for the current step; under
+        torchrun, this rank's slice of it)."""
+        if self.dist is not None:
+            return self._train_step_sharded(batch)
         cfg = self.config
         if batch is None:
             batch = self.loader.batch_at(self.step)
@@ -213,7 +285,72 @@ class Trainer:
             "grad_norm": gnorm,
         }
 
+    def _train_step_sharded(self, batch: dict[str, Any] | None) -> dict[str, Any]:
+        """:meth:`train_step` on this rank's slice of the global batch (see :mod:`engramlm.train.distributed`)."""
+        cfg, env = self.config, self.dist
+        t_start = time.perf_counter()
+        timer = Timer()
+        reduce = timer(env.sum)
+        if batch is None:
+            batch = self.loader.batch_at(self.step)
+        self.loader.step = self.step + 1
+        targets = batch["targets"].masked_fill(~batch["loss_mask"], -100)
+        total = reduce(batch["loss_mask"].sum().reshape(1).to(torch.int64))  # the global batch's scored tokens
+        rows = None
+        if self.tables is not None:
+            self.optim.sparse.reset()
+            rows = self.tables.gather(batch["row_ids"], self.model.layout.layer_ids)
+        engram = self.model.engram_inputs(batch["input_ids"], batch["doc_start"], rows=rows) if rows else None
+        out = self.ddp(batch["input_ids"], engram=engram) if engram is not None else self.ddp(batch["input_ids"])
+        logits = out.logits.float()
+        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                              reduction="sum")  # fmt: skip
+        # this rank's share of the global mean: DDP sums the dense gradients (sum_hook), the exchange the rows'
+        (nll / total.to(nll.dtype)).backward()
+        gnorm = self.optim.clip(cfg.optim.clip, reduce_rows=reduce)
+        mult = lr_multiplier(self.step, cfg.total_steps, cfg.schedule)
+        self.optim.set_lr(mult)
+        applied = self.optim.step()
+        self.optim.zero_grad()
+        if applied and self.moes:  # every rank moves its routing bias by the global expert counts
+            counts = reduce(torch.cat([m.expert_counts for m in self.moes]))
+            for m, c in zip(self.moes, counts.split([m.expert_counts.numel() for m in self.moes]), strict=True):
+                m.expert_counts.copy_(c)
+                m.update_bias()
+        loss = reduce(nll.detach().double().reshape(1)) / float(total)
+        self.step += 1
+        ex = self.tables.step_stats() if self.tables is not None else dict.fromkeys(("sent", "received", "seconds",
+                                                                                     "served"), 0.0)  # fmt: skip
+        comm = ex["seconds"] + timer.seconds
+        per_rank = env.gather_rows([ex["sent"], ex["received"], comm, time.perf_counter() - t_start, ex["served"]])
+        cols = list(zip(*per_rank, strict=True))
+        return {
+            "step": self.step,
+            "kind": "train",
+            "loss": float(loss),
+            "lr": cfg.optim.lr * mult,
+            "grad_norm": gnorm,
+            "exchange_bytes_sent": int(sum(cols[0])),  # all ranks, forward and backward, counts and ids included
+            "exchange_bytes_received": int(sum(cols[1])),
+            "comm_s": max(cols[2]),  # the slowest rank's time in collectives (exchange + small all-reduces)
+            "step_s": max(cols[3]),
+            "compute_s": max(cols[3]) - max(cols[2]),  # DDP's all-reduce overlaps the backward and counts here
+            "ranks": {
+                "exchange_bytes_sent": [int(x) for x in cols[0]],
+                "exchange_bytes_received": [int(x) for x in cols[1]],
+                "comm_s": list(cols[2]),
+                "step_s": list(cols[3]),
+                "rows_served": [int(x) for x in cols[4]],
+            },
+        }
+
     def evaluate(self) -> dict[str, Any]:
+        if self.dist is not None:
+            if self.config.threads is not None:
+                torch.set_num_threads(self.config.threads)
+            return evaluate_sharded(
+                self.model, self.eval_loader, self.tables, self.dist, self.config.data.eval_max_batches
+            )
         return evaluate(self.model, self.eval_loader, self.config.data.eval_max_batches, self.config.threads)
 
     def save(self) -> Path:
@@ -227,18 +364,27 @@ class Trainer:
             "data_content_hash": self.train_set.manifest.content_hash,
             "skipped_nonfinite": self.skipped,
         }
+        if self.dist is not None:
+            dense = {k: v for k, v in tensors.items() if not k.startswith("sparse/")}
+            sparse = {k[7:]: v for k, v in tensors.items() if k.startswith("sparse/")}
+            return save_sharded_checkpoint(self.dist, self.run_dir, self.step, self.model, self.tables, dense, sparse,
+                                           state, self.config.keep_checkpoints)  # fmt: skip
         return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
 
     # ---- run directory and stopping -------------------------------------------------------------
-    def close(self) -> None:
-        """Release the run directory's lock (idempotent; :meth:`fit` does it when it returns)."""
-        self.run.close()
+    def close(self, *, clean: bool = True) -> None:
+        """Release the run directory's lock (idempotent; :meth:`fit` does it when it returns) and, under
+        torchrun, leave the process group: after a barrier when ``clean`` (every rank closes), at once
+        after an error (a peer may be gone)."""
+        self._close_run()
+        if self.dist is not None:
+            self.dist.close(barrier=clean)
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(clean=exc_type is None)
 
     def request_stop(self) -> None:
         """Ask :meth:`fit` to stop after the current step: it saves a checkpoint and raises
@@ -253,7 +399,7 @@ class Trainer:
         limit = self.config.skip_nonfinite
         if self.optim.skip_nonfinite and self.optim.nonfinite and self.skipped < limit:
             self.skipped += 1
-            _log(f"step {rec['step']}: loss {rec['loss']}, grad norm {rec['grad_norm']}: batch skipped, no update "
+            self._log(f"step {rec['step']}: loss {rec['loss']}, grad norm {rec['grad_norm']}: batch skipped, no update "
                  f"({self.skipped} of skip_nonfinite={limit})")  # fmt: skip
             return True
         ckpts = list_checkpoints(self.run_dir)
@@ -278,26 +424,34 @@ class Trainer:
         Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm (that step is neither
         logged nor saved) and :class:`TrainingInterrupted` after :meth:`request_stop`.
         """
-        if not self.run.locked:  # a second fit() of this trainer
-            self.run = RunDir(self.run_dir, log=_log)
+
+        def relock() -> None:  # a second fit() of this trainer
+            if self.run is None or not self.run.locked:
+                self._lock_run_dir(str(self.run_dir))
+
+        self._on_main(relock)
         try:
             return self._fit()
         finally:
-            self.run.close()
+            self._close_run()
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
         total = cfg.total_steps
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         counts = count_parameters(self.model_config)
-        atomic_write_json(
-            self.run_dir / "config.json",
-            {"train": cfg.to_dict(), "model": self.model_config.to_dict(), "params": counts.to_dict()},
-        )
-        logger = MetricsLogger(self.run_dir, self.resumed_from, cfg.tensorboard)
+        logger: MetricsLogger | _NoLogger = _NoLogger()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            doc = {"train": cfg.to_dict(), "model": self.model_config.to_dict(), "params": counts.to_dict()}
+            if self.dist is not None:  # the layout of the job: its ranks and the rows each owns per table
+                doc["distributed"] = {"world": self.dist.world, "rows_per_rank": self.tables.rows_per_rank
+                                      if self.tables is not None else {}}  # fmt: skip
+            atomic_write_json(self.run_dir / "config.json", doc)
+            logger = MetricsLogger(self.run_dir, self.resumed_from, cfg.tensorboard)
         bar = tqdm(
-            total=total, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr
-        )
+            total=total, initial=self.step, disable=not (cfg.progress and self.main), unit="step",
+            dynamic_ncols=True, file=sys.stderr,
+        )  # fmt: skip
         t0, start_step = time.perf_counter(), self.step
         last_eval: dict[str, Any] | None = None
         rec: dict[str, Any] = {}
@@ -305,7 +459,8 @@ class Trainer:
         saved_at = self.resumed_from
         try:
             while self.step < total:
-                if self._stop_requested:
+                stop = self._stop_requested if self.dist is None else self.dist.any(self._stop_requested)
+                if stop:
                     mine = [c for c in list_checkpoints(self.run_dir) if c.name == f"step_{self.step:08d}"]
                     raise TrainingInterrupted(self.step, mine[0] if saved_at == self.step and mine else self.save(),
                                               self.run_dir)  # fmt: skip
@@ -325,7 +480,7 @@ class Trainer:
                 if self.step == total or (cfg.eval_every and self.step % cfg.eval_every == 0):
                     last_eval = {"step": self.step, "kind": "eval", **self.evaluate()}
                     logger.log(last_eval)
-                    if cfg.progress:
+                    if cfg.progress and self.main:
                         bar.write(f"step {self.step}: eval loss {last_eval['loss']:.4f}, bpb {last_eval['bpb']:.4f} "
                                   f"({last_eval['scope']})", file=sys.stderr)  # fmt: skip
                 if self.step == total or self.step % cfg.checkpoint_every == 0:
@@ -351,5 +506,19 @@ class Trainer:
             "wall_s": time.perf_counter() - t0,
             "run_dir": str(self.run_dir),
         }
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.dist is not None:  # the row state of all ranks; each holds only its own rows'
+            summary["sparse_state_bytes"] = int(self.dist.sum(torch.tensor([summary["sparse_state_bytes"]]))[0])
+            summary["world"] = self.dist.world
+        if self.main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+class _NoLogger:
+    """Ranks other than 0 log nothing."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
