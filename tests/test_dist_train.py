@@ -13,8 +13,11 @@ AdamW, sparse row Adam at 5x LR), 12 steps of a global batch of 4 sequences. The
 Tolerances, measured then asserted with margin: the N-rank step computes the same sums in another order (a
 row's gradient is summed per rank then across ranks; DDP sums the dense gradients), so per-step losses agree
 to ~1e-7 relative (asserted 2e-6). Adam and Muon normalise updates, so a coordinate whose gradient nearly
-cancels can take a different-signed step: after 12 steps table rows differ by at most ~1e-5 (an update is
-~1e-2; asserted 2e-4) and the row moments by ~1e-5 of their scale (asserted 1e-3); which rows have state
+cancels can take a different-signed step: after 12 steps almost every table coordinate is within ~1e-5
+(asserted 2e-4) and a few in 10^4 differ by up to one step (an update is ~1.5e-2; asserted <= lr x 5; the
+batched Newton-Schulz chain made 2 of 65,296 coordinates do so, 2.1e-3); the row moments differ by ~5e-4
+relative (Frobenius; asserted 5e-3), single coordinates by up to 3e-3 of the largest (asserted 1e-2); which rows
+have state
 and their update counts agree exactly.
 
 No MoE here: top-k routing is discrete, and at initialisation the router's scores are near-tied, so a 1e-7
@@ -166,7 +169,14 @@ def test_two_ranks_match_one_process(runs: dict[str, Any]) -> None:
     w_one, w_two = load_file(final_one / "model/model.safetensors"), load_file(final_two / "model/model.safetensors")
     assert sorted(w_one) == sorted(w_two)
     for k in w_one:
-        torch.testing.assert_close(w_two[k], w_one[k], rtol=0, atol=2e-4, msg=k)
+        if "engram.embed" not in k:
+            torch.testing.assert_close(w_two[k], w_one[k], rtol=0, atol=2e-4, msg=k)
+            continue
+        # a table coordinate whose gradient nearly cancels can take an opposite-signed Adam step: a handful may
+        # differ by up to one step (lr x engram_lr_mult), the rest stay within 2e-4
+        diff = (w_two[k] - w_one[k]).abs()
+        assert float(diff.max()) <= 3e-3 * 5, k
+        assert int((diff > 2e-4).sum()) <= max(2, diff.numel() // 10_000), k
     s_one, s_two = load_checkpoint(final_one).optim_tensors, load_checkpoint(final_two).optim_tensors
     rows_one, rows_two = s_one["sparse/layer1.rows"], s_two["sparse/layer1.rows"]
     o1, o2 = torch.argsort(rows_one), torch.argsort(rows_two)
@@ -174,7 +184,10 @@ def test_two_ranks_match_one_process(runs: dict[str, Any]) -> None:
     assert torch.equal(s_one["sparse/layer1.count"][o1], s_two["sparse/layer1.count"][o2])
     for k in ("exp_avg", "exp_avg_sq"):
         want = s_one[f"sparse/layer1.{k}"][o1]
-        torch.testing.assert_close(s_two[f"sparse/layer1.{k}"][o2], want, rtol=0, atol=1e-3 * float(want.abs().max()))
+        got = s_two[f"sparse/layer1.{k}"][o2]
+        # measured: 4e-4 / 6e-4 relative (Frobenius), single coordinates up to 3e-3 of the largest
+        assert float((got - want).norm() / want.norm()) <= 5e-3, k
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(want.abs().max()))
 
     # each rank's file holds the state of the rows it owns, and only those
     state = json.loads((final_two / "trainer_state.json").read_text())
