@@ -56,7 +56,9 @@ def model() -> EngramLM:
 def reference(model: EngramLM) -> list[list[int]]:
     """What ``engramlm generate`` computes: Engine.generate, one prompt at a time."""
     with Engine(model) as eng:
-        return [eng.generate([p], SamplingParams(max_new_tokens=m)).tokens[0] for p, m in zip(PROMPTS, MAX_NEW)]
+        return [
+            eng.generate([p], SamplingParams(max_new_tokens=m)).tokens[0] for p, m in zip(PROMPTS, MAX_NEW, strict=True)
+        ]
 
 
 class Collect:
@@ -68,11 +70,11 @@ class Collect:
 
     @property
     def tokens(self) -> list[int]:
-        return [e.token for e in self.events if e.token is not None]
+        return [e.token for e in self.events if e.token is not None and e.finish != "stop"]
 
     @property
     def logprobs(self) -> list[float]:
-        return [e.logprob for e in self.events if e.token is not None]
+        return [e.logprob for e in self.events if e.token is not None and e.finish != "stop"]
 
     @property
     def finish(self) -> str | None:

@@ -44,6 +44,7 @@ COMMAND_MODULES = (
     "engramlm.cli.plot_cmd",
     "engramlm.cli.analyze_cmd",
     "engramlm.cli.generate_cmd",
+    "engramlm.cli.serve_cmd",
 )
 
 EXIT_OS_ERROR = 1
@@ -58,12 +59,16 @@ POSITIVE = frozenset(
         "batch",
         "batch_size",
         "dedup",
+        "max_batch",
         "max_batches",
         "max_bytes",
+        "max_len",
         "max_new_tokens",
+        "max_queue",
         "max_tokens",
         "mooncake_segment_mb",
         "page_bytes",
+        "prefill_tokens",
         "ref_bytes_per_s",
         "ref_iops",
         "seq_len",
@@ -74,7 +79,7 @@ POSITIVE = frozenset(
         "workers",
     }
 )
-NON_NEGATIVE = frozenset({"cache_mb", "seed", "smooth", "temperature", "top_k"})
+NON_NEGATIVE = frozenset({"cache_mb", "drain_timeout", "port", "seed", "smooth", "temperature", "top_k"})
 ANY_VALUE = frozenset({"position"})
 
 

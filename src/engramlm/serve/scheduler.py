@@ -54,7 +54,8 @@ class ShuttingDown(EngramError):
 class Event:
     """What the scheduler tells a request, in order: the prompt's log-probabilities (``echo``), then one
     event per new token, the last one with ``finish`` set ("stop", "length", "error"; "cancelled" for a
-    request whose client went away)."""
+    request whose client went away). With ``finish == "stop"`` the token is the stop token, which ends
+    the sequence and is not part of the output."""
 
     token: int | None = None
     logprob: float | None = None
@@ -125,7 +126,8 @@ class Scheduler:
         if len(req.prompt) + req.max_tokens > self.max_len:
             raise ConfigError(
                 f"This model's maximum context length is {self.max_len} tokens; the request has "
-                f"{len(req.prompt)} prompt tokens and max_tokens {req.max_tokens}: shorten the prompt or lower max_tokens"
+                f"{len(req.prompt)} prompt tokens and max_tokens {req.max_tokens}: "
+                "shorten the prompt or lower max_tokens"
             )
 
     def submit(self, requests: Sequence[Request]) -> None:
@@ -238,7 +240,7 @@ class Scheduler:
                 self._prompt_logprobs(r, logits[i, : len(r.prompt) - 1])
         last = logits[torch.arange(k, device=logits.device), lens.to(logits.device) - 1]
         live = [i for i, r in enumerate(group) if r.max_tokens > 0 and not r.cancelled]
-        for i, r in enumerate(group):
+        for r in group:
             if r.max_tokens == 0:
                 self._finish(r, "length")
             elif r.cancelled:
@@ -310,9 +312,9 @@ class Scheduler:
                     self.metrics.first_token(now - r.submitted)
             stop = tok in r.sampling.stop_tokens
             finish = "stop" if stop else ("length" if r.generated >= r.max_tokens else None)
-            # a stop token ends the sequence and is not part of the output (as Engine.generate)
-            event = Event(None if stop else tok, None if stop else logprob, None if stop else top, finish)
-            r.on_event(event)
+            # a stop token ends the sequence and is not part of the output text (as Engine.generate); its
+            # event still carries it and its log-probability (a scorer counts positions, as vLLM reports it)
+            r.on_event(Event(tok, logprob, top, finish))
             if finish is not None:
                 r.done = True
                 if self.metrics is not None:
