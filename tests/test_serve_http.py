@@ -316,3 +316,57 @@ def test_sigterm_drains_in_flight_requests_and_exits(saved) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+LMEVAL_DOCS = [
+    {"question": "The hashed n-gram", "choices": ["tables", "rows", "store"], "answer": 0},
+    {"question": "Engram layers read rows from", "choices": ["a store", "the tokenizer"], "answer": 0},
+    {"question": "The decode cache keeps", "choices": ["keys and values", "prefill", "tier"], "answer": 1},
+]
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_loglikelihoods_offline(server, saved, tmp_path) -> None:
+    """lm-evaluation-harness's ``local-completions`` (remote tokenizer: /tokenizer_info, /tokenize) scores a
+    local multiple-choice task through /v1/completions echo + logprobs; each log-likelihood equals one forward."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    url, served = server
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in LMEVAL_DOCS), encoding="utf-8")
+    (tmp_path / "tiny.yaml").write_text(
+        f"task: engram_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n",
+        encoding="utf-8",
+    )
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{url}/v1/completions",
+            "model": "tiny",
+            "tokenizer_backend": "remote",
+            "num_concurrent": 2,
+            "max_retries": 1,
+        },
+        tasks=["engram_tiny_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
+    model = load_pretrained(saved["model"]).eval()
+    right = 0
+    for sample in out["samples"]["engram_tiny_mc"]:
+        doc = sample["doc"]
+        scores = []
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"], strict=True):
+            ctx = served.encode(context, special=False)  # lm-eval's split: encode the whole, cut at the context
+            whole = served.encode(context + continuation, special=False)
+            ids = ctx + whole[len(ctx) :]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            want = float(lp[torch.arange(len(ctx) - 1, len(ids) - 1), torch.tensor(ids[len(ctx) :])].sum())
+            assert resp[0][0] == pytest.approx(want, abs=1e-3)
+            scores.append(want)
+        right += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    assert out["results"]["engram_tiny_mc"]["acc,none"] == pytest.approx(right / len(LMEVAL_DOCS))
