@@ -61,7 +61,7 @@ def _error_response(exc: APIError) -> JSONResponse:
 
 COMMON = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "stop", "n",
-    "user", "presence_penalty", "frequency_penalty", "logit_bias",
+    "user", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos",
 }  # fmt: skip
 COMPLETION_KEYS = COMMON | {"prompt", "echo", "logprobs", "best_of", "suffix"}
 CHAT_KEYS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
@@ -151,11 +151,15 @@ class _Params:
         self.include_usage = bool(opts.get("include_usage", False))
         self.stops = _stops(body)
         self.max_len = max_len
+        ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: always generate max_tokens (benchmarks)
+        if not isinstance(ignore_eos, bool):
+            raise APIError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
+        self.ignore_eos = ignore_eos
 
     def sampling(self, served: Served, max_tokens: int) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max(1, max_tokens), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            stop_tokens=served.eos, seed=self.seed,
+            stop_tokens=() if self.ignore_eos else served.eos, seed=self.seed,
         )  # fmt: skip
 
 
