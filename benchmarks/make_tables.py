@@ -718,7 +718,9 @@ def serve_table(doc: dict[str, Any]) -> list[str]:
             if x is None:
                 continue
             b = base.get(str(n))
-            ratio = f"{x['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}×" if b and name != "hf_generate" else "—"
+            ratio = (
+                f"{x['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}×" if b and name != "hf_generate" else "—"
+            )
             sh = x.get("time_shares")
             shares = "—" if not sh else f"{sh['prefill']:.0%} / {sh['decode']:.0%} / {sh['row_wait']:.1%}"
             batch = "—" if not sh else f"{sh['mean_batch']:.1f}"

@@ -64,8 +64,8 @@ NOT_RUN: dict[str, str] = {
     "engramlm store build": "names the command in prose; `store build RUN --out DIR` is checked as a synopsis",
     "engramlm serve runs/quickstart --port 8000 --max-batch 16": "starts a server that runs until stopped; "
     "tests/test_serve_http.py runs `engramlm serve` in a subprocess and drives it with real clients",
-    "curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{\"model\": \"quickstart\", "
-    "\"prompt\": \"def read_config(path):\", \"max_tokens\": 24, \"temperature\": 0}'": "needs the server above; "
+    'curl -s localhost:8000/v1/completions -H \'content-type: application/json\' -d \'{"model": "quickstart", '
+    '"prompt": "def read_config(path):", "max_tokens": 24, "temperature": 0}\'': "needs the server above; "
     "tests/test_serve_http.py sends the same requests",
     "lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,model=quickstart,"
     "tokenizer_backend=remote --tasks TASK --include_path DIR": "needs the server above and a task; "

@@ -142,6 +142,11 @@ def test_openai_client_completions_equal_generate_alone_and_in_a_concurrent_batc
 
     texts = asyncio.run(concurrent())
     assert texts == [served.decode(reference[p]) for p in PROMPTS]
+    # a stop string ends the text before it (and frees the sequence)
+    full = served.decode(reference[PROMPTS[2]])
+    stop = full[len(full) // 2 :][:3]
+    out = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=12, temperature=0, stop=[stop])
+    assert out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
 
 
 def test_chat_streaming_equals_non_streaming_with_the_plain_template(server) -> None:
@@ -277,6 +282,7 @@ def test_full_queue_gets_429_with_retry_after_and_store_tier_serves_the_same(sav
     served.close()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits(saved) -> None:
     import os
     import signal
