@@ -25,26 +25,25 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from engramlm.errors import ConfigError
-from engramlm.infer.sampling import SamplingParams
 from engramlm.serve.metrics import ServeMetrics
+from engramlm.serve.protocol import (
+    CHAT_KEYS,
+    COMPLETION_KEYS,
+    MAX_LOGPROBS,
+    MAX_TOP_LOGPROBS,
+    RETRY_AFTER_S,
+    APIError,
+    Params,
+    check_keys,
+    integer,
+    max_tokens_of,
+    parse_json,
+    prompts_of,
+    render_messages,
+)
 from engramlm.serve.scheduler import Event, QueueFull, Scheduler, ShuttingDown
 from engramlm.serve.scheduler import Request as SeqRequest
-from engramlm.serve.served import PLAIN_CHAT_JINJA, Served, render_plain_chat
-
-RETRY_AFTER_S = 1
-MAX_LOGPROBS = 5  # legacy completions: top-n per token (OpenAI's limit)
-MAX_TOP_LOGPROBS = 20  # chat completions
-
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = (
-            status, message, type, param, code, headers,
-        )  # fmt: skip
+from engramlm.serve.served import PLAIN_CHAT_JINJA, Served
 
 
 def _error(status: int, message: str, **kw: Any) -> JSONResponse:
@@ -55,136 +54,6 @@ def _error(status: int, message: str, **kw: Any) -> JSONResponse:
 def _error_response(exc: APIError) -> JSONResponse:
     body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
-
-
-# ---- request parsing ------------------------------------------------------------------------------
-
-COMMON = {
-    "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "stop", "n",
-    "user", "presence_penalty", "frequency_penalty", "logit_bias", "ignore_eos",
-}  # fmt: skip
-COMPLETION_KEYS = COMMON | {"prompt", "echo", "logprobs", "best_of", "suffix"}
-CHAT_KEYS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request ({exc})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object", code="invalid_json")
-    return body
-
-
-def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
-    for key in body:
-        if key not in allowed:
-            raise APIError(400, f"Unsupported parameter: '{key}' is not supported by this server", param=key,
-                           code="unsupported_parameter")  # fmt: skip
-
-
-def _number(body: dict, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise APIError(400, f"'{key}' must be a number, got {value!r}", param=key, code="invalid_type")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise APIError(400, f"'{key}' must lie in {bound}, got {value!r}", param=key, code="invalid_value")
-    return float(value)
-
-
-def _int(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{key}' must be an integer, got {value!r}", param=key, code="invalid_type")
-    if not lo <= value <= hi:
-        raise APIError(400, f"'{key}' must lie in [{lo}, {hi}], got {value}", param=key, code="invalid_value")
-    return value
-
-
-def _only_default(body: dict, key: str, ok: Callable[[Any], bool], what: str) -> None:
-    if key in body and body[key] is not None and not ok(body[key]):
-        raise APIError(400, f"Unsupported value: '{key}' supports only {what}", param=key, code="unsupported_value")
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
-    return stops
-
-
-class _Params:
-    """The parameters both endpoints share, validated."""
-
-    def __init__(self, body: dict, served: Served, max_len: int) -> None:
-        model = body.get("model")
-        if model != served.name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{served.name}'",
-                           param="model", code="model_not_found")  # fmt: skip
-        _only_default(body, "n", lambda v: v == 1, "n = 1")
-        _only_default(body, "best_of", lambda v: v == 1, "best_of = 1")
-        _only_default(body, "presence_penalty", lambda v: v == 0, "0")
-        _only_default(body, "frequency_penalty", lambda v: v == 0, "0")
-        _only_default(body, "logit_bias", lambda v: v == {}, "an empty map")
-        _only_default(body, "suffix", lambda v: v == "", "none")
-        self.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        self.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-        self.top_k = _int(body, "top_k", 0, 0, 1 << 30)
-        self.seed = _int(body, "seed", None, -(1 << 63), (1 << 63) - 1)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool) and stream is not None:
-            raise APIError(400, "'stream' must be a boolean", param="stream")
-        self.stream = bool(stream)
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise APIError(400, "'stream_options' must be an object", param="stream_options")
-        self.include_usage = bool(opts.get("include_usage", False))
-        self.stops = _stops(body)
-        self.max_len = max_len
-        ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: always generate max_tokens (benchmarks)
-        if not isinstance(ignore_eos, bool):
-            raise APIError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
-        self.ignore_eos = ignore_eos
-
-    def sampling(self, served: Served, max_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=max(1, max_tokens), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            stop_tokens=() if self.ignore_eos else served.eos, seed=self.seed,
-        )  # fmt: skip
-
-
-def _max_tokens(body: dict, key: str, default: int, lo: int, max_len: int) -> int:
-    return _int(body, key, default, lo, max_len - 1)
-
-
-def _prompts(body: dict, served: Served) -> tuple[list[list[int]], list[str | None]]:
-    """``prompt``: a string, a list of strings, a list of token ids or a list of such lists."""
-    prompt = body.get("prompt")
-    bad = APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
-                   param="prompt")  # fmt: skip
-    if isinstance(prompt, str):
-        return [served.encode(prompt)], [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise bad
-    if all(isinstance(p, str) for p in prompt):
-        return [served.encode(p) for p in prompt], list(prompt)
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [list(prompt)], [None]
-    if all(
-        isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
-    ):
-        return [list(p) for p in prompt], [None] * len(prompt)
-    raise bad
 
 
 # ---- one sequence's events -> text ---------------------------------------------------------------
@@ -330,7 +199,7 @@ def create_app(
                 if s.request is not None and not s.request.done:
                     scheduler.cancel(s.request)
 
-    def start(seqs_prompts: list[tuple[list[int], int]], p: _Params, *, logprobs: int | None, echo_lp: bool,
+    def start(seqs_prompts: list[tuple[list[int], int]], p: Params, *, logprobs: int | None, echo_lp: bool,
               stops: list[str]) -> list[_Sequence]:  # fmt: skip
         loop = asyncio.get_running_loop()
         seqs, reqs = [], []
@@ -373,17 +242,17 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await _json_body(request)
-        _check_keys(body, COMPLETION_KEYS)
-        p = _Params(body, served, max_len)
+        body = parse_json(await request.body())
+        check_keys(body, COMPLETION_KEYS)
+        p = Params(body, served, max_len)
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise APIError(400, "'echo' must be a boolean", param="echo")
-        logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-        max_tokens = _max_tokens(body, "max_tokens", 16, 0, max_len)
+        logprobs = integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+        max_tokens = max_tokens_of(body, "max_tokens", 16, 0, max_len)
         if max_tokens == 0 and not echo:
             raise APIError(400, "'max_tokens' must be >= 1 (0 only with echo, to score the prompt)", param="max_tokens")
-        prompts, texts = _prompts(body, served)
+        prompts, texts = prompts_of(body, served)
         if p.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
         seqs = start([(ids, max_tokens) for ids in prompts], p, logprobs=logprobs,
@@ -438,18 +307,18 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body = await _json_body(request)
-        _check_keys(body, CHAT_KEYS)
-        p = _Params(body, served, max_len)
-        prompt = _render_messages(body.get("messages"))
+        body = parse_json(await request.body())
+        check_keys(body, CHAT_KEYS)
+        p = Params(body, served, max_len)
+        prompt = render_messages(body.get("messages"))
         ids = served.encode(prompt)
         want_lp = body.get("logprobs", False)
         if not isinstance(want_lp, bool):
             raise APIError(400, "'logprobs' must be a boolean", param="logprobs")
-        top = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        top = integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
         default = max(1, min(256, max_len - len(ids)))
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _max_tokens(body, key, default, 1, max_len)
+        max_tokens = max_tokens_of(body, key, default, 1, max_len)
         seqs = start([(ids, max_tokens)], p, logprobs=top if want_lp else None, echo_lp=False, stops=p.stops)
         seq, rid, created = seqs[0], f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -510,11 +379,11 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
-        _check_keys(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
+        body = parse_json(await request.body())
+        check_keys(body, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
         special = body.get("add_special_tokens", True)
         if "messages" in body:
-            text = _render_messages(body["messages"], bool(body.get("add_generation_prompt", True)))
+            text = render_messages(body["messages"], bool(body.get("add_generation_prompt", True)))
         else:
             text = body.get("prompt")
             if not isinstance(text, str):
@@ -524,8 +393,8 @@ def create_app(
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
-        _check_keys(body, {"model", "tokens"})
+        body = parse_json(await request.body())
+        check_keys(body, {"model", "tokens"})
         tokens = body.get("tokens")
         vocab = served.engine.vocab_size
         if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
@@ -575,28 +444,6 @@ class _CountRequests:
             await send(message)
 
         await self.app(scope, receive, send_counted)
-
-
-def _render_messages(messages: Any, add_generation_prompt: bool = True) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    flat = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise APIError(400, f"messages[{i}]: needs a role of system, developer, user or assistant",
-                           param=f"messages.{i}.role")  # fmt: skip
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(
-                isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content
-            ):
-                raise APIError(400, f"messages[{i}]: only text content parts are supported",
-                               param=f"messages.{i}.content")  # fmt: skip
-            content = "".join(c["text"] for c in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}]: content must be a string", param=f"messages.{i}.content")
-        flat.append({"role": m["role"], "content": content})
-    return render_plain_chat(flat, add_generation_prompt)
 
 
 def _sse(doc: dict[str, Any]) -> str:
