@@ -10,7 +10,8 @@ first token p50/p99 and inter-token latency p50/p99 (the gaps between streamed c
 Contenders, all with one torch thread per server process:
 
 * ``engramlm``       ``engramlm serve`` with the Engram tables in the model;
-* ``engramlm_mmap``  the same with the rows from a store directory on the ``mmap`` tier (``--tier``);
+* ``engramlm_mmap``  the same with the rows from a store directory on the ``mmap`` tier (``--tier``;
+  ``--contenders`` also takes ``engramlm_memory`` and ``engramlm_direct``);
 * ``hf_generate``    a HF transformers ``LlamaForCausalLM`` of the same backbone shape (hidden size, layers,
   heads, MLP width, vocabulary) with **random weights** (there is no engramlm -> transformers export in this
   tree, so the baseline has no Engram layers: it does less work per token), served by
@@ -256,7 +257,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--corpus-mb", type=int, default=2)
-    ap.add_argument("--contenders", nargs="+", default=["engramlm", "engramlm_mmap", "hf_generate"])
+    ap.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["engramlm", "engramlm_mmap", "hf_generate"],
+        help="also: engramlm_memory, engramlm_direct (O_DIRECT: the store must not be on tmpfs)",
+    )
+    ap.add_argument("--workdir", default=None, help="where the models and the store go (not tmpfs for direct)")
     ap.add_argument("--quick", action="store_true", help="1 and 4 clients, 4 requests per level minimum")
     ap.add_argument("--out", default="serve")
     args = ap.parse_args()
@@ -264,7 +271,7 @@ def main() -> None:
         args.clients = [1, 4]
     torch.set_num_threads(1)
     load_before = list(os.getloadavg())
-    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_", dir=args.workdir))
     servers: dict[str, Server] = {}
     try:
         tok, streams, built = build(args, work)
@@ -274,7 +281,8 @@ def main() -> None:
                   "--served-model-name", "bench", "--max-batch", max_batch, "--max-queue", "1024"]  # fmt: skip
         argv = {
             "engramlm": [*common, "--port", "{port}"],
-            "engramlm_mmap": [*common, "--store", str(built["store"]), "--tier", "mmap", "--port", "{port}"],
+            **{f"engramlm_{tier}": [*common, "--store", str(built["store"]), "--tier", tier, "--port", "{port}"]
+               for tier in ("memory", "mmap", "direct")},
             "hf_generate": [sys.executable, "-m", "benchmarks._hf_server", "--model", str(run / "llama"),
                             "--tokenizer", str(run / "tokenizer.json"), "--bos", str(BOS_ID), "--port", "{port}"],
         }  # fmt: skip
