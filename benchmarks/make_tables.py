@@ -4,7 +4,7 @@ Why: numbers in a README drift from the runs they came from when typed by hand. 
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
-store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth. A result
+store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth, serve. A result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
 
@@ -803,6 +803,52 @@ def lm_eval_h2h_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- serve
+
+
+def _lat(v: float | None) -> str:
+    return "—" if v is None else f"{v * 1e3:.0f}"
+
+
+def serve_table(doc: dict[str, Any]) -> list[str]:
+    """Streaming clients vs output tokens/s, TTFT and ITL: engramlm serve (tables in the model, on a tier) vs a
+    per-request generate() server."""
+    p, m, res, w = doc["params"], doc["model"], doc["results"], doc.get("workload", {})
+    base = res.get("hf_generate", {})
+    lines = [
+        f"**Serving under load**: engramlm model {m['engramlm_parameters'] / 1e6:.1f}M parameters ({p['layers']} "
+        f"layers, d={p['hidden']}, Engram at layers {', '.join(map(str, m['engram_layers']))}, tables "
+        f"{m['engram_table_bytes'] / 2**20:,.0f} MiB); baseline `hf_generate`: {w.get('baseline', '')}, "
+        f"{m['llama_parameters'] / 1e6:.1f}M parameters, one `generate()` per request. Closed-loop streaming "
+        f"clients, prompts {'/'.join(map(str, w.get('prompt_tokens', [])))} tokens of held-out text, outputs "
+        f"{'/'.join(map(str, w.get('output_tokens', [])))} tokens (`ignore_eos`); one torch thread per server. "
+        "Latencies in ms; 'time in' = the scheduler's prefill / decode / row-fetch wait as shares of the wall time "
+        "(the rest is HTTP, detokenising and idle).",
+        "",
+        "| clients | contender | output tok/s | ÷ hf_generate | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
+        "time in prefill / decode / row wait | tokens per step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    levels = sorted({int(n) for r in res.values() for n in r})
+    for n in levels:
+        for name, r in res.items():
+            x = r.get(str(n))
+            if x is None:
+                continue
+            b = base.get(str(n))
+            ratio = (
+                f"{x['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}×" if b and name != "hf_generate" else "—"
+            )
+            sh = x.get("time_shares")
+            shares = "—" if not sh else f"{sh['prefill']:.0%} / {sh['decode']:.0%} / {sh['row_wait']:.1%}"
+            batch = "—" if not sh else f"{sh['mean_batch']:.1f}"
+            lines.append(
+                f"| {n} | {name} | {x['output_tokens_per_s']:.1f} | {ratio} | {_lat(x['ttft_p50_s'])} | "
+                f"{_lat(x['ttft_p99_s'])} | {_lat(x['itl_p50_s'])} | {_lat(x['itl_p99_s'])} | {shares} | {batch} |"
+            )
+    return lines + _image(doc, doc.get("plot"), "serving: tokens/s, TTFT and ITL vs concurrent clients") + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -817,6 +863,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "distributed": distributed_table,
     "muon": muon_table,
     "lm_eval_h2h": lm_eval_h2h_table,
+    "serve": serve_table,
 }
 KINDS = tuple(RENDERERS)
 

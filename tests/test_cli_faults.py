@@ -219,6 +219,15 @@ ROWS = [
     Row("export-hf-flipped-model", ("export-hf", "{drun}", "{tmp}/out"), "model.safetensors",
         setup=damaged(lambda p: _flip(p, 3))),
     Row("export-hf-full-disk", ("export-hf", "{run}", "{tmp}/out"), "model.safetensors", fsize_limit=20_000),
+    # serve (every row fails before the server would bind)
+    Row("serve-tier-without-store", ("serve", "{run}", "--tier", "mmap"), "--store"),
+    Row("serve-store-missing", ("serve", "{run}", "--store", "{tmp}/nope"), "nope"),
+    Row("serve-checkpoint-missing", ("serve", "{tmp}/nope"), "nope"),
+    Row("serve-port-negative", ("serve", "{run}", "--port", "-1"), "--port", usage=True),
+    Row("serve-port-too-large", ("serve", "{run}", "--port", "70000"), "--port"),
+    Row("serve-max-batch-zero", ("serve", "{run}", "--max-batch", "0"), "--max-batch", usage=True),
+    Row("serve-max-len-past-the-model", ("serve", "{run}", "--max-len", "100000"), "--max-len"),
+    Row("serve-flipped-model", ("serve", "{drun}"), "model.safetensors", setup=damaged(lambda p: _flip(p, 3))),
     # store build
     Row("store-build-out-is-file", ("store", "build", "{run}", "--out", "{file}"), "a_file"),
     Row("store-build-missing", ("store", "build", "{tmp}/nope", "--out", "{tmp}/out"), "nope"),

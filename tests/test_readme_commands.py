@@ -90,6 +90,14 @@ NOT_RUN: dict[str, str] = {
             "engramlm store build runs/quickstart_2r --out runs/quickstart_2r_store",
         )
     },
+    "engramlm serve runs/quickstart --port 8000 --max-batch 16": "starts a server that runs until stopped; "
+    "tests/test_serve_http.py runs `engramlm serve` in a subprocess and drives it with real clients",
+    'curl -s localhost:8000/v1/completions -H \'content-type: application/json\' -d \'{"model": "quickstart", '
+    '"prompt": "def read_config(path):", "max_tokens": 24, "temperature": 0}\'': "needs the server above; "
+    "tests/test_serve_http.py sends the same requests",
+    "lm_eval --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions,model=quickstart,"
+    "tokenizer_backend=remote --tasks TASK --include_path DIR": "needs the server above and a task; "
+    "tests/test_serve_http.py runs local-completions on a local JSONL task",
 }
 # Runs the plot line needs besides the README's own sotu_engram_moe (the comment's "or sotu_dense / sotu_moe").
 PLOT_PREREQUISITES = ("configs/sotu_dense.toml", "configs/sotu_moe.toml")

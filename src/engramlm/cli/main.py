@@ -45,6 +45,7 @@ COMMAND_MODULES = (
     "engramlm.cli.analyze_cmd",
     "engramlm.cli.generate_cmd",
     "engramlm.cli.export_hf_cmd",
+    "engramlm.cli.serve_cmd",
 )
 
 EXIT_OS_ERROR = 1
@@ -60,13 +61,17 @@ POSITIVE = frozenset(
         "batch_size",
         "dedup",
         "limit",
+        "max_batch",
         "max_batches",
         "max_bytes",
         "max_examples",
+        "max_len",
         "max_new_tokens",
+        "max_queue",
         "max_tokens",
         "mooncake_segment_mb",
         "page_bytes",
+        "prefill_tokens",
         "ref_bytes_per_s",
         "ref_iops",
         "seq_len",
@@ -77,7 +82,7 @@ POSITIVE = frozenset(
         "workers",
     }
 )
-NON_NEGATIVE = frozenset({"cache_mb", "seed", "smooth", "temperature", "top_k"})
+NON_NEGATIVE = frozenset({"cache_mb", "drain_timeout", "port", "seed", "smooth", "temperature", "top_k"})
 ANY_VALUE = frozenset({"position"})
 
 

@@ -145,7 +145,13 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _forward(self, x: torch.Tensor, cache: DecodeCache, lengths: torch.Tensor | None):
+    def forward_chunk(
+        self, x: torch.Tensor, cache: DecodeCache, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[int, float]]:
+        """One chunk ``x`` [B, T] through ``cache``: hash, start the prefetch, forward, commit.
+
+        Returns the logits [B, T, V] and, per Engram layer, the time the forward blocked on its rows.
+        The scheduler of :mod:`engramlm.serve` steps its batch through this too."""
         plan = cache.begin(x, lengths=lengths)
         engram, handle = plan.engram, None
         if self.prefetcher is not None:
@@ -185,7 +191,7 @@ class Engine:
         x, lengths = ids, (None if bool((lens == lens[0]).all()) else lens)
         for step in range(params.max_new_tokens):
             t0 = time.perf_counter()
-            logits, waits = self._forward(x, cache, lengths)
+            logits, waits = self.forward_chunk(x, cache, lengths)
             last = logits[:, -1] if lengths is None else logits[torch.arange(b, device=logits.device), lengths - 1]
             last = last[:, : self.vocab_size]
             tok = sample(last, params, gen).cpu() if force is None else force[:, step].to(torch.long)

@@ -14,6 +14,7 @@ Chunks may be right-padded (``lengths`` real tokens per row).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -190,6 +191,55 @@ class DecodeCache:
             lengths = self.pos.to(self.device)
             for kv in self.kv.values():
                 kv.set_lengths(lengths)
+
+    # Per-sequence slots (continuous batching): a server keeps one cache of B slots, copies each new
+    # request's prefilled state into a free slot, compacts retired slots away and steps the first n.
+
+    def load_row(self, dst: int, src: DecodeCache, src_row: int) -> None:
+        """Make slot ``dst`` a copy of sequence ``src_row`` of ``src`` (e.g. a request's own prefill cache):
+        KV slots, conv history, hasher state, length and window start. ``src`` may be this cache."""
+        if src.skip_engram is not None and self.skip_engram is not None and src.skip_engram != self.skip_engram:
+            raise ValueError("load_row: the two caches skip different Engram layers")
+        if self.skip_engram is None:
+            self.skip_engram = src.skip_engram
+        length = int(src.pos[src_row])
+        for i, kv in self.kv.items():
+            kv.copy_row(dst, src.kv[i], src_row, length)
+        for i, conv in self.conv.items():
+            conv.hist[dst] = src.conv[i].hist[src_row]
+        if self.stream is not None:
+            self.stream.state[dst] = src.stream.state[src_row]
+        self.pos[dst] = length
+        self.start[dst] = src.start[src_row]
+
+    def head(self, n: int) -> DecodeCache:
+        """The first ``n`` sequences as a cache for one step: KV storage, lengths and ``pos`` are shared
+        (written in place), the conv history, hasher state and window starts are the view's own until
+        :meth:`absorb` writes them back (the forward and the hasher replace those tensors)."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"head: n must lie in [1, {self.batch_size}], got {n}")
+        view = object.__new__(DecodeCache)
+        view.device, view.max_len, view.batch_size = self.device, self.max_len, n
+        view.layout, view.hasher, view.reset_mode = self.layout, self.hasher, self.reset_mode
+        bound = int(self.pos[:n].max())
+        view.kv = {i: kv.head(n, bound) for i, kv in self.kv.items()}
+        view.conv = {i: ConvState(c.hist[:n]) for i, c in self.conv.items()}
+        view.stream = None
+        if self.stream is not None:
+            view.stream = copy.copy(self.stream)
+            view.stream.state = self.stream.state[:n].clone()
+        view.pos, view.start = self.pos[:n], self.start[:n].clone()
+        view.skip_engram = self.skip_engram
+        return view
+
+    def absorb(self, view: DecodeCache) -> None:
+        """Write back what a :meth:`head` view replaced during its step."""
+        n = view.batch_size
+        for i, c in view.conv.items():
+            self.conv[i].hist[:n] = c.hist
+        if self.stream is not None:
+            self.stream.state[:n] = view.stream.state
+        self.start[:n] = view.start
 
     def run(
         self,

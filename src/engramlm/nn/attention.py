@@ -58,6 +58,23 @@ class KVCache:
         self.lengths.zero_()
         self.bound = 0
 
+    def head(self, n: int, bound: int) -> KVCache:
+        """The first ``n`` sequences as a cache sharing this one's storage (writes land here);
+        ``bound`` (host) is an upper bound on their lengths, so a view over short sequences attends
+        over ``bound`` slots only."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.lengths, view.bound = self.k[:n], self.v[:n], self.lengths[:n], bound
+        return view
+
+    def copy_row(self, dst: int, src: KVCache, src_row: int, length: int) -> None:
+        """Make sequence ``dst`` a copy of ``src``'s sequence ``src_row`` (its first ``length`` slots)."""
+        if length > self.max_len:
+            raise ValueError(f"KV cache overflow: {length} > max_len {self.max_len}")
+        self.k[dst, :, :length] = src.k[src_row, :, :length]
+        self.v[dst, :, :length] = src.v[src_row, :, :length]
+        self.lengths[dst] = length
+        self.bound = max(self.bound, length)
+
 
 class Attention(nn.Module):
     """Causal self-attention; GQA when n_kv_heads < n_heads. Projections: q/k/v/o_proj."""
