@@ -381,15 +381,19 @@ def check_pages(
     rel = pages - header.data_offset // PAGE
     bad = np.flatnonzero(got != crcs[rel])
     if bad.size:
-        page = int(rel[bad[0]])
-        first = page * PAGE // header.row_bytes
-        last = min(header.num_rows, ((page + 1) * PAGE + header.row_bytes - 1) // header.row_bytes) - 1
-        more = f" and {bad.size - 1} more page(s)" if bad.size > 1 else ""
-        raise _corrupt(
-            header.path,
-            f"checksum mismatch in row-data block (page) {page} at byte {header.data_offset + page * PAGE} "
-            f"(rows {first}..{last}){more}; run `engramlm store verify` and rebuild the store",
-        )
+        raise page_mismatch(header, int(rel[bad[0]]), int(bad.size))
+
+
+def page_mismatch(header: StoreHeader, page: int, count: int = 1) -> CorruptFileError:
+    """The error for ``count`` row-area pages failing their CRC32, the first being ``page`` (row-area relative)."""
+    first = page * PAGE // header.row_bytes
+    last = min(header.num_rows, ((page + 1) * PAGE + header.row_bytes - 1) // header.row_bytes) - 1
+    more = f" and {count - 1} more page(s)" if count > 1 else ""
+    return _corrupt(
+        header.path,
+        f"checksum mismatch in row-data block (page) {page} at byte {header.data_offset + page * PAGE} "
+        f"(rows {first}..{last}){more}; run `engramlm store verify` and rebuild the store",
+    )
 
 
 def needs_full_check(header: StoreHeader, tier: str) -> bool:
