@@ -9,7 +9,11 @@ of every Engram layer's rows before the forward) with the rows served by
 * ``ssd_cN``      the store file read with O_DIRECT (:class:`DirectFileTable`, page cache out of
                   play) behind a :class:`CachedTable` (LFU) of N% of the table bytes, N in 0..50,
                   so the file is always at least twice the cache budget;
-* ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows via ``EngramStore``;
+* ``ssd_threads`` ``ssd_c0`` read by the direct tier's ``threads`` I/O engine (Python threads, one
+                  ``preadv`` per run, a zlib CRC per page in Python: the engine before issue 18), timed
+                  in the same run as the default ``aio`` engine (one Numba ``nogil`` call per gather);
+* ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows read in batches into a registered
+                  buffer (:class:`MooncakeTable`);
 
 and reports each contender's decode tokens/s and its time ratio to ``model`` per repeat, all
 timed interleaved in one run. The workload is real text: a BPE trained on the Python standard
@@ -47,6 +51,7 @@ from engramlm.infer.tables import export_model_tables, model_tables, open_tables
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.cache import CachedTable
+from engramlm.store.direct import DirectFileTable
 from engramlm.store.mooncake import connect, local_master
 from engramlm.store.tiers import Tier
 
@@ -123,6 +128,7 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=int, default=8)
     ap.add_argument("--warm-tokens", type=int, default=100_000, help="other text streamed through the caches first")
     ap.add_argument("--no-mooncake", action="store_true")
+    ap.add_argument("--no-threads-engine", action="store_true", help="skip the ssd_threads contender")
     ap.add_argument("--workdir", default=None, help="where the store file goes (must not be tmpfs for O_DIRECT)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny tables, 1 repeat")
     ap.add_argument("--out", default="generate")
@@ -171,6 +177,15 @@ def main() -> None:
         if budget:
             caches[name] = tables  # type: ignore[assignment]
         engines[name] = Engine(model, tables, workers=args.workers)
+    if not args.no_threads_engine:  # the old I/O engine on the same files, no cache: the before of issue 18
+        base = open_tables(store, Tier.DIRECT, fingerprint=fp)
+        tables = {lid: DirectFileTable(t.header.path, fp, io_engine="threads") for lid, t in base.items()}
+        for t in base.values():
+            t.close()
+        opened.append(tables)
+        engines["ssd_threads"] = Engine(model, tables, workers=args.workers)
+    engine_of = {name: sorted({getattr(getattr(t, "inner", t), "io_engine", "?") for t in tables.values()})
+                 for name, tables in zip([n for n in engines if n.startswith("ssd")], opened, strict=True)}  # fmt: skip
     direct_io = all(getattr(getattr(t, "inner", t), "direct_io", False) for tables in opened for t in tables.values())
     warm_tokens = warm_caches(model, caches, torch.cat(streams[need:])[: args.warm_tokens], args.batch * args.prompt)
     mooncake_ctx = contextlib.ExitStack()
@@ -266,6 +281,7 @@ def main() -> None:
             "export_seconds": export_s,
         },
         "direct_io": direct_io,
+        "io_engine": engine_of,
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "mooncake": mooncake_info,
         "workload": {"corpus": "stdlib (held-out val+test files)", "tokenizer": "BPE 8k trained on stdlib train",
