@@ -4,7 +4,7 @@ Why: numbers in a README drift from the runs they came from when typed by hand. 
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
-store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth. A result
+store, store_io, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth. A result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
 
@@ -286,6 +286,55 @@ def store_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+def store_io_table(doc: dict[str, Any]) -> list[str]:
+    """What a gather costs the thread running the model (GIL probe), and Mooncake against loopback TCP."""
+    p, t = doc["parameters"], doc["table"]
+    g, d, b = doc["gil_probe"], doc["gather_seconds_decode_size"], doc["gather_seconds_big"]
+    labels = {
+        "memory": "`MemoryTable`: the gather's Python alone",
+        "direct": "`aio` engine: one Numba nogil call",
+        "direct_threads": "`threads` engine, before issue 18",
+        "mooncake": "one `get_into_ranges` into a registered buffer",
+        "mooncake_lookup": "`EngramStore.lookup`, before issue 18",
+    }
+    lines = [
+        f"**Store I/O off the GIL**: an fp32 table of {t['rows']:,} rows × {t['dim']} ({t['bytes'] / 2**20:,.0f} MiB); "
+        f"decode-sized gathers of {p['rows']} random ids, large ones of {p['big_rows']}. The probe thread runs "
+        f"{p['ops']:,} tiny torch ops (dispatch-bound, like a small-batch decode step) alone and while another "
+        f"thread gathers back to back; median (IQR) over {p['repeats']} interleaved repeats. Delay per gather = "
+        "extra probe time ÷ gathers done meanwhile: what one gather costs the model's thread.",
+        "",
+        f"| contender | gather ms ({p['rows']} ids) | gather ms ({p['big_rows']} ids) | probe time ÷ alone | "
+        "delay per gather µs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in labels.items():
+        if name not in g:
+            continue
+        lines.append(
+            f"| `{name}` ({label}) | {1e3 * d[name]['median']:.2f} | {1e3 * b[name]['median']:.1f} | "
+            f"{_x(g[name]['probe_slowdown'])} | {g[name]['delay_per_gather_us']['median']:,.0f} "
+            f"({g[name]['delay_per_gather_us']['q1']:,.0f}–{g[name]['delay_per_gather_us']['q3']:,.0f}) |"
+        )
+    lt, mc = doc["loopback_tcp"], doc.get("mooncake", {})
+    tcp = (
+        f"Loopback TCP on this machine: {lt['bulk_bytes_per_s'] / 1e9:.2f} GB/s bulk "
+        f"({lt['bulk_rows_per_s'] / 1e6:.1f} M rows/s of {lt['reply_bytes']} B), "
+        f"{lt['round_trips_per_s']:,.0f} request-response round trips/s."
+    )
+    if mc.get("ran"):
+        tcp += (
+            f" Mooncake rows/s, ranged read: {mc['mooncake_rows_per_s_decode_size']:,.0f} ({p['rows']} ids), "
+            f"{mc['mooncake_rows_per_s_big']:,.0f} ({p['big_rows']} ids) = "
+            f"{mc['ranges_vs_bulk_limit_big']:.2%} of the bulk limit, "
+            f"{mc['ranges_vs_round_trip_limit_big']:.2f}× one round trip per row; `lookup`: "
+            f"{mc['mooncake_lookup_rows_per_s_decode_size']:,.0f} and {mc['mooncake_lookup_rows_per_s_big']:,.0f}."
+        )
+    else:
+        tcp += f" Mooncake not run: {mc.get('error', 'disabled (--no-mooncake)')}."
+    return [*lines, "", tcp, *_footer(doc)]
+
+
 # ---------------------------------------------------------------------------- row access
 
 
@@ -478,6 +527,8 @@ def head_to_head_why_table(doc: dict[str, Any]) -> list[str]:
 def _gen_order(name: str) -> tuple[int, float]:
     if name.startswith("ssd_c"):
         return (2, float(name[5:]))
+    if name == "ssd_threads":
+        return (2, 1e9)
     return ({"model": 0, "memory": 1}.get(name, 3), 0.0)
 
 
@@ -520,7 +571,11 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         elif name.startswith("ssd_c"):
             where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
         elif name == "mooncake":
-            where = "Mooncake master on 127.0.0.1 (TCP)"
+            read = doc.get("mooncake", {}).get("read", "lookup")  # runs before issue 18 used EngramStore.lookup
+            how = "`EngramStore.lookup` per call" if read == "lookup" else "one ranged read per gather"
+            where = f"Mooncake master on 127.0.0.1 (TCP), {how}"
+        elif name == "ssd_threads":
+            where = "SSD (O_DIRECT), no cache, the `threads` I/O engine (before issue 18)"
         else:
             where = name
         tps, ratio = r["tokens_per_second"], r["time_ratio_vs_model"]
@@ -689,6 +744,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
     "store": store_table,
+    "store_io": store_io_table,
     "row_access": row_access_table,
     "sparse_update": sparse_update_table,
     "head_to_head": head_to_head_table,

@@ -136,6 +136,18 @@ def test_generate_throughput_and_ratios(grouped) -> None:
                 assert _ratio(r["time_ratio_vs_model"]) in row
 
 
+def test_store_io_probe_and_loopback(grouped) -> None:
+    for doc in grouped["store_io"]:
+        body = _one("store_io", doc)
+        for name, g in doc["gil_probe"].items():
+            if name == "probe_seconds_alone":
+                continue
+            row = next(line for line in body.splitlines() if line.startswith(f"| `{name}` ("))
+            assert _ratio(g["probe_slowdown"]) in row
+            assert f"{g['delay_per_gather_us']['median']:,.0f}" in row
+        assert f"{doc['loopback_tcp']['round_trips_per_s']:,.0f} request-response" in body
+
+
 def test_reproductions_findings_and_arms(grouped) -> None:
     for doc in grouped["reproductions"]:
         body = _one("reproductions", doc)

@@ -1,0 +1,299 @@
+"""Issue 18's I/O figures: what a gather costs the thread running the model, and Mooncake against loopback TCP.
+
+Why: decode with SSD tables paid ~30% although the forward waited for rows only ~2% of the time. The
+reads were hidden; their Python was not: a gather held the GIL against the model's dispatch. So the figure
+that matters is not a gather's own time but the **delay it adds to another thread** that runs many small
+torch ops (what a decode step is at batch 1-8). Measured per contender, interleaved, repeated:
+
+* ``alone``: the probe thread runs ``--ops`` tiny torch ops (an ``add_`` on 16 floats: all dispatch,
+  GIL released around each kernel, as in the model) with nothing else running;
+* ``with X``: the same, while a second thread gathers decode-sized batches (``--rows`` ids, like one
+  Engram layer of a batch-8 decode step) from contender X back to back.
+
+``delay per gather`` = (probe time with X - probe time alone) / gathers done meanwhile; ``probe slowdown`` =
+with / alone. Contenders: ``memory`` (a ``MemoryTable``: the gather's Python alone), ``direct`` (the ``aio``
+engine: one Numba ``nogil`` call per gather), ``direct_threads`` (the previous engine: ``os.preadv`` per run in
+64 Python threads, a zlib CRC per page in Python), ``mooncake`` (one ``get_into_ranges`` per gather into a
+registered buffer) and ``mooncake_lookup`` (``EngramStore.lookup``, the previous path).
+
+Mooncake against the wire: rows/s of both Mooncake paths at decode size and at ``--big-rows``, against two
+loopback TCP limits measured in the same run on 127.0.0.1: bulk throughput (one connection streaming 1 MiB
+writes) and request-response round trips/s (a request, then one row back; what a read per row costs).
+
+Run from the repository root: ``nice python -m benchmarks.bench_store_io`` (~2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks._common import paired_ratios, stats, write_result
+from engramlm.store.base import RowTable
+from engramlm.store.direct import DirectFileTable
+from engramlm.store.file import write_store
+from engramlm.store.memory import MemoryTable
+from engramlm.store.mooncake import MooncakeTable, connect, local_master
+
+FP = "5e" * 32
+
+
+# ---------------------------------------------------------------------------- loopback TCP limits
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    srv.close()
+    for s in (cli, conn):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return cli, conn
+
+
+def _recv_exact(s: socket.socket, buf: memoryview) -> None:
+    got = 0
+    while got < len(buf):
+        n = s.recv_into(buf[got:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        got += n
+
+
+def loopback_bulk(total: int = 256 << 20, chunk: int = 1 << 20) -> float:
+    """Bytes/s one 127.0.0.1 TCP connection carries (a sender thread, this thread receiving)."""
+    cli, conn = _pair()
+    payload = b"\0" * chunk
+
+    def send() -> None:
+        for _ in range(total // chunk):
+            cli.sendall(payload)
+
+    th = threading.Thread(target=send)
+    buf = memoryview(bytearray(chunk))
+    t0 = time.perf_counter()
+    th.start()
+    for _ in range(total // chunk):
+        _recv_exact(conn, buf)
+    th.join()
+    dt = time.perf_counter() - t0
+    cli.close()
+    conn.close()
+    return total / dt
+
+
+def loopback_round_trips(reply_bytes: int, n: int = 4000) -> float:
+    """Round trips/s over 127.0.0.1: a 16-byte request, a ``reply_bytes`` reply (a server thread)."""
+    cli, conn = _pair()
+    reply = b"\0" * reply_bytes
+
+    def serve() -> None:
+        req = memoryview(bytearray(16))
+        for _ in range(n):
+            _recv_exact(conn, req)
+            conn.sendall(reply)
+
+    th = threading.Thread(target=serve)
+    th.start()
+    req, buf = b"\1" * 16, memoryview(bytearray(reply_bytes))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        cli.sendall(req)
+        _recv_exact(cli, buf)
+    dt = time.perf_counter() - t0
+    th.join()
+    cli.close()
+    conn.close()
+    return n / dt
+
+
+# ---------------------------------------------------------------------------- GIL probe
+
+
+def probe_ops(n: int) -> float:
+    """Seconds for ``n`` tiny torch ops: the dispatch-bound work of a small-batch decode step."""
+    x = torch.zeros(16)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1.0)
+    return time.perf_counter() - t0
+
+
+def probe_with(gather: Callable[[int], object] | None, ops: int) -> tuple[float, int]:
+    """(probe seconds, gathers done meanwhile) with ``gather`` looping in a second thread."""
+    if gather is None:
+        return probe_ops(ops), 0
+    stop = threading.Event()
+    done = [0]
+
+    def loop() -> None:
+        k = 0
+        while not stop.is_set():
+            gather(k)
+            k += 1
+        done[0] = k
+
+    th = threading.Thread(target=loop)
+    th.start()
+    time.sleep(0.01)  # the loop is running before the probe starts
+    secs = probe_ops(ops)
+    stop.set()
+    th.join()
+    return secs, done[0]
+
+
+def gil_probe(tables: dict[str, RowTable], batches: list[torch.Tensor], ops: int, repeats: int) -> dict[str, Any]:
+    names = ["alone", *tables]
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    gathers: dict[str, list[int]] = {n: [] for n in names}
+    for r in tqdm(range(repeats), desc="gil probe", leave=False):
+        shift = r % len(names)
+        for n in names[shift:] + names[:shift]:
+            t = tables.get(n)
+            fn = None if t is None else (lambda k, t=t: t.gather(batches[k % len(batches)]))
+            s, g = probe_with(fn, ops)
+            secs[n].append(s)
+            gathers[n].append(g)
+    out: dict[str, Any] = {"probe_seconds_alone": stats(secs["alone"])}
+    for n in tables:
+        delay = [(w - a) / max(g, 1) for w, a, g in zip(secs[n], secs["alone"], gathers[n], strict=True)]
+        out[n] = {
+            "probe_slowdown": stats(paired_ratios(secs[n], secs["alone"])),
+            "delay_per_gather_us": stats([1e6 * d for d in delay]),
+            "gathers_per_s_meanwhile": stats([g / s for g, s in zip(gathers[n], secs[n], strict=True)]),
+        }
+    return out
+
+
+def gather_times(tables: dict[str, RowTable], batches: list[torch.Tensor], repeats: int) -> dict[str, Any]:
+    """Each contender's own gather time (interleaved), alone on the machine."""
+    names = list(tables)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for n in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            tables[n].gather(batches[r % len(batches)])
+            times[n].append(time.perf_counter() - t0)
+    return {n: stats(ts) for n, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-rows", type=int, default=100_003)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=64, help="ids per decode-sized gather (batch 8 x 8 heads)")
+    ap.add_argument("--big-rows", type=int, default=4096, help="ids per large gather (a prefill)")
+    ap.add_argument("--ops", type=int, default=20_000, help="tiny torch ops per probe")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--no-mooncake", action="store_true")
+    ap.add_argument("--dir", type=Path, default=None, help="scratch directory (must accept O_DIRECT)")
+    ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--out", default="store_io")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = args.heads * args.head_rows
+    rng = np.random.default_rng(0)
+    small = [torch.from_numpy(rng.integers(0, rows, args.rows)) for _ in range(512)]
+    big = [torch.from_numpy(rng.integers(0, rows, args.big_rows)) for _ in range(16)]
+    weights = torch.randn(rows, args.dim, generator=torch.Generator().manual_seed(0))
+
+    load_before = os.getloadavg()
+    scratch = Path(tempfile.mkdtemp(prefix="engramlm_bench_store_io_", dir=args.dir))
+    results: dict[str, Any] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            path = scratch / "table.engst"
+            write_store(path, weights, "fp32", FP, progress=True)
+            tables: dict[str, RowTable] = {
+                "memory": MemoryTable(weights, FP),
+                "direct": stack.enter_context(DirectFileTable(path, FP)),
+                "direct_threads": stack.enter_context(DirectFileTable(path, FP, io_engine="threads")),
+            }
+            if not tables["direct"].direct_io:  # type: ignore[attr-defined]
+                raise SystemExit(f"{scratch}: O_DIRECT refused; pass --dir on a filesystem that supports it")
+            mooncake_info: dict[str, Any] = {"ran": False}
+            if not args.no_mooncake:
+                try:
+                    master = stack.enter_context(local_master(scratch / "mooncake_master.log"))
+                    client = connect(master, 2 * rows * args.dim * 4 + (256 << 20))
+                    stack.callback(client.close)
+                    heads = [args.head_rows] * args.heads
+                    tables["mooncake"] = MooncakeTable.populate(client, 1, weights, heads, FP)
+                    tables["mooncake_lookup"] = MooncakeTable(client, 1, heads, args.dim, FP, read="lookup")
+                    mooncake_info = {"ran": True}
+                except Exception as exc:  # report, do not hide: the JSON says why it did not run
+                    mooncake_info = {"ran": False, "error": f"{type(exc).__name__}: {exc}"}
+                    print(f"mooncake skipped: {mooncake_info['error']}")
+            for name, t in tables.items():  # correctness before timing (and first-use compilation)
+                for b in (small[0], big[0]):
+                    if not torch.equal(t.gather(b), weights[b]):
+                        raise AssertionError(f"{name}: rows differ")
+            results["gather_seconds_decode_size"] = gather_times(tables, small, 60)
+            results["gather_seconds_big"] = gather_times(tables, big, 8)
+            results["gil_probe"] = gil_probe(tables, small, args.ops, args.repeats)
+            row_bytes = args.dim * 4
+            bulk = loopback_bulk()
+            rtt = [loopback_round_trips(row_bytes) for _ in range(3)]
+            results["loopback_tcp"] = {
+                "bulk_bytes_per_s": bulk,
+                "bulk_rows_per_s": bulk / row_bytes,
+                "round_trips_per_s": float(np.median(rtt)),
+                "reply_bytes": row_bytes,
+            }
+            if mooncake_info["ran"]:
+                for name in ("mooncake", "mooncake_lookup"):
+                    for size, key in (("decode_size", args.rows), ("big", args.big_rows)):
+                        med = results[f"gather_seconds_{size}"][name]["median"]
+                        mooncake_info[f"{name}_rows_per_s_{size}"] = key / med
+                mooncake_info["ranges_vs_bulk_limit_big"] = mooncake_info["mooncake_rows_per_s_big"] / (
+                    bulk / row_bytes
+                )
+                mooncake_info["ranges_vs_round_trip_limit_big"] = mooncake_info["mooncake_rows_per_s_big"] / float(
+                    np.median(rtt)
+                )
+                tables["mooncake"].remove()  # type: ignore[attr-defined]
+            results["mooncake"] = mooncake_info
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    payload = {
+        "kind": "store_io",
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "dir", "results_dir")},
+        "table": {"rows": rows, "dim": args.dim, "format": "fp32", "bytes": rows * args.dim * 4},
+        "io_engine": {"direct": "aio", "direct_threads": "threads"},
+        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())},
+        **results,
+    }
+    out = write_result(args.out, payload, args.results_dir)
+    print(f"wrote {out}")
+    g, d = results["gil_probe"], results["gather_seconds_decode_size"]
+    for name in tables:
+        print(
+            f"{name:<16} gather {1e3 * d[name]['median']:7.2f} ms  probe x{g[name]['probe_slowdown']['median']:.2f}"
+            f"  delay/gather {g[name]['delay_per_gather_us']['median']:8.0f} us"
+        )
+    lt = results["loopback_tcp"]
+    print(f"loopback TCP: {lt['bulk_bytes_per_s'] / 1e9:.2f} GB/s bulk, {lt['round_trips_per_s']:.0f} round trips/s")
+
+
+if __name__ == "__main__":
+    main()
