@@ -1,20 +1,25 @@
-"""Issue 18's I/O figures: what a gather costs the thread running the model, and Mooncake against loopback TCP.
+"""Issue 18's I/O figures: how long a gather holds the GIL, and Mooncake against loopback TCP.
 
 Why: decode with SSD tables paid ~30% although the forward waited for rows only ~2% of the time. The
-reads were hidden; their Python was not: a gather held the GIL against the model's dispatch. So the figure
-that matters is not a gather's own time but the **delay it adds to another thread** that runs many small
-torch ops (what a decode step is at batch 1-8). Measured per contender, interleaved, repeated:
+reads were hidden; their Python was not: a gather held the GIL against the model's dispatch on the other
+thread. So the figure that matters is the **GIL-held time per gather**, not the gather's own time.
 
-* ``alone``: the probe thread runs ``--ops`` tiny torch ops (an ``add_`` on 16 floats: all dispatch,
-  GIL released around each kernel, as in the model) with nothing else running;
-* ``with X``: the same, while a second thread gathers decode-sized batches (``--rows`` ids, like one
-  Engram layer of a batch-8 decode step) from contender X back to back.
+It is estimated from CPU accounting, which (unlike a wall-clock probe thread) survives a shared, loaded
+machine: blocks of ``--gathers`` decode-sized gathers (``--rows`` ids: one Engram layer of a batch-8 decode
+step) per contender, interleaved, ``--repeats`` times. Per gather: the calling thread's CPU
+(``RUSAGE_THREAD``), minus the CPU spent inside calls that release the GIL (the aio kernel; Mooncake's
+``get_into_ranges``: timed by wrapping them), plus, for the ``threads`` engine only, the user CPU of its
+worker threads (Python and 4 KiB zlib CRCs, both under the GIL; their system time is ``preadv`` in the kernel,
+GIL released). Helper threads that run no Python (glibc AIO, Mooncake's transfer engine) are reported
+but do not count. Torch ops in the calling thread (``unique``, ``index_select``) release the GIL but are
+counted: the estimate is an upper bound. A wall-clock probe (a thread of tiny torch ops, slowed down by
+concurrent gathers) was tried first: at a load average of 12 on 2 cores its "alone" baseline varied 5x
+between repeats, so it measured the neighbours.
 
-``delay per gather`` = (probe time with X - probe time alone) / gathers done meanwhile; ``probe slowdown`` =
-with / alone. Contenders: ``memory`` (a ``MemoryTable``: the gather's Python alone), ``direct`` (the ``aio``
-engine: one Numba ``nogil`` call per gather), ``direct_threads`` (the previous engine: ``os.preadv`` per run in
-64 Python threads, a zlib CRC per page in Python), ``mooncake`` (one ``get_into_ranges`` per gather into a
-registered buffer) and ``mooncake_lookup`` (``EngramStore.lookup``, the previous path).
+Contenders: ``memory`` (``MemoryTable``: a gather's Python alone), ``direct`` (the ``aio`` engine: one Numba
+``nogil`` call per gather), ``direct_threads`` (the previous engine), ``mooncake`` (one ``get_into_ranges``
+per gather into a registered buffer) and ``mooncake_lookup`` (``EngramStore.lookup``, the previous path,
+counted as GIL-held throughout: a pybind call that does not say it releases it).
 
 Mooncake against the wire: rows/s of both Mooncake paths at decode size and at ``--big-rows``, against two
 loopback TCP limits measured in the same run on 127.0.0.1: bulk throughput (one connection streaming 1 MiB
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -41,7 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks._common import paired_ratios, stats, write_result
+from benchmarks._common import stats, write_result
+from engramlm.store import _aio
 from engramlm.store.base import RowTable
 from engramlm.store.direct import DirectFileTable
 from engramlm.store.file import write_store
@@ -122,62 +129,74 @@ def loopback_round_trips(reply_bytes: int, n: int = 4000) -> float:
     return n / dt
 
 
-# ---------------------------------------------------------------------------- GIL probe
+# ---------------------------------------------------------------------------- GIL accounting
 
 
-def probe_ops(n: int) -> float:
-    """Seconds for ``n`` tiny torch ops: the dispatch-bound work of a small-batch decode step."""
-    x = torch.zeros(16)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        x.add_(1.0)
-    return time.perf_counter() - t0
+class NogilClock:
+    """Thread CPU seconds spent inside calls that release the GIL (the aio kernel, ``get_into_ranges``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.seconds += time.thread_time() - t0
+
+        return timed
 
 
-def probe_with(gather: Callable[[int], object] | None, ops: int) -> tuple[float, int]:
-    """(probe seconds, gathers done meanwhile) with ``gather`` looping in a second thread."""
-    if gather is None:
-        return probe_ops(ops), 0
-    stop = threading.Event()
-    done = [0]
+class _ClockedClient:
+    """A Mooncake client whose ``get_into_ranges`` is timed by a :class:`NogilClock`; all else passes through."""
 
-    def loop() -> None:
-        k = 0
-        while not stop.is_set():
-            gather(k)
-            k += 1
-        done[0] = k
+    def __init__(self, client: Any, clock: NogilClock) -> None:
+        self._client = client
+        self.get_into_ranges = clock.wrap(client.get_into_ranges)
 
-    th = threading.Thread(target=loop)
-    th.start()
-    time.sleep(0.01)  # the loop is running before the probe starts
-    secs = probe_ops(ops)
-    stop.set()
-    th.join()
-    return secs, done[0]
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
 
 
-def gil_probe(tables: dict[str, RowTable], batches: list[torch.Tensor], ops: int, repeats: int) -> dict[str, Any]:
-    names = ["alone", *tables]
-    secs: dict[str, list[float]] = {n: [] for n in names}
-    gathers: dict[str, list[int]] = {n: [] for n in names}
-    for r in tqdm(range(repeats), desc="gil probe", leave=False):
+def _cpu() -> tuple[float, float, float]:
+    """(this thread's user+sys, the process's user, the process's sys) CPU seconds."""
+    me, proc = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime, proc.ru_utime - me.ru_utime, proc.ru_stime - me.ru_stime
+
+
+def gil_accounting(
+    tables: dict[str, RowTable], clocks: dict[str, NogilClock], batches: list[torch.Tensor], n: int, repeats: int
+) -> dict[str, Any]:
+    """Per gather: wall, CPU, and the GIL-held CPU estimate (see the module docstring), interleaved blocks of n."""
+    names = list(tables)
+    rows: dict[str, dict[str, list[float]]] = {m: {} for m in names}
+    for r in tqdm(range(repeats), desc="gil accounting", leave=False):
         shift = r % len(names)
-        for n in names[shift:] + names[:shift]:
-            t = tables.get(n)
-            fn = None if t is None else (lambda k, t=t: t.gather(batches[k % len(batches)]))
-            s, g = probe_with(fn, ops)
-            secs[n].append(s)
-            gathers[n].append(g)
-    out: dict[str, Any] = {"probe_seconds_alone": stats(secs["alone"])}
-    for n in tables:
-        delay = [(w - a) / max(g, 1) for w, a, g in zip(secs[n], secs["alone"], gathers[n], strict=True)]
-        out[n] = {
-            "probe_slowdown": stats(paired_ratios(secs[n], secs["alone"])),
-            "delay_per_gather_us": stats([1e6 * d for d in delay]),
-            "gathers_per_s_meanwhile": stats([g / s for g, s in zip(gathers[n], secs[n], strict=True)]),
-        }
-    return out
+        for name in names[shift:] + names[:shift]:
+            t, clock = tables[name], clocks.get(name)
+            before_nogil = clock.seconds if clock else 0.0
+            c0, wu0, ws0 = _cpu()
+            w0 = time.perf_counter()
+            for k in range(n):
+                t.gather(batches[(r * n + k) % len(batches)])
+            wall = time.perf_counter() - w0
+            c1, wu1, ws1 = _cpu()
+            nogil = (clock.seconds if clock else 0.0) - before_nogil
+            caller, others_user, others_sys = c1 - c0, wu1 - wu0, ws1 - ws0
+            # The threads engine's workers run Python (and zlib on 4 KiB pages) under the GIL: their user
+            # CPU counts; their system CPU is preadv inside the kernel, GIL released. Other tiers' helper
+            # threads (glibc AIO, Mooncake's transfer engine) run no Python: they do not count.
+            held = caller - nogil + (others_user if name == "direct_threads" else 0.0)
+            sample = {"wall_ms": wall, "caller_cpu_ms": caller, "nogil_cpu_ms": nogil,
+                      "other_threads_user_ms": others_user, "other_threads_sys_ms": others_sys,
+                      "gil_held_ms": held}  # fmt: skip
+            for key, v in sample.items():
+                rows[name].setdefault(key, []).append(1e3 * v / n)
+    return {name: {key: stats(v) for key, v in per.items()} for name, per in rows.items()}
 
 
 def gather_times(tables: dict[str, RowTable], batches: list[torch.Tensor], repeats: int) -> dict[str, Any]:
@@ -203,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--rows", type=int, default=64, help="ids per decode-sized gather (batch 8 x 8 heads)")
     ap.add_argument("--big-rows", type=int, default=4096, help="ids per large gather (a prefill)")
-    ap.add_argument("--ops", type=int, default=20_000, help="tiny torch ops per probe")
+    ap.add_argument("--gathers", type=int, default=50, help="decode-sized gathers per timed block")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no-mooncake", action="store_true")
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory (must accept O_DIRECT)")
@@ -224,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.ExitStack() as stack:
             path = scratch / "table.engst"
             write_store(path, weights, "fp32", FP, progress=True)
+            clocks = {"direct": NogilClock(), "mooncake": NogilClock()}
+            _aio.fetch = clocks["direct"].wrap(_aio.fetch)  # type: ignore[method-assign]  # the kernel call
             tables: dict[str, RowTable] = {
                 "memory": MemoryTable(weights, FP),
                 "direct": stack.enter_context(DirectFileTable(path, FP)),
@@ -239,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                     stack.callback(client.close)
                     heads = [args.head_rows] * args.heads
                     tables["mooncake"] = MooncakeTable.populate(client, 1, weights, heads, FP)
+                    tables["mooncake"]._store = _ClockedClient(client, clocks["mooncake"])  # type: ignore[attr-defined]
                     tables["mooncake_lookup"] = MooncakeTable(client, 1, heads, args.dim, FP, read="lookup")
                     mooncake_info = {"ran": True}
                 except Exception as exc:  # report, do not hide: the JSON says why it did not run
@@ -250,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                         raise AssertionError(f"{name}: rows differ")
             results["gather_seconds_decode_size"] = gather_times(tables, small, 60)
             results["gather_seconds_big"] = gather_times(tables, big, 8)
-            results["gil_probe"] = gil_probe(tables, small, args.ops, args.repeats)
+            results["gil"] = gil_accounting(tables, clocks, small, args.gathers, args.repeats)
             row_bytes = args.dim * 4
             bulk = loopback_bulk()
             rtt = [loopback_round_trips(row_bytes) for _ in range(3)]
@@ -285,11 +307,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = write_result(args.out, payload, args.results_dir)
     print(f"wrote {out}")
-    g, d = results["gil_probe"], results["gather_seconds_decode_size"]
+    g = results["gil"]
     for name in tables:
+        m = {key: v["median"] for key, v in g[name].items()}
         print(
-            f"{name:<16} gather {1e3 * d[name]['median']:7.2f} ms  probe x{g[name]['probe_slowdown']['median']:.2f}"
-            f"  delay/gather {g[name]['delay_per_gather_us']['median']:8.0f} us"
+            f"{name:<16} wall {m['wall_ms']:7.2f} ms  caller CPU {m['caller_cpu_ms']:6.3f}"
+            f"  nogil {m['nogil_cpu_ms']:6.3f}  GIL held {m['gil_held_ms']:6.3f} ms/gather"
         )
     lt = results["loopback_tcp"]
     print(f"loopback TCP: {lt['bulk_bytes_per_s'] / 1e9:.2f} GB/s bulk, {lt['round_trips_per_s']:.0f} round trips/s")
