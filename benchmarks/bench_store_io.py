@@ -16,10 +16,13 @@ counted: the estimate is an upper bound. A wall-clock probe (a thread of tiny to
 concurrent gathers) was tried first: at a load average of 12 on 2 cores its "alone" baseline varied 5x
 between repeats, so it measured the neighbours.
 
-Contenders: ``memory`` (``MemoryTable``: a gather's Python alone), ``direct`` (the ``aio`` engine: one Numba
-``nogil`` call per gather), ``direct_threads`` (the previous engine), ``mooncake`` (one ``get_into_ranges``
-per gather into a registered buffer) and ``mooncake_lookup`` (``EngramStore.lookup``, the previous path,
-counted as GIL-held throughout: a pybind call that does not say it releases it).
+Ids are Zipf(1.2)-skewed like text, hot ids scattered over the table. Contenders: ``memory``
+(``MemoryTable``: a gather's Python alone), ``direct`` (the ``aio`` engine: one Numba ``nogil`` call per
+gather), ``direct_threads`` (the previous engine), ``cached_direct`` (an LFU ``CachedTable`` of
+``--cache-fraction`` of the rows, warmed, in front of ``direct``: the cache's own Python), ``mooncake``
+(one ``get_into_ranges`` per gather into a registered buffer) and ``mooncake_lookup``
+(``EngramStore.lookup``, the previous path, counted as GIL-held throughout: a pybind call that does not
+say it releases it).
 
 Mooncake against the wire: rows/s of both Mooncake paths at decode size and at ``--big-rows``, against two
 loopback TCP limits measured in the same run on 127.0.0.1: bulk throughput (one connection streaming 1 MiB
@@ -50,6 +53,7 @@ from tqdm import tqdm
 from benchmarks._common import stats, write_result
 from engramlm.store import _aio
 from engramlm.store.base import RowTable
+from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
 from engramlm.store.file import write_store
 from engramlm.store.memory import MemoryTable
@@ -162,10 +166,14 @@ class _ClockedClient:
         return getattr(self._client, name)
 
 
-def _cpu() -> tuple[float, float, float]:
-    """(this thread's user+sys, the process's user, the process's sys) CPU seconds."""
-    me, proc = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
-    return me.ru_utime + me.ru_stime, proc.ru_utime - me.ru_utime, proc.ru_stime - me.ru_stime
+def _cpu() -> tuple[float, float, float, float]:
+    """(this thread's CPU, the process's CPU, the process's user and system CPU from rusage) in seconds.
+
+    ``thread_time``/``process_time`` are exact (the scheduler's runtime); rusage's user/system split is
+    tick-sampled, so it is used only to split the other threads' exact total.
+    """
+    proc = resource.getrusage(resource.RUSAGE_SELF)
+    return time.thread_time(), time.process_time(), proc.ru_utime, proc.ru_stime
 
 
 def gil_accounting(
@@ -179,14 +187,16 @@ def gil_accounting(
         for name in names[shift:] + names[:shift]:
             t, clock = tables[name], clocks.get(name)
             before_nogil = clock.seconds if clock else 0.0
-            c0, wu0, ws0 = _cpu()
+            c0, p0, u0, s0 = _cpu()
             w0 = time.perf_counter()
             for k in range(n):
                 t.gather(batches[(r * n + k) % len(batches)])
             wall = time.perf_counter() - w0
-            c1, wu1, ws1 = _cpu()
+            c1, p1, u1, s1 = _cpu()
             nogil = (clock.seconds if clock else 0.0) - before_nogil
-            caller, others_user, others_sys = c1 - c0, wu1 - wu0, ws1 - ws0
+            caller, others = c1 - c0, max(0.0, (p1 - p0) - (c1 - c0))
+            user_share = (u1 - u0) / max((u1 - u0) + (s1 - s0), 1e-12)  # of the whole process: an estimate
+            others_user, others_sys = others * user_share, others * (1 - user_share)
             # The threads engine's workers run Python (and zlib on 4 KiB pages) under the GIL: their user
             # CPU counts; their system CPU is preadv inside the kernel, GIL released. Other tiers' helper
             # threads (glibc AIO, Mooncake's transfer engine) run no Python: they do not count.
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--big-rows", type=int, default=4096, help="ids per large gather (a prefill)")
     ap.add_argument("--gathers", type=int, default=50, help="decode-sized gathers per timed block")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--cache-fraction", type=float, default=0.1, help="cached_direct: LFU cache of this share of rows")
     ap.add_argument("--no-mooncake", action="store_true")
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory (must accept O_DIRECT)")
     ap.add_argument("--results-dir", type=Path, default=None)
@@ -232,8 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     rows = args.heads * args.head_rows
     rng = np.random.default_rng(0)
-    small = [torch.from_numpy(rng.integers(0, rows, args.rows)) for _ in range(512)]
-    big = [torch.from_numpy(rng.integers(0, rows, args.big_rows)) for _ in range(16)]
+    # Skewed like text (Zipf 1.2), hot ids scattered over the table by a random permutation.
+    perm = rng.permutation(rows)
+
+    def draw(n: int) -> torch.Tensor:
+        return torch.from_numpy(perm[(rng.zipf(1.2, n) - 1) % rows])
+
+    small = [draw(args.rows) for _ in range(1024)]
+    big = [draw(args.big_rows) for _ in range(16)]
+    warm = [draw(args.rows) for _ in range(2000)]
     weights = torch.randn(rows, args.dim, generator=torch.Generator().manual_seed(0))
 
     load_before = os.getloadavg()
@@ -243,13 +261,21 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.ExitStack() as stack:
             path = scratch / "table.engst"
             write_store(path, weights, "fp32", FP, progress=True)
-            clocks = {"direct": NogilClock(), "mooncake": NogilClock()}
-            _aio.fetch = clocks["direct"].wrap(_aio.fetch)  # type: ignore[method-assign]  # the kernel call
+            aio_clock = NogilClock()  # blocks run one at a time, so the aio tiers can share one clock
+            clocks = {"direct": aio_clock, "cached_direct": aio_clock, "mooncake": NogilClock()}
+            _aio.fetch = aio_clock.wrap(_aio.fetch)  # type: ignore[method-assign]  # the kernel call
             tables: dict[str, RowTable] = {
                 "memory": MemoryTable(weights, FP),
                 "direct": stack.enter_context(DirectFileTable(path, FP)),
                 "direct_threads": stack.enter_context(DirectFileTable(path, FP, io_engine="threads")),
+                "cached_direct": CachedTable(DirectFileTable(path, FP), int(args.cache_fraction * rows) * args.dim * 4),
             }
+            stack.callback(tables["cached_direct"].close)
+            mem = MemoryTable(weights, FP)
+            inner, tables["cached_direct"].inner = tables["cached_direct"].inner, mem  # type: ignore[attr-defined]
+            for b in warm:  # a warm cache (filled from RAM, as bench_generate does), on other draws
+                tables["cached_direct"].gather(b)
+            tables["cached_direct"].inner = inner  # type: ignore[attr-defined]
             if not tables["direct"].direct_io:  # type: ignore[attr-defined]
                 raise SystemExit(f"{scratch}: O_DIRECT refused; pass --dir on a filesystem that supports it")
             mooncake_info: dict[str, Any] = {"ran": False}
