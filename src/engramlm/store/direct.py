@@ -45,6 +45,7 @@ from engramlm.store.file import (
     read_page_crcs,
     verify_store,
 )
+from engramlm.store.formats import FP32
 from engramlm.store.pages import PAGE, PagePlan, plan_pages
 
 IO_ENGINES = ("auto", "aio", "threads")
@@ -232,6 +233,8 @@ class DirectFileTable(RowTable):
             assert self._pool is not None
             raw, nbytes = self._raw_threads(idx, self._pool)
         self.stats.add(bytes_read=nbytes)
+        if self._format is FP32:  # the rows are fresh float32 records already: a view, not a decode copy
+            return torch.from_numpy(np.ascontiguousarray(raw)).view(torch.float32)
         return self._format.decode(torch.from_numpy(raw))
 
     def _close_dups(self) -> None:
