@@ -15,8 +15,9 @@ Layout (all integers little-endian):
 Why per page: the ``direct`` tier reads only the pages a batch touches and ``mmap`` faults in only
 those, so a check on every read must cost what they read, not a 1 MiB chunk per row. zlib's CRC32 on
 one page is ~1.3 us here (~3 GB/s, faster than any NumPy-vectorised hash we tried, ~0.8 GB/s), so
-:func:`check_pages` runs it per page touched. v1 files (no page table) are still read: the file tiers
-verify them whole at open, with a warning (see :func:`needs_full_check`).
+:func:`check_pages` runs it per page touched (the direct tier's ``aio`` engine calls the same zlib
+``crc32`` from its ``nogil`` kernel, :mod:`engramlm.store._aio`). v1 files (no page table) are still read:
+the file tiers verify them whole at open, with a warning (see :func:`needs_full_check`).
 
 Files are written through ``atomic_open`` (temp + fsync + rename), so readers never see a torn one.
 """
