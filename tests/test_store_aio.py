@@ -149,3 +149,23 @@ def test_empty_and_one_row_tables(direct_dir: Path) -> None:  # noqa: F811
         with DirectFileTable(path, FP, io_engine="aio") as table:
             ids = torch.tensor([rows - 1, 0, rows - 1])
             assert torch.equal(table.gather(ids), w[ids])
+
+
+def test_probe_disagreement_falls_back_to_threads(direct_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """If the kernel ever read other bytes than os.preadv (an unexpected aiocb layout), auto uses threads."""
+    path = _store(direct_dir, "fp32")
+    real = _aio.fetch
+
+    def corrupting(*args: object) -> tuple[int, int, int, int]:
+        res = real(*args)  # type: ignore[arg-type]
+        args[-1][:] ^= 0xFF  # type: ignore[index]
+        return res
+
+    monkeypatch.setattr(_aio, "fetch", corrupting)
+    with DirectFileTable(path, FP, io_engine="auto") as table:
+        assert table.io_engine == "threads" and "different bytes" in (table.engine_reason or "")
+        assert table._fds.size == 0  # the duplicated descriptors were closed
+        ids = _ids(200)
+        assert torch.equal(table.gather(ids), _reference("fp32").gather(ids))
+    with pytest.raises(ConfigError, match="io_engine 'aio' cannot run here: aio probe read different bytes"):
+        DirectFileTable(path, FP, io_engine="aio")
