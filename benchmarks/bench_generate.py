@@ -9,7 +9,11 @@ of every Engram layer's rows before the forward) with the rows served by
 * ``ssd_cN``      the store file read with O_DIRECT (:class:`DirectFileTable`, page cache out of
                   play) behind a :class:`CachedTable` (LFU) of N% of the table bytes, N in 0..50,
                   so the file is always at least twice the cache budget;
-* ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows via ``EngramStore``;
+* ``ssd_threads`` ``ssd_c0`` read by the direct tier's ``threads`` I/O engine (Python threads, one
+                  ``preadv`` per run, a zlib CRC per page in Python: the engine before issue 18), timed
+                  in the same run as the default ``aio`` engine (one Numba ``nogil`` call per gather);
+* ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows read in batches into a registered
+                  buffer (:class:`MooncakeTable`);
 
 and reports each contender's decode tokens/s and its time ratio to ``model`` per repeat, all
 timed interleaved in one run. The workload is real text: a BPE trained on the Python standard
@@ -31,6 +35,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +52,24 @@ from engramlm.infer.tables import export_model_tables, model_tables, open_tables
 from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.cache import CachedTable
+from engramlm.store.direct import DirectFileTable
 from engramlm.store.mooncake import connect, local_master
 from engramlm.store.tiers import Tier
+
+
+def sched_seconds() -> tuple[float, float]:
+    """(on-CPU, runnable-but-waiting) seconds of the calling thread, from Linux's schedstat; (0, 0) elsewhere.
+
+    On a shared machine the decode thread spends much of a call waiting for a CPU that other processes
+    hold; that time says nothing about the tier. Blocking on the GIL or on rows is sleeping, not waiting
+    to run, so it stays in ``wall - runnable``: the call time with the neighbours' share removed.
+    """
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", encoding="ascii") as f:
+            cpu_ns, wait_ns, _ = f.read().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
 
 
 def build_workload(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor]]:
@@ -123,6 +144,7 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=int, default=8)
     ap.add_argument("--warm-tokens", type=int, default=100_000, help="other text streamed through the caches first")
     ap.add_argument("--no-mooncake", action="store_true")
+    ap.add_argument("--no-threads-engine", action="store_true", help="skip the ssd_threads contender")
     ap.add_argument("--workdir", default=None, help="where the store file goes (must not be tmpfs for O_DIRECT)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny tables, 1 repeat")
     ap.add_argument("--out", default="generate")
@@ -171,6 +193,15 @@ def main() -> None:
         if budget:
             caches[name] = tables  # type: ignore[assignment]
         engines[name] = Engine(model, tables, workers=args.workers)
+    if not args.no_threads_engine:  # the old I/O engine on the same files, no cache: the before of issue 18
+        base = open_tables(store, Tier.DIRECT, fingerprint=fp)
+        tables = {lid: DirectFileTable(t.header.path, fp, io_engine="threads") for lid, t in base.items()}
+        for t in base.values():
+            t.close()
+        opened.append(tables)
+        engines["ssd_threads"] = Engine(model, tables, workers=args.workers)
+    engine_of = {name: sorted({getattr(getattr(t, "inner", t), "io_engine", "?") for t in tables.values()})
+                 for name, tables in zip([n for n in engines if n.startswith("ssd")], opened, strict=True)}  # fmt: skip
     direct_io = all(getattr(getattr(t, "inner", t), "direct_io", False) for tables in opened for t in tables.values())
     warm_tokens = warm_caches(model, caches, torch.cat(streams[need:])[: args.warm_tokens], args.batch * args.prompt)
     mooncake_ctx = contextlib.ExitStack()
@@ -182,7 +213,7 @@ def main() -> None:
             mooncake_ctx.callback(client.close)
             t1 = time.perf_counter()
             tables = open_tables(store, Tier.MOONCAKE, fingerprint=fp, mooncake=client)
-            mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1}
+            mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1, "read": "ranges"}
             opened.append(tables)
             engines["mooncake"] = Engine(model, tables, workers=args.workers)
         except Exception as exc:  # report, do not hide: the JSON says why it did not run
@@ -195,6 +226,8 @@ def main() -> None:
     toks: dict[str, list[float]] = {n: [] for n in names}
     waits: dict[str, dict[str, float]] = {n: {} for n in names}
     outputs: dict[str, list] = {n: [] for n in names}
+    call_secs: dict[str, list[float]] = {n: [] for n in names}  # whole generate call (prefill + decode), wall
+    runnable: dict[str, list[float]] = {n: [] for n in names}  # of it: the decode thread waiting for a CPU
     from tqdm import tqdm
 
     load_before = os.getloadavg()
@@ -203,11 +236,15 @@ def main() -> None:
             shift = c % len(names)
             for n in names[shift:] + names[:shift]:
                 prompts, force = work[c]
+                w0, (_, q0) = time.perf_counter(), sched_seconds()
                 gen = engines[n].generate(prompts, params, force=force)
+                wall, (_, q1) = time.perf_counter() - w0, sched_seconds()
                 outputs[n].append(gen.tokens)
                 if c == 0:
                     continue  # warm-up: threads start, lazily built tables and buffers appear
                 secs[n].append(gen.stats.decode_seconds)
+                call_secs[n].append(wall)
+                runnable[n].append(q1 - q0)
                 toks[n].append(gen.stats.tokens_per_second)
                 for k, v in gen.stats.wait_seconds.items():
                     waits[n][str(k)] = waits[n].get(str(k), 0.0) + v
@@ -229,6 +266,12 @@ def main() -> None:
             "same_tokens_as_model": same[n],
         }
         r["overhead_pct_median"] = 100 * (r["time_ratio_vs_model"]["median"] - 1)
+        corrected = [w - q for w, q in zip(call_secs[n], runnable[n], strict=True)]
+        base = [w - q for w, q in zip(call_secs["model"], runnable["model"], strict=True)]
+        r["call_seconds"] = stats(call_secs[n])
+        r["runnable_wait_pct_of_call"] = 100 * sum(runnable[n]) / max(sum(call_secs[n]), 1e-12)
+        r["load_corrected_time_ratio_vs_model"] = stats(paired_ratios(corrected, base))
+        r["load_corrected_overhead_pct_median"] = 100 * (r["load_corrected_time_ratio_vs_model"]["median"] - 1)
         # Time the forward sat blocked on rows, over the decode time: immune to the machine's noise.
         r["wait_pct_of_decode"] = 100 * sum(waits[n].values()) / max(sum(secs[n]), 1e-12)
         pf = engines[n].prefetcher
@@ -244,6 +287,7 @@ def main() -> None:
     curve = [
         {"cache_pct": pct, "overhead_pct": results[f"ssd_c{pct:g}"]["overhead_pct_median"],
          "wait_pct_of_decode": results[f"ssd_c{pct:g}"]["wait_pct_of_decode"],
+         "load_corrected_overhead_pct": results[f"ssd_c{pct:g}"]["load_corrected_overhead_pct_median"],
          "hit_rate": results[f"ssd_c{pct:g}"].get("cache_hit_rate", 0.0)}
         for pct in args.cache_pcts
     ]  # fmt: skip
@@ -266,6 +310,7 @@ def main() -> None:
             "export_seconds": export_s,
         },
         "direct_io": direct_io,
+        "io_engine": engine_of,
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "mooncake": mooncake_info,
         "workload": {"corpus": "stdlib (held-out val+test files)", "tokenizer": "BPE 8k trained on stdlib train",
@@ -284,7 +329,8 @@ def main() -> None:
         print(
             f"{n:<{width}}  {r['tokens_per_second']['median']:8.1f} tok/s  overhead {r['overhead_pct_median']:+6.1f}%"
             f"  (IQR {100 * (ratio['q1'] - 1):+.1f}..{100 * (ratio['q3'] - 1):+.1f}%)"
-            f"  wait {r['wait_pct_of_decode']:.2f}%  same={r['same_tokens_as_model']}{hit}"
+            f"  wait {r['wait_pct_of_decode']:.2f}%  load-corrected {r['load_corrected_overhead_pct_median']:+6.1f}%"
+            f"  same={r['same_tokens_as_model']}{hit}"
         )
 
 

@@ -4,7 +4,8 @@ Why: numbers in a README drift from the runs they came from when typed by hand. 
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
-store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth, serve. A result
+store, store_io, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth,
+distributed, muon, lm_eval_h2h, serve. A result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
 
@@ -286,6 +287,60 @@ def store_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+def store_io_table(doc: dict[str, Any]) -> list[str]:
+    """How long a gather holds the GIL per I/O engine (CPU accounting), and Mooncake against loopback TCP."""
+    p, t, g = doc["parameters"], doc["table"], doc["gil"]
+    d, b = doc["gather_seconds_decode_size"], doc["gather_seconds_big"]
+    labels = {
+        "memory": "`MemoryTable`: the gather's Python alone",
+        "direct": "`aio` engine: one Numba nogil call",
+        "direct_threads": "`threads` engine, before issue 18",
+        "cached_direct": "LFU cache in front of `aio`",
+        "mooncake": "one `get_into_ranges` into a registered buffer",
+        "mooncake_lookup": "`EngramStore.lookup`, before issue 18",
+    }
+    lines = [
+        f"**Store I/O off the GIL**: an fp32 table of {t['rows']:,} rows × {t['dim']} ({t['bytes'] / 2**20:,.0f} MiB); "
+        f"decode-sized gathers of {p['rows']} Zipf-skewed ids (one layer of a batch-8 decode step), large ones of "
+        f"{p['big_rows']}. GIL held per gather = the calling thread's CPU minus its CPU inside calls that release "
+        "the GIL, plus the `threads` engine's worker user CPU (an upper bound; CPU accounting, so a loaded machine "
+        f"does not move it); median (IQR) over {p['repeats']} interleaved blocks of {p['gathers']} gathers. "
+        "Wall times are the gather's own, on this (shared) machine.",
+        "",
+        f"| contender | GIL held ms / gather | caller CPU ms | of it in nogil calls ms | other threads CPU ms "
+        f"(user + sys) | wall ms ({p['rows']} ids) | wall ms ({p['big_rows']} ids) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in labels.items():
+        if name not in g:
+            continue
+        m = g[name]
+        held = m["gil_held_ms"]
+        lines.append(
+            f"| `{name}` ({label}) | {held['median']:.3f} ({held['q1']:.3f}–{held['q3']:.3f}) | "
+            f"{m['caller_cpu_ms']['median']:.3f} | {m['nogil_cpu_ms']['median']:.3f} | "
+            f"{m['other_threads_user_ms']['median']:.3f} + {m['other_threads_sys_ms']['median']:.3f} | "
+            f"{1e3 * d[name]['median']:.2f} | {1e3 * b[name]['median']:.1f} |"
+        )
+    lt, mc = doc["loopback_tcp"], doc.get("mooncake", {})
+    tcp = (
+        f"Loopback TCP on this machine: {lt['bulk_bytes_per_s'] / 1e9:.2f} GB/s bulk "
+        f"({lt['bulk_rows_per_s'] / 1e6:.1f} M rows/s of {lt['reply_bytes']} B), "
+        f"{lt['round_trips_per_s']:,.0f} request-response round trips/s."
+    )
+    if mc.get("ran"):
+        tcp += (
+            f" Mooncake rows/s, ranged read: {mc['mooncake_rows_per_s_decode_size']:,.0f} ({p['rows']} ids), "
+            f"{mc['mooncake_rows_per_s_big']:,.0f} ({p['big_rows']} ids) = "
+            f"{mc['ranges_vs_bulk_limit_big']:.2%} of the bulk limit, "
+            f"{mc['ranges_vs_round_trip_limit_big']:.2f}× one round trip per row; `lookup`: "
+            f"{mc['mooncake_lookup_rows_per_s_decode_size']:,.0f} and {mc['mooncake_lookup_rows_per_s_big']:,.0f}."
+        )
+    else:
+        tcp += f" Mooncake not run: {mc.get('error', 'disabled (--no-mooncake)')}."
+    return [*lines, "", tcp, *_footer(doc)]
+
+
 # ---------------------------------------------------------------------------- row access
 
 
@@ -478,6 +533,8 @@ def head_to_head_why_table(doc: dict[str, Any]) -> list[str]:
 def _gen_order(name: str) -> tuple[int, float]:
     if name.startswith("ssd_c"):
         return (2, float(name[5:]))
+    if name == "ssd_threads":
+        return (2, 1e9)
     return ({"model": 0, "memory": 1}.get(name, 3), 0.0)
 
 
@@ -487,9 +544,11 @@ def _generate_headline(res: dict[str, Any]) -> str:
     if not ssd:
         return ""
     r = res[ssd[0]]
+    lc = r.get("load_corrected_time_ratio_vs_model")
+    corrected = "" if lc is None else f" ({_x(lc)} load-corrected)"
     return (
-        f" **SSD tier, {ssd[0][5:]}% cache: decode time {_x(r['time_ratio_vs_model'])} of in-model, forward "
-        f"blocked on rows {r['wait_pct_of_decode']:.2f}% of decode.**"
+        f" **SSD tier, {ssd[0][5:]}% cache: decode time {_x(r['time_ratio_vs_model'])}{corrected} of in-model, "
+        f"forward blocked on rows {r['wait_pct_of_decode']:.2f}% of decode.**"
     )
 
 
@@ -504,12 +563,14 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         f"{p['prompt']}, {p['steps']} decode steps ({w.get('decode', 'real text')}, {w.get('corpus', '')}), "
         f"{p['repeats']} interleaved repeats, {p['threads']} torch thread(s), {p['workers']} prefetch worker(s); "
         f"O_DIRECT {'on' if doc.get('direct_io') else '**off**'}. Time ÷ in-model is the paired per-repeat "
-        "ratio; 'rows wait' is the time the forward sat blocked on rows ÷ decode time (prefetch not hidden, "
-        "insensitive to machine noise)." + _generate_headline(res),
+        "ratio; 'load-corrected' is the same ratio for whole generate calls minus the time the decode thread "
+        "was runnable but waiting for a CPU (Linux schedstat: the neighbours' share on a shared machine; "
+        "blocking on the GIL or on rows stays in); 'rows wait' is the time the forward sat blocked on rows ÷ "
+        "decode time (prefetch not hidden)." + _generate_headline(res),
         "",
-        "| contender | rows served from | tokens/s | time ÷ in-model | rows wait % of decode | cache hit rate | "
-        "same tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| contender | rows served from | tokens/s | time ÷ in-model | load-corrected time ÷ in-model | "
+        "rows wait % of decode | cache hit rate | same tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(res, key=_gen_order):
         r = res[name]
@@ -520,14 +581,20 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         elif name.startswith("ssd_c"):
             where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
         elif name == "mooncake":
-            where = "Mooncake master on 127.0.0.1 (TCP)"
+            read = doc.get("mooncake", {}).get("read", "lookup")  # runs before issue 18 used EngramStore.lookup
+            how = "`EngramStore.lookup` per call" if read == "lookup" else "one ranged read per gather"
+            where = f"Mooncake master on 127.0.0.1 (TCP), {how}"
+        elif name == "ssd_threads":
+            where = "SSD (O_DIRECT), no cache, the `threads` I/O engine (before issue 18)"
         else:
             where = name
         tps, ratio = r["tokens_per_second"], r["time_ratio_vs_model"]
-        hit = r.get("cache_hit_rate")
+        hit, lc = r.get("cache_hit_rate"), r.get("load_corrected_time_ratio_vs_model")
+        corrected = "—" if lc is None else "1×" if name == "model" else _x(lc)
         lines.append(
             f"| {name} | {where} | {tps['median']:.1f} ({tps['q1']:.1f}–{tps['q3']:.1f}) | "
-            f"{'1×' if name == 'model' else _x(ratio)} | {r['wait_pct_of_decode']:.2f}% | "
+            f"{'1×' if name == 'model' else _x(ratio)} | {corrected} | "
+            f"{r['wait_pct_of_decode']:.2f}% | "
             f"{'—' if hit is None else f'{hit:.0%}'} | {'yes' if r['same_tokens_as_model'] else '**NO**'} |"
         )
     mc = doc.get("mooncake", {})
@@ -853,6 +920,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
     "store": store_table,
+    "store_io": store_io_table,
     "row_access": row_access_table,
     "sparse_update": sparse_update_table,
     "head_to_head": head_to_head_table,

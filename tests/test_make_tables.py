@@ -136,6 +136,17 @@ def test_generate_throughput_and_ratios(grouped) -> None:
                 assert _ratio(r["time_ratio_vs_model"]) in row
 
 
+def test_store_io_gil_and_loopback(grouped) -> None:
+    for doc in grouped["store_io"]:
+        body = _one("store_io", doc)
+        for name, m in doc["gil"].items():
+            row = next(line for line in body.splitlines() if line.startswith(f"| `{name}` ("))
+            held = m["gil_held_ms"]
+            assert f"{held['median']:.3f} ({held['q1']:.3f}–{held['q3']:.3f})" in row
+            assert f"{1e3 * doc['gather_seconds_decode_size'][name]['median']:.2f}" in row
+        assert f"{doc['loopback_tcp']['round_trips_per_s']:,.0f} request-response" in body
+
+
 def test_reproductions_findings_and_arms(grouped) -> None:
     for doc in grouped["reproductions"]:
         body = _one("reproductions", doc)

@@ -88,3 +88,44 @@ def test_missing_master_names_the_store_extra(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(mc.shutil, "which", lambda name: None)
     with pytest.raises(EngramError, match=r"engramlm\[store\].*libibverbs1"), local_master(tmp_path / "master.log"):
         pass
+
+
+def test_ranged_reads_equal_lookup_and_memory(mooncake_client: Any) -> None:
+    """The batched ranged read into a registered buffer returns exactly what EngramStore.lookup returns."""
+    import threading
+
+    heads = [1009, 13, 2003]
+    w = torch.randn(sum(heads), 48, generator=torch.Generator().manual_seed(4))
+    ranges = MooncakeTable.populate(mooncake_client, 7, w, heads, FP)
+    lookup = MooncakeTable(mooncake_client, 7, heads, 48, FP, read="lookup")
+    assert ranges.read == "ranges"
+    g = torch.Generator().manual_seed(5)
+    for ids in (torch.randint(0, sum(heads), (700,), generator=g), torch.arange(sum(heads)), torch.tensor([1009])):
+        got = ranges.gather(ids)  # arange: 3025 rows x 48 > the first buffer's 65536 floats: grown
+        assert torch.equal(got, lookup.gather(ids)) and torch.equal(got, w[ids])
+    assert ranges.stats.bytes_read == ranges.stats.bytes_used  # reads exactly its rows, nothing padded
+    errors: list[int] = []
+
+    def worker(seed: int) -> None:  # each thread its own registered buffer
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(10):
+            ids = torch.randint(0, sum(heads), (300,), generator=gen)
+            if not torch.equal(ranges.gather(ids), w[ids]):
+                errors.append(seed)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert ranges.remove() == len(heads)
+    with pytest.raises(EngramError, match=r"head 0 \(.*\) failed"):  # the objects are gone: a named failure
+        ranges.gather(torch.tensor([3]))
+
+
+def test_bad_read_mode_refused(mooncake_client: Any) -> None:
+    from engramlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mooncake read must be one of"):
+        MooncakeTable(mooncake_client, 1, [3], 8, FP, read="get")

@@ -1,17 +1,24 @@
 """SSD tier: O_DIRECT page reads at high queue depth, bypassing the page cache (spec §10.2.7).
 
-Rows are mapped to 4 KiB pages, pages are deduplicated and coalesced into runs, and runs are
-read with ``os.preadv`` (which releases the GIL) by a pool of ``queue_depth`` threads into a
-page-aligned anonymous mmap buffer. Nothing reads the whole file, so tables larger than RAM work.
-If the filesystem refuses O_DIRECT (tmpfs), the table falls back to buffered preadv, warns,
-and reports ``direct_io = False``.
+Rows are mapped to 4 KiB pages, pages are deduplicated and coalesced into runs, and runs are read
+into a page-aligned buffer. Nothing reads the whole file, so tables larger than RAM work. If the
+filesystem refuses O_DIRECT (tmpfs), the table falls back to buffered reads, warns, and reports
+``direct_io = False``.
+
+Two I/O engines, same plan, same bytes, same checks (``io_engine`` says which one a table uses):
+
+* ``aio`` (the default where it runs: glibc on 64-bit Linux): the whole gather, planning, submission,
+  completion, CRC32 checks and the copy of rows out of the pages, is one Numba ``nogil`` call
+  (:mod:`engramlm.store._aio`: POSIX AIO ``lio_listio`` over ``min(queue_depth, 16)`` duplicated
+  descriptors). A gather holds the GIL only to enter and leave that call, so a decode thread running
+  the model's Python dispatch is no longer slowed by the reads (``bench_store``'s GIL probe measures it).
+* ``threads`` (elsewhere, or when the engine's probe at open disagrees with ``os.preadv``): NumPy
+  planning, ``os.preadv`` per run in ``queue_depth`` threads, one zlib CRC per page in Python: correct,
+  but it holds the GIL for most of a gather.
 
 Verification (``verify=True``, the default) keeps the point of O_DIRECT: it reads nothing more. Each
-4 KiB page already read into the buffer is checked against the file's per-page CRC32
-(:func:`~engramlm.store.file.check_pages`, one zlib CRC per page) before rows are taken from it. The
-checks run in the calling thread once the reads are in: in the workers (64 threads contending for the
-GIL, which zlib holds for 4 KiB buffers) the same gather took twice as long. A v1
-file (no page table) is verified whole at open instead, with a warning.
+4 KiB page already read into the buffer is checked against the file's per-page CRC32 before rows are
+taken from it. A v1 file (no page table) is verified whole at open instead, with a warning.
 """
 
 from __future__ import annotations
@@ -26,9 +33,23 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from engramlm.errors import ConfigError
+from engramlm.store import _aio
 from engramlm.store.base import RowTable, TableHeader
-from engramlm.store.file import StoreHeader, check_pages, needs_full_check, open_store, read_page_crcs, verify_store
+from engramlm.store.file import (
+    StoreHeader,
+    check_pages,
+    needs_full_check,
+    open_store,
+    page_mismatch,
+    read_page_crcs,
+    verify_store,
+)
+from engramlm.store.formats import FP32
 from engramlm.store.pages import PAGE, PagePlan, plan_pages
+
+IO_ENGINES = ("auto", "aio", "threads")
+AIO_MAX_FDS = 16  # reads in flight per table with aio; this VM's virtio disk saturates at ~16 (bench_store)
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -71,9 +92,12 @@ class DirectFileTable(RowTable):
         max_run_pages: int = 64,
         direct: bool = True,
         verify: bool = True,
+        io_engine: str = "auto",
     ) -> None:
         if queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
+        if io_engine not in IO_ENGINES:
+            raise ConfigError(f"io_engine must be one of {IO_ENGINES}, got {io_engine!r}")
         self.header: StoreHeader = open_store(path, expected_fingerprint)
         h = self.header
         super().__init__(TableHeader(h.num_rows, h.dim, h.fingerprint, h.format))
@@ -93,8 +117,39 @@ class DirectFileTable(RowTable):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._pool = ThreadPoolExecutor(queue_depth, thread_name_prefix="engram-direct")
+        self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
+        self._fds = np.zeros(0, np.int64)
+        self._no_crcs = np.zeros(0, np.uint32)
+        self.io_engine, self.engine_reason = "threads", _aio.why_unavailable()
+        if io_engine != "threads" and self.engine_reason is None:
+            self._fds = _aio.dup_fds(self._fd, min(queue_depth, AIO_MAX_FDS))
+            self.io_engine, self.engine_reason = "aio", self._probe_aio()
+            if self.engine_reason is not None:
+                self._close_dups()
+                self.io_engine = "threads"
+        if io_engine == "aio" and self.io_engine != "aio":
+            self.close()
+            raise ConfigError(f"io_engine 'aio' cannot run here: {self.engine_reason}")
+        if self.io_engine == "threads":
+            self._pool = ThreadPoolExecutor(queue_depth, thread_name_prefix="engram-direct")
+
+    def _probe_aio(self) -> str | None:
+        """None if the aio engine reads the same bytes as ``os.preadv`` (first and last rows), else why not."""
+        h = self.header
+        ids = np.unique(np.array([0, h.num_rows // 2, h.num_rows - 1], dtype=np.int64)) if h.num_rows else None
+        if ids is None:
+            return None
+        try:
+            got, _ = self._raw_aio(ids)
+        except OSError as exc:
+            return f"aio probe failed: {exc}"
+        pool = ThreadPoolExecutor(1)
+        try:
+            want, _ = self._raw_threads(ids, pool)
+        finally:
+            pool.shutdown()
+        return None if np.array_equal(got, want) else "aio probe read different bytes than os.preadv"
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
         """A per-thread page-aligned buffer, grown on demand, so concurrent gathers never share."""
@@ -105,6 +160,16 @@ class DirectFileTable(RowTable):
             buf = mmap.mmap(-1, max(nbytes, PAGE))
             self._local.buf = buf
         return buf
+
+    def _aligned(self, nbytes: int) -> np.ndarray:
+        """The aio engine's per-thread buffer: a page-aligned NumPy view (the kernel writes by address)."""
+        arr = getattr(self._local, "arr", None)
+        if arr is None or arr.size < nbytes:
+            raw = np.empty(max(nbytes, PAGE) + PAGE, dtype=np.uint8)
+            skip = -raw.ctypes.data % PAGE
+            arr = raw[skip : skip + max(nbytes, PAGE)]
+            self._local.arr = arr
+        return arr
 
     def _read_runs(self, view: memoryview, plan: PagePlan, runs: np.ndarray) -> None:
         """Read a strided subset of runs; a short read before EOF is retried, never ignored."""
@@ -118,18 +183,36 @@ class DirectFileTable(RowTable):
                     break  # EOF: the last page of the file is partial.
                 off, pos, want = off + got, pos + got, want - got
 
-    def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
+    def _raw_aio(self, idx: np.ndarray) -> tuple[np.ndarray, int]:
+        """(rows as uint8 [n, row_bytes], bytes read) by the nogil kernel."""
         h = self.header
-        plan = plan_pages(ids.numpy(), h.row_bytes, h.data_offset, self.max_run_pages)
+        out = np.empty((idx.size, h.row_bytes), dtype=np.uint8)
+        crcs = self._crcs if self._crcs is not None else self._no_crcs
+        buf = self._aligned(_aio.max_pages(min(idx.size, 64), h.row_bytes) * PAGE)
+        while True:
+            err, n_pages, bad, first = _aio.fetch(
+                idx, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs, self._crcs is not None, out
+            )
+            if err != -1:
+                break
+            buf = self._aligned(n_pages * PAGE)  # the plan needs more pages than the buffer holds
+        if err:
+            raise OSError(err, os.strerror(err), h.path)
+        if bad:
+            raise page_mismatch(h, first - h.data_offset // PAGE, bad)
+        return out, n_pages * PAGE
+
+    def _raw_threads(self, idx: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, int]:
+        """(rows as uint8 [n, row_bytes], bytes read) by ``os.preadv`` in ``pool``'s threads."""
+        h = self.header
+        plan = plan_pages(idx, h.row_bytes, h.data_offset, self.max_run_pages)
         buf = self._buffer(plan.nbytes)
         view = memoryview(buf)
         try:
             n_runs = plan.run_slot.size
             workers = min(self.queue_depth, n_runs)
             # Each worker takes every ``workers``-th run: balanced, no per-run future.
-            futures = [
-                self._pool.submit(self._read_runs, view, plan, np.arange(w, n_runs, workers)) for w in range(workers)
-            ]
+            futures = [pool.submit(self._read_runs, view, plan, np.arange(w, n_runs, workers)) for w in range(workers)]
             for fut in futures:
                 fut.result()
             if self._crcs is not None:
@@ -140,11 +223,29 @@ class DirectFileTable(RowTable):
             del arr, windows
         finally:
             view.release()
-        self.stats.add(bytes_read=plan.nbytes)
+        return raw, plan.nbytes
+
+    def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
+        idx = ids.numpy()
+        if self.io_engine == "aio":
+            raw, nbytes = self._raw_aio(np.ascontiguousarray(idx, dtype=np.int64))
+        else:
+            assert self._pool is not None
+            raw, nbytes = self._raw_threads(idx, self._pool)
+        self.stats.add(bytes_read=nbytes)
+        if self._format is FP32:  # the rows are fresh float32 records already: a view, not a decode copy
+            return torch.from_numpy(np.ascontiguousarray(raw)).view(torch.float32)
         return self._format.decode(torch.from_numpy(raw))
 
+    def _close_dups(self) -> None:
+        for fd in self._fds[1:].tolist():
+            os.close(fd)
+        self._fds = np.zeros(0, np.int64)
+
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._close_dups()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

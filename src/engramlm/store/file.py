@@ -15,8 +15,9 @@ Layout (all integers little-endian):
 Why per page: the ``direct`` tier reads only the pages a batch touches and ``mmap`` faults in only
 those, so a check on every read must cost what they read, not a 1 MiB chunk per row. zlib's CRC32 on
 one page is ~1.3 us here (~3 GB/s, faster than any NumPy-vectorised hash we tried, ~0.8 GB/s), so
-:func:`check_pages` runs it per page touched. v1 files (no page table) are still read: the file tiers
-verify them whole at open, with a warning (see :func:`needs_full_check`).
+:func:`check_pages` runs it per page touched (the direct tier's ``aio`` engine calls the same zlib
+``crc32`` from its ``nogil`` kernel, :mod:`engramlm.store._aio`). v1 files (no page table) are still read:
+the file tiers verify them whole at open, with a warning (see :func:`needs_full_check`).
 
 Files are written through ``atomic_open`` (temp + fsync + rename), so readers never see a torn one.
 """
@@ -381,15 +382,19 @@ def check_pages(
     rel = pages - header.data_offset // PAGE
     bad = np.flatnonzero(got != crcs[rel])
     if bad.size:
-        page = int(rel[bad[0]])
-        first = page * PAGE // header.row_bytes
-        last = min(header.num_rows, ((page + 1) * PAGE + header.row_bytes - 1) // header.row_bytes) - 1
-        more = f" and {bad.size - 1} more page(s)" if bad.size > 1 else ""
-        raise _corrupt(
-            header.path,
-            f"checksum mismatch in row-data block (page) {page} at byte {header.data_offset + page * PAGE} "
-            f"(rows {first}..{last}){more}; run `engramlm store verify` and rebuild the store",
-        )
+        raise page_mismatch(header, int(rel[bad[0]]), int(bad.size))
+
+
+def page_mismatch(header: StoreHeader, page: int, count: int = 1) -> CorruptFileError:
+    """The error for ``count`` row-area pages failing their CRC32, the first being ``page`` (row-area relative)."""
+    first = page * PAGE // header.row_bytes
+    last = min(header.num_rows, ((page + 1) * PAGE + header.row_bytes - 1) // header.row_bytes) - 1
+    more = f" and {count - 1} more page(s)" if count > 1 else ""
+    return _corrupt(
+        header.path,
+        f"checksum mismatch in row-data block (page) {page} at byte {header.data_offset + page * PAGE} "
+        f"(rows {first}..{last}){more}; run `engramlm store verify` and rebuild the store",
+    )
 
 
 def needs_full_check(header: StoreHeader, tier: str) -> bool:

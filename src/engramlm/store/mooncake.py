@@ -1,9 +1,12 @@
 """Remote tier on Mooncake Store's ``EngramStore`` (landscape §2 row 6).
 
-Mooncake keeps one key per (layer, head) and looks rows up by per-head local ids shaped
-[B, L, H], returning float32 [B, L, H, D]. This tier maps engramlm's offset-applied ids onto
-that contract: sorted unique ids are split by head (contiguous after sorting), packed into a
-[n_max, 1, H] id grid in one vectorised step, looked up in one batched call, and unpacked.
+Mooncake keeps one object per (layer, head): the head's rows, float32, back to back (``EngramStore``
+populates them). A gather reads exactly its rows: sorted unique ids are split by head (contiguous
+after sorting) and every row becomes one byte range of its head's object, all fetched by ONE
+``get_into_ranges`` call (which releases the GIL) into a per-thread buffer registered with the
+client, so the transfer engine writes the rows in place. The per-lookup path it replaced,
+``EngramStore.lookup`` on a [n, 1, H] id grid, held the GIL and cost 175-384x an ``index_select``;
+it remains as ``read="lookup"``, and as the fallback when a buffer cannot be registered.
 The hash-spec fingerprint is stored under its own key so a mismatched table is refused.
 The ``mooncake`` package (PyPI ``mooncake-transfer-engine-non-cuda``) is imported lazily.
 
@@ -20,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -30,10 +34,11 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from engramlm.errors import EngramError, HashSpecMismatch, MissingFingerprint
+from engramlm.errors import ConfigError, EngramError, HashSpecMismatch, MissingFingerprint
 from engramlm.store.base import RowTable, TableHeader, check_fingerprint
 from engramlm.store.formats import FP32
 
+READ_MODES = ("ranges", "lookup")
 _MISSING = "install the `store` extra (pip install 'engramlm[store]') and Debian's libibverbs1"
 
 
@@ -186,6 +191,34 @@ def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 <<
     return client
 
 
+_BUFFERS: dict[int, tuple[Any, threading.local, list[np.ndarray]]] = {}
+_BUFFERS_LOCK = threading.Lock()
+
+
+def _registered_buffer(store: Any, floats: int) -> np.ndarray | None:
+    """This thread's float32 buffer of at least ``floats`` registered with ``store``; None if registration fails.
+
+    One per (client, thread), shared by its tables. Buffers are never unregistered nor freed: unregistering
+    after the client was closed crashes the process, and freed memory still registered would overlap the next
+    registration (the transfer engine refuses overlaps). Growth doubles, so what is kept is < 2x the peak.
+    """
+    with _BUFFERS_LOCK:
+        entry = _BUFFERS.get(id(store))
+        if entry is None:  # the entry holds the client, so its id is never reused while listed
+            entry = _BUFFERS[id(store)] = (store, threading.local(), [])
+    _, local, kept = entry
+    buf = getattr(local, "buf", None)
+    if buf is not None and buf.size >= floats:
+        return buf
+    new = np.zeros(max(floats, 1 << 16, 2 * (0 if buf is None else buf.size)), dtype=np.float32)
+    if store.register_buffer(new.ctypes.data, new.nbytes) != 0:
+        return None
+    with _BUFFERS_LOCK:
+        kept.append(new)
+    local.buf = new
+    return new
+
+
 def _fingerprint_key(layer_id: int) -> str:
     return f"engramlm:l{layer_id}:fingerprint"
 
@@ -212,8 +245,13 @@ class MooncakeTable(RowTable):
         head_sizes: Sequence[int],
         dim: int,
         expected_fingerprint: str | None = None,
+        *,
+        read: str = "ranges",
     ) -> None:
+        if read not in READ_MODES:
+            raise ConfigError(f"mooncake read must be one of {READ_MODES}, got {read!r}")
         self._store = store
+        self.read = read
         self.layer_id = int(layer_id)
         self.head_sizes = np.asarray(head_sizes, dtype=np.int64)
         self._offsets = np.concatenate(([0], np.cumsum(self.head_sizes)))
@@ -228,6 +266,10 @@ class MooncakeTable(RowTable):
                 f"but hash spec {check_fingerprint(expected_fingerprint)} was expected"
             )
         super().__init__(TableHeader(int(self._offsets[-1]), int(dim), fp, FP32))
+        self._keys = list(self._engram.get_store_keys())
+        if len(self._keys) != self.head_sizes.size:
+            got = len(self._keys)
+            raise EngramError(f"Mooncake layer {layer_id}: {got} head keys for {self.head_sizes.size} heads")
 
     @classmethod
     def populate(
@@ -255,6 +297,35 @@ class MooncakeTable(RowTable):
         return int(self._engram.remove_from_store(True))
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = _registered_buffer(self._store, ids.numel() * self.dim) if self.read == "ranges" else None
+        if flat is None:
+            return self._lookup(ids)
+        idx = ids.numpy()
+        n, row = idx.size, self.dim * 4
+        buf = flat[: n * self.dim].reshape(n, self.dim)
+        head = np.searchsorted(self._offsets, idx, side="right") - 1
+        src = ((idx - self._offsets[head]) * row).tolist()
+        dst = (np.arange(n, dtype=np.int64) * row).tolist()
+        # Sorted ids keep each head's ids contiguous: one key, one slice of offsets per head.
+        cut = np.searchsorted(head, np.arange(self.head_sizes.size + 1)).tolist()
+        heads = [h for h in range(self.head_sizes.size) if cut[h] < cut[h + 1]]
+        keys = [self._keys[h] for h in heads]
+        dsts = [dst[cut[h] : cut[h + 1]] for h in heads]
+        srcs = [src[cut[h] : cut[h + 1]] for h in heads]
+        sizes = [[row] * (cut[h + 1] - cut[h]) for h in heads]
+        got = self._store.get_into_ranges([buf.ctypes.data], [keys], [dsts], [srcs], [sizes])[0]
+        for h, res in zip(heads, got, strict=True):
+            bad = [r for r in res if r != row]
+            if bad:
+                raise EngramError(
+                    f"Mooncake read of layer {self.layer_id} head {h} ({self._keys[h]}) failed: "
+                    f"{len(bad)} of {len(res)} rows returned {bad[0]} instead of {row} bytes"
+                )
+        self.stats.add(bytes_read=n * row)
+        return torch.from_numpy(buf.copy())
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The per-lookup path: ``EngramStore.lookup`` on an id grid (GIL held throughout)."""
         idx = ids.numpy()
         head = np.searchsorted(self._offsets, idx, side="right") - 1
         local = idx - self._offsets[head]
