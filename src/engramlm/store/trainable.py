@@ -270,6 +270,7 @@ class TrainableTable(RowTable):
         cache_bytes: int,
         direct: bool = True,
         queue_depth: int = 16,
+        writable: bool = True,
     ) -> None:
         num_rows, dim = int(manifest["num_rows"]), int(manifest["dim"])
         super().__init__(TableHeader(num_rows, dim, fingerprint, "fp32"))
@@ -287,7 +288,9 @@ class TrainableTable(RowTable):
         self._logs: list[dict[str, Any]] = []  # committed and current logs: file, length, crc32, reader
         for entry in manifest.get("logs", []):
             self._replay_log(entry)
-        self._new_log()
+        self.writable = writable
+        if writable:  # a session's own log; read-only opens (exports) create nothing
+            self._new_log()
         cap = max(1, int(cache_bytes) // self.rec)
         self.capacity = cap
         self._crec = np.zeros((cap, self.rec), dtype=np.uint8)  # calloc: pages become resident as slots fill
@@ -425,6 +428,8 @@ class TrainableTable(RowTable):
 
     def _append_log(self, ids: np.ndarray, recs: np.ndarray) -> None:
         """Append (ids, records) as chunks of at most ~_IO_BLOCK bytes; the index then points there."""
+        if not self.writable:
+            raise RuntimeError(f"{self.directory}: opened read-only")
         log = self._logs[-1]
         per = max(1, _IO_BLOCK // self.rec)
         for s in range(0, ids.size, per):
@@ -546,7 +551,8 @@ class TrainableTable(RowTable):
                     d = dirty[s : s + per]
                     self._append_log(self._crow[d], self._crec[d])
                 self._cdirty[dirty] = False
-            os.fsync(self._logs[-1]["fd"])
+            if self.writable:
+                os.fsync(self._logs[-1]["fd"])
             return self.manifest()
 
     def manifest(self) -> dict[str, Any]:
@@ -708,3 +714,51 @@ def collect_garbage(directory: str | os.PathLike, keep: set[str]) -> list[str]:
 def manifest_files(manifest: Mapping[str, Any]) -> set[str]:
     b = manifest["base"]
     return {b["file"], b["crc_file"], *(g["file"] for g in manifest.get("logs", []))}
+
+
+TABLES_FILE = "engram_tables.json"
+TABLES_FORMAT = "engramlm-trainable-tables"
+
+
+def tables_doc(manifests: Mapping[int, Mapping[str, Any]], dirs: Mapping[int, Path], doc_dir: Path) -> dict[str, Any]:
+    """The JSON a checkpoint holds for its tables: per layer, the table directory (relative to ``doc_dir``,
+    where the JSON is written) and the manifest of the exact state saved."""
+    return {
+        "format": TABLES_FORMAT,
+        "version": MANIFEST_VERSION,
+        "layers": {
+            str(lid): {"dir": os.path.relpath(dirs[lid], doc_dir), "manifest": dict(manifests[lid])}
+            for lid in sorted(manifests)
+        },
+    }
+
+
+def read_tables_doc(path: str | os.PathLike) -> dict[int, tuple[Path, dict[str, Any]]]:
+    """layer id -> (table directory, manifest) from a checkpoint's ``engram_tables.json``."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptFileError(f"{p}: not a readable table manifest ({exc})") from exc
+    if doc.get("format") != TABLES_FORMAT or doc.get("version") != MANIFEST_VERSION:
+        raise CorruptFileError(f"{p}: not an engramlm trainable-tables file v{MANIFEST_VERSION}")
+    return {int(k): ((p.parent / v["dir"]).resolve(), v["manifest"]) for k, v in doc["layers"].items()}
+
+
+def open_tables(
+    path: str | os.PathLike, fingerprint: str, *, cache_bytes: int = 64 << 20, writable: bool = False, **kwargs: Any
+) -> dict[int, TrainableTable]:
+    """Open every layer named by a checkpoint's ``engram_tables.json`` (read-only by default: an export or a
+    server reads the rows without loading the table; ``cache_bytes`` is split by table size)."""
+    entries = read_tables_doc(path)
+    total = sum(int(m["num_rows"]) for _, m in entries.values()) or 1
+    out: dict[int, TrainableTable] = {}
+    try:
+        for lid, (d, man) in sorted(entries.items()):
+            share = max(1, cache_bytes * int(man["num_rows"]) // total)
+            out[lid] = TrainableTable.open(d, man, fingerprint, cache_bytes=share, writable=writable, **kwargs)
+    except BaseException:
+        for t in out.values():
+            t.close()
+        raise
+    return out

@@ -51,7 +51,8 @@ def split_parameters(model: EngramLM) -> tuple[dict[str, nn.Parameter], dict[str
 class OptimizerSet:
     """Muon, AdamW and sparse table Adam driven together; ``set_lr(mult)`` then ``step()``."""
 
-    def __init__(self, model: EngramLM, cfg: OptimConfig) -> None:
+    def __init__(self, model: EngramLM, cfg: OptimConfig, table_backends: dict[int, Any] | None = None) -> None:
+        """``table_backends``: layer id -> a ``RowStateBackend`` holding that table outside the model (SSD)."""
         self.cfg = cfg
         muon, adamw, tables = split_parameters(model)
         for t in tables.values():
@@ -68,8 +69,11 @@ class OptimizerSet:
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
         self.adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
         self.adamw_order = [n for n, p in adamw.items() if p.dim() >= 2] + [n for n, p in adamw.items() if p.dim() < 2]
+        outside = dict(table_backends or {})
+        in_ram = {lid: t for lid, t in tables.items() if lid not in outside}
         self.sparse = (
-            SparseRowAdam(tables, cfg.lr * cfg.engram_lr_mult, cfg.betas, cfg.engram_eps, cfg.engram_weight_decay)
+            SparseRowAdam(in_ram, cfg.lr * cfg.engram_lr_mult, cfg.betas, cfg.engram_eps, cfg.engram_weight_decay,
+                          backends=outside)  # fmt: skip
             if tables
             else None
         )
@@ -137,7 +141,7 @@ class OptimizerSet:
         if self.sparse is not None:
             for k, v in self.sparse.state_tensors().items():
                 tensors[f"sparse/{k}"] = v.contiguous()
-            meta["sparse"] = sorted(self.sparse.state)
+            meta["sparse"] = sorted(self.sparse.backends)
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

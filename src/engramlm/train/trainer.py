@@ -11,6 +11,7 @@ AdamW and the sparse Adam step; MoE layers nudge their routing bias (aux-loss-fr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -32,11 +33,12 @@ from engramlm.models.io import load_pretrained
 from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
 from engramlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-from engramlm.train.config import TrainConfig, config_diff
+from engramlm.train.config import EngramTableConfig, TrainConfig, config_diff
 from engramlm.train.metrics import MetricsLogger
 from engramlm.train.optim import OptimizerSet
 from engramlm.train.rundir import RunDir
 from engramlm.train.schedule import lr_multiplier
+from engramlm.train.ssd import SsdTables
 from engramlm.utils.io import atomic_write_json
 
 # Config paths that may differ between a checkpoint and the run resuming it: they do not change the
@@ -47,6 +49,8 @@ RESUME_FREE = (
     "eval_every", "data.dir", "data.source", "data.eval_split", "data.eval_batch_size", "data.eval_max_batches",
     # only used to prepare data from ``data.source``; the tokenizer sha256 check below catches a real change
     "data.vocab_size", "data.max_bytes",
+    # where the tables' hot rows are cached and how they are read: bit-identical training either way
+    "engram.cache_mb", "engram.prefetch", "engram.compact_ratio", "engram.direct_io",
 )  # fmt: skip
 
 
@@ -112,7 +116,7 @@ class Trainer:
         try:
             self._setup(config, resume, overwrite)
         except BaseException:
-            self.run.close()
+            self.close()
             raise
 
     def _setup(self, config: TrainConfig, resume: bool | str | Path, overwrite: bool) -> None:
@@ -144,12 +148,16 @@ class Trainer:
         else:
             _log(f"resuming from step {ckpt.step} (checkpoint {ckpt.path})")
         torch.manual_seed(config.seed)
-        if ckpt is not None:
+        self.ssd: SsdTables | None = None
+        if config.engram.table_tier == "ssd":
+            self._setup_ssd(ckpt, model_cfg, layout)
+        elif ckpt is not None:
             self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)  # load_checkpoint checked it
         else:
             self.model = EngramLM(model_cfg, layout)
         self.model.train()
-        self.optim = OptimizerSet(self.model, config.optim)
+        backends = self.ssd.backends if self.ssd is not None else None
+        self.optim = OptimizerSet(self.model, config.optim, table_backends=backends)
         self.optim.skip_nonfinite = config.skip_nonfinite > 0
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
         hasher = self.model.hasher
@@ -168,6 +176,28 @@ class Trainer:
             self.skipped = int(ckpt.state.get("skipped_nonfinite", 0))
             restore_rng(ckpt)
 
+    def _setup_ssd(self, ckpt: Checkpoint | None, model_cfg, layout) -> None:
+        """``engram.table_tier=ssd``: the model holds no tables ([0, d_h] placeholders); rows and their Adam
+        state live in OUT_DIR/engram_tables/ (created with the model's exact init, or opened at the state the
+        checkpoint's engram_tables.json records)."""
+        from engramlm.nn.engram import external_tables
+        from engramlm.store.trainable import TABLES_FILE
+
+        cfg = self.config.engram
+        if ckpt is None:
+            self.model, self.ssd = SsdTables.new_model(self.run_dir, cfg, model_cfg, layout)
+            _log(f"Engram tables on SSD in {self.run_dir / 'engram_tables'} (cache {cfg.cache_mb} MiB)")
+            return
+        if not (ckpt.path / TABLES_FILE).is_file():
+            raise ConfigError(f"engram.table_tier: checkpoint {ckpt.path} holds its tables in the model, not on SSD")
+        self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint)
+        try:
+            with external_tables(lambda *_: None):  # weights come from the checkpoint: no init draws needed
+                self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)
+        except BaseException:
+            self.ssd.close()
+            raise
+
     def _check_resume(self, ckpt: Checkpoint, layout) -> None:
         saved_cfg = json.loads((ckpt.model_dir / "config.json").read_text(encoding="utf-8"))
         saved_fp = saved_cfg.get("hash_fingerprint", "none")
@@ -176,7 +206,11 @@ class Trainer:
         elif saved_fp != "none":
             raise ConfigError(f"model: checkpoint {ckpt.path} has Engram layers, this config has none")
         free = (*RESUME_FREE, *self.allow_changes)
-        diff = [p for p in config_diff(ckpt.state.get("config", {}), self.config.to_dict()) if p not in free]
+        saved = dict(ckpt.state.get("config", {}))
+        # a checkpoint from before the engram section trained its tables in the model
+        saved.setdefault("engram", {**dataclasses.asdict(EngramTableConfig()), **self.config.to_dict()["engram"],
+                                    "table_tier": "model"})  # fmt: skip
+        diff = [p for p in config_diff(saved, self.config.to_dict()) if p not in free]
         if diff:
             raise ConfigError(f"resume: the config differs from checkpoint {ckpt.path} at {diff}")
         if ckpt.state.get("tokenizer_sha256") != self.train_set.manifest.tokenizer.get("sha256"):
@@ -186,6 +220,12 @@ class Trainer:
     def train_step(self, batch: dict[str, Any] | None = None) -> dict[str, Any]:
         """One optimiser step on ``batch`` (default: the loader's batch for the current step)."""
         cfg = self.config
+        ssd = self.ssd
+        if ssd is not None:
+            ssd.set_step(self.step)
+            prefetched = ssd.take_batch(self.step)  # waits for the prefetch of this step's rows
+            if batch is None:
+                batch = prefetched
         if batch is None:
             batch = self.loader.batch_at(self.step)
         self.loader.step = self.step + 1
@@ -193,6 +233,9 @@ class Trainer:
         rows = None
         if self.optim.sparse is not None:
             rows = self.optim.sparse.gather(batch["row_ids"], self.model.layout.layer_ids)
+        if ssd is not None and self.step + 1 < cfg.total_steps:  # the next batch's rows, while this one computes
+            current = self.optim.sparse.step_rows()
+            ssd.start_prefetch(self.step + 1, self.loader.batch_at, self.model.layout.layer_ids, current)
         row_ids = batch.get("row_ids") if rows is None else None
         engram = self.model.engram_inputs(batch["input_ids"], batch["doc_start"], row_ids=row_ids, rows=rows)
         out = self.model(batch["input_ids"], targets, engram=engram)
@@ -205,16 +248,25 @@ class Trainer:
         for moe in self.moes if applied else ():  # a skipped non-finite step changes nothing, routing bias included
             moe.update_bias()
         self.step += 1
-        return {
+        rec = {
             "step": self.step,
             "kind": "train",
             "loss": float(out.loss.detach()),
             "lr": cfg.optim.lr * mult,
             "grad_norm": gnorm,
         }
+        if ssd is not None:
+            rec["ssd_wait_ms"] = 1e3 * ssd.last_wait_s
+            rec.update({f"ssd_{k}": v for k, v in ssd.io_stats().items()})
+        return rec
 
     def evaluate(self) -> dict[str, Any]:
-        return evaluate(self.model, self.eval_loader, self.config.data.eval_max_batches, self.config.threads)
+        tables = None
+        if self.ssd is not None:
+            self.ssd.wait()  # no prefetch in flight while the eval reads the tables
+            tables = self.ssd.tables
+        return evaluate(self.model, self.eval_loader, self.config.data.eval_max_batches, self.config.threads,
+                        tables=tables)  # fmt: skip
 
     def save(self) -> Path:
         tensors, meta = self.optim.state_tensors()
@@ -227,11 +279,22 @@ class Trainer:
             "data_content_hash": self.train_set.manifest.content_hash,
             "skipped_nonfinite": self.skipped,
         }
-        return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
+        if self.ssd is None:
+            return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
+        from engramlm.store.trainable import TABLES_FILE
+
+        ssd = self.ssd
+        path = save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints,
+                               extra_json=lambda tmp: {TABLES_FILE: ssd.checkpoint_doc(tmp)})  # fmt: skip
+        ssd.collect_garbage(list_checkpoints(self.run_dir))
+        return path
 
     # ---- run directory and stopping -------------------------------------------------------------
     def close(self) -> None:
-        """Release the run directory's lock (idempotent; :meth:`fit` does it when it returns)."""
+        """Release the run directory's lock and close SSD tables (idempotent)."""
+        if getattr(self, "ssd", None) is not None:
+            self.ssd.close()
+            self.ssd = None
         self.run.close()
 
     def __enter__(self) -> Trainer:
@@ -283,7 +346,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.run.close()
+            self.close()
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
