@@ -99,9 +99,11 @@ def _ram_state(run: Path) -> dict[str, torch.Tensor]:
         w = model[f"layers.{lid}.engram.embed.weight"]
         rows = opt[f"sparse/layer{lid}.rows"].long()
         m, v, n = torch.zeros_like(w), torch.zeros_like(w), torch.zeros(w.shape[0], dtype=torch.int64)
-        m[rows], v[rows], n[rows] = opt[f"sparse/layer{lid}.exp_avg"], opt[f"sparse/layer{lid}.exp_avg_sq"], opt[
-            f"sparse/layer{lid}.count"
-        ]
+        m[rows], v[rows], n[rows] = (
+            opt[f"sparse/layer{lid}.exp_avg"],
+            opt[f"sparse/layer{lid}.exp_avg_sq"],
+            opt[f"sparse/layer{lid}.count"],
+        )
         out.update({f"{lid}.rows": w, f"{lid}.m": m, f"{lid}.v": v, f"{lid}.n": n})
     return out
 
@@ -143,8 +145,10 @@ def test_prefetch_off_and_compaction_give_the_same_run(setup: tuple[Path, Path],
     run = root / "ssd_compact"
     extra = ["engram.prefetch=false", "engram.compact_ratio=0.05", f"steps={EVERY * 2}"]
     Trainer(load_train_config(cfg, [f"out_dir={run}", *SSD, *extra])).fit()
-    ref = [r for r in _losses(ram_run) if r[0] == "train" and r[1] <= EVERY * 2]
-    assert [r for r in _losses(run) if r[0] == "train"] == ref
+    # the LR schedule's milestones are fractions of the run: equal to the longer run's up to 0.8 x 12 steps
+    same = int(0.8 * EVERY * 2)
+    ref = [r for r in _losses(ram_run) if r[0] == "train" and r[1] <= same]
+    assert [r for r in _losses(run) if r[0] == "train" and r[1] <= same] == ref
     doc = read_tables_doc(list_checkpoints(run)[-1] / TABLES_FILE)
     for d, man in doc.values():
         assert man["base"]["file"] != "base-000000.bin"  # compacted into a new base
@@ -220,12 +224,12 @@ def test_corrupt_or_truncated_log_segments_are_refused(setup: tuple[Path, Path])
     assert len(good) == man["logs"][-1]["length"]
     log.write_bytes(good[: len(good) - 4096])  # truncated
     with pytest.raises(CorruptFileError, match="truncated"):
-        Trainer(load_train_config(cfg, [*base, f"steps={EVERY * 2}"]), resume=True)
+        Trainer(load_train_config(cfg, base), resume=True)
     bad = bytearray(good)
     bad[len(bad) - 100] ^= 0x40  # one flipped bit inside a record
     log.write_bytes(bytes(bad))
     with pytest.raises(CorruptFileError, match="CRC32"):
-        Trainer(load_train_config(cfg, [*base, f"steps={EVERY * 2}"]), resume=True)
+        Trainer(load_train_config(cfg, base), resume=True)
     log.write_bytes(good)
     base_file = d / man["base"]["file"]
     raw = bytearray(base_file.read_bytes())
@@ -236,13 +240,13 @@ def test_corrupt_or_truncated_log_segments_are_refused(setup: tuple[Path, Path])
         t.read_records(0, t.num_rows)
     raw[4096 + 10] ^= 0x01
     base_file.write_bytes(bytes(raw))
-    tr = Trainer(load_train_config(cfg, [*base, f"steps={EVERY * 2}"]), resume=True)  # intact again: resumes
+    tr = Trainer(load_train_config(cfg, base), resume=True)  # intact again: resumes
     assert tr.step == EVERY
     tr.close()
 
 
 def test_resume_refuses_a_tier_change(setup: tuple[Path, Path], ram_run: Path) -> None:
-    root, cfg = setup
+    _, cfg = setup
     with pytest.raises(ConfigError, match=r"engram\.table_tier"):
         Trainer(load_train_config(cfg, [f"out_dir={ram_run}", *SSD]), resume=True)
 
@@ -264,3 +268,9 @@ def test_trained_ssd_table_exports_to_a_store_by_streaming(setup: tuple[Path, Pa
     for lid, t in tables.items():
         ids = torch.from_numpy(np.arange(t.num_rows))
         assert torch.equal(t.gather(ids), want[f"{lid}.rows"])
+    # and `generate` serves the SSD-trained model from that store; without one it names the remedy
+    gen = _cli("generate", str(run), "--prompt", "def f(x):", "--max-new-tokens", "4", "--json")
+    r = subprocess.run([*gen, "--store", str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(gen, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "engram.table_tier=ssd" in r.stderr and "store build" in r.stderr

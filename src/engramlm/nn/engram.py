@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engramlm.errors import ConfigError
+
 # Output blocks of the fused projection, in order (spec §11.2, A16).
 WKV_SPLIT_ORDER = ("keys", "value")
 GATE_CLAMP = 1e-6
@@ -259,6 +261,11 @@ class EngramBlock(nn.Module):
         Ids are range-checked with a clear error only on the host, where it costs no synchronisation;
         on an accelerator the model's callers check them when they build ``EngramInputs``.
         """
+        if self.embed.weight.shape[0] == 0 and self.num_rows:
+            raise ConfigError(
+                "engram: this model's tables are kept outside it (trained with engram.table_tier=ssd); serve them "
+                "from a store: `engramlm store build CHECKPOINT --out DIR`, then pass the store (--store DIR)"
+            )
         check_row_ids(row_ids, self.num_rows, self.num_heads, values=row_ids.device.type == "cpu")
         return F.embedding(row_ids.long(), self.embed.weight, sparse=self.sparse_grad)
 

@@ -71,9 +71,9 @@ class OptimizerSet:
         self.adamw_order = [n for n, p in adamw.items() if p.dim() >= 2] + [n for n, p in adamw.items() if p.dim() < 2]
         outside = dict(table_backends or {})
         in_ram = {lid: t for lid, t in tables.items() if lid not in outside}
+        lr = cfg.lr * cfg.engram_lr_mult
         self.sparse = (
-            SparseRowAdam(in_ram, cfg.lr * cfg.engram_lr_mult, cfg.betas, cfg.engram_eps, cfg.engram_weight_decay,
-                          backends=outside)  # fmt: skip
+            SparseRowAdam(in_ram, lr, cfg.betas, cfg.engram_eps, cfg.engram_weight_decay, backends=outside)
             if tables
             else None
         )
