@@ -173,10 +173,13 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(setup: tupl
     run = root / "killed"
     ref = _losses(ram_run)
 
+    log = (root / "killed.log").open("ab")
+
     def start(resume: bool) -> subprocess.Popen:
         args = ["train", "--config", str(cfg), f"out_dir={run}", *SSD]
-        return subprocess.Popen(_cli(*args, *(["--resume"] if resume else [])), env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        # resume when a checkpoint exists; else start over (a kill before the first one left no run to resume)
+        how = ["--resume"] if resume else (["--overwrite"] if run.exists() else [])
+        return subprocess.Popen(_cli(*args, *how), env=_env(), stdout=subprocess.DEVNULL, stderr=log)
 
     def kill_when(proc: subprocess.Popen, ready) -> bool:
         deadline = time.monotonic() + 600
@@ -205,7 +208,7 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(setup: tupl
     proc = start(True)
     assert kill_when(proc, lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) > 2 + EVERY)
     proc = start(True)
-    assert proc.wait() == 0
+    assert proc.wait() == 0, (root / "killed.log").read_text()[-2000:]
     assert _losses(run) == ref
     got, want = _ssd_state(run, _fingerprint(run)), _ram_state(ram_run)
     for k in want:
