@@ -17,8 +17,8 @@ from the cache is read synchronously.
 
 from __future__ import annotations
 
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +67,8 @@ class SsdTables:
     def __init__(self, run_dir: Path, cfg: EngramTableConfig, tables: dict[int, TrainableTable]) -> None:
         self.run_dir, self.cfg, self.tables = Path(run_dir), cfg, tables
         self.backends = {lid: SsdRowState(t) for lid, t in tables.items()}
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-ssd-prefetch")  # one long-lived worker
+        self._future: Future | None = None
         self._next: tuple[int, dict[str, Any]] | None = None
         self.last_wait_s = 0.0
 
@@ -144,26 +144,20 @@ class SsdTables:
         skip = {lid: u.numpy() for lid, u in current.items()}
 
         def run() -> None:
-            try:
-                batch = make_batch(step)
-                ids = batch["row_ids"]
-                for li, lid in enumerate(layer_ids):
-                    want = np.unique(ids[li].numpy().astype(np.int64, copy=False))
-                    self.tables[lid].prefetch(want, skip.get(lid), tick=step)
-                self._next = (step, batch)
-            except BaseException as exc:  # re-raised by wait()
-                self._error = exc
+            batch = make_batch(step)
+            ids = batch["row_ids"]
+            for li, lid in enumerate(layer_ids):
+                want = np.unique(ids[li].numpy().astype(np.int64, copy=False))
+                self.tables[lid].prefetch(want, skip.get(lid), tick=step)
+            self._next = (step, batch)
 
-        self._thread = threading.Thread(target=run, name="engram-ssd-prefetch", daemon=True)
-        self._thread.start()
+        self._future = self._pool.submit(run)
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+        """Block until the prefetch in flight (if any) is done; its error, if any, is raised here."""
+        fut, self._future = self._future, None
+        if fut is not None:
+            fut.result()
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint_doc(self, ckpt_tmp: Path) -> dict[str, Any]:
@@ -204,5 +198,6 @@ class SsdTables:
         try:
             self.wait()
         finally:
+            self._pool.shutdown(wait=True)
             for t in self.tables.values():
                 t.close()
