@@ -224,3 +224,13 @@ def test_why_variants_against_moe(grouped) -> None:
         for name, v in doc["variants"].items():
             row = next(line for line in body.splitlines() if line.startswith(f"| {name} |"))
             assert f"{v['bpb']['mean']:.4f}" in row and f"{v['bpb_minus_moe']['mean']:+.4f}" in row
+
+
+def test_ssd_train_headline_and_memory(grouped) -> None:
+    for doc in grouped["ssd_train"]:
+        body = _one("ssd_train", doc)
+        head, big = doc["headline_overhead_at_10pct"], doc["large"]
+        assert f"**Overhead at a cache of 10% of the table: {head['median'] * 100:.1f}%**" in body
+        assert ("target <= 10%: met" in body) == bool(doc["within_10pct"])
+        assert f"**Peak RSS {big['peak_rss_bytes'] / 2**20:,.0f} MiB**" in body
+        assert len(doc["checkpoints"]) == 2 and f"{doc['checkpoints'][1]['vocab_per_head']:,}" in body
