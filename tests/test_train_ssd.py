@@ -254,7 +254,9 @@ def test_resume_refuses_a_tier_change(setup: tuple[Path, Path], ram_run: Path) -
         Trainer(load_train_config(cfg, [f"out_dir={ram_run}", *SSD]), resume=True)
 
 
-def test_trained_ssd_table_exports_to_a_store_by_streaming(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_trained_ssd_table_exports_to_a_store_by_streaming(
+    setup: tuple[Path, Path], ram_run: Path, tmp_path: Path
+) -> None:
     root, cfg = setup
     run = root / "ssd"  # from the bit-exactness test (module order), else train it
     if not list_checkpoints(run) if run.exists() else True:
@@ -277,3 +279,7 @@ def test_trained_ssd_table_exports_to_a_store_by_streaming(setup: tuple[Path, Pa
     assert r.returncode == 0, r.stderr
     r = subprocess.run(gen, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "engram.table_tier=ssd" in r.stderr and "store build" in r.stderr
+    # `eval` reads an SSD-trained checkpoint's rows from its table files: the same result as the RAM run's
+    ev = [_cli("eval", str(r), "--data", str(root / "prep"), "--max-batches", "2") for r in (run, ram_run)]
+    got, want = (json.loads(subprocess.run(c, env=env, capture_output=True, text=True, check=True).stdout) for c in ev)
+    assert got["loss"] == want["loss"] and got["tokens"] == want["tokens"] > 0
