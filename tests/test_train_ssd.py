@@ -215,6 +215,7 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(setup: tupl
         assert torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.slow
 def test_corrupt_or_truncated_log_segments_are_refused(setup: tuple[Path, Path]) -> None:
     root, cfg = setup
     run = root / "corrupt"
@@ -254,6 +255,7 @@ def test_resume_refuses_a_tier_change(setup: tuple[Path, Path], ram_run: Path) -
         Trainer(load_train_config(cfg, [f"out_dir={ram_run}", *SSD]), resume=True)
 
 
+@pytest.mark.slow
 def test_trained_ssd_table_exports_to_a_store_by_streaming(
     setup: tuple[Path, Path], ram_run: Path, tmp_path: Path
 ) -> None:

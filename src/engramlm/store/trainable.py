@@ -64,7 +64,8 @@ _BASE_MAGIC = "engramlm-trainable-base-v1"
 _LOG_MAGIC = b"ENGRLOG1"
 _LOG_HEAD = np.dtype([("magic", "S8"), ("n", "<u8"), ("rec", "<u8"), ("crc", "<u4"), ("pad", "<u4")])
 _LOC_SHIFT = 44  # loc = file_no << 44 | byte offset; -1: the base file
-_IO_BLOCK = 32 << 20  # bytes per sequential read/write block (init, compaction, flush)
+_IO_BLOCK = 8 << 20  # bytes per sequential read/write block (init, compaction, flush)
+_READ_ROWS = 2048  # records per page-planned read: bounds each thread's read buffer to 2048 pages (8 MiB)
 
 
 def _align(x: int, to: int = PAGE) -> int:
@@ -157,10 +158,16 @@ class _Reader:
                 off, pos, want = off + got, pos + got, want - got
 
     def read(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int = 0) -> np.ndarray:
-        """Records at ``offsets``; with ``crcs``, every page read is checked (``crcs[page - first_page]``)."""
+        """Records at ``offsets``; with ``crcs``, every page read is checked (``crcs[page - first_page]``).
+        Read in file order, at most ``_READ_ROWS`` records at a time (bounded buffers, pages still coalesced)."""
         out = np.empty((offsets.size, rec_bytes), dtype=np.uint8)
-        if not offsets.size:
-            return out
+        order = np.argsort(offsets, kind="stable")
+        for s in range(0, offsets.size, _READ_ROWS):
+            sel = order[s : s + _READ_ROWS]
+            out[sel] = self._read_some(offsets[sel], rec_bytes, crcs, first_page)
+        return out
+
+    def _read_some(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int) -> np.ndarray:
         plan = plan_offsets(offsets, rec_bytes, 64)
         buf = self._buffer(plan.nbytes)
         view = memoryview(buf)
@@ -182,8 +189,7 @@ class _Reader:
                         "this read); the table file is corrupt"
                     )
             arr = np.frombuffer(buf, dtype=np.uint8, count=plan.nbytes)
-            idx = plan.row_offset[:, None] + np.arange(rec_bytes, dtype=np.int64)
-            out[:] = arr[idx]
+            out = np.lib.stride_tricks.sliding_window_view(arr, rec_bytes)[plan.row_offset]  # one copy, no index matrix
             del arr
         finally:
             view.release()
@@ -668,7 +674,7 @@ def _write_base_streaming(
     """A base file whose rows ``init(write)`` produces in order, written as they come (bounded memory)."""
     import queue
 
-    q: queue.Queue[tuple[int, np.ndarray] | None] = queue.Queue(maxsize=2)
+    q: queue.Queue[tuple[int, np.ndarray] | None] = queue.Queue(maxsize=1)
     result: dict[str, Any] = {}
     errors: list[BaseException] = []
 

@@ -94,7 +94,8 @@ class SsdTables:
                 num_rows,
                 dim,
                 layout.fingerprint,
-                lambda write: stream_table_init(num_rows, dim, std, write),
+                # 8192 rows a chunk: the init's buffers stay a few MiB whatever the table's size
+                lambda write: stream_table_init(num_rows, dim, std, write, chunk_rows=8192),
                 cache_bytes=shares[lid],
                 direct=cfg.direct_io,
             )
