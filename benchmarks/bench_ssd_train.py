@@ -140,6 +140,10 @@ def step_time_curve(data: Path, root: Path, vocab: int, fractions: list[float], 
                 data, root / f"ssd_{f:g}", vocab, steps + warmup, ["engram.table_tier=ssd", f"engram.cache_mb={mb}"]
             )
         )
+    if 0.1 in fractions:  # the headline cache through the page cache instead of O_DIRECT (direct_io=false)
+        mb = max(table_bytes * 0.1 / 2**20, 0.05)
+        extra = ["engram.table_tier=ssd", f"engram.cache_mb={mb}", "engram.direct_io=false"]
+        arms["ssd_0.1_buffered"] = Trainer(_config(data, root / "ssd_0.1_buffered", vocab, steps + warmup, extra))
     names = list(arms)
     times: dict[str, list[float]] = {n: [] for n in names}
     waits: dict[str, list[float]] = {n: [] for n in names}
@@ -172,6 +176,16 @@ def step_time_curve(data: Path, root: Path, vocab: int, fractions: list[float], 
         out["ssd"][f"{f:g}"] = {
             "cache_fraction": f,
             "cache_bytes": table_bytes * f,
+            "step_s": stats(times[n]),
+            "overhead": stats([r - 1 for r in paired_ratios(times[n], times["ram"])]),
+            "wait_ms": stats(waits[n]),
+            "io": ssd_io[n],
+        }
+    if "ssd_0.1_buffered" in times:
+        n = "ssd_0.1_buffered"
+        out["ssd_buffered_0.1"] = {
+            "cache_fraction": 0.1,
+            "cache_bytes": table_bytes * 0.1,
             "step_s": stats(times[n]),
             "overhead": stats([r - 1 for r in paired_ratios(times[n], times["ram"])]),
             "wait_ms": stats(waits[n]),

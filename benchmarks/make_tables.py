@@ -715,6 +715,14 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
             f"{_pct(o['median'])} ({_pct(o['q1'])} to {_pct(o['q3'])}) | {a['wait_ms']['median']:.2f} | "
             f"{a['io']['rows_read']:,} | {a['io']['rows_written']:,} |"
         )
+    if "ssd_buffered_0.1" in c:
+        a = c["ssd_buffered_0.1"]
+        o = a["overhead"]
+        lines.append(
+            f"| 10%, `engram.direct_io=false` (page cache) | {a['cache_bytes'] / mib:,.1f} | {_ms(a['step_s'])} | "
+            f"{_pct(o['median'])} ({_pct(o['q1'])} to {_pct(o['q3'])}) | {a['wait_ms']['median']:.2f} | "
+            f"{a['io']['rows_read']:,} | {a['io']['rows_written']:,} |"
+        )
     rd, wr = disk["read_qd16"], disk["write_qd16"]
     lines += [
         "",
