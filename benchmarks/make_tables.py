@@ -916,6 +916,81 @@ def serve_table(doc: dict[str, Any]) -> list[str]:
     return lines + _image(doc, doc.get("plot"), "serving: tokens/s, TTFT and ITL vs concurrent clients") + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- SSD training
+
+
+def ssd_train_table(doc: dict[str, Any]) -> list[str]:
+    """Training with the tables on SSD: step-time overhead over RAM by cache size, the large run's memory and
+    I/O against the disk's measured limits, and checkpoint cost as the table grows 10x."""
+    c, disk, big = doc["curve"], doc["disk"], doc["large"]
+    head = doc.get("headline_overhead_at_10pct")
+    verdict = "met" if doc.get("within_10pct") else "**not met**"
+    mib = 2**20
+    lines = [
+        f"**Tables on SSD while training** (`engram.table_tier=ssd`): the same model and batches trained side by "
+        f"side with the table in RAM and on SSD (table file {c['table_file_bytes'] / mib:,.0f} MiB: rows + Adam "
+        f"state), one step of each arm in turn, {c['steps']} timed steps; losses identical in every arm: "
+        f"{'yes' if c['identical_losses'] else '**no**'}. "
+        + (f"**Overhead at a cache of 10% of the table: {_pct(head['median'])}** (IQR {_pct(head['q1'])} to "
+           f"{_pct(head['q3'])}; target <= 10%: {verdict})." if head else ""),
+        "",
+        "| cache (% of table) | cache MiB | step ms | overhead vs RAM (median, IQR) | prefetch wait ms | rows read | "
+        "rows written |",
+        "|---|---|---|---|---|---|---|",
+        f"| RAM (table in the model) | - | {_ms(c['ram']['step_s'])} | - | - | - | - |",
+    ]  # fmt: skip
+    for a in sorted(c["ssd"].values(), key=lambda a: a["cache_fraction"]):
+        o = a["overhead"]
+        lines.append(
+            f"| {100 * a['cache_fraction']:g}% | {a['cache_bytes'] / mib:,.1f} | {_ms(a['step_s'])} | "
+            f"{_pct(o['median'])} ({_pct(o['q1'])} to {_pct(o['q3'])}) | {a['wait_ms']['median']:.2f} | "
+            f"{a['io']['rows_read']:,} | {a['io']['rows_written']:,} |"
+        )
+    if "ssd_buffered_0.1" in c:
+        a = c["ssd_buffered_0.1"]
+        o = a["overhead"]
+        lines.append(
+            f"| 10%, `engram.direct_io=false` (page cache) | {a['cache_bytes'] / mib:,.1f} | {_ms(a['step_s'])} | "
+            f"{_pct(o['median'])} ({_pct(o['q1'])} to {_pct(o['q3'])}) | {a['wait_ms']['median']:.2f} | "
+            f"{a['io']['rows_read']:,} | {a['io']['rows_written']:,} |"
+        )
+    rd, wr = disk["read_qd16"], disk["write_qd16"]
+    lines += [
+        "",
+        f"**Large run**: a {big['table_file_bytes'] / 2**30:.2f} GiB table file ({big['table_rows']:,} rows) behind a "
+        f"{big['cache_bytes'] / mib:,.0f} MiB cache ({big['table_file_bytes'] / big['cache_bytes']:.1f}x the cache): "
+        f"{big['tokens_per_s']:,.0f} tokens/s, step {1e3 * big['step_s']:,.0f} ms, prefetch wait "
+        f"{big['wait_ms']['median']:.2f} ms (median), rows found in the cache at the gather (after the prefetch) "
+        f"{100 * big['cache_hit_rate']:.1f}%. "
+        f"**Peak RSS {big['peak_rss_bytes'] / mib:,.0f} MiB** against a bound of {big['bound_bytes'] / mib:,.0f} MiB "
+        f"(the same process with a negligible in-model table peaks at {big['baseline_peak_rss_bytes'] / mib:,.0f} "
+        f"MiB; + cache + index {big['index_bytes'] / mib:,.0f} MiB + a stated "
+        f"{big.get('stated_overhead_bytes', 0) / mib:,.0f} MiB for the per-step I/O buffers): "
+        f"{'within' if big['within_bound'] else '**above**'}. Rows read {big['rows_read_per_s']:,.0f}/s and written "
+        f"{big['rows_written_per_s']:,.0f}/s ({big['bytes_read_per_s'] / mib:,.1f} and "
+        f"{big['bytes_written_per_s'] / mib:,.1f} MiB/s) against the disk's measured O_DIRECT 4 KiB random "
+        f"limits of {rd['iops']:,.0f} reads/s ({rd['mib_s']:,.0f} MiB/s) and {wr['iops']:,.0f} writes/s at queue "
+        f"depth 16 (QD 1: {disk['read_qd1']['iops']:,.0f} and {disk['write_qd1']['iops']:,.0f}/s). Table creation "
+        f"(streamed init, CRCs, fsync) took {big['init_s']:,.0f} s.",
+        "",
+        f"**Checkpoints as the table grows 10x** (after the same steps; SSD cache fixed at "
+        f"{doc['checkpoints'][0].get('cache_bytes', 0) / mib:,.0f} MiB): the RAM tier's checkpoint copies the table "
+        "and its state; the SSD tier's writes the cache's dirty rows to the log plus the dense model and a manifest.",
+        "",
+        "| rows per head | table in RAM MiB | SSD table file MiB | RAM checkpoint MiB, s | SSD checkpoint MiB written "
+        "(log + files), s |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in doc["checkpoints"]:
+        m, s_ = r["model"], r["ssd"]
+        lines.append(
+            f"| {r['vocab_per_head']:,} | {r['table_bytes_ram'] / mib:,.1f} | {r['table_file_bytes'] / mib:,.1f} | "
+            f"{m['bytes_written'] / mib:,.1f}, {m['checkpoint_s']:.2f} | {s_['bytes_written'] / mib:,.1f} "
+            f"({s_['log_bytes'] / mib:,.1f} + {s_['checkpoint_dir_bytes'] / mib:,.1f}), {s_['checkpoint_s']:.2f} |"
+        )
+    return lines + _image(doc, doc.get("plot"), "SSD step-time overhead vs cache size") + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -932,6 +1007,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "muon": muon_table,
     "lm_eval_h2h": lm_eval_h2h_table,
     "serve": serve_table,
+    "ssd_train": ssd_train_table,
 }
 KINDS = tuple(RENDERERS)
 

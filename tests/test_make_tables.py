@@ -274,3 +274,13 @@ def test_lm_eval_h2h_every_arm_and_pair_reaches_the_table(grouped) -> None:
             for pair, d in c["paired_diff"].items():
                 row = next(line for line in body.splitlines() if f"{pair.replace('_minus_', ' − ')} (paired)" in line)
                 assert all(f"{mt._lm(d[k]['mean'], '+')}" in row for k in keys)
+
+
+def test_ssd_train_headline_and_memory(grouped) -> None:
+    for doc in grouped["ssd_train"]:
+        body = _one("ssd_train", doc)
+        head, big = doc["headline_overhead_at_10pct"], doc["large"]
+        assert f"**Overhead at a cache of 10% of the table: {head['median'] * 100:.1f}%**" in body
+        assert ("target <= 10%: met" in body) == bool(doc["within_10pct"])
+        assert f"**Peak RSS {big['peak_rss_bytes'] / 2**20:,.0f} MiB**" in body
+        assert len(doc["checkpoints"]) == 2 and f"{doc['checkpoints'][1]['vocab_per_head']:,}" in body

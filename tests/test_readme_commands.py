@@ -46,6 +46,13 @@ QUICK: dict[str, tuple[str, ...]] = {
     "engramlm train --config configs/quickstart.toml": QUICKSTART,
     'engramlm generate runs/quickstart --prompt "def read_config(path):" --stream': ("--max-new-tokens", "8"),
     'engramlm analyze gates runs/quickstart --text "import os.path" --data runs/data/stdlib': (),
+    "engramlm train --config configs/quickstart.toml out_dir=runs/quickstart_ssd engram.table_tier=ssd "
+    "engram.cache_mb=512": QUICKSTART,
+    "engramlm store build runs/quickstart_ssd --out runs/quickstart_ssd_store": ("--no-progress",),
+    'engramlm generate runs/quickstart_ssd --store runs/quickstart_ssd_store --prompt "def read_config(path):"': (
+        "--max-new-tokens",
+        "8",
+    ),
     "engramlm demo": ("--seq-len", "32", "--batch-size", "1"),
     "engramlm train --config configs/sotu_engram_moe.toml": SOTU,
     "engramlm train --config configs/sotu_engram_moe.toml --resume": SOTU,

@@ -71,7 +71,15 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     loader = EvalLoader(ds, args.batch_size, seq_len, row_ids_fn=model.hasher)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = evaluate(model, loader, args.max_batches, args.threads, progress=progress)
+    from engramlm.store.trainable import TABLES_FILE, open_tables
+
+    ssd = trained.files.model_dir.parent / TABLES_FILE  # trained with engram.table_tier=ssd: read rows from its files
+    tables = open_tables(ssd, model.layout.fingerprint) if ssd.is_file() and model.layout is not None else {}
+    try:
+        result = evaluate(model, loader, args.max_batches, args.threads, progress=progress, tables=tables)
+    finally:
+        for t in tables.values():
+            t.close()
     result.update(checkpoint=str(args.checkpoint), data=str(data), split=args.split, seq_len=seq_len)
     if trained.step is not None:
         result["step"] = trained.step

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,12 +40,14 @@ def evaluate(
     threads: int | None = None,
     *,
     progress: bool = False,
+    tables: Mapping[int, Any] | None = None,
 ) -> dict[str, Any]:
     """{"loss", "bpb", "tokens", "bytes", "full_sweep", "batches", "split", "scope"} of ``model`` on
     ``loader``'s split (the first ``max_batches`` batches of it, None: all).
 
     ``threads``: torch threads for the sweep (None: leave the current setting). ``progress``: a tqdm
-    bar on stderr, one tick per batch, with an ETA.
+    bar on stderr, one tick per batch, with an ETA. ``tables``: layer id -> a ``store`` RowTable serving
+    that layer's rows (tables kept outside the model, e.g. trained on SSD).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -65,7 +68,12 @@ def evaluate(
         for batch in loader:
             if batches >= total:
                 break
-            engram = model.engram_inputs(batch["input_ids"], batch["doc_start"], row_ids=batch.get("row_ids"))
+            if tables:
+                ids = batch["row_ids"]
+                rows = {lid: tables[lid].gather(ids[i]) for i, lid in enumerate(model.layout.layer_ids)}
+                engram = model.engram_inputs(batch["input_ids"], batch["doc_start"], rows=rows)
+            else:
+                engram = model.engram_inputs(batch["input_ids"], batch["doc_start"], row_ids=batch.get("row_ids"))
             out = model(batch["input_ids"], engram=engram)
             logits = out.logits.float()
             losses = F.cross_entropy(

@@ -149,7 +149,6 @@ def load_pretrained(
             saved_layout = layout
     elif layout is not None:
         raise ConfigError("layout: the saved model has no Engram layers")
-    model = EngramLM(config, saved_layout)
     weights = src / "model.safetensors"
     try:
         with safe_open(str(weights), framework="pt", device=str(map_location)) as f:
@@ -162,6 +161,16 @@ def load_pretrained(
             f"{weights} was written under hash fingerprint {meta.get('hash_fingerprint')!r}, "
             f"but {cfg_path} says {stored!r}"
         )
+    # tables trained on SSD (engram.table_tier=ssd) are saved as [0, d_h] placeholders: build the model without
+    # allocating them; their rows come from a store (store build streams them from the run's table files)
+    external = [k for k, v in state.items() if k.endswith(".engram.embed.weight") and v.shape[0] == 0]
+    if external:
+        from engramlm.nn.engram import external_tables
+
+        with external_tables(lambda *_: None):
+            model = EngramLM(config, saved_layout)
+    else:
+        model = EngramLM(config, saved_layout)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -10,15 +10,67 @@ it in host memory, on SSD or in a remote pool. The value and all M keys come fro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engramlm.errors import ConfigError
+
 # Output blocks of the fused projection, in order (spec §11.2, A16).
 WKV_SPLIT_ORDER = ("keys", "value")
 GATE_CLAMP = 1e-6
+
+# Set by :func:`external_tables`: called instead of allocating a block's table.
+_TABLE_SINK: list[Callable[[int, int, float], None]] = []
+
+
+@contextmanager
+def external_tables(sink: Callable[[int, int, float], None]) -> Iterator[None]:
+    """While active, an :class:`EngramBlock` allocates no table: ``embed.weight`` is ``[0, d_h]`` and
+    ``sink(num_rows, head_dim, init_std)`` is called where the table would have been initialised.
+
+    For tables kept outside the model (training with the table on SSD). A sink that must reproduce the
+    in-memory init bit for bit draws the same numbers from torch's RNG with :func:`stream_table_init`;
+    one that does not (the weights come from a checkpoint next) may draw nothing.
+    """
+    _TABLE_SINK.append(sink)
+    try:
+        yield
+    finally:
+        _TABLE_SINK.pop()
+
+
+def stream_table_init(
+    num_rows: int, dim: int, init_std: float, write: Callable[[int, torch.Tensor], None], chunk_rows: int = 1 << 16
+) -> None:
+    """The rows an in-memory ``EngramBlock`` table gets at init, produced in chunks: ``write(start, rows)``.
+
+    The in-memory init is ``nn.Embedding`` (``normal_(0, 1)`` over the table) then ``normal_(0, init_std)``:
+    two passes of torch's CPU normal fill. That fill draws one uniform per element and transforms blocks
+    of 16, recomputing the last 16 of a tensor whose size is not a multiple of 16; so chunks whose sizes
+    are multiples of 16 (the last one at least 16) draw and produce exactly what one call over the whole
+    table would. Tested equal, RNG state after included.
+    """
+    total = num_rows * dim
+    unit = math.lcm(16, dim)  # chunks of whole rows and of whole 16-blocks
+    step = max(unit, (chunk_rows * dim) // unit * unit)
+    scratch = torch.empty(min(step + 16, max(total, 1)))
+    for std, keep in ((1.0, False), (init_std, True)):
+        i = 0
+        while i < total:
+            j = min(total, i + step)
+            if total - j < 16:  # the tail joins this chunk so no chunk is shorter than 16
+                j = total
+            if not keep:
+                scratch[: j - i].normal_(0.0, std)
+            else:
+                rows = torch.empty(j - i).normal_(0.0, std).view(-1, dim)
+                write(i // dim, rows)
+            i = j
 
 
 def signed_sqrt_gate(score: torch.Tensor, signed_sqrt: bool = True) -> torch.Tensor:
@@ -183,8 +235,12 @@ class EngramBlock(nn.Module):
         self.n_branches, self.num_rows = n_branches, num_rows
         self.use_gate, self.gate_signed_sqrt, self.gate_norm_eps = gate, gate_signed_sqrt, gate_norm_eps
         self.sparse_grad = sparse_grad
-        self.embed = nn.Embedding(num_rows, head_dim, sparse=sparse_grad)
-        nn.init.normal_(self.embed.weight, std=embed_init_std)
+        if _TABLE_SINK:  # the table lives elsewhere (external_tables)
+            self.embed = nn.Embedding(0, head_dim, sparse=sparse_grad)
+            _TABLE_SINK[-1](num_rows, head_dim, embed_init_std)
+        else:
+            self.embed = nn.Embedding(num_rows, head_dim, sparse=sparse_grad)
+            nn.init.normal_(self.embed.weight, std=embed_init_std)
         mem_dim = num_heads * head_dim
         self.wkv = nn.Linear(mem_dim, (n_branches + 1) * hidden_size, bias=proj_bias)
         self.q_weight = nn.Parameter(torch.ones(n_branches, hidden_size))
@@ -205,6 +261,11 @@ class EngramBlock(nn.Module):
         Ids are range-checked with a clear error only on the host, where it costs no synchronisation;
         on an accelerator the model's callers check them when they build ``EngramInputs``.
         """
+        if self.embed.weight.shape[0] == 0 and self.num_rows:
+            raise ConfigError(
+                "engram: this model's tables are kept outside it (trained with engram.table_tier=ssd); serve them "
+                "from a store: `engramlm store build CHECKPOINT --out DIR`, then pass the store (--store DIR)"
+            )
         check_row_ids(row_ids, self.num_rows, self.num_heads, values=row_ids.device.type == "cpu")
         return F.embedding(row_ids.long(), self.embed.weight, sparse=self.sparse_grad)
 

@@ -34,10 +34,16 @@ class PagePlan:
 
 def plan_pages(ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int = 64) -> PagePlan:
     """Plan page reads for sorted unique row ``ids`` of a row area starting at ``data_offset``."""
-    start = data_offset + ids.astype(np.int64) * row_bytes
+    return plan_offsets(data_offset + ids.astype(np.int64) * row_bytes, row_bytes, max_run_pages)
+
+
+def plan_offsets(start: np.ndarray, row_bytes: int, max_run_pages: int = 64) -> PagePlan:
+    """Plan page reads for records of ``row_bytes`` at byte offsets ``start`` (any order, no duplicates
+    needed: pages are deduplicated); ``row_offset[i]`` is where record i sits in the read buffer."""
+    start = np.asarray(start, dtype=np.int64)
     first = start // PAGE
     last = (start + row_bytes - 1) // PAGE
-    span = int((last - first).max()) + 1 if ids.size else 1
+    span = int((last - first).max()) + 1 if start.size else 1
     if span == 1:
         pages = np.unique(first)
     else:

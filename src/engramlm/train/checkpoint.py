@@ -23,6 +23,7 @@ import contextlib
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,12 @@ def save_checkpoint(
     optim_tensors: dict[str, torch.Tensor],
     state: dict[str, Any],
     keep: int,
+    extra_json: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``step_{step:08d}`` atomically and prune to the newest ``keep`` checkpoints."""
+    """Write ``step_{step:08d}`` atomically and prune to the newest ``keep`` checkpoints.
+
+    ``extra_json(tmp_dir)`` -> {file name: JSON document} written into the checkpoint (hashed like every file):
+    the SSD tables' manifests, which make the checkpoint without copying the tables."""
     from safetensors.torch import save
 
     from engramlm.models.io import recorded_checksums, save_pretrained
@@ -108,6 +113,8 @@ def save_checkpoint(
         rng_doc, torch_rng = rng_state()
         tensors = {**optim_tensors, "rng/torch": torch_rng.clone()}
         atomic_write_bytes(tmp / OPTIM_NAME, save(tensors, metadata={"format": CHECKPOINT_FORMAT}))
+        for name, doc in (extra_json(tmp) if extra_json is not None else {}).items():
+            atomic_write_json(tmp / name, doc)
         # the model files were hashed once by save_pretrained (checksums.json): reuse, do not hash twice
         known = {f"{MODEL_SUBDIR}/{k}": v for k, v in recorded_checksums(tmp / MODEL_SUBDIR).items()}
         files = {

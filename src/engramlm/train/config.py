@@ -39,7 +39,9 @@ from engramlm.utils.config import (
 
 __all__ = [
     "EVAL_SPLITS",
+    "TABLE_TIERS",
     "DataConfig",
+    "EngramTableConfig",
     "ModelSection",
     "OptimConfig",
     "ScheduleConfig",
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 EVAL_SPLITS = ("val", "test", "train")
+TABLE_TIERS = ("model", "ssd")
 _OPTIM_FLOATS = ("lr", "weight_decay", "eps", "muon_momentum", "engram_lr_mult", "engram_weight_decay", "engram_eps")
 
 
@@ -185,6 +188,39 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class EngramTableConfig:
+    """Where the Engram tables live while training (not part of the model: the same model trains either way).
+
+    ``table_tier``: ``"model"`` keeps each table as the model's ``embed.weight`` in RAM with its Adam state
+    (the default); ``"ssd"`` keeps rows and per-row Adam state in files under ``OUT_DIR/engram_tables/``
+    (:mod:`engramlm.store.trainable`, read like the store's ``direct`` tier: O_DIRECT page reads) with a RAM
+    cache of ``cache_mb`` MiB of hot rows shared by all layers. Both give bit-identical training.
+    ``prefetch``: read the next step's rows while the current one computes. ``compact_ratio``: at a
+    checkpoint, rewrite a table's base file once its dirty-row logs exceed this multiple of it.
+    ``direct_io``: O_DIRECT reads of the base files (False: through the page cache).
+    """
+
+    config_section = "engram"  # not a field: the prefix of its error paths when built alone
+
+    table_tier: str = "model"
+    cache_mb: float = 512.0
+    prefetch: bool = True
+    compact_ratio: float = 1.0
+    direct_io: bool = True
+
+    def __post_init__(self) -> None:
+        need(
+            self.table_tier in TABLE_TIERS,
+            "engram.table_tier",
+            f"must be one of {TABLE_TIERS}, got {self.table_tier!r}",
+        )
+        finite(self.cache_mb, "engram.cache_mb")
+        need(self.cache_mb > 0, "engram.cache_mb", f"must be > 0 (MiB), got {self.cache_mb}")
+        finite(self.compact_ratio, "engram.compact_ratio")
+        need(self.compact_ratio > 0, "engram.compact_ratio", f"must be > 0, got {self.compact_ratio}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run. Give ``steps`` or a ``tokens`` budget (steps = ceil(tokens / (B * T)))."""
 
@@ -192,6 +228,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engram: EngramTableConfig = field(default_factory=EngramTableConfig)
     steps: int | None = None
     tokens: int | None = None
     seed: int = 0
@@ -227,7 +264,12 @@ class TrainConfig:
         int_at_least(self.skip_nonfinite, "skip_nonfinite", 0)
         if self.threads is not None:
             int_at_least(self.threads, "threads", 1)
-        self.model.resolve()  # validate the model section now, with its field paths
+        resolved = self.model.resolve()  # validate the model section now, with its field paths
+        need(
+            self.engram.table_tier == "model" or resolved.engram is not None,
+            "engram.table_tier",
+            f"{self.engram.table_tier!r} needs a model with Engram layers (this model has none)",
+        )
 
     @property
     def total_steps(self) -> int:

@@ -58,10 +58,12 @@ class OptimizerSet:
         cfg: OptimConfig,
         tables: dict[int, torch.Tensor] | None = None,
         process_group: Any = None,
+        table_backends: dict[int, Any] | None = None,
     ) -> None:
         """``tables``: the Engram tables the sparse Adam steps instead of the model's (a row-sharded run
         passes each table's local shard; the model's own tables are then empty placeholders).
-        ``process_group``: data-parallel ranks that share Muon's Newton-Schulz work (None: one process)."""
+        ``process_group``: data-parallel ranks that share Muon's Newton-Schulz work (None: one process).
+        ``table_backends``: layer id -> a ``RowStateBackend`` holding that table outside the model (SSD)."""
         self.cfg = cfg
         muon, adamw, model_tables = split_parameters(model)
         for t in model_tables.values():
@@ -82,8 +84,11 @@ class OptimizerSet:
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
         self.adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
         self.adamw_order = [n for n, p in adamw.items() if p.dim() >= 2] + [n for n, p in adamw.items() if p.dim() < 2]
+        outside = dict(table_backends or {})
+        in_ram = {lid: t for lid, t in tables.items() if lid not in outside}
+        lr = cfg.lr * cfg.engram_lr_mult
         self.sparse = (
-            SparseRowAdam(tables, cfg.lr * cfg.engram_lr_mult, cfg.betas, cfg.engram_eps, cfg.engram_weight_decay)
+            SparseRowAdam(in_ram, lr, cfg.betas, cfg.engram_eps, cfg.engram_weight_decay, backends=outside)
             if tables
             else None
         )
@@ -173,7 +178,7 @@ class OptimizerSet:
         if self.sparse is not None:
             for k, v in self.sparse.state_tensors().items():
                 tensors[f"sparse/{k}"] = v.contiguous()
-            meta["sparse"] = sorted(self.sparse.state)
+            meta["sparse"] = sorted(self.sparse.backends)
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -15,6 +15,12 @@ the first time a row is touched, so state is proportional to the rows ever touch
 step costs O(rows in the batch) plus O(slots) memmove when new rows appear: nothing is
 proportional to the table size.
 
+Where rows and state live is a *backend* (:class:`RowStateBackend`): :class:`RamRowState` (the table
+tensor in the model plus :class:`RowSlots`) or the SSD tier (:class:`engramlm.train.ssd.SsdRowState` over a
+:class:`engramlm.store.trainable.TrainableTable`). The optimizer math is here, once: a backend only reads a
+step's rows with their state (zeros for a row never updated) and writes the updated ones back, so both
+backends give bit-identical results.
+
 Semantics (documented choice, as torch's ``SparseAdam``): a row's moments only advance when the
 row is in the batch, and bias correction uses the row's own update count ``n_r``:
 ``m_hat = m / (1 - beta1^n_r)``, ``v_hat = v / (1 - beta2^n_r)``. Rows absent from a batch get
@@ -25,6 +31,7 @@ applied only to touched rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -53,6 +60,13 @@ class RowSlots:
             grown = torch.zeros((new_cap, *old.shape[1:]), dtype=old.dtype)
             grown[: self.n] = old[: self.n]
             setattr(self, name, grown)
+
+    def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, slots of the found rows) for sorted unique ``rows``; allocates nothing."""
+        pos = np.searchsorted(self.keys, rows)
+        found = pos < self.keys.size
+        found[found] = self.keys[pos[found]] == rows[found]
+        return found, self.key_slot[pos[found]]
 
     def slots(self, rows: np.ndarray) -> np.ndarray:
         """Slots of the sorted unique ``rows``, allocating slots for rows seen for the first time."""
@@ -115,16 +129,65 @@ class RowSlots:
 
 
 @dataclass
+class RowBatch:
+    """A step's rows of one table with their Adam state (zeros and count 0 for rows never updated)."""
+
+    rows: torch.Tensor  # [U, d_h]
+    exp_avg: torch.Tensor  # [U, d_h]
+    exp_avg_sq: torch.Tensor  # [U, d_h]
+    count: torch.Tensor  # [U] int64: the row's own update count
+
+
+class RowStateBackend(Protocol):
+    """Where one table's rows and per-row optimizer state live (RAM or SSD); ids are sorted unique."""
+
+    def read(self, unique: torch.Tensor) -> RowBatch: ...
+
+    def write(self, unique: torch.Tensor, batch: RowBatch) -> None: ...
+
+
+class RamRowState:
+    """Rows in the model's table tensor, state in :class:`RowSlots` (allocated at the first write)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+        self.slots = RowSlots(table.shape[1], table.dtype)
+
+    def read(self, unique: torch.Tensor) -> RowBatch:
+        st = self.slots
+        rows = self.table.detach().index_select(0, unique)
+        found, slot = st.find(unique.numpy())
+        n = unique.numel()
+        m = torch.zeros(n, st.dim, dtype=st.exp_avg.dtype)
+        v = torch.zeros_like(m)
+        count = torch.zeros(n, dtype=torch.int64)
+        if found.any():
+            f, s = torch.from_numpy(found), torch.from_numpy(slot)
+            m[f], v[f], count[f] = st.exp_avg[s], st.exp_avg_sq[s], st.count[s]
+        return RowBatch(rows, m, v, count)
+
+    def write(self, unique: torch.Tensor, batch: RowBatch) -> None:
+        st = self.slots
+        slot = torch.from_numpy(st.slots(unique.numpy()))
+        st.exp_avg.index_copy_(0, slot, batch.exp_avg)
+        st.exp_avg_sq.index_copy_(0, slot, batch.exp_avg_sq)
+        st.count.index_copy_(0, slot, batch.count)
+        self.table.index_copy_(0, unique, batch.rows)
+
+
+@dataclass
 class Gathered:
-    """One table's rows for the current step: unique ids, the leaf holding them, and its slots."""
+    """One table's rows for the current step: unique ids, the leaf holding them, and their state."""
 
     layer_id: int
     unique: torch.Tensor  # [U] int64, sorted
     leaf: torch.Tensor  # [U, d_h], requires_grad
+    state: RowBatch
 
 
 class SparseRowAdam:
-    """Adam over the rows a batch touches, for a set of tables (layer id -> weight [R, d_h])."""
+    """Adam over the rows a batch touches, for a set of tables (layer id -> weight [R, d_h] in RAM, or
+    layer id -> a :class:`RowStateBackend` in ``backends``, e.g. on SSD)."""
 
     def __init__(
         self,
@@ -133,10 +196,14 @@ class SparseRowAdam:
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        *,
+        backends: dict[int, RowStateBackend] | None = None,
     ) -> None:
-        self.tables = tables
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.state = {lid: RowSlots(w.shape[1], w.dtype) for lid, w in tables.items()}
+        ram = {lid: RamRowState(w) for lid, w in tables.items()}
+        self.backends: dict[int, RowStateBackend] = {**ram, **(backends or {})}
+        self.tables = {lid: b.table for lid, b in ram.items()}
+        self.state = {lid: b.slots for lid, b in ram.items()}  # RAM state (checkpointed in optimizer.safetensors)
         self._pending: list[Gathered] = []
 
     def gather(self, row_ids: torch.Tensor, layer_ids: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -152,14 +219,20 @@ class SparseRowAdam:
         """Rows ``[*ids.shape, d_h]`` of one table, added to this step's pending rows (see :meth:`gather`).
 
         Called once per layer per step; the row owner of a sharded table calls it with the local ids its
-        peers asked for (``engramlm.dist``), and repeats across peers sum in the leaf's gradient.
+        peers asked for (``engramlm.dist``), and repeats across peers sum in the leaf's gradient. The rows and
+        their state come from the layer's backend (RAM, or an SSD table).
         """
         unique, inverse = torch.unique(ids.long(), sorted=True, return_inverse=True)
-        leaf = self.tables[layer_id].detach().index_select(0, unique).requires_grad_(True)
-        self._pending.append(Gathered(layer_id, unique, leaf))
+        state = self.backends[layer_id].read(unique)
+        leaf = state.rows.requires_grad_(True)
+        self._pending.append(Gathered(layer_id, unique, leaf, state))
         # F.embedding, not leaf[inverse]: its CPU backward is deterministic with several threads,
         # while index_put_'s accumulate is not (exact resume needs bitwise-equal row grads).
         return F.embedding(inverse, leaf)  # [*ids.shape, d_h]
+
+    def step_rows(self) -> dict[int, torch.Tensor]:
+        """Layer id -> the sorted unique rows the current step reads and will write."""
+        return {g.layer_id: g.unique for g in self._pending}
 
     def leaves(self) -> list[torch.Tensor]:
         """The current step's row tensors (their ``.grad`` joins the global grad-norm clip)."""
@@ -172,14 +245,10 @@ class SparseRowAdam:
             grad = g.leaf.grad
             if grad is None:
                 continue
-            st = self.state[g.layer_id]
-            slot = torch.from_numpy(st.slots(g.unique.numpy()))
-            m = st.exp_avg.index_select(0, slot).mul_(b1).add_(grad, alpha=1 - b1)
-            v = st.exp_avg_sq.index_select(0, slot).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            n = st.count.index_select(0, slot).add_(1)
-            st.exp_avg.index_copy_(0, slot, m)
-            st.exp_avg_sq.index_copy_(0, slot, v)
-            st.count.index_copy_(0, slot, n)
+            st = g.state
+            m = st.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
+            v = st.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            n = st.count.add_(1)
             nf = n.to(grad.dtype)[:, None]
             bc1 = 1 - torch.pow(torch.full_like(nf, b1), nf)
             bc2 = 1 - torch.pow(torch.full_like(nf, b2), nf)
@@ -187,7 +256,7 @@ class SparseRowAdam:
             if self.weight_decay:
                 w = w * (1 - self.lr * self.weight_decay)
             w = w - self.lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
-            self.tables[g.layer_id].index_copy_(0, g.unique, w)
+            self.backends[g.layer_id].write(g.unique, RowBatch(w, m, v, n))
         self._pending = []
 
     @property

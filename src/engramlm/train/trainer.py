@@ -14,6 +14,7 @@ tables sharded by row (:mod:`engramlm.train.distributed`, :mod:`engramlm.train.s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -36,13 +37,14 @@ from engramlm.models.io import load_pretrained
 from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
 from engramlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-from engramlm.train.config import TrainConfig, config_diff
+from engramlm.train.config import EngramTableConfig, TrainConfig, config_diff
 from engramlm.train.distributed import DistEnv, ShardedTables, Timer, check_world, evaluate_sharded, sum_hook
 from engramlm.train.metrics import MetricsLogger
 from engramlm.train.optim import OptimizerSet
 from engramlm.train.rundir import RunDir
 from engramlm.train.schedule import lr_multiplier
 from engramlm.train.shard_checkpoint import load_sharded_weights, local_sparse_tensors, save_sharded_checkpoint
+from engramlm.train.ssd import SsdTables
 from engramlm.utils.io import atomic_write_json
 
 # Config paths that may differ between a checkpoint and the run resuming it: they do not change the
@@ -53,6 +55,8 @@ RESUME_FREE = (
     "eval_every", "data.dir", "data.source", "data.eval_split", "data.eval_batch_size", "data.eval_max_batches",
     # only used to prepare data from ``data.source``; the tokenizer sha256 check below catches a real change
     "data.vocab_size", "data.max_bytes",
+    # where the tables' hot rows are cached and how they are read: bit-identical training either way
+    "engram.cache_mb", "engram.prefetch", "engram.compact_ratio", "engram.direct_io",
 )  # fmt: skip
 
 
@@ -119,14 +123,13 @@ class Trainer:
         self.allow_changes = tuple(allow_changes)
         self.skipped = 0  # non-finite steps skipped so far (config.skip_nonfinite), kept in checkpoints
         self.tables: ShardedTables | None = None
+        self.ssd: SsdTables | None = None
         self.ddp: torch.nn.Module | None = None
         try:
             self._on_main(self._lock_run_dir, config.out_dir)  # lock + orphan cleanup before anything reads it
             self._setup(config, resume, overwrite)
         except BaseException:
-            self._close_run()
-            if self.dist is not None:
-                self.dist.close(barrier=False)
+            self.close(clean=False)
             raise
 
     def _lock_run_dir(self, out_dir: str) -> None:
@@ -169,6 +172,11 @@ class Trainer:
         ckpt: Checkpoint | None = None
         if self.dist is not None:
             check_world(config.data.batch_size, self.dist)
+            if config.engram.table_tier == "ssd":
+                raise ConfigError(
+                    "engram.table_tier: 'ssd' is not supported under torchrun yet (each rank's row shard on SSD is"
+                    " not wired); use 'model', or train on SSD in one process"
+                )
         if resume:
             ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume), merge_shards=self.dist is None)
             self._check_resume(ckpt, layout)
@@ -191,15 +199,18 @@ class Trainer:
                 self.tables = ShardedTables.cut(self.model, self.dist)
             if ckpt is not None:
                 load_sharded_weights(self.model, ckpt.model_dir, self.tables)
+        elif config.engram.table_tier == "ssd":
+            self._setup_ssd(ckpt, model_cfg, layout)
         elif ckpt is not None:
             self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)  # load_checkpoint checked it
         else:
             self.model = EngramLM(model_cfg, layout)
         self.model.train()
         local = self.tables.local if self.tables is not None else None
+        backends = self.ssd.backends if self.ssd is not None else None
         # Muon's Newton-Schulz work is shared over the data-parallel ranks (each orthogonalises a share, all-gather)
         group = self.dist.dp_group if self.dist is not None else None
-        self.optim = OptimizerSet(self.model, config.optim, tables=local, process_group=group)
+        self.optim = OptimizerSet(self.model, config.optim, tables=local, process_group=group, table_backends=backends)
         self.optim.skip_nonfinite = config.skip_nonfinite > 0
         if self.tables is not None:
             self.tables.bind(self.optim.sparse.gather_layer)
@@ -233,6 +244,28 @@ class Trainer:
             self.skipped = int(ckpt.state.get("skipped_nonfinite", 0))
             restore_rng(ckpt)
 
+    def _setup_ssd(self, ckpt: Checkpoint | None, model_cfg, layout) -> None:
+        """``engram.table_tier=ssd``: the model holds no tables ([0, d_h] placeholders); rows and their Adam
+        state live in OUT_DIR/engram_tables/ (created with the model's exact init, or opened at the state the
+        checkpoint's engram_tables.json records)."""
+        from engramlm.nn.engram import external_tables
+        from engramlm.store.trainable import TABLES_FILE
+
+        cfg = self.config.engram
+        if ckpt is None:
+            self.model, self.ssd = SsdTables.new_model(self.run_dir, cfg, model_cfg, layout)
+            _log(f"Engram tables on SSD in {self.run_dir / 'engram_tables'} (cache {cfg.cache_mb} MiB)")
+            return
+        if not (ckpt.path / TABLES_FILE).is_file():
+            raise ConfigError(f"engram.table_tier: checkpoint {ckpt.path} holds its tables in the model, not on SSD")
+        self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint)
+        try:
+            with external_tables(lambda *_: None):  # weights come from the checkpoint: no init draws needed
+                self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)
+        except BaseException:
+            self.ssd.close()
+            raise
+
     def _check_resume(self, ckpt: Checkpoint, layout) -> None:
         saved_cfg = json.loads((ckpt.model_dir / "config.json").read_text(encoding="utf-8"))
         saved_fp = saved_cfg.get("hash_fingerprint", "none")
@@ -241,7 +274,11 @@ class Trainer:
         elif saved_fp != "none":
             raise ConfigError(f"model: checkpoint {ckpt.path} has Engram layers, this config has none")
         free = (*RESUME_FREE, *self.allow_changes)
-        diff = [p for p in config_diff(ckpt.state.get("config", {}), self.config.to_dict()) if p not in free]
+        saved = dict(ckpt.state.get("config", {}))
+        # a checkpoint from before the engram section trained its tables in the model
+        saved.setdefault("engram", {**dataclasses.asdict(EngramTableConfig()), **self.config.to_dict()["engram"],
+                                    "table_tier": "model"})  # fmt: skip
+        diff = [p for p in config_diff(saved, self.config.to_dict()) if p not in free]
         if diff:
             raise ConfigError(f"resume: the config differs from checkpoint {ckpt.path} at {diff}")
         if ckpt.state.get("tokenizer_sha256") != self.train_set.manifest.tokenizer.get("sha256"):
@@ -258,6 +295,12 @@ class Trainer:
         if self.dist is not None:
             return self._train_step_sharded(batch)
         cfg = self.config
+        ssd = self.ssd
+        if ssd is not None:
+            ssd.set_step(self.step)
+            prefetched = ssd.take_batch(self.step)  # waits for the prefetch of this step's rows
+            if batch is None:
+                batch = prefetched
         if batch is None:
             batch = self.loader.batch_at(self.step)
         self.loader.step = self.step + 1
@@ -265,6 +308,9 @@ class Trainer:
         rows = None
         if self.optim.sparse is not None:
             rows = self.optim.sparse.gather(batch["row_ids"], self.model.layout.layer_ids)
+        if ssd is not None and self.step + 1 < cfg.total_steps:  # the next batch's rows, while this one computes
+            current = self.optim.sparse.step_rows()
+            ssd.start_prefetch(self.step + 1, self.loader.batch_at, self.model.layout.layer_ids, current)
         row_ids = batch.get("row_ids") if rows is None else None
         engram = self.model.engram_inputs(batch["input_ids"], batch["doc_start"], row_ids=row_ids, rows=rows)
         out = self.model(batch["input_ids"], targets, engram=engram)
@@ -277,13 +323,17 @@ class Trainer:
         for moe in self.moes if applied else ():  # a skipped non-finite step changes nothing, routing bias included
             moe.update_bias()
         self.step += 1
-        return {
+        rec = {
             "step": self.step,
             "kind": "train",
             "loss": float(out.loss.detach()),
             "lr": cfg.optim.lr * mult,
             "grad_norm": gnorm,
         }
+        if ssd is not None:
+            rec["ssd_wait_ms"] = 1e3 * ssd.last_wait_s
+            rec.update({f"ssd_{k}": v for k, v in ssd.io_stats().items()})
+        return rec
 
     def _train_step_sharded(self, batch: dict[str, Any] | None) -> dict[str, Any]:
         """:meth:`train_step` on this rank's slice of the global batch (see :mod:`engramlm.train.distributed`)."""
@@ -351,7 +401,12 @@ class Trainer:
             return evaluate_sharded(
                 self.model, self.eval_loader, self.tables, self.dist, self.config.data.eval_max_batches
             )
-        return evaluate(self.model, self.eval_loader, self.config.data.eval_max_batches, self.config.threads)
+        tables = None
+        if self.ssd is not None:
+            self.ssd.wait()  # no prefetch in flight while the eval reads the tables
+            tables = self.ssd.tables
+        return evaluate(self.model, self.eval_loader, self.config.data.eval_max_batches, self.config.threads,
+                        tables=tables)  # fmt: skip
 
     def save(self) -> Path:
         tensors, meta = self.optim.state_tensors()
@@ -369,16 +424,30 @@ class Trainer:
             sparse = {k[7:]: v for k, v in tensors.items() if k.startswith("sparse/")}
             return save_sharded_checkpoint(self.dist, self.run_dir, self.step, self.model, self.tables, dense, sparse,
                                            state, self.config.keep_checkpoints)  # fmt: skip
-        return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
+        if self.ssd is None:
+            return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
+        from engramlm.store.trainable import TABLES_FILE
+
+        ssd = self.ssd
+        path = save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints,
+                               extra_json=lambda tmp: {TABLES_FILE: ssd.checkpoint_doc(tmp)})  # fmt: skip
+        ssd.collect_garbage(list_checkpoints(self.run_dir))
+        return path
 
     # ---- run directory and stopping -------------------------------------------------------------
     def close(self, *, clean: bool = True) -> None:
-        """Release the run directory's lock (idempotent; :meth:`fit` does it when it returns) and, under
-        torchrun, leave the process group: after a barrier when ``clean`` (every rank closes), at once
-        after an error (a peer may be gone)."""
+        """Release the run directory's lock and close SSD tables (idempotent; :meth:`fit` does it when it
+        returns) and, under torchrun, leave the process group: after a barrier when ``clean`` (every rank
+        closes), at once after an error (a peer may be gone)."""
+        self._close_ssd()
         self._close_run()
         if self.dist is not None:
             self.dist.close(barrier=clean)
+
+    def _close_ssd(self) -> None:
+        if getattr(self, "ssd", None) is not None:
+            self.ssd.close()
+            self.ssd = None
 
     def __enter__(self) -> Trainer:
         return self
@@ -433,6 +502,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            self._close_ssd()
             self._close_run()
 
     def _fit(self) -> dict[str, Any]:

@@ -1,0 +1,770 @@
+"""SSD tier for training: a table whose rows *and* per-row optimizer state live in files, with a bounded
+RAM cache of hot rows, dirty tracking, write-back and crash-safe, copy-free checkpoints.
+
+Files of one table (a directory)::
+
+    base-000000.bin   4 KiB header page (JSON), then one record per row, in row order. Written once
+                      (at creation or by a compaction), never modified: a checkpoint can always point at it.
+    base-000000.crc   CRC32 of every 4 KiB page after the header (uint32 each); base pages are checked on
+                      every read, as the ``direct`` tier checks store pages.
+    log-000001.bin    append-only chunks of dirty rows, written when dirty rows leave the cache (eviction)
+                      and at a checkpoint (flush). One log file per session: a resumed run never appends
+                      to a file an earlier checkpoint points into.
+
+A record is ``[row fp32 d | m fp32 d | v fp32 d | count int64]`` padded to a power of two (or to whole pages
+above 4 KiB), so a record never straddles a page and one page-planned O_DIRECT read brings a row with its
+optimizer state. A log chunk is a header page (magic, row count, CRC32 of ids and records) followed by the
+ids and the records, each padded to pages, so log records are read with the same page planner.
+
+**Checkpoints without copying the table.** :meth:`TrainableTable.flush` appends every dirty cached row
+to the log, fsyncs it and returns a *manifest*: the base file (and its CRC file's CRC), each log file with
+the length committed so far and the CRC32 of those bytes. The trainer writes the manifest inside the
+checkpoint directory, which is renamed into place atomically: a checkpoint is the manifest, and the bytes it
+names are never rewritten (logs only grow, bases are immutable). A kill at any moment leaves at most bytes
+beyond some manifest's lengths, which nothing reads. Opening from a manifest re-reads the committed log
+prefix once (CRC per chunk and per file: truncated or corrupt segments are refused with
+:class:`CorruptFileError` naming the file) and rebuilds the row -> newest location index. When the logs
+outgrow ``compact_ratio`` x the base, :meth:`compact` streams base + logs into a new base (one sequential
+pass; the old files stay until no retained checkpoint names them, :func:`collect_garbage`).
+
+Memory: the cache (``cache_bytes`` of records), plus 12 bytes per table row (newest location int64, cache
+slot int32) and one uint32 per base page: for 32-dim rows (512-byte records) 2.3% of the table file.
+
+Thread safety: one lock guards the cache and the logs; :meth:`prefetch` (a background thread) reads the
+disk outside it. A row being updated by the current step is never prefetched (the caller excludes it), so
+a row missing from the cache has a stable newest copy on disk while it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engramlm.errors import CorruptFileError
+from engramlm.store.base import RowTable, TableHeader
+from engramlm.store.direct import _open_direct
+from engramlm.store.pages import PAGE, PagePlan, plan_offsets
+from engramlm.utils.io import fsync_path
+
+MANIFEST_FORMAT = "engramlm-trainable-table"
+MANIFEST_VERSION = 1
+_BASE_MAGIC = "engramlm-trainable-base-v1"
+_LOG_MAGIC = b"ENGRLOG1"
+_LOG_HEAD = np.dtype([("magic", "S8"), ("n", "<u8"), ("rec", "<u8"), ("crc", "<u4"), ("pad", "<u4")])
+_LOC_SHIFT = 44  # loc = file_no << 44 | byte offset; -1: the base file
+_IO_BLOCK = 8 << 20  # bytes per sequential read/write block (init, compaction, flush)
+_READ_ROWS = 2048  # records per page-planned read: bounds each thread's read buffer to 2048 pages (8 MiB)
+
+
+def _align(x: int, to: int = PAGE) -> int:
+    return (x + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Where a row and its optimizer state sit in one record."""
+
+    dim: int
+
+    @property
+    def used(self) -> int:
+        return 12 * self.dim + 8
+
+    @property
+    def nbytes(self) -> int:
+        u = self.used
+        return 1 << (u - 1).bit_length() if u <= PAGE else _align(u)
+
+    def empty(self, n: int) -> np.ndarray:
+        return np.zeros((n, self.nbytes), dtype=np.uint8)
+
+    def unpack(self, rec: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, m, v, count) as new torch tensors from records ``[n, nbytes]``."""
+        d = self.dim
+        f = np.ascontiguousarray(rec[:, : 12 * d]).view(np.float32)
+        count = np.ascontiguousarray(rec[:, 12 * d : 12 * d + 8]).view(np.int64)[:, 0]
+        t = torch.from_numpy(f)
+        return t[:, :d].clone(), t[:, d : 2 * d].clone(), t[:, 2 * d :].clone(), torch.from_numpy(count.copy())
+
+    def pack(self, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, count: torch.Tensor) -> np.ndarray:
+        d = self.dim
+        rec = self.empty(w.shape[0])
+        f = torch.cat([w, m, v], dim=1).to(torch.float32).contiguous().numpy()
+        rec[:, : 12 * d] = f.view(np.uint8)
+        rec[:, 12 * d : 12 * d + 8] = count.to(torch.int64).contiguous().numpy().reshape(-1, 1).view(np.uint8)
+        return rec
+
+    def rows(self, rec: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(rec[:, : 4 * self.dim]).view(np.float32).copy())
+
+
+def _page_crcs(data: memoryview | bytes) -> np.ndarray:
+    n = len(data) // PAGE
+    return np.fromiter((zlib.crc32(data[i * PAGE : (i + 1) * PAGE]) for i in range(n)), dtype=np.uint32, count=n)
+
+
+def _file_crc(path: Path, length: int) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        left = length
+        while left:
+            b = f.read(min(left, _IO_BLOCK))
+            if not b:
+                break
+            crc = zlib.crc32(b, crc)
+            left -= len(b)
+    return crc
+
+
+class _Reader:
+    """Page-planned reads of records at byte offsets of one file (O_DIRECT where the filesystem allows)."""
+
+    def __init__(self, path: Path, direct: bool, pool: ThreadPoolExecutor, queue_depth: int) -> None:
+        self.path = path
+        self.fd, self.direct_io, _ = _open_direct(path, direct)
+        self.pool, self.queue_depth = pool, queue_depth
+        self._local = threading.local()
+
+    def _buffer(self, nbytes: int) -> mmap.mmap:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            if buf is not None:
+                buf.close()
+            buf = mmap.mmap(-1, max(_align(nbytes), PAGE))
+            self._local.buf = buf
+        return buf
+
+    def _runs(self, view: memoryview, plan: PagePlan, runs: np.ndarray) -> None:
+        for slot, page, count in zip(
+            plan.run_slot[runs].tolist(), plan.run_page[runs].tolist(), plan.run_count[runs].tolist(), strict=True
+        ):
+            off, pos, want = page * PAGE, slot * PAGE, count * PAGE
+            while want:
+                got = os.preadv(self.fd, [view[pos : pos + want]], off)
+                if got <= 0:
+                    raise CorruptFileError(f"{self.path}: truncated (short read at byte {off})")
+                off, pos, want = off + got, pos + got, want - got
+
+    def read(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int = 0) -> np.ndarray:
+        """Records at ``offsets``; with ``crcs``, every page read is checked (``crcs[page - first_page]``).
+        Read in file order, at most ``_READ_ROWS`` records at a time (bounded buffers, pages still coalesced)."""
+        out = np.empty((offsets.size, rec_bytes), dtype=np.uint8)
+        order = np.argsort(offsets, kind="stable")
+        for s in range(0, offsets.size, _READ_ROWS):
+            sel = order[s : s + _READ_ROWS]
+            out[sel] = self._read_some(offsets[sel], rec_bytes, crcs, first_page)
+        return out
+
+    def _read_some(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int) -> np.ndarray:
+        plan = plan_offsets(offsets, rec_bytes, 64)
+        buf = self._buffer(plan.nbytes)
+        view = memoryview(buf)
+        try:
+            n_runs = plan.run_slot.size
+            workers = min(self.queue_depth, n_runs)
+            if workers <= 1:
+                self._runs(view, plan, np.arange(n_runs))
+            else:
+                futs = [self.pool.submit(self._runs, view, plan, np.arange(w, n_runs, workers)) for w in range(workers)]
+                for f in futs:
+                    f.result()
+            if crcs is not None:
+                got = _page_crcs(view[: plan.nbytes])
+                bad = np.flatnonzero(got != crcs[plan.pages - first_page])
+                if bad.size:
+                    raise CorruptFileError(
+                        f"{self.path}: page {int(plan.pages[bad[0]])} fails its CRC32 ({bad.size} bad page(s) in "
+                        "this read); the table file is corrupt"
+                    )
+            arr = np.frombuffer(buf, dtype=np.uint8, count=plan.nbytes)
+            out = np.lib.stride_tricks.sliding_window_view(arr, rec_bytes)[plan.row_offset]  # one copy, no index matrix
+            del arr
+        finally:
+            view.release()
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _base_header(num_rows: int, dim: int, rec: int, fingerprint: str) -> bytes:
+    doc = {"magic": _BASE_MAGIC, "num_rows": num_rows, "dim": dim, "record_bytes": rec, "fingerprint": fingerprint}
+    raw = json.dumps(doc, sort_keys=True).encode()
+    if len(raw) > PAGE:
+        raise ValueError("base header does not fit a page")
+    return raw + b" " * (PAGE - len(raw))
+
+
+def _write_base(
+    path: Path, num_rows: int, layout: RecordLayout, fingerprint: str, blocks: Iterable[tuple[int, np.ndarray]]
+) -> dict[str, Any]:
+    """Write a base file (+ its .crc) from ``(first_row, records)`` blocks in row order; fsynced. -> manifest entry."""
+    rec = layout.nbytes
+    crc_path = path.with_suffix(".crc")
+    crcs: list[np.ndarray] = []
+    pending = bytearray()
+    written = 0
+    with open(path, "wb") as f:
+        f.write(_base_header(num_rows, layout.dim, rec, fingerprint))
+        for first, recs in blocks:
+            if first != written:
+                raise ValueError(f"base blocks out of order: row {first}, expected {written}")
+            pending += recs.tobytes()
+            written += recs.shape[0]
+            full = len(pending) // PAGE * PAGE
+            if full:
+                chunk = memoryview(pending)[:full]
+                f.write(chunk)
+                crcs.append(_page_crcs(chunk))
+                del chunk
+                del pending[:full]
+        if written != num_rows:
+            raise ValueError(f"base blocks cover {written} rows, expected {num_rows}")
+        if pending:
+            pending += b"\0" * (PAGE - len(pending))
+            f.write(pending)
+            crcs.append(_page_crcs(pending))
+        f.flush()
+        os.fsync(f.fileno())
+    table = np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)
+    crc_bytes = table.astype("<u4").tobytes()
+    with open(crc_path, "wb") as f:
+        f.write(crc_bytes)
+        f.flush()
+        os.fsync(f.fileno())
+    return {
+        "file": path.name,
+        "crc_file": crc_path.name,
+        "crc_crc32": zlib.crc32(crc_bytes),
+        "size": path.stat().st_size,
+    }
+
+
+def _next_name(directory: Path, prefix: str) -> str:
+    nums = [int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(prefix + r"-(\d+)\.bin", p.name))]
+    return f"{prefix}-{max(nums, default=-1) + 1:06d}.bin"
+
+
+class TrainableTable(RowTable):
+    """A [num_rows, dim] fp32 table with per-row Adam state (m, v, count) on disk and a bounded RAM cache.
+
+    Build with :meth:`create` (fresh) or :meth:`open` (from a checkpoint's manifest). ``read``/``write``
+    move records (:class:`RecordLayout`) of sorted unique ids; ``tick`` is the caller's step, used for
+    eviction (least recently used first). As a :class:`RowTable` it gathers the newest rows.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Mapping[str, Any],
+        fingerprint: str,
+        *,
+        cache_bytes: int,
+        direct: bool = True,
+        queue_depth: int = 16,
+        writable: bool = True,
+    ) -> None:
+        num_rows, dim = int(manifest["num_rows"]), int(manifest["dim"])
+        super().__init__(TableHeader(num_rows, dim, fingerprint, "fp32"))
+        self.directory = Path(directory)
+        self.layout = RecordLayout(dim)
+        self.rec = self.layout.nbytes
+        if int(manifest["record_bytes"]) != self.rec:
+            raise CorruptFileError(f"{self.directory}: manifest records {manifest['record_bytes']}-byte records")
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(queue_depth, thread_name_prefix="engram-ssd")
+        self._queue_depth, self._direct = queue_depth, direct
+        self.io = {"rows_read": 0, "bytes_read": 0, "rows_written": 0, "bytes_written": 0, "log_chunks": 0}
+        self._open_base(manifest["base"])
+        self._loc = np.full(num_rows, -1, dtype=np.int64)
+        self._logs: list[dict[str, Any]] = []  # committed and current logs: file, length, crc32, reader
+        for entry in manifest.get("logs", []):
+            self._replay_log(entry)
+        self.writable = writable
+        if writable:  # a session's own log; read-only opens (exports) create nothing
+            self._new_log()
+        cap = max(1, int(cache_bytes) // self.rec)
+        self.capacity = cap
+        self._crec = np.zeros((cap, self.rec), dtype=np.uint8)  # calloc: pages become resident as slots fill
+        self._crow = np.full(cap, -1, dtype=np.int64)
+        self._cdirty = np.zeros(cap, dtype=bool)
+        self._cused = np.zeros(cap, dtype=np.int64)
+        self._slot = np.full(num_rows, -1, dtype=np.int32)
+        self._free = list(range(cap - 1, -1, -1))
+
+    # ---- creation and opening -----------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike,
+        num_rows: int,
+        dim: int,
+        fingerprint: str,
+        init: Callable[[Callable[[int, torch.Tensor], None]], None],
+        **kwargs: Any,
+    ) -> TrainableTable:
+        """A fresh table whose rows ``init(write)`` produces in order (``write(first_row, rows)``); state zero."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        layout = RecordLayout(dim)
+        base = _write_base_streaming(d / _next_name(d, "base"), num_rows, layout, fingerprint, init)
+        manifest = {"num_rows": num_rows, "dim": dim, "record_bytes": layout.nbytes, "base": base, "logs": []}
+        fsync_path(d)
+        return cls(d, manifest, fingerprint, **kwargs)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, manifest: Mapping[str, Any], fingerprint: str, **kwargs: Any):
+        if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+            raise CorruptFileError(f"{directory}: not a trainable-table manifest v{MANIFEST_VERSION}")
+        return cls(Path(directory), manifest, fingerprint, **kwargs)
+
+    def _open_base(self, entry: Mapping[str, Any]) -> None:
+        path = self.directory / entry["file"]
+        crc_path = self.directory / entry["crc_file"]
+        for p in (path, crc_path):
+            if not p.is_file():
+                raise CorruptFileError(f"{p}: missing, but the checkpoint's table manifest names it")
+        if path.stat().st_size != int(entry["size"]):
+            raise CorruptFileError(f"{path}: {path.stat().st_size} bytes, the manifest records {entry['size']}")
+        raw = crc_path.read_bytes()
+        if zlib.crc32(raw) != int(entry["crc_crc32"]):
+            raise CorruptFileError(f"{crc_path}: CRC32 does not match the manifest; the page checksums are corrupt")
+        with open(path, "rb") as f:
+            head = f.read(PAGE)
+        try:
+            doc = json.loads(head.decode().strip())
+        except ValueError:
+            doc = {}
+        want = {"magic": _BASE_MAGIC, "num_rows": self.num_rows, "dim": self.dim, "record_bytes": self.rec}
+        if any(doc.get(k) != v for k, v in want.items()):
+            raise CorruptFileError(f"{path}: header is not a trainable base of {self.num_rows} x {self.dim}")
+        self._base_entry = dict(entry)
+        self._base_crcs = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+        self._base = _Reader(path, self._direct, self._pool, self._queue_depth)
+
+    def _replay_log(self, entry: Mapping[str, Any]) -> None:
+        """Check a committed log prefix (per chunk and whole) and point the index at its rows."""
+        path = self.directory / entry["file"]
+        length = int(entry["length"])
+        if not path.is_file():
+            raise CorruptFileError(f"{path}: missing, but the checkpoint's table manifest names it")
+        size = path.stat().st_size
+        if size < length:
+            raise CorruptFileError(f"{path}: truncated log segment ({size} bytes, the checkpoint committed {length})")
+        file_no = len(self._logs)
+        pos = 0
+        with open(path, "rb") as f:
+            while pos < length:
+                head = f.read(PAGE)
+                h = np.frombuffer(head[: _LOG_HEAD.itemsize], dtype=_LOG_HEAD)[0] if len(head) == PAGE else None
+                if h is None or h["magic"] != _LOG_MAGIC or int(h["rec"]) != self.rec:
+                    raise CorruptFileError(f"{path}: no valid log chunk header at byte {pos}; the segment is corrupt")
+                n = int(h["n"])
+                ids_bytes = _align(_LOG_HEAD.itemsize + 8 * n) - PAGE
+                ids_raw = head[_LOG_HEAD.itemsize :] + f.read(max(0, ids_bytes))
+                ids = np.frombuffer(ids_raw[: 8 * n], dtype="<i8")
+                body_crc = zlib.crc32(ids.tobytes())
+                rec_start = pos + _align(_LOG_HEAD.itemsize + 8 * n)
+                left = _align(n * self.rec)
+                tail = n * self.rec
+                while left:
+                    b = f.read(min(left, _IO_BLOCK))
+                    if not b:
+                        break
+                    use = b[: max(0, min(len(b), tail))]
+                    body_crc = zlib.crc32(use, body_crc)
+                    tail -= len(use)
+                    left -= len(b)
+                end = rec_start + _align(n * self.rec)
+                if left or end > length or body_crc != int(h["crc"]):
+                    raise CorruptFileError(
+                        f"{path}: log chunk at byte {pos} fails its CRC32 or is cut short; the segment is corrupt"
+                    )
+                if n and (ids.min() < 0 or ids.max() >= self.num_rows):
+                    raise CorruptFileError(f"{path}: log chunk at byte {pos} names rows outside the table")
+                self._loc[ids] = (file_no << _LOC_SHIFT) | (rec_start + np.arange(n, dtype=np.int64) * self.rec)
+                pos = end
+        if _file_crc(path, length) != int(entry["crc32"]):
+            raise CorruptFileError(f"{path}: CRC32 of the committed {length} bytes does not match the checkpoint")
+        self._logs.append(
+            {"file": path.name, "length": length, "crc32": int(entry["crc32"]), "fd": -1,
+             "reader": _Reader(path, False, self._pool, self._queue_depth)}
+        )  # fmt: skip
+
+    def _new_log(self) -> None:
+        name = _next_name(self.directory, "log")
+        path = self.directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fsync_path(self.directory)
+        self._logs.append(
+            {"file": name, "length": 0, "crc32": 0, "fd": fd, "reader": _Reader(path, False, self._pool, 1)}
+        )
+
+    # ---- disk ---------------------------------------------------------------------------------
+    def _read_disk(self, ids: np.ndarray, locs: np.ndarray) -> np.ndarray:
+        out = np.empty((ids.size, self.rec), dtype=np.uint8)
+        in_base = locs < 0
+        if in_base.any():
+            off = PAGE + ids[in_base] * self.rec
+            out[in_base] = self._base.read(off, self.rec, self._base_crcs, first_page=1)
+        if (~in_base).any():
+            idx = np.flatnonzero(~in_base)
+            fno = locs[idx] >> _LOC_SHIFT
+            for f in np.unique(fno).tolist():
+                sel = idx[fno == f]
+                off = locs[sel] & ((1 << _LOC_SHIFT) - 1)
+                out[sel] = self._logs[f]["reader"].read(off, self.rec, None)
+        self.io["rows_read"] += int(ids.size)
+        self.io["bytes_read"] += int(ids.size) * self.rec
+        return out
+
+    def _append_log(self, ids: np.ndarray, recs: np.ndarray) -> None:
+        """Append (ids, records) as chunks of at most ~_IO_BLOCK bytes; the index then points there."""
+        if not self.writable:
+            raise RuntimeError(f"{self.directory}: opened read-only")
+        log = self._logs[-1]
+        per = max(1, _IO_BLOCK // self.rec)
+        for s in range(0, ids.size, per):
+            i, r = ids[s : s + per].astype("<i8"), recs[s : s + per]
+            n = i.size
+            head = np.zeros(1, dtype=_LOG_HEAD)
+            body_crc = zlib.crc32(np.ascontiguousarray(r).data, zlib.crc32(i.tobytes()))
+            head[0] = (_LOG_MAGIC, n, self.rec, body_crc, 0)
+            hdr = head.tobytes() + i.tobytes()
+            hdr += b"\0" * (_align(len(hdr)) - len(hdr))
+            body = np.ascontiguousarray(r).tobytes()
+            body += b"\0" * (_align(len(body)) - len(body))
+            pos = log["length"]
+            for part in (hdr, body):
+                done = 0
+                while done < len(part):
+                    done += os.pwrite(log["fd"], memoryview(part)[done:], pos + done)
+                log["crc32"] = zlib.crc32(part, log["crc32"])
+                pos += len(part)
+            rec_start = log["length"] + len(hdr)
+            self._loc[i] = ((len(self._logs) - 1) << _LOC_SHIFT) | (rec_start + np.arange(n, dtype=np.int64) * self.rec)
+            log["length"] = pos
+            self.io["rows_written"] += n
+            self.io["bytes_written"] += len(hdr) + len(body)
+            self.io["log_chunks"] += 1
+
+    # ---- cache --------------------------------------------------------------------------------
+    def _evict(self, k: int) -> None:
+        occupied = np.flatnonzero(self._crow >= 0)
+        k = min(max(k, self.capacity // 16), occupied.size)  # evict in batches: fewer, larger log chunks
+        if k <= 0:
+            return
+        victims = occupied[np.argpartition(self._cused[occupied], k - 1)[:k]] if k < occupied.size else occupied
+        dirty = victims[self._cdirty[victims]]
+        if dirty.size:
+            order = np.argsort(self._crow[dirty])
+            dirty = dirty[order]
+            self._append_log(self._crow[dirty], self._crec[dirty])
+        self._slot[self._crow[victims]] = -1
+        self._crow[victims] = -1
+        self._cdirty[victims] = False
+        self._free.extend(victims.tolist())
+
+    def _put(self, ids: np.ndarray, recs: np.ndarray, dirty: bool, tick: int) -> None:
+        slots = self._slot[ids].astype(np.int64)
+        res = slots >= 0
+        if res.any():
+            s = slots[res]
+            self._crec[s] = recs[res]
+            self._cused[s] = np.maximum(self._cused[s], tick)
+            if dirty:
+                self._cdirty[s] = True
+        new = np.flatnonzero(~res)
+        if not new.size:
+            return
+        if new.size > self.capacity:  # more rows than the cache holds: the excess goes straight to disk
+            spill, new = new[: new.size - self.capacity], new[new.size - self.capacity :]
+            if dirty:
+                self._append_log(ids[spill], recs[spill])
+        if len(self._free) < new.size:
+            self._evict(new.size - len(self._free))
+        take = np.asarray([self._free.pop() for _ in range(new.size)], dtype=np.int64)
+        self._crec[take] = recs[new]
+        self._crow[take] = ids[new]
+        self._cdirty[take] = dirty
+        self._cused[take] = tick
+        self._slot[ids[new]] = take
+
+    # ---- the API the optimizer uses -------------------------------------------------------------
+    def read(self, ids: np.ndarray, tick: int = 0) -> np.ndarray:
+        """Records of sorted unique ``ids`` (the newest: cache, else log, else base); misses are cached."""
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            slots = self._slot[ids]
+            hit = slots >= 0
+            out = np.empty((ids.size, self.rec), dtype=np.uint8)
+            hs = slots[hit]
+            out[hit] = self._crec[hs]
+            self._cused[hs] = np.maximum(self._cused[hs], tick)
+            miss = np.flatnonzero(~hit)
+            self.stats.add(hits=int(hit.sum()), misses=int(ids.size - hit.sum()))
+            if miss.size:
+                out[miss] = self._read_disk(ids[miss], self._loc[ids[miss]])
+                self._put(ids[miss], out[miss], False, tick)
+        return out
+
+    def write(self, ids: np.ndarray, recs: np.ndarray, tick: int = 0) -> None:
+        """Store updated records (marked dirty; written to the log on eviction or :meth:`flush`)."""
+        with self._lock:
+            self._put(np.asarray(ids, dtype=np.int64), recs, True, tick)
+
+    def prefetch(self, ids: np.ndarray, skip: np.ndarray | None = None, tick: int = 0) -> int:
+        """Bring ``ids`` (minus ``skip``: rows the running step will rewrite) into the cache; disk reads run
+        outside the lock. Returns the number of rows read."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if skip is not None and skip.size:
+            ids = ids[~np.isin(ids, skip, assume_unique=True)]
+        with self._lock:
+            res = self._slot[ids] >= 0
+            self._cused[self._slot[ids[res]]] = tick
+            want = ids[~res]
+            locs = self._loc[want].copy()
+        if not want.size:
+            return 0
+        recs = self._read_disk(want, locs)
+        with self._lock:
+            still = self._slot[want] < 0
+            self._put(want[still], recs[still], False, tick)
+        return int(want.size)
+
+    def flush(self) -> dict[str, Any]:
+        """Write every dirty row to the log, fsync it, and return the manifest of this exact state."""
+        with self._lock:
+            dirty = np.flatnonzero(self._cdirty)
+            if dirty.size:
+                dirty = dirty[np.argsort(self._crow[dirty])]
+                per = max(1, _IO_BLOCK // self.rec)
+                for s in range(0, dirty.size, per):
+                    d = dirty[s : s + per]
+                    self._append_log(self._crow[d], self._crec[d])
+                self._cdirty[dirty] = False
+            if self.writable:
+                os.fsync(self._logs[-1]["fd"])
+            return self.manifest()
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "num_rows": self.num_rows,
+            "dim": self.dim,
+            "record_bytes": self.rec,
+            "base": dict(self._base_entry),
+            "logs": [
+                {"file": g["file"], "length": g["length"], "crc32": g["crc32"]} for g in self._logs if g["length"]
+            ],
+        }
+
+    @property
+    def log_bytes(self) -> int:
+        return sum(g["length"] for g in self._logs)
+
+    @property
+    def base_bytes(self) -> int:
+        return int(self._base_entry["size"])
+
+    def files(self) -> set[str]:
+        """Files this open table uses (never collected)."""
+        b = self._base_entry
+        return {b["file"], b["crc_file"], *(g["file"] for g in self._logs)}
+
+    # ---- sequential access: export, compaction ----------------------------------------------------
+    def read_records(self, start: int, stop: int) -> np.ndarray:
+        """Newest records of rows [start, stop), read sequentially (one base range + the relocated rows)."""
+        with self._lock:
+            first, last = PAGE + start * self.rec, PAGE + stop * self.rec
+            p0, p1 = first // PAGE, (last + PAGE - 1) // PAGE
+            raw = os.pread(self._base.fd if not self._base.direct_io else self._buffered_base(), (p1 - p0) * PAGE,
+                           p0 * PAGE)  # fmt: skip
+            if len(raw) != (p1 - p0) * PAGE:
+                raise CorruptFileError(f"{self._base.path}: truncated at page {p0}")
+            bad = np.flatnonzero(_page_crcs(raw) != self._base_crcs[p0 - 1 : p1 - 1])
+            if bad.size:
+                raise CorruptFileError(
+                    f"{self._base.path}: page {p0 + int(bad[0])} fails its CRC32; the file is corrupt"
+                )
+            arr = np.frombuffer(raw, dtype=np.uint8)[first - p0 * PAGE : last - p0 * PAGE]
+            out = arr.reshape(stop - start, self.rec).copy()
+            ids = np.arange(start, stop, dtype=np.int64)
+            moved = np.flatnonzero(self._loc[start:stop] >= 0)
+            if moved.size:
+                out[moved] = self._read_disk(ids[moved], self._loc[ids[moved]])
+            slots = self._slot[start:stop]
+            cached = np.flatnonzero(slots >= 0)
+            out[cached] = self._crec[slots[cached]]
+            return out
+
+    def _buffered_base(self) -> int:
+        fd = getattr(self, "_base_buffered_fd", -1)
+        if fd < 0:
+            fd = os.open(self._base.path, os.O_RDONLY)
+            self._base_buffered_fd = fd
+        return fd
+
+    def read_block(self, start: int, stop: int) -> torch.Tensor:
+        """Newest rows [start, stop) (a ``store.storedir.BlockSource``: exports stream through this)."""
+        return self.layout.rows(self.read_records(start, stop))
+
+    def compact(self) -> dict[str, Any]:
+        """Flush, then stream base + logs into a new base; the logs are no longer needed by this state.
+        Returns the new manifest. Old files remain for older checkpoints (:func:`collect_garbage`)."""
+        self.flush()
+        with self._lock:
+            name = _next_name(self.directory, "base")
+            per = max(1, _IO_BLOCK // self.rec)
+            blocks = ((s, self.read_records(s, min(self.num_rows, s + per))) for s in range(0, self.num_rows, per))
+            entry = _write_base(self.directory / name, self.num_rows, self.layout, self.fingerprint, blocks)
+            fsync_path(self.directory)
+            old_base = self._base
+            for g in self._logs:
+                g["reader"].close()
+                if g["fd"] >= 0:
+                    os.close(g["fd"])
+            fd = getattr(self, "_base_buffered_fd", -1)
+            if fd >= 0:
+                os.close(fd)
+                self._base_buffered_fd = -1
+            old_base.close()
+            self._open_base(entry)
+            self._loc[:] = -1
+            self._logs = []
+            self._new_log()
+            return self.manifest()
+
+    def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.layout.rows(self.read(ids.numpy()))
+
+    def close(self) -> None:
+        with self._lock:
+            for g in self._logs:
+                g["reader"].close()
+                if g["fd"] >= 0:
+                    os.close(g["fd"])
+                    g["fd"] = -1
+            self._base.close()
+            fd = getattr(self, "_base_buffered_fd", -1)
+            if fd >= 0:
+                os.close(fd)
+                self._base_buffered_fd = -1
+        self._pool.shutdown(wait=True)
+
+
+def _write_base_streaming(
+    path: Path, num_rows: int, layout: RecordLayout, fingerprint: str, init: Callable[..., None]
+) -> dict[str, Any]:
+    """A base file whose rows ``init(write)`` produces in order, written as they come (bounded memory)."""
+    import queue
+
+    q: queue.Queue[tuple[int, np.ndarray] | None] = queue.Queue(maxsize=1)
+    result: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def blocks() -> Iterable[tuple[int, np.ndarray]]:
+        while (item := q.get()) is not None:
+            yield item
+
+    def writer() -> None:
+        try:
+            result.update(_write_base(path, num_rows, layout, fingerprint, blocks()))
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+            while q.get() is not None:  # drain so the producer never blocks
+                pass
+
+    t = threading.Thread(target=writer, name="engram-ssd-init", daemon=True)
+    t.start()
+    try:
+
+        def write(first: int, rows: torch.Tensor) -> None:
+            z = torch.zeros_like(rows)
+            q.put((first, layout.pack(rows, z, z, torch.zeros(rows.shape[0], dtype=torch.int64))))
+
+        init(write)
+    finally:
+        q.put(None)
+        t.join()
+    if errors:
+        raise errors[0]
+    return result
+
+
+def collect_garbage(directory: str | os.PathLike, keep: set[str]) -> list[str]:
+    """Delete base/log files of a table directory that no kept manifest (or open table) names."""
+    removed = []
+    for p in Path(directory).iterdir():
+        if re.fullmatch(r"(base-\d+\.(bin|crc)|log-\d+\.bin)", p.name) and p.name not in keep:
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def manifest_files(manifest: Mapping[str, Any]) -> set[str]:
+    b = manifest["base"]
+    return {b["file"], b["crc_file"], *(g["file"] for g in manifest.get("logs", []))}
+
+
+TABLES_FILE = "engram_tables.json"
+TABLES_FORMAT = "engramlm-trainable-tables"
+
+
+def tables_doc(manifests: Mapping[int, Mapping[str, Any]], dirs: Mapping[int, Path], doc_dir: Path) -> dict[str, Any]:
+    """The JSON a checkpoint holds for its tables: per layer, the table directory (relative to ``doc_dir``,
+    where the JSON is written) and the manifest of the exact state saved."""
+    return {
+        "format": TABLES_FORMAT,
+        "version": MANIFEST_VERSION,
+        "layers": {
+            str(lid): {"dir": os.path.relpath(dirs[lid], doc_dir), "manifest": dict(manifests[lid])}
+            for lid in sorted(manifests)
+        },
+    }
+
+
+def read_tables_doc(path: str | os.PathLike) -> dict[int, tuple[Path, dict[str, Any]]]:
+    """layer id -> (table directory, manifest) from a checkpoint's ``engram_tables.json``."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptFileError(f"{p}: not a readable table manifest ({exc})") from exc
+    if doc.get("format") != TABLES_FORMAT or doc.get("version") != MANIFEST_VERSION:
+        raise CorruptFileError(f"{p}: not an engramlm trainable-tables file v{MANIFEST_VERSION}")
+    return {int(k): ((p.parent / v["dir"]).resolve(), v["manifest"]) for k, v in doc["layers"].items()}
+
+
+def open_tables(
+    path: str | os.PathLike, fingerprint: str, *, cache_bytes: int = 64 << 20, writable: bool = False, **kwargs: Any
+) -> dict[int, TrainableTable]:
+    """Open every layer named by a checkpoint's ``engram_tables.json`` (read-only by default: an export or a
+    server reads the rows without loading the table; ``cache_bytes`` is split by table size)."""
+    entries = read_tables_doc(path)
+    total = sum(int(m["num_rows"]) for _, m in entries.values()) or 1
+    out: dict[int, TrainableTable] = {}
+    try:
+        for lid, (d, man) in sorted(entries.items()):
+            share = max(1, cache_bytes * int(man["num_rows"]) // total)
+            out[lid] = TrainableTable.open(d, man, fingerprint, cache_bytes=share, writable=writable, **kwargs)
+    except BaseException:
+        for t in out.values():
+            t.close()
+        raise
+    return out

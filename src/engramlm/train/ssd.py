@@ -1,0 +1,204 @@
+"""Training with the Engram tables on SSD (``engram.table_tier=ssd``): the glue between the trainer, the sparse
+optimizer and :class:`engramlm.store.trainable.TrainableTable`.
+
+* :class:`SsdRowState` is the SSD :class:`~engramlm.train.sparse_adam.RowStateBackend`: the optimizer reads a
+  step's records (row + m + v + count) and writes the updated ones back; the Adam math stays in
+  :class:`~engramlm.train.sparse_adam.SparseRowAdam`, so RAM and SSD training are bit-identical.
+* :class:`SsdTables` owns every layer's table of a run (``OUT_DIR/engram_tables/layer_NNN/``): creation with
+  the model's exact init (streamed, :func:`engramlm.nn.engram.stream_table_init`), opening from a checkpoint,
+  deterministic prefetch and checkpoint manifests.
+
+**Prefetch.** Batches are a function of (seed, step), so while step t computes, a background thread builds
+batch t+1 (hashing its row ids) and brings its rows into the cache, minus the rows step t will rewrite (those
+are taken from the cache after step t's write-back, never from a stale disk copy). The next gather waits for
+it; the wait is reported per step (``ssd_wait_ms``). Correctness does not depend on timing: a row missing
+from the cache is read synchronously.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engramlm.models.model import EngramLM
+from engramlm.nn.engram import external_tables, stream_table_init
+from engramlm.store.trainable import (
+    TABLES_FILE,
+    TrainableTable,
+    collect_garbage,
+    manifest_files,
+    read_tables_doc,
+    tables_doc,
+)
+from engramlm.train.config import EngramTableConfig
+from engramlm.train.sparse_adam import RowBatch
+
+TABLES_DIR = "engram_tables"
+
+
+class SsdRowState:
+    """A :class:`RowStateBackend` over one :class:`TrainableTable`; ``tick`` (the step) orders evictions."""
+
+    def __init__(self, table: TrainableTable) -> None:
+        self.table = table
+        self.tick = 0
+
+    def read(self, unique: torch.Tensor) -> RowBatch:
+        return RowBatch(*self.table.layout.unpack(self.table.read(unique.numpy(), self.tick)))
+
+    def write(self, unique: torch.Tensor, batch: RowBatch) -> None:
+        rec = self.table.layout.pack(batch.rows, batch.exp_avg, batch.exp_avg_sq, batch.count)
+        self.table.write(unique.numpy(), rec, self.tick)
+
+
+def _shares(num_rows: dict[int, int], cache_bytes: int) -> dict[int, int]:
+    total = sum(num_rows.values()) or 1
+    return {lid: max(1, cache_bytes * n // total) for lid, n in num_rows.items()}
+
+
+class SsdTables:
+    """Every Engram layer's SSD table of one run, with prefetch and checkpoint manifests."""
+
+    def __init__(self, run_dir: Path, cfg: EngramTableConfig, tables: dict[int, TrainableTable]) -> None:
+        self.run_dir, self.cfg, self.tables = Path(run_dir), cfg, tables
+        self.backends = {lid: SsdRowState(t) for lid, t in tables.items()}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-ssd-prefetch")  # one long-lived worker
+        self._future: Future | None = None
+        self._next: tuple[int, dict[str, Any]] | None = None
+        self.last_wait_s = 0.0
+
+    # ---- building ------------------------------------------------------------------------------
+    @staticmethod
+    def table_dir(run_dir: Path, lid: int) -> Path:
+        return Path(run_dir) / TABLES_DIR / f"layer_{lid:03d}"
+
+    @classmethod
+    def new_model(cls, run_dir: Path, cfg: EngramTableConfig, model_cfg, layout) -> tuple[EngramLM, SsdTables]:
+        """The model as ``EngramLM(model_cfg, layout)`` would build it, its tables written to SSD instead of RAM
+        (same RNG draws, so the same initial rows and the same init of every other parameter)."""
+        lids = sorted(layout.layer_ids)
+        rows = {lid: layout.rows_of(lid) for lid in lids}
+        shares = _shares(rows, int(cfg.cache_mb * 2**20))
+        tables: dict[int, TrainableTable] = {}
+        made = iter(lids)
+
+        def sink(num_rows: int, dim: int, std: float) -> None:
+            lid = next(made)
+            tables[lid] = TrainableTable.create(
+                cls.table_dir(run_dir, lid),
+                num_rows,
+                dim,
+                layout.fingerprint,
+                # 8192 rows a chunk: the init's buffers stay a few MiB whatever the table's size
+                lambda write: stream_table_init(num_rows, dim, std, write, chunk_rows=8192),
+                cache_bytes=shares[lid],
+                direct=cfg.direct_io,
+            )
+
+        try:
+            with external_tables(sink):
+                model = EngramLM(model_cfg, layout)
+        except BaseException:
+            for t in tables.values():
+                t.close()
+            raise
+        return model, cls(run_dir, cfg, tables)
+
+    @classmethod
+    def from_checkpoint(cls, run_dir: Path, cfg: EngramTableConfig, ckpt_dir: Path, fingerprint: str) -> SsdTables:
+        """Open the tables at the state a checkpoint's ``engram_tables.json`` records (checked, see the store)."""
+        entries = read_tables_doc(Path(ckpt_dir) / TABLES_FILE)
+        shares = _shares({lid: int(m["num_rows"]) for lid, (_, m) in entries.items()}, int(cfg.cache_mb * 2**20))
+        tables: dict[int, TrainableTable] = {}
+        try:
+            for lid, (d, man) in sorted(entries.items()):
+                tables[lid] = TrainableTable.open(d, man, fingerprint, cache_bytes=shares[lid], direct=cfg.direct_io)
+        except BaseException:
+            for t in tables.values():
+                t.close()
+            raise
+        return cls(run_dir, cfg, tables)
+
+    # ---- per step ------------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        for b in self.backends.values():
+            b.tick = step
+
+    def take_batch(self, step: int) -> dict[str, Any] | None:
+        """Wait for the prefetch; the batch it built if it was for ``step``. Sets ``last_wait_s``."""
+        t0 = time.perf_counter()
+        self.wait()
+        self.last_wait_s = time.perf_counter() - t0
+        nxt, self._next = self._next, None
+        return nxt[1] if nxt is not None and nxt[0] == step else None
+
+    def start_prefetch(self, step: int, make_batch, layer_ids: tuple[int, ...], current: dict[int, torch.Tensor]):
+        """In the background: batch ``step`` = ``make_batch(step)``, then its rows minus ``current`` (layer ->
+        the running step's unique ids) into the cache."""
+        if not self.cfg.prefetch:
+            return
+        skip = {lid: u.numpy() for lid, u in current.items()}
+
+        def run() -> None:
+            batch = make_batch(step)
+            ids = batch["row_ids"]
+            for li, lid in enumerate(layer_ids):
+                want = np.unique(ids[li].numpy().astype(np.int64, copy=False))
+                self.tables[lid].prefetch(want, skip.get(lid), tick=step)
+            self._next = (step, batch)
+
+        self._future = self._pool.submit(run)
+
+    def wait(self) -> None:
+        """Block until the prefetch in flight (if any) is done; its error, if any, is raised here."""
+        fut, self._future = self._future, None
+        if fut is not None:
+            fut.result()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_doc(self, ckpt_tmp: Path) -> dict[str, Any]:
+        """Flush every table (compacting those whose logs outgrew ``compact_ratio``) and return the JSON the
+        checkpoint stores; ``ckpt_tmp`` is where it will sit (paths are relative to the final directory,
+        a sibling of the temp one)."""
+        self.wait()
+        manifests = {}
+        for lid, t in self.tables.items():
+            man = t.flush()
+            if t.log_bytes > self.cfg.compact_ratio * t.base_bytes:
+                man = t.compact()
+            manifests[lid] = man
+        dirs = {lid: t.directory for lid, t in self.tables.items()}
+        return tables_doc(manifests, dirs, ckpt_tmp)
+
+    def collect_garbage(self, checkpoints: list[Path]) -> None:
+        """Delete table files that neither a retained checkpoint nor the open tables use."""
+        keep: dict[int, set[str]] = {lid: set(t.files()) for lid, t in self.tables.items()}
+        for c in checkpoints:
+            f = c / TABLES_FILE
+            if f.is_file():
+                for lid, (_, man) in read_tables_doc(f).items():
+                    keep.setdefault(lid, set()).update(manifest_files(man))
+        for lid, t in self.tables.items():
+            collect_garbage(t.directory, keep[lid])
+
+    def io_stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tables.values():
+            for k, v in t.io.items():
+                out[k] = out.get(k, 0) + v
+            out["cache_hits"] = out.get("cache_hits", 0) + t.stats.hits
+            out["cache_misses"] = out.get("cache_misses", 0) + t.stats.misses
+        return out
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            for t in self.tables.values():
+                t.close()
