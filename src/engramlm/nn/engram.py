@@ -212,6 +212,10 @@ class EngramBlock(nn.Module):
     ``dead`` [B, T] zeroes the output at DEAD positions (spec §11.4).
     """
 
+    # Inference (nothing needs a gradient, fp32) takes the fused in-place path; False forces the
+    # autograd path everywhere (parity checks, and the benchmark's "before" contender).
+    fused_inference: bool = True
+
     def __init__(
         self,
         *,
@@ -271,7 +275,7 @@ class EngramBlock(nn.Module):
 
     def _inference_path(self, hidden: torch.Tensor, e: torch.Tensor) -> bool:
         """Whether the fused in-place forward applies: fp32 and nothing that autograd must track."""
-        if hidden.dtype != torch.float32 or self.wkv.weight.dtype != torch.float32:
+        if not self.fused_inference or hidden.dtype != torch.float32 or self.wkv.weight.dtype != torch.float32:
             return False
         if not torch.is_grad_enabled():
             return True
