@@ -119,3 +119,16 @@ def test_gradients_reach_dynamic_parts() -> None:
         "alpha_res",
     }
     assert hc.proj.weight.shape == (2 * 4 + 16, 4 * D)
+
+
+def test_inference_sinkhorn_equals_autograd_sinkhorn() -> None:
+    """Without autograd the host runs one compiled loop; it must equal the differentiable torch path."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 4, 4, generator=g) * 2 + 4 * torch.eye(4)
+    with torch.no_grad():
+        fast = sinkhorn(logits, 20)
+    slow = sinkhorn(logits.clone().requires_grad_(), 20)
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.sum(-1), torch.ones(3, 5, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.sum(-2), torch.ones(3, 5, 4), atol=1e-3, rtol=0)
