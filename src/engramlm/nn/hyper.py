@@ -76,7 +76,7 @@ def _sinkhorn_rows_py(z: np.ndarray, n_iters: int) -> np.ndarray:
 _SINKHORN_KERNEL: list = []  # the compiled kernel, built on first use (Numba compiles in ~1 s)
 
 
-def _sinkhorn_kernel():  # noqa: ANN202 - a Numba dispatcher or None
+def _sinkhorn_kernel():  # a Numba dispatcher, or None without Numba
     if not _SINKHORN_KERNEL:
         try:
             from numba import njit
