@@ -11,4 +11,4 @@ if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then
     echo "setup: libibverbs1 is missing (needed by the Mooncake tier): apt-get install libibverbs1" >&2
   fi
 fi
-python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,store]"
+python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,store,bench]"
