@@ -134,3 +134,19 @@ def test_inference_sinkhorn_equals_autograd_sinkhorn() -> None:
     with torch.no_grad():  # the iteration count is honoured
         torch.testing.assert_close(sinkhorn(logits, 3), slow3.detach(), atol=1e-6, rtol=1e-5)
     assert not torch.allclose(slow3, slow)
+
+
+def test_inference_coefficients_equal_autograd_and_follow_weight_updates() -> None:
+    """The no-grad coefficients (cached static vectors) equal the autograd ones, also after an in-place update."""
+    torch.manual_seed(0)
+    hc = MultiBranchResidual(D, 4, dynamic=True, alpha_init=0.3)
+    h = torch.randn(2, 5, 4, D)
+    for _ in range(2):
+        slow = hc.coefficients(h)
+        with torch.no_grad():
+            fast = hc.coefficients(h)
+        for a, b in zip(fast, slow, strict=True):
+            torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
+        with torch.no_grad():  # an optimiser-like in-place step: the cache must notice
+            hc.res_logits.add_(torch.randn(4, 4))
+            hc.alpha_post.mul_(2)

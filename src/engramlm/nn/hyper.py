@@ -152,6 +152,16 @@ class MultiBranchResidual(nn.Module):
     def coefficients(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """H_pre [.., M], H_post [.., M], H_res [.., M, M] in fp32 ([B, T] leading if dynamic)."""
         pre, post, res = self.pre_logits, self.post_logits, self.res_logits
+        if self.dynamic and not torch.is_grad_enabled():  # inference: 4 ops instead of ~12
+            m = self.n_branches
+            base, scale = self._static_and_scale()
+            logits = torch.addcmul(base, scale, self.proj(self.norm(h.flatten(-2))).float())
+            gates = logits[..., : 2 * m].sigmoid()
+            return (
+                gates[..., :m],
+                gates[..., m:] * 2,
+                sinkhorn(logits[..., 2 * m :].unflatten(-1, (m, m)), self.sinkhorn_iters),
+            )
         if self.dynamic:
             m = self.n_branches
             z = self.proj(self.norm(h.flatten(-2))).float()
@@ -160,6 +170,25 @@ class MultiBranchResidual(nn.Module):
             post = post + self.alpha_post * d_post
             res = res + self.alpha_res * d_res.unflatten(-1, (m, m))
         return pre.sigmoid(), 2 * post.sigmoid(), sinkhorn(res, self.sinkhorn_iters)
+
+    def _static_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pre | post | res] static logits and the matching alphas as two [2M + M^2] vectors (inference).
+
+        Rebuilt whenever a parameter is replaced or changed in place (its version counter moves), so an
+        optimiser step or ``load_state_dict`` between inference calls is always seen.
+        """
+        params = (self.pre_logits, self.post_logits, self.res_logits, self.alpha_pre, self.alpha_post, self.alpha_res)
+        key = tuple((q.data_ptr(), q._version) for q in params)
+        cached = getattr(self, "_static_cache", None)
+        if cached is None or cached[0] != key:
+            m = self.n_branches
+            base = torch.cat([self.pre_logits, self.post_logits, self.res_logits.flatten()]).float()
+            scale = torch.cat(
+                [self.alpha_pre.expand(m), self.alpha_post.expand(m), self.alpha_res.expand(m * m)]
+            ).float()
+            cached = (key, base, scale)
+            self._static_cache = cached
+        return cached[1], cached[2]
 
     def read(self, h: torch.Tensor) -> tuple[torch.Tensor, HCContext | None]:
         """H [B, T, M, d] -> sublayer input x [B, T, d] and the context for :meth:`write`."""
