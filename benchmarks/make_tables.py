@@ -724,8 +724,9 @@ def depth_table(doc: dict[str, Any]) -> list[str]:
 def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
     """Greedy generate: engramlm vs HF transformers on a same-shape Llama, and the Engram layers' share."""
     m, p = doc["model"], doc["params"]
+    label = f" — *{doc['label']}*" if doc.get("label") else ""
     lines = [
-        f"**Decode vs HF transformers {doc['transformers']}** (v{doc['version']}): same shape (d={m['hidden']}, "
+        f"**Decode vs HF transformers {doc['transformers']}** (v{doc['version']}{label}): same shape (d={m['hidden']}, "
         f"{m['layers']} layers, {m['heads']} heads, MLP {m['mlp_hidden']}, vocab {m['vocab']:,}; engramlm adds "
         f"M={m['hc_mult']} hyper-connection branches and Engram at layers {m['engram_layers']}, tables in the "
         f"model); prompt {p['prompt']} real-text tokens, {p['steps']} new tokens per sequence, greedy, one "
