@@ -5,7 +5,7 @@ rendered from the result files, with the machine and the exact command beneath i
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
 store, store_io, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth,
-distributed, muon, lm_eval_h2h, serve. A result
+distributed, muon, lm_eval_h2h, serve, decode_vs_hf, ssd_train, block0. A result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
 
@@ -166,6 +166,42 @@ def hashing_table(doc: dict[str, Any]) -> list[str]:
 
 
 def engram_block_table(doc: dict[str, Any]) -> list[str]:
+    """Forward time against the official demo module, the reference structure and the autograd path."""
+    if "cells" not in doc:  # version 1 files: block vs reference and the matmul peak only
+        return _engram_block_table_v1(doc)
+    g, p, demo = doc["geometry"], doc["parameters"], doc["official_demo"]
+    demo_s = (
+        f"official demo `{demo['path']}` (sha256 {demo['sha256'][:12]})"
+        if demo.get("available")
+        else f"official demo not run ({demo.get('error') or 'no --demo-file'})"
+    )
+    lines = [
+        f"**Engram block forward** (v{doc['version']}; demo geometry: d={g['hidden']}, M={g['branches_M']}, "
+        f"{g['heads']}×{g['head_dim']} = d_mem {g['d_mem']}, conv={g['conv']} (random weights), "
+        f"{g['table_rows']:,} rows), T={p['seq']}, fp32, glibc's default allocator; {demo_s}; all contenders "
+        f"share the weights and inputs, outputs checked allclose(1e-4). Median (IQR) over {p['repeats']} "
+        "interleaved repeats; × = paired per-repeat time ratio contender ÷ EngramBlock; faults = minor page "
+        "faults per call; floor = compulsory bytes at the measured copy bandwidth ÷ block time.",
+        "",
+        "| B | threads | EngramBlock ms | × official demo | × ReferenceEngram | × autograd path | "
+        "faults block / demo / autograd | matmul ÷ block | bytes/token (compulsory) | copy GB/s | floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in doc["cells"]:
+        sp, fl = c["speedup_of_engram_block"], c["minor_faults_per_call"]
+        demo_x = _x(sp["official_demo"]) if "official_demo" in sp else "—"
+        demo_f = f"{fl['official_demo']['median']:,.0f}" if "official_demo" in fl else "—"
+        lines.append(
+            f"| {c['batch']} | {c['threads']} | {_ms(c['timing_s']['engram_block'])} | **{demo_x}** | "
+            f"{_x(sp['reference_engram'])} | {_x(sp['engram_block_autograd'])} | "
+            f"{fl['engram_block']['median']:,.0f} / {demo_f} / {fl['engram_block_autograd']['median']:,.0f} | "
+            f"{c['matmul_fraction']['median']:.0%} | {c['bytes_per_token']['compulsory'] / 1024:.1f} KiB | "
+            f"{c['memory_bandwidth_gbs']['median']:.1f} | {c['bandwidth_floor_fraction']['median']:.0%} |"
+        )
+    return lines + _footer(doc)
+
+
+def _engram_block_table_v1(doc: dict[str, Any]) -> list[str]:
     """Forward time, GFLOP/s and fraction of the measured matmul peak."""
     g, p = doc["geometry"], doc["parameters"]
     lines = [
@@ -991,9 +1027,42 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
     return lines + _image(doc, doc.get("plot"), "SSD step-time overhead vs cache size") + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- decode vs HF
+
+
+def _med_iqr(s: dict[str, Any]) -> str:
+    return f"{s['median']:.1f} ({s['q1']:.1f}–{s['q3']:.1f})"
+
+
+def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
+    """Greedy generate: engramlm vs HF transformers on a same-shape Llama, and the Engram layers' share."""
+    m, p = doc["model"], doc["params"]
+    label = f" — *{doc['label']}*" if doc.get("label") else ""
+    lines = [
+        f"**Decode vs HF transformers {doc['transformers']}** (v{doc['version']}{label}): same shape (d={m['hidden']}, "
+        f"{m['layers']} layers, {m['heads']} heads, MLP {m['mlp_hidden']}, vocab {m['vocab']:,}; engramlm adds "
+        f"M={m['hc_mult']} hyper-connection branches and Engram at layers {m['engram_layers']}, tables in the "
+        f"model); prompt {p['prompt']} real-text tokens, {p['steps']} new tokens per sequence, greedy, one "
+        f"`generate` call per contender per repeat (prefill + decode), {p['repeats']} interleaved repeats, "
+        f"{p['threads']} torch thread(s). × HF = paired per-repeat time ratio HF ÷ engramlm (above 1: faster "
+        "than HF); Engram share = 1 − t(no Engram) ÷ t(engramlm).",
+        "",
+        "| batch | engramlm tok/s | HF Llama tok/s | **× HF** | without Engram × HF | Engram share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["runs"]:
+        t, sh = r["tokens_per_second"], r["engram_share"]
+        lines.append(
+            f"| {r['batch']} | {_med_iqr(t['engramlm'])} | {_med_iqr(t['hf_llama'])} | **{_x(r['speedup_vs_hf'])}** | "
+            f"{_x(r['no_engram_speedup_vs_hf'])} | {sh['median']:.0%} ({sh['q1']:.0%}–{sh['q3']:.0%}) |"
+        )
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
+    "decode_vs_hf": decode_vs_hf_table,
     "store": store_table,
     "store_io": store_io_table,
     "row_access": row_access_table,

@@ -295,3 +295,79 @@ def test_short_conv_matches_conv1d_reference() -> None:
     c = F.conv1d(padded, conv.weight, dilation=3, groups=8)
     want = v + F.silu(c.transpose(1, 2)).reshape(v.shape)
     torch.testing.assert_close(conv(v), want, atol=1e-6, rtol=1e-5)
+
+
+# ---- the fused inference path (no autograd) equals the autograd path ----------------------------
+FUSED_CASES = [
+    dict(proj_bias=True, gate_norm_eps=None, conv_zero_init=False),
+    dict(conv_zero_init=False, gate_signed_sqrt=False),
+    dict(conv_zero_init=False, gate=False),
+    dict(use_short_conv=False),
+    dict(),  # zero-initialised conv
+    dict(conv_zero_init=False, n_branches=1),
+]
+
+
+def _perturbed(**kw: object) -> EngramBlock:
+    block = make_block(**kw)
+    with torch.no_grad():  # non-trivial norm gains, so a dropped or swapped weight shows
+        for p in (block.q_weight, block.k_weight) + ((block.conv.norm_weight,) if block.conv is not None else ()):
+            p.mul_(torch.rand_like(p) + 0.5)
+    return block
+
+
+@pytest.mark.parametrize("kw", FUSED_CASES)
+@pytest.mark.parametrize("masks", [False, True])
+def test_fused_inference_path_equals_autograd_path(kw: dict, masks: bool) -> None:
+    block = _perturbed(**kw)
+    m = block.n_branches
+    hidden, row_ids = inputs(b=3, t=14, m=m)
+    extra: dict = {}
+    if masks:  # a document reset mid-row (the conv must not read across it) and DEAD positions
+        doc_start = torch.zeros(3, 14, dtype=torch.bool)
+        doc_start[:, 0] = doc_start[0, 6] = doc_start[2, 11] = True
+        extra["window_start"] = window_starts(doc_start, None, (3, 14), hidden.device)
+        dead = torch.zeros(3, 14, dtype=torch.bool)
+        dead[1, 4] = dead[2, 0] = True
+        extra["dead"] = dead
+    e = block.lookup(row_ids).reshape(3, 14, -1)
+    assert not block._inference_path(hidden, e)  # parameters require grad: the autograd path
+    want, want_alpha = block(hidden, row_ids, return_gate=True, **extra)
+    with torch.no_grad():
+        assert block._inference_path(hidden, e)
+        got, got_alpha = block(hidden, row_ids, return_gate=True, **extra)
+        ref = ReferenceEngram(block)(hidden, row_ids) if not (masks or kw.get("gate") is False) else None
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_alpha, want_alpha.detach(), atol=1e-6, rtol=1e-5)
+    if ref is not None and kw.get("gate_signed_sqrt", True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert (got - hidden).abs().max() > 1e-2
+    if masks:
+        assert torch.equal(got[extra["dead"]], hidden[extra["dead"]])
+
+
+def test_fused_conv_chunks_agree() -> None:
+    """Chunking the fused conv over the batch (to keep buffers small) changes nothing."""
+    block = _perturbed(conv_zero_init=False)
+    hidden, _ = inputs(b=5, t=11)
+    g = torch.Generator().manual_seed(2)
+    alpha, value = torch.rand(5, 11, M, 1, generator=g), torch.randn(5, 11, 1, D, generator=g)
+    ws = torch.randint(0, 6, (5, 11), generator=g).cummax(dim=1).values
+    with torch.no_grad():
+        whole = block.conv.fused_forward(hidden, alpha, value, ws)
+        rows = block.conv.fused_forward(hidden, alpha, value, ws, chunk_elems=2 * 11 * M * D)
+        want = hidden + block.conv(alpha * value, ws)
+    assert torch.equal(whole, rows)
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_mode_forward_matches_and_training_still_backpropagates() -> None:
+    """inference_mode takes the fused path; a training forward right after still gets gradients."""
+    block = _perturbed(conv_zero_init=False)
+    hidden, row_ids = inputs()
+    with torch.inference_mode():
+        fast = block(hidden, row_ids)
+    slow = block(hidden, row_ids)
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    slow.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (block.wkv.weight, block.conv.weight))

@@ -119,3 +119,34 @@ def test_gradients_reach_dynamic_parts() -> None:
         "alpha_res",
     }
     assert hc.proj.weight.shape == (2 * 4 + 16, 4 * D)
+
+
+def test_inference_sinkhorn_equals_autograd_sinkhorn() -> None:
+    """Without autograd the host runs one compiled loop; it must equal the differentiable torch path."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 4, 4, generator=g) * 2 + 4 * torch.eye(4)
+    with torch.no_grad():
+        fast = sinkhorn(logits, 20)
+    slow = sinkhorn(logits.clone().requires_grad_(), 20)
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-5)
+    slow3 = sinkhorn(logits.clone().requires_grad_(), 3)
+    with torch.no_grad():  # the iteration count is honoured
+        torch.testing.assert_close(sinkhorn(logits, 3), slow3.detach(), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(slow3, slow)
+
+
+def test_inference_coefficients_equal_autograd_and_follow_weight_updates() -> None:
+    """The no-grad coefficients (cached static vectors) equal the autograd ones, also after an in-place update."""
+    torch.manual_seed(0)
+    hc = MultiBranchResidual(D, 4, dynamic=True, alpha_init=0.3)
+    h = torch.randn(2, 5, 4, D)
+    for _ in range(2):
+        slow = hc.coefficients(h)
+        with torch.no_grad():
+            fast = hc.coefficients(h)
+        for a, b in zip(fast, slow, strict=True):
+            torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-5)
+        with torch.no_grad():  # an optimiser-like in-place step: the cache must notice
+            hc.res_logits.add_(torch.randn(4, 4))
+            hc.alpha_post.mul_(2)

@@ -182,7 +182,15 @@ def test_depth_kl_and_alignment_per_layer(grouped) -> None:
 
 def test_engram_block_and_hashing_speedups(grouped, blocks) -> None:
     for doc in grouped["engram_block"]:
-        assert _ratio(doc["speedup_vs_reference"]) in blocks["engram_block"]
+        for cell in doc.get("cells", []):  # version 2: every ratio of every (batch, threads) cell is shown
+            for ratio in cell["speedup_of_engram_block"].values():
+                assert _ratio(ratio) in blocks["engram_block"]
+        if "cells" not in doc:
+            assert _ratio(doc["speedup_vs_reference"]) in blocks["engram_block"]
+    for doc in grouped["decode_vs_hf"]:
+        for run in doc["runs"]:
+            assert _ratio(run["speedup_vs_hf"]) in blocks["decode_vs_hf"]
+            assert _ratio(run["no_engram_speedup_vs_hf"]) in blocks["decode_vs_hf"]
     for doc in grouped["hashing"]:
         for r in doc["presets"].values():
             assert _ratio(r["speedup_vs_reference"]["library_auto"]) in blocks["hashing"]

@@ -129,9 +129,12 @@ class DecodeCache:
         row_ids, engram = None, None
         if self.layout is not None:
             row_ids = self._hash(ids, ds, dd, n, next_start)
+            # No reset or DEAD token so far in any row: every tap reads a real position or the zeros
+            # the conv history holds before the sequence start, so the windows mask nothing (skip the ops).
+            unmasked = ds is None and dd is None and not bool(next_start.any())
             engram = EngramInputs(
                 row_ids=self.layout.split(row_ids),
-                window_start=window,
+                window_start=None if unmasked else window,
                 dead=dd,
                 skip=skip,
                 conv=self.conv,

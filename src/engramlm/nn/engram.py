@@ -23,6 +23,10 @@ from engramlm.errors import ConfigError
 # Output blocks of the fused projection, in order (spec §11.2, A16).
 WKV_SPLIT_ORDER = ("keys", "value")
 GATE_CLAMP = 1e-6
+# Elements per chunk of the inference conv (4M fp32 = 16 MiB): below glibc's largest mmap threshold
+# (32 MiB), so after the first forward the chunk buffers come from the heap instead of fresh,
+# page-faulted mappings, and a chunk's passes stay closer to the caches.
+FUSED_CHUNK_ELEMS = 1 << 22
 
 # Set by :func:`external_tables`: called instead of allocating a block's table.
 _TABLE_SINK: list[Callable[[int, int, float], None]] = []
@@ -164,6 +168,56 @@ class ShortConv(nn.Module):
             acc = acc + shifted * w[:, j]
         return v + F.silu(acc).reshape(b, t, m, d).to(v.dtype)
 
+    def fused_forward(
+        self,
+        hidden: torch.Tensor,
+        alpha: torch.Tensor,
+        value: torch.Tensor,
+        window_start: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        chunk_elems: int = FUSED_CHUNK_ELEMS,
+    ) -> torch.Tensor:
+        """``hidden + keep * forward(alpha * value)`` for inference, without the [B, T, M, d] temporaries.
+
+        ``alpha`` [B, T, M, 1], ``value`` [B, T, 1, d], ``keep`` [B, T, 1, 1] or None. Same maths as
+        :meth:`forward` on V = alpha * value, rearranged: RMSNorm_c(V)[t, m] = c[t, m] * value[t] *
+        norm_weight[m] with the scalar c = alpha / sqrt(alpha^2 * ms(value[t]) + eps), so the norm
+        never reads V; the norm weight is folded into the tap weights; the taps accumulate in place
+        into the output, chunk by chunk over the batch, and SiLU, the gated value, ``keep`` and the
+        residual are applied in place. Not for autograd (in-place writes): the block calls it only
+        when nothing needs a gradient.
+        """
+        b, t, m, d = hidden.shape
+        n = b * t
+        k, dil = self.kernel_size, self.dilation
+        flat = value.reshape(n, 1, d)
+        ms = torch.bmm(flat, flat.transpose(1, 2)).view(b, t, 1, 1) / d  # mean square, no [B,T,d] temporary
+        c = alpha * torch.rsqrt(alpha * alpha * ms + self.norm_eps)  # [B, T, M, 1]
+        taps = (self.weight[:, 0, :] * self.norm_weight.reshape(m * d, 1)).T.reshape(k, m, d)
+        pos = torch.arange(t, device=hidden.device)
+        out = torch.empty_like(hidden)
+        rows = max(1, chunk_elems // max(1, t * m * d))
+        for b0 in range(0, b, rows):  # a loop over batch chunks (and 4 taps), never over tokens
+            sl = slice(b0, b0 + rows)
+            u = torch.mul(c[sl], value[sl])  # normalised conv input without the norm weight
+            acc = out[sl]
+            torch.mul(u, taps[k - 1], out=acc)  # lag 0
+            for j in range(k - 1):
+                lag = (k - 1 - j) * dil
+                if lag >= t:
+                    continue
+                src = u[:, : t - lag]
+                if window_start is not None:
+                    valid = pos[lag:] - lag >= window_start[sl, lag:]
+                    src = src * valid[..., None, None]
+                acc[:, lag:].addcmul_(src, taps[j])
+            F.silu(acc, inplace=True)
+            acc.addcmul_(alpha[sl], value[sl])
+            if keep is not None:
+                acc.mul_(keep[sl])
+            acc.add_(hidden[sl])
+        return out
+
     def step(
         self,
         v: torch.Tensor,
@@ -209,6 +263,10 @@ class EngramBlock(nn.Module):
     (from :func:`engramlm.hashing.batch.window_starts`) confines the conv to the current document;
     ``dead`` [B, T] zeroes the output at DEAD positions (spec §11.4).
     """
+
+    # Inference (nothing needs a gradient, fp32) takes the fused in-place path; False forces the
+    # autograd path everywhere (parity checks, and the benchmark's "before" contender).
+    fused_inference: bool = True
 
     def __init__(
         self,
@@ -276,6 +334,63 @@ class EngramBlock(nn.Module):
         score = (q * k).sum(-1, keepdim=True) / math.sqrt(self.hidden_size)
         return signed_sqrt_gate(score, self.gate_signed_sqrt)
 
+    def _inference_path(self, hidden: torch.Tensor, e: torch.Tensor) -> bool:
+        """Whether the fused in-place forward applies: fp32 and nothing that autograd must track."""
+        if not self.fused_inference or hidden.dtype != torch.float32 or self.wkv.weight.dtype != torch.float32:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (hidden.requires_grad or e.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _gate_fused(self, hid: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """alpha [N, M] from ``hid`` and ``keys`` [N, M, d] (``keys`` is overwritten).
+
+        q.k = rsqrt(ms(h) + eps) * rsqrt(ms(k) + eps) * sum(h * k * q_w * k_w): the sums of squares and
+        the dot product are the diagonals of three small batched matmuls (M x M per token), so no
+        normalised copy of ``hidden`` or the keys is made.
+        """
+        d = self.hidden_size
+        eps = torch.finfo(torch.float32).eps if self.gate_norm_eps is None else self.gate_norm_eps
+        ssq_h = torch.bmm(hid, hid.transpose(1, 2)).diagonal(dim1=1, dim2=2)
+        ssq_k = torch.bmm(keys, keys.transpose(1, 2)).diagonal(dim1=1, dim2=2)
+        keys.mul_(self.q_weight * self.k_weight)
+        dot = torch.bmm(hid, keys.transpose(1, 2)).diagonal(dim1=1, dim2=2)
+        score = dot * torch.rsqrt(ssq_h / d + eps) * torch.rsqrt(ssq_k / d + eps) / math.sqrt(d)
+        return signed_sqrt_gate(score, self.gate_signed_sqrt)
+
+    def _forward_fused(
+        self,
+        hidden: torch.Tensor,
+        e: torch.Tensor,
+        window_start: torch.Tensor | None,
+        dead: torch.Tensor | None,
+        conv_state: ConvState | None,
+        lengths: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference forward (no autograd): the maths of :meth:`forward` with in-place accumulation and
+        without full-size [B, T, M, d] temporaries beyond the output (the projection's own output aside)."""
+        b, t, m, d = hidden.shape
+        n = b * t
+        kv = F.linear(e.reshape(n, self.memory_dim), self.wkv.weight, self.wkv.bias)  # [N, (M+1) d]
+        if self.use_gate:
+            alpha = self._gate_fused(hidden.reshape(n, m, d), kv[:, : m * d].view(n, m, d))
+        else:
+            alpha = torch.ones(n, m, device=hidden.device)
+        alpha, value = alpha.view(b, t, m, 1), kv[:, m * d :].view(b, t, 1, d)
+        keep = None if dead is None else (~dead.bool()).to(alpha.dtype)[..., None, None]
+        if self.conv is not None and conv_state is None:
+            out = self.conv.fused_forward(hidden, alpha, value, window_start, keep)
+        else:
+            y = alpha * value
+            if self.conv is not None:
+                y, conv_state.hist = self.conv.step(y, conv_state.hist, window_start, lengths)  # type: ignore[union-attr]
+            if keep is not None:
+                y = y.mul_(keep)
+            out = y.add_(hidden)
+        if keep is not None:
+            alpha = alpha * keep
+        return out, alpha
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -298,6 +413,9 @@ class EngramBlock(nn.Module):
             raise ValueError("pass exactly one of row_ids (ids into embed.weight) or rows (gathered rows)")
         e = self.lookup(row_ids) if rows is None else rows
         e = e.reshape(b, t, self.memory_dim).to(self.wkv.weight.dtype)
+        if self._inference_path(hidden, e):
+            out, alpha = self._forward_fused(hidden, e, window_start, dead, conv_state, lengths)
+            return (out, alpha) if return_gate else out
         kv = self.wkv(e).view(b, t, m + 1, d)  # one matmul: M keys then the shared value
         keys, value = kv[:, :, :m], kv[:, :, m:]
         if self.use_gate:
