@@ -396,6 +396,24 @@ def _ordered(keys: Any, preferred: Any) -> list[str]:
     return sorted(keys, key=lambda k: (pref.index(k) if k in pref else len(pref), k))
 
 
+def _scored(corpora: dict[str, Any], s: dict[str, Any]) -> str:
+    """Held-out tokens actually scored per corpus (older results only recorded the requested count)."""
+    got = {c: v["heldout"] for c, v in corpora.items() if "heldout" in v}
+    if not got:
+        return f"{s['eval_tokens']:,} tokens (requested)"
+    return ", ".join(f"{h['tokens_scored']:,} tokens of {h['documents']} {h['split']} documents ({c})"
+                     for c, h in got.items())  # fmt: skip
+
+
+def _few_documents(corpora: dict[str, Any]) -> list[str]:
+    few = {c: v["heldout"]["documents"] for c, v in corpora.items() if v.get("heldout", {}).get("few_documents")}
+    return [
+        f"\n> **Warning**: the {c} held-out split has only {n} documents; the held-out mean may describe those"
+        " texts more than the corpus."
+        for c, n in few.items()
+    ]
+
+
 def head_to_head_table(doc: dict[str, Any]) -> list[str]:
     """Held-out bpb of dense vs MoE vs Engram+MoE at equal activated parameters, with paired seed diffs."""
     s, corpora = doc["settings"], doc["corpora"]
@@ -404,8 +422,9 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
         f"**Head-to-head, size `{doc.get('size', '?')}`**: d={s['d']}, {s['layers']} layers, {s['heads']} heads, "
         f"MoE {s['experts']} routed experts (hidden {s['expert_hidden']}, top-2), Engram arm at ρ = "
         f"{s['rho_target']}; {s['tokens']:,} training tokens per arm (B={s['batch']}, T={s['seq']}), held-out "
-        f"{s['eval_tokens']:,} tokens, seeds {', '.join(map(str, seeds))}. Hypothesis under test: "
+        f"{_scored(corpora, s)}, seeds {', '.join(map(str, seeds))}. Hypothesis under test: "
         f"{doc.get('hypothesis', 'engram_moe < moe < dense')}.",
+        *_few_documents(corpora),
         "",
         "| corpus | arm | P_act | P_tot | ρ | routed experts × width | Engram rows | held-out bpb, mean ± std "
         "| min – max | train tok/s (median seed) |",
