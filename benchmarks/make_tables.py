@@ -4,7 +4,7 @@ Why: numbers in a README drift from the runs they came from when typed by hand. 
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
-store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth. A result
+store, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth, block0. A result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
 
@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = RESULTS_DIR.parent.parent
@@ -704,6 +706,35 @@ def depth_table(doc: dict[str, Any]) -> list[str]:
     return lines + _image(doc, doc.get("plot"), "LogitLens and CKA") + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- block 0 probes
+
+
+def block0_table(doc: dict[str, Any]) -> list[str]:
+    """Each block-0 probe: held-out loss over seeds, its paired gap to the block-1 reference, what the block adds."""
+    p = doc["parameters"]
+    lines = [
+        f"**Why block 0 trails block 1** (setting `{doc['setting']}`, {doc['corpus']}: d={p['hidden']}, "
+        f"{p['layers']} layers, {p['steps']} steps of {p['batch']}×{p['seq']}, seeds "
+        f"{', '.join(map(str, doc['seeds']))}; gap = held-out loss minus block 1's, paired by seed; Y/H = RMS of "
+        "the Engram output over RMS of the stream it is added to, on held-out tokens, at the first and the last "
+        "kept checkpoint; α = the gate at the last).",
+        "",
+        "| probe | held-out loss | gap to block 1 | Y/H early → final | α p10 / p50 / p90 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, a in doc["arms"].items():
+        g = a.get("minus_block1")
+        gap = "—" if g is None or name == "block1" else f"{g['mean']:+.3f} ± {g['std']:.3f}"
+        first, last = a["inside"][0][0], a["inside"][0][-1]
+        ratio = [np.mean([run[i]["ratio"] for run in a["inside"]]) for i in (0, -1)]
+        lines.append(
+            f"| {name} | {a['loss']['mean']:.3f} ± {a['loss']['std']:.3f} | {gap} | "
+            f"{ratio[0]:.2f} (step {first['step']}) → {ratio[1]:.2f} | "
+            f"{last['alpha_q10']:.2f} / {last['alpha_q50']:.2f} / {last['alpha_q90']:.2f} |"
+        )
+    return lines + _image(doc, doc.get("plot"), "block 0 probes") + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -715,6 +746,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "generate": generate_table,
     "reproductions": reproductions_table,
     "depth": depth_table,
+    "block0": block0_table,
 }
 KINDS = tuple(RENDERERS)
 
