@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks._arms import resolve_corpus, run_arm, spread
-from benchmarks._common import REPO_ROOT, command_line, machine_info, save_png, write_result
+from benchmarks._common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, save_png, write_result
 from benchmarks.bench_reproductions import SETTINGS, reference_arm
 from engramlm.models.config import ModelConfig
 
@@ -133,7 +133,7 @@ def _train_and_probe(cfg, lr, budget, data, seed, out, s):
     return r, probes
 
 
-def plot(results: dict[str, Any], name: str) -> str | None:
+def plot(results: dict[str, Any], name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +152,9 @@ def plot(results: dict[str, Any], name: str) -> str | None:
     a2.set_ylabel("held-out loss (mean ± std over seeds)")
     a2.tick_params(axis="x", rotation=60, labelsize=7)
     fig.tight_layout()
-    return save_png(fig, name)
+    path = save_png(fig, RESULTS_DIR / f"{name}.png")
+    plt.close(fig)
+    return str(path.relative_to(REPO_ROOT))
 
 
 def main() -> int:
