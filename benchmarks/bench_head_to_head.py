@@ -59,6 +59,11 @@ SIZES: dict[str, dict[str, Any]] = {
     # The full models on a quarter of the budget: 64 steps, ~4-5 min per arm and seed on one core.
     "medium": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
                "batch": 16, "seq": 256, "tokens": 64 * 4096, "warmup": 8, "eval_tokens": 131_072},
+    # Two larger budgets for the prose trend (issue 19): 2x and 4x the full tokens, same models.
+    "long": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
+             "batch": 16, "seq": 256, "tokens": 448 * 4096, "warmup": 30, "eval_tokens": 262_144},
+    "longer": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
+               "batch": 16, "seq": 256, "tokens": 896 * 4096, "warmup": 30, "eval_tokens": 262_144},
     "quick": {"d": 64, "layers": 3, "heads": 2, "experts": 16, "expert_hidden": 32, "head_dim": 16,
               "batch": 4, "seq": 64, "tokens": 40 * 256, "warmup": 5, "eval_tokens": 4 * 4 * 64},
 }  # fmt: skip
