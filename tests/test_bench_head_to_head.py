@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks import bench_head_to_head as h2h
 from benchmarks import make_tables as mt
 
@@ -56,3 +58,23 @@ def test_console_table_lists_every_arm_with_parameters_and_warns() -> None:
         assert f"{a['params']['P_act']:,}" in row and f"{a['bpb']['mean']:.4f}" in row
     assert "WARNING" in lines[-1]
     assert not any("WARNING" in line for line in h2h.console_table(name, _doc_with_heldout(50)["corpora"][name]))
+
+
+def test_trend_fit_finds_the_crossing_of_a_known_line() -> None:
+    from benchmarks import h2h_trend
+
+    # gap = 0.04 - 0.01 ln(x): zero at x = e^4 ~ 54.6 tokens per row
+    points = [{"tokens_per_row": x, "gap_mean": 0.04 - 0.01 * np.log(x), "gap_se": 1e-4} for x in (5.0, 17.0, 40.0)]
+    fit = h2h_trend.fit(points, draws=20_000)
+    assert abs(fit["slope_per_ln_tokens_per_row"] + 0.01) < 1e-6
+    assert abs(fit["cross_tokens_per_row"]["point"] - np.exp(4)) < 1e-3
+    assert fit["direction"] == "engram overtakes moe" and fit["p_slope_sign"] == 1.0
+    assert fit["cross_tokens_per_row"]["q16"] < np.exp(4) < fit["cross_tokens_per_row"]["q84"]
+
+
+def test_trend_reads_the_committed_results() -> None:
+    from benchmarks import h2h_trend
+
+    pts = h2h_trend.budget_points(mt.RESULTS_DIR, "sotu", 256, 4)
+    assert [p["result"] for p in pts] == ["head_to_head_medium.json", "head_to_head.json"]
+    assert all(p["seeds"] == 3 and p["gap_se"] > 0 for p in pts)
