@@ -65,7 +65,8 @@ def train_config(
             "model": {"preset": "tiny", "overrides": model.to_dict()},
             "schedule": {"warmup_steps": size["warmup"]}, "optim": dict(optim or {}),
             "steps": steps, "seed": seed, "out_dir": str(out), "threads": threads, "progress": False,
-            "tensorboard": False, "checkpoint_every": max(1, steps // 4), "keep_checkpoints": 1,
+            "tensorboard": False, "checkpoint_every": size.get("checkpoint_every", max(1, steps // 4)),
+            "keep_checkpoints": size.get("keep_checkpoints", 1),
             "eval_every": max(1, steps // 4),
         }
     )  # fmt: skip

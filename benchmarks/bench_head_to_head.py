@@ -21,12 +21,18 @@ and seed on 2 free cores, 18 runs)::
     python -m benchmarks.bench_head_to_head                       # SOTU + stdlib code, 3 seeds
     python -m benchmarks.bench_head_to_head --quick               # a few minutes, tiny models
     python -m benchmarks.bench_head_to_head --corpus my_texts/    # any directory of .txt files
+
+A run on other corpora than the default pair writes ``head_to_head[_SIZE]_<corpora>.json``, never over the
+committed results; every result, whatever its ``--out`` name, renders under the README's head-to-head marker
+(``make_tables``). The console prints the per-arm table, the held-out tokens actually scored and a warning
+when the held-out split holds too few documents for a mean over it to say much.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,9 @@ from engramlm.models.accounting import count_parameters, iso_parameter_variant
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
 
 RHO = 0.8
+DEFAULT_CORPORA = ("sotu", "stdlib")
+# Fewer held-out documents than this and the held-out mean is a property of those few texts.
+MIN_HELDOUT_DOCUMENTS = 20
 SIZES: dict[str, dict[str, Any]] = {
     # 224 steps of 16 x 256 = 917,504 tokens per arm (about half the SOTU train split); measured
     # 3.9-5 s/step for each arm on 2 lightly loaded cores, i.e. ~15-19 min per arm and seed.
@@ -50,6 +59,11 @@ SIZES: dict[str, dict[str, Any]] = {
     # The full models on a quarter of the budget: 64 steps, ~4-5 min per arm and seed on one core.
     "medium": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
                "batch": 16, "seq": 256, "tokens": 64 * 4096, "warmup": 8, "eval_tokens": 131_072},
+    # Two larger budgets for the prose trend (issue 19): 2x and 4x the full tokens, same models.
+    "long": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
+             "batch": 16, "seq": 256, "tokens": 448 * 4096, "warmup": 30, "eval_tokens": 262_144},
+    "longer": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
+               "batch": 16, "seq": 256, "tokens": 896 * 4096, "warmup": 30, "eval_tokens": 262_144},
     "quick": {"d": 64, "layers": 3, "heads": 2, "experts": 16, "expert_hidden": 32, "head_dim": 16,
               "batch": 4, "seq": 64, "tokens": 40 * 256, "warmup": 5, "eval_tokens": 4 * 4 * 64},
 }  # fmt: skip
@@ -88,6 +102,45 @@ def arms(size: dict[str, Any], vocab: int, match_p_act: bool = True) -> dict[str
 def arm_dir(arm: str, unmatched_p_act: bool) -> str:
     """Run directory name of an arm: the two versions of the Engram arm train in different directories."""
     return f"{arm}_unmatched" if unmatched_p_act and arm == "engram_moe" else arm
+
+
+def result_name(size_name: str, corpora: list[str], out: str | None) -> str:
+    """``--out`` if given; else ``head_to_head[_SIZE]``, plus the corpus names when they are not the default pair,
+    so a run on one's own text never replaces the committed SOTU/stdlib results."""
+    if out:
+        return out
+    name = "head_to_head" if size_name == "full" else f"head_to_head_{size_name}"
+    if sorted(corpora) != sorted(DEFAULT_CORPORA):
+        name += "_" + "_".join(re.sub(r"[^A-Za-z0-9-]+", "-", c).strip("-") or "corpus" for c in corpora)
+    return name
+
+
+def heldout_scope(runs: list[dict[str, Any]], data: Path, split: str = "val") -> dict[str, Any]:
+    """What the held-out numbers rest on: tokens scored (the same for every run) and the split's documents."""
+    docs = TokenDataset(data, split, verify=False).n_documents
+    return {"split": split, "tokens_scored": int(runs[0]["heldout"]["tokens"]), "documents": docs,
+            "few_documents": docs < MIN_HELDOUT_DOCUMENTS}  # fmt: skip
+
+
+def console_table(name: str, entry: dict[str, Any]) -> list[str]:
+    """The per-arm summary a user reads first: parameters and held-out loss/bpb as mean ± std over seeds."""
+    h = entry["heldout"]
+    lines = [
+        f"{name}: held-out = {h['tokens_scored']:,} tokens of the {h['split']} split ({h['documents']} documents)",
+        f"  {'arm':<11} {'P_act':>12} {'P_tot':>12} {'loss':>17} {'bpb':>17}",
+    ]
+    for arm, a in entry["arms"].items():
+        lo, b = a["loss"], a["bpb"]
+        lines.append(
+            f"  {arm:<11} {a['params']['P_act']:>12,} {a['params']['P_tot']:>12,} "
+            f"{lo['mean']:>9.4f} ± {lo['std']:.4f} {b['mean']:>9.4f} ± {b['std']:.4f}"
+        )
+    if h["few_documents"]:
+        lines.append(
+            f"  WARNING: the held-out split has only {h['documents']} documents (< {MIN_HELDOUT_DOCUMENTS}): "
+            "differences between arms may reflect those texts, not the corpus"
+        )
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -147,13 +200,13 @@ def main() -> None:
     size = dict(SIZES[size_name])
     if args.tokens:
         size["tokens"] = args.tokens
-    out_name = args.out or ("head_to_head" if size_name == "full" else f"head_to_head_{size_name}")
     torch.set_num_threads(args.threads)
     corpora = {}
-    for spec in args.corpus or ["sotu", "stdlib"]:
+    for spec in args.corpus or list(DEFAULT_CORPORA):
         name, data = resolve_corpus(spec, Path(args.data_root))
         vocab = TokenDataset(data, "train", verify=False).vocab_size
         corpora[name] = (data, arms(size, vocab, match_p_act=not args.unmatched_p_act))
+    out_name = result_name(size_name, list(corpora), args.out)
     tasks = {
         (name, arm, seed): (model, size, data, seed,
                             Path(args.runs_root) / out_name / name / arm_dir(arm, args.unmatched_p_act) / f"seed{seed}",
@@ -193,10 +246,13 @@ def main() -> None:
             for x, y in (("engram_moe", "moe"), ("moe", "dense"), ("engram_moe", "dense"))
         }  # fmt: skip
         entry["order_by_mean_bpb"] = sorted(a, key=lambda k: a[k]["bpb"]["mean"])
+        entry["heldout"] = heldout_scope(next(iter(a.values()))["runs"], data)
         results[name] = entry
+        print("\n".join(console_table(name, entry)), flush=True)
     png = RESULTS_DIR / f"{out_name}.png"
     plot(results, png)
     payload = {
+        "kind": "head_to_head",  # whatever the file's name, it renders under the head-to-head README marker
         "size": size_name,
         "settings": {**size, "rho_target": RHO, "seeds": args.seeds, "threads": args.threads},
         "hypothesis": "held-out loss: engram_moe < moe < dense",

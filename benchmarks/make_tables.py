@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = RESULTS_DIR.parent.parent
 
@@ -487,6 +489,24 @@ def _ordered(keys: Any, preferred: Any) -> list[str]:
     return sorted(keys, key=lambda k: (pref.index(k) if k in pref else len(pref), k))
 
 
+def _scored(corpora: dict[str, Any], s: dict[str, Any]) -> str:
+    """Held-out tokens actually scored per corpus (older results only recorded the requested count)."""
+    got = {c: v["heldout"] for c, v in corpora.items() if "heldout" in v}
+    if not got:
+        return f"{s['eval_tokens']:,} tokens (requested)"
+    return ", ".join(f"{h['tokens_scored']:,} tokens of {h['documents']} {h['split']} documents ({c})"
+                     for c, h in got.items())  # fmt: skip
+
+
+def _few_documents(corpora: dict[str, Any]) -> list[str]:
+    few = {c: v["heldout"]["documents"] for c, v in corpora.items() if v.get("heldout", {}).get("few_documents")}
+    return [
+        f"\n> **Warning**: the {c} held-out split has only {n} documents; the held-out mean may describe those"
+        " texts more than the corpus."
+        for c, n in few.items()
+    ]
+
+
 def head_to_head_table(doc: dict[str, Any]) -> list[str]:
     """Held-out bpb of dense vs MoE vs Engram+MoE at equal activated parameters, with paired seed diffs."""
     s, corpora = doc["settings"], doc["corpora"]
@@ -495,8 +515,9 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
         f"**Head-to-head, size `{doc.get('size', '?')}`**: d={s['d']}, {s['layers']} layers, {s['heads']} heads, "
         f"MoE {s['experts']} routed experts (hidden {s['expert_hidden']}, top-2), Engram arm at ρ = "
         f"{s['rho_target']}; {s['tokens']:,} training tokens per arm (B={s['batch']}, T={s['seq']}), held-out "
-        f"{s['eval_tokens']:,} tokens, seeds {', '.join(map(str, seeds))}. Hypothesis under test: "
+        f"{_scored(corpora, s)}, seeds {', '.join(map(str, seeds))}. Hypothesis under test: "
         f"{doc.get('hypothesis', 'engram_moe < moe < dense')}.",
+        *_few_documents(corpora),
         "",
         "| corpus | arm | P_act | P_tot | ρ | routed experts × width | Engram rows | held-out bpb, mean ± std "
         "| min – max | train tok/s (median seed) |",
@@ -1059,6 +1080,35 @@ def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- block 0 probes
+
+
+def block0_table(doc: dict[str, Any]) -> list[str]:
+    """Each block-0 probe: held-out loss over seeds, its paired gap to the block-1 reference, what the block adds."""
+    p = doc["parameters"]
+    lines = [
+        f"**Why block 0 trails block 1** (setting `{doc['setting']}`, {doc['corpus']}: d={p['hidden']}, "
+        f"{p['layers']} layers, {p['steps']} steps of {p['batch']}×{p['seq']}, seeds "
+        f"{', '.join(map(str, doc['seeds']))}; gap = held-out loss minus block 1's, paired by seed; Y/H = RMS of "
+        "the Engram output over RMS of the stream it is added to, on held-out tokens, at the first and the last "
+        "kept checkpoint; α = the gate at the last).",
+        "",
+        "| probe | held-out loss | gap to block 1 | Y/H early → final | α p10 / p50 / p90 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, a in doc["arms"].items():
+        g = a.get("minus_block1")
+        gap = "—" if g is None or name == "block1" else f"{g['mean']:+.3f} ± {g['std']:.3f}"
+        first, last = a["inside"][0][0], a["inside"][0][-1]
+        ratio = [np.mean([run[i]["ratio"] for run in a["inside"]]) for i in (0, -1)]
+        lines.append(
+            f"| {name} | {a['loss']['mean']:.3f} ± {a['loss']['std']:.3f} | {gap} | "
+            f"{ratio[0]:.2f} (step {first['step']}) → {ratio[1]:.2f} | "
+            f"{last['alpha_q10']:.2f} / {last['alpha_q50']:.2f} / {last['alpha_q90']:.2f} |"
+        )
+    return lines + _image(doc, doc.get("plot"), "block 0 probes") + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -1077,6 +1127,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "lm_eval_h2h": lm_eval_h2h_table,
     "serve": serve_table,
     "ssd_train": ssd_train_table,
+    "block0": block0_table,
 }
 KINDS = tuple(RENDERERS)
 

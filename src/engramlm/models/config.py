@@ -73,6 +73,10 @@ class EngramConfig:
     conv_norm_eps: float = 1e-5
     conv_zero_init: bool = True
     embed_init_std: float = 1.0
+    # Multiplier on the value projection's initial weights: the Engram output's size at insertion
+    # relative to the residual stream it is added to (bench_block0: at block 0 that stream is the raw
+    # token embedding, and the default output is ~16x larger than it).
+    value_init_scale: float = 1.0
     table_dtype: str = "fp32"
     tokenizer: str | None = None
 
@@ -81,7 +85,7 @@ class EngramConfig:
         _pos_int(self.kernel_size, "engram.kernel_size")
         if self.conv_dilation is not None:
             _pos_int(self.conv_dilation, "engram.conv_dilation")
-        for name in ("gate_norm_eps", "conv_norm_eps", "embed_init_std"):
+        for name in ("gate_norm_eps", "conv_norm_eps", "embed_init_std", "value_init_scale"):
             if getattr(self, name) is not None:
                 finite(getattr(self, name), f"engram.{name}")
         need(self.conv_norm_eps > 0, "engram.conv_norm_eps", f"must be > 0, got {self.conv_norm_eps}")
@@ -91,6 +95,7 @@ class EngramConfig:
             f"must be > 0 or null (dtype epsilon), got {self.gate_norm_eps}",
         )
         need(self.embed_init_std > 0, "engram.embed_init_std", f"must be > 0, got {self.embed_init_std}")
+        need(self.value_init_scale > 0, "engram.value_init_scale", f"must be > 0, got {self.value_init_scale}")
         need(
             self.table_dtype in TABLE_DTYPES,
             "engram.table_dtype",
@@ -121,12 +126,14 @@ class ModelConfig:
     norm_eps: float = 1e-6
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    # Token embedding init N(0, std^2). At block 0 this is the whole residual stream an Engram block adds to.
+    embed_init_std: float = 0.02
     name: str = "custom"
 
     def __post_init__(self) -> None:
         for f in ("vocab_size", "hidden_size", "num_layers", "n_heads", "mlp_hidden", "hc_mult", "max_seq_len"):
             _pos_int(getattr(self, f), f)
-        for f in ("rope_theta", "norm_eps"):
+        for f in ("rope_theta", "norm_eps", "embed_init_std"):
             finite(getattr(self, f), f)
             need(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")
         need(

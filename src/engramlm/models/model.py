@@ -54,6 +54,7 @@ def engram_block(cfg: ModelConfig, num_rows: int, num_heads: int) -> EngramBlock
         conv_norm_eps=e.conv_norm_eps,
         conv_zero_init=e.conv_zero_init,
         embed_init_std=e.embed_init_std,
+        value_init_scale=e.value_init_scale,
     )
 
 
@@ -120,7 +121,7 @@ class EngramLM(nn.Module):
         self.hasher = NgramHasher(layout) if self.layout is not None else None
         d = config.hidden_size
         self.embed = nn.Embedding(config.vocab_size, d)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=config.embed_init_std)
         self.layers = nn.ModuleList(Block(config, i, self.layout) for i in range(config.num_layers))
         self.readout = BranchReadout(d, config.hc_mult)
         self.norm = RMSNorm(d, config.norm_eps)

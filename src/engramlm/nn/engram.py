@@ -286,6 +286,7 @@ class EngramBlock(nn.Module):
         conv_norm_eps: float = 1e-5,
         conv_zero_init: bool = True,
         embed_init_std: float = 1.0,
+        value_init_scale: float = 1.0,
         sparse_grad: bool = False,
     ) -> None:
         super().__init__()
@@ -301,6 +302,11 @@ class EngramBlock(nn.Module):
             nn.init.normal_(self.embed.weight, std=embed_init_std)
         mem_dim = num_heads * head_dim
         self.wkv = nn.Linear(mem_dim, (n_branches + 1) * hidden_size, bias=proj_bias)
+        if value_init_scale != 1.0:  # the value rows come last (WKV_SPLIT_ORDER): scale the output at insertion
+            with torch.no_grad():
+                self.wkv.weight[n_branches * hidden_size :].mul_(value_init_scale)
+                if proj_bias:
+                    self.wkv.bias[n_branches * hidden_size :].mul_(value_init_scale)
         self.q_weight = nn.Parameter(torch.ones(n_branches, hidden_size))
         self.k_weight = nn.Parameter(torch.ones(n_branches, hidden_size))
         self.conv = (

@@ -1,0 +1,80 @@
+"""bench_head_to_head on your own corpus: never overwrites committed results, always renders, says what it scored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import bench_head_to_head as h2h
+from benchmarks import make_tables as mt
+
+
+def test_result_name_carries_a_non_default_corpus() -> None:
+    assert h2h.result_name("full", ["sotu", "stdlib"], None) == "head_to_head"
+    assert h2h.result_name("medium", ["stdlib", "sotu"], None) == "head_to_head_medium"
+    # the committed medium results are for sotu + stdlib: a run on one corpus gets its own file
+    assert h2h.result_name("medium", ["sotu"], None) == "head_to_head_medium_sotu"
+    assert h2h.result_name("medium", ["my texts/v2"], None) == "head_to_head_medium_my-texts-v2"
+    assert h2h.result_name("quick", ["sotu"], "mine") == "mine"
+
+
+def _doc_with_heldout(documents: int) -> dict:
+    doc = json.loads((mt.RESULTS_DIR / "head_to_head_quick.json").read_text(encoding="utf-8"))
+    for c in doc["corpora"].values():
+        c["heldout"] = {"split": "val", "tokens_scored": 1234, "documents": documents,
+                        "few_documents": documents < h2h.MIN_HELDOUT_DOCUMENTS}  # fmt: skip
+    return doc
+
+
+def test_any_out_name_renders_with_tokens_scored_and_a_few_documents_warning(tmp_path: Path) -> None:
+    doc = {**_doc_with_heldout(3), "benchmark": "my_corpus_result", "kind": "head_to_head"}
+    (tmp_path / "my_corpus_result.json").write_text(json.dumps(doc), encoding="utf-8")
+    shutil.copy(mt.RESULTS_DIR / Path(doc["plot"]).name, tmp_path)
+    grouped = mt.load_results(tmp_path)
+    assert list(grouped) == ["head_to_head"]
+    body = mt.render(grouped)["head_to_head"]
+    assert "1,234 tokens of 3 val documents" in body
+    assert body.count("**Warning**") == len(doc["corpora"])
+    ok = mt.render(mt.load_results(_write(tmp_path / "ok", _doc_with_heldout(500))))["head_to_head"]
+    assert "**Warning**" not in ok and "1,234 tokens of 500 val documents" in ok
+
+
+def _write(d: Path, doc: dict) -> Path:
+    d.mkdir()
+    (d / "head_to_head_x.json").write_text(json.dumps({**doc, "kind": "head_to_head"}), encoding="utf-8")
+    shutil.copy(mt.RESULTS_DIR / Path(doc["plot"]).name, d)
+    return d
+
+
+def test_console_table_lists_every_arm_with_parameters_and_warns() -> None:
+    name, entry = next(iter(_doc_with_heldout(2)["corpora"].items()))
+    lines = h2h.console_table(name, entry)
+    assert "1,234 tokens of the val split (2 documents)" in lines[0]
+    for arm, a in entry["arms"].items():
+        row = next(line for line in lines if line.strip().startswith(arm + " "))
+        assert f"{a['params']['P_act']:,}" in row and f"{a['bpb']['mean']:.4f}" in row
+    assert "WARNING" in lines[-1]
+    assert not any("WARNING" in line for line in h2h.console_table(name, _doc_with_heldout(50)["corpora"][name]))
+
+
+def test_trend_fit_finds_the_crossing_of_a_known_line() -> None:
+    from benchmarks import h2h_trend
+
+    # gap = 0.04 - 0.01 ln(x): zero at x = e^4 ~ 54.6 tokens per row
+    points = [{"tokens_per_row": x, "gap_mean": 0.04 - 0.01 * np.log(x), "gap_se": 1e-4} for x in (5.0, 17.0, 40.0)]
+    fit = h2h_trend.fit(points, draws=20_000)
+    assert abs(fit["slope_per_ln_tokens_per_row"] + 0.01) < 1e-6
+    assert abs(fit["cross_tokens_per_row"]["point"] - np.exp(4)) < 1e-3
+    assert fit["direction"] == "engram overtakes moe" and fit["p_slope_sign"] == 1.0
+    assert fit["cross_tokens_per_row"]["q16"] < np.exp(4) < fit["cross_tokens_per_row"]["q84"]
+
+
+def test_trend_reads_the_committed_results() -> None:
+    from benchmarks import h2h_trend
+
+    pts = h2h_trend.budget_points(mt.RESULTS_DIR, "sotu", 256, 4)
+    assert [p["result"] for p in pts] == ["head_to_head_medium.json", "head_to_head.json"]
+    assert all(p["seeds"] == 3 and p["gap_se"] > 0 for p in pts)
