@@ -5,7 +5,8 @@ rendered from the result files, with the machine and the exact command beneath i
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
 store, store_io, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth,
-distributed, muon, lm_eval_h2h, serve, decode_vs_hf, ssd_train, block0. A result
+distributed, muon, lm_eval_h2h, serve, decode_vs_hf, ssd_train, block0, h2h_trend. A
+result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
 
@@ -842,7 +843,7 @@ def distributed_table(doc: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Row-exchange bytes per step, all ranks (forward ids + rows, backward row gradients), measured by "
-        f"`ExchangeStats` vs `engramlm analyze plan --ranks {n}` (unique rows / reads: "
+        f"`ExchangeStats` vs the planner (`analyze plan --ranks {n}`) (unique rows / reads: "
         f"{ex['unique_fraction_local']:.1%} in a rank's local batch, "
         f"{ex['unique_fraction_global']:.1%} in the global one):",
         "",
@@ -1109,6 +1110,26 @@ def block0_table(doc: dict[str, Any]) -> list[str]:
     return lines + _image(doc, doc.get("plot"), "block 0 probes") + _footer(doc)
 
 
+def h2h_trend_table(doc: dict[str, Any]) -> list[str]:
+    """The paired Engram - MoE gap per budget and where its log-linear fit crosses zero."""
+    f, c = doc["fit"], doc["fit"]["cross_tokens_per_row"]
+    lines = [
+        f"**Engram − MoE gap vs tokens per row**, {doc['corpus']} (d={doc['d']}, {doc['layers']} layers): gap = "
+        f"{f['intercept']:+.4f} {f['slope_per_ln_tokens_per_row']:+.4f} ln(tokens/row); {f['direction']} at "
+        f"**{c['median']:.1f} tokens/row** (68%: {c['q16']:.1f}–{c['q84']:.1f}; 90%: {c['q05']:.1f}–{c['q95']:.1f}; "
+        f"slope sign kept in {f['p_slope_sign']:.1%} of draws).",
+        "",
+        "| result | training tokens | tokens per row | gap (bpb), mean ± SE | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for p in doc["points"]:
+        lines.append(
+            f"| {p['result']} | {p['tokens']:,} | {p['tokens_per_row']:.1f} | {p['gap_mean']:+.4f} ± {p['gap_se']:.4f} "
+            f"| {p['seeds']} |"
+        )
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -1128,6 +1149,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "serve": serve_table,
     "ssd_train": ssd_train_table,
     "block0": block0_table,
+    "h2h_trend": h2h_trend_table,
 }
 KINDS = tuple(RENDERERS)
 

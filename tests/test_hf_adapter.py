@@ -156,7 +156,7 @@ def test_plain_loop_trains_20_steps_with_sparse_table_updates(tok, texts: list[s
     for x in batches:
         out = model(x, labels=x)
         out.loss.backward()
-        touched.update(opt._gathered[0].unique.tolist())
+        touched.update(next(iter(opt.sparse.step_rows().values())).tolist())
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -291,7 +291,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, texts: list[str]) 
         opt, _ = engram_optimizers(model, lr=1e-3)
         ids = torch.tensor([tok.encode(texts[0][:400])])
         model(ids, labels=ids, use_cache=False).loss.backward()
-        return [p.grad.clone() for p in model.parameters() if p.grad is not None], opt._gathered[0].leaf.grad
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], opt.sparse._pending[0].leaf.grad
 
     dense, rows = grads(False)
     dense_gc, rows_gc = grads(True)

@@ -273,7 +273,9 @@ def test_full_queue_gets_429_with_retry_after_and_store_tier_serves_the_same(sav
                 return await asyncio.gather(*(c.post(f"{url}/v1/completions", json=body) for _ in range(6)))
 
         codes = sorted(r.status_code for r in asyncio.run(burst()))
-        assert codes[:2] == [200, 200] and 429 in codes and set(codes) <= {200, 429}
+        # capacity is one running + one queued: at most 2 of the 6 are served (1 when all arrive before the
+        # first is admitted, as on a loaded machine), the rest are refused at once
+        assert 1 <= codes.count(200) <= 2 and 429 in codes and set(codes) <= {200, 429}
         limited = next(r for r in asyncio.run(burst()) if r.status_code == 429)
         assert limited.headers["retry-after"] == "1" and limited.json()["error"]["code"] == "queue_full"
         metrics = httpx.get(f"{url}/metrics").text

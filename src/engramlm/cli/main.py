@@ -57,6 +57,7 @@ EXIT_INTERRUPTED = 130
 # tests/test_cli_faults.py until it is classified, so a new option cannot skip the edge check.
 POSITIVE = frozenset(
     {
+        "accel_tflops",
         "batch",
         "batch_size",
         "dedup",
@@ -69,6 +70,7 @@ POSITIVE = frozenset(
         "max_new_tokens",
         "max_queue",
         "max_tokens",
+        "mfu",
         "mooncake_segment_mb",
         "page_bytes",
         "prefill_tokens",
@@ -78,8 +80,11 @@ POSITIVE = frozenset(
         "threads",
         "tokens_per_s",
         "top_p",
+        "unique_fraction",
         "vocab_size",
         "workers",
+        "zipf_s",
+        "zipf_types",
     }
 )
 NON_NEGATIVE = frozenset({"cache_mb", "drain_timeout", "port", "seed", "smooth", "temperature", "top_k"})

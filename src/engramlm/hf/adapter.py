@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engramlm.errors import ConfigError, CorruptFileError, ForeignTokenizerError, HashSpecMismatch
@@ -476,24 +475,17 @@ class EngramAdamW(torch.optim.AdamW):
         super().__init__(groups, betas=betas, eps=eps, foreach=False)
         self.adapter = adapter
         self.sparse = SparseRowAdam(tables, table_lr, betas, table_eps, table_weight_decay)
-        self._gathered: list[Gathered] = []
         adapter.row_source = self.gather
 
     def gather(self, row_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        rows: dict[int, torch.Tensor] = {}
-        for li, lid in enumerate(self.adapter.layer_ids):
-            unique, inverse = torch.unique(row_ids[li].long(), sorted=True, return_inverse=True)
-            table = self.sparse.tables[lid]
-            leaf = table.detach().index_select(0, unique.to(table.device)).requires_grad_(True)
-            self._gathered.append(Gathered(lid, unique, leaf))
-            rows[lid] = F.embedding(inverse.to(table.device), leaf)  # deterministic backward
-        return rows
+        """Each layer's rows for one forward (micro-batch); they stay pending until :meth:`step`."""
+        return {lid: self.sparse.gather_layer(lid, row_ids[li]) for li, lid in enumerate(self.adapter.layer_ids)}
 
     def _merged(self) -> list[Gathered]:
         """One Gathered per layer: this step's rows with the gradients of all micro-batches summed."""
         out = []
         for lid in self.adapter.layer_ids:
-            parts = [g for g in self._gathered if g.layer_id == lid and g.leaf.grad is not None]
+            parts = [g for g in self.sparse._pending if g.layer_id == lid and g.leaf.grad is not None]
             if not parts:
                 continue
             if len(parts) == 1:
@@ -504,9 +496,10 @@ class EngramAdamW(torch.optim.AdamW):
             unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
             grad = torch.zeros(unique.numel(), grads.shape[1], dtype=grads.dtype, device=grads.device)
             grad.index_add_(0, inverse.to(grads.device), grads)
-            leaf = self.sparse.tables[lid].detach().index_select(0, unique.to(grads.device)).requires_grad_(True)
+            state = self.sparse.backends[lid].read(unique)
+            leaf = state.rows.requires_grad_(True)
             leaf.grad = grad
-            out.append(Gathered(lid, unique, leaf))
+            out.append(Gathered(lid, unique, leaf, state))
         return out
 
     @torch.no_grad()
@@ -516,12 +509,11 @@ class EngramAdamW(torch.optim.AdamW):
         self.sparse.lr = group["lr"]
         self.sparse._pending = self._merged()
         self.sparse.step()
-        self._gathered = []
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        self._gathered = []
+        self.sparse.reset()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  # lm-eval imports its own models only while its registry is empty: ours must not hide them
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
