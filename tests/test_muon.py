@@ -118,3 +118,17 @@ def test_distributed_newton_schulz_equals_one_process(world: int, tmp_path: Path
         torch.testing.assert_close(got[0][f"p{i}"], w, rtol=0, atol=1e-6)
         print(f"world {world} p{i}: max |distributed - one process| = {(got[0][f'p{i}'] - w).abs().max():.3g}")
         assert not torch.equal(w, _params()[i].detach())  # the steps moved the parameter
+
+
+def test_the_config_chooses_the_iteration_dtype() -> None:
+    from engramlm.errors import ConfigError
+    from engramlm.train.config import OptimConfig
+    from engramlm.train.optim import OptimizerSet
+    from helpers import tiny_lm
+    from test_model import config
+
+    model = tiny_lm(config(use_moe=False))
+    assert OptimizerSet(model, OptimConfig()).muon.ns_dtype == torch.float32
+    assert OptimizerSet(model, OptimConfig(muon_ns_dtype="bf16")).muon.ns_dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match=r"optim\.muon_ns_dtype"):
+        OptimConfig(muon_ns_dtype="fp16")
