@@ -116,15 +116,17 @@ def test_ssd_resume_reproduces_the_run(runs: dict[str, Any]) -> None:
 
 
 @slow
-def test_ssd_resume_on_other_world_is_refused(runs: dict[str, Any], tmp_path: Path) -> None:
+def test_ssd_resume_on_other_world_is_refused(
+    runs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = str(_ckpt(runs["ssd"], EVERY))
-    proc = subprocess.run(torchrun(3, "--config", str(runs["cfg"]), f"out_dir={tmp_path / 'three'}", *SSD,
-                                   "--resume", ckpt), env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    cmd = torchrun(3, "--config", str(runs["cfg"]), f"out_dir={tmp_path / 'three'}", *SSD, "--resume", ckpt)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "written by 2 rank(s), this run has 3" in proc.stderr and "--nproc-per-node 2" in proc.stderr
     # one process too (the same rule), in process: the CLI's one-line error
     rc = cli.main(["train", "--config", str(runs["cfg"]), f"out_dir={tmp_path / 'one'}", *SSD, "--resume", ckpt])
-    assert rc != 0
+    assert rc != 0 and "written by 2 rank(s), this run has 1" in capsys.readouterr().err
 
 
 @slow
