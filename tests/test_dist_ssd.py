@@ -130,7 +130,9 @@ def test_ssd_resume_on_other_world_is_refused(
 
 
 @slow
-def test_store_build_and_eval_read_the_ranks_tables(runs: dict[str, Any], tmp_path: Path) -> None:
+def test_store_build_and_eval_read_the_ranks_tables(
+    runs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from engramlm.store.storedir import open_store_dir
 
     ram_store, ssd_store = tmp_path / "ram", tmp_path / "ssd"
@@ -145,3 +147,11 @@ def test_store_build_and_eval_read_the_ranks_tables(runs: dict[str, Any], tmp_pa
         assert torch.equal(tables[1].gather(ids.reshape(2, 3)), ram_t[1].gather(ids).reshape(2, 3, 8))
     finally:
         tables[1].close()
+    # `engramlm eval` scores the SSD run from its ranks' table files: the RAM run's figures exactly
+    scores = []
+    for run in (runs["ram"], runs["ssd"]):
+        capsys.readouterr()
+        data = str(runs["cfg"].parent / "prep")
+        assert cli.main(["eval", str(run), "--data", data, "--max-batches", "3", "--batch-size", "4"]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["loss"] == scores[1]["loss"] and scores[0]["tokens"] == scores[1]["tokens"] > 0
