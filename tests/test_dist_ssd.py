@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 from engramlm.cli import main as cli
 from engramlm.data import prepare
 from engramlm.store.trainable import open_checkpoint_tables, open_tables
+from engramlm.train import read_metrics
 from test_dist_train import EVERY, STEPS, TABLE, TOML, _ckpt, _env, _run, _train, torchrun
 
-slow = pytest.mark.slow  # four 2-rank torchrun jobs: ~40 s on 2 shared cores
+slow = pytest.mark.slow  # five 2-rank torchrun jobs: ~45 s on 2 shared cores
 
 # 0.01 MiB = 81 records of 128 bytes per rank, against ~4k rows per shard and hundreds touched per step
 SSD = ["engram.table_tier=ssd", "engram.cache_mb=0.01"]
@@ -36,10 +37,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     prepare("stdlib", root / "prep", 400, max_bytes=80_000, progress=False)
     cfg = root / "run.toml"
     cfg.write_text(TOML.replace("[data]", f'[data]\ndir = "{root / "prep"}"'))
-    out = {name: root / name for name in ("ram", "ssd", "resumed")}
+    out = {name: root / name for name in ("ram", "ssd", "resumed", "roomy")}
     out["cfg"] = cfg
     _run(torchrun(2, "--config", str(cfg), f"out_dir={out['ram']}"))
     _run(torchrun(2, "--config", str(cfg), f"out_dir={out['ssd']}", *SSD))
+    # a cache that holds the whole shard: after step 1 the prefetch brings every row a step serves beforehand
+    _run(torchrun(2, "--config", str(cfg), f"out_dir={out['roomy']}", "engram.table_tier=ssd", "engram.cache_mb=1"))
     # the same run resumed from its step-4 checkpoint: a copy of the run directory (table paths are relative)
     # cut back to that checkpoint, then continued by 2 new ranks
     shutil.copytree(out["ssd"], out["resumed"])
@@ -105,6 +108,18 @@ def test_ssd_shards_equal_ram_shards(runs: dict[str, Any]) -> None:
     recs = [r for r in (json.loads(x) for x in (runs["ssd"] / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"]  # fmt: skip
     assert all(r["ssd_cache_misses"] > 0 and min(r["ranks_ssd_cache_misses"]) > 0 for r in recs)
+    assert all(r["ssd_wait_ms"] >= 0 for r in recs) and recs[-1]["ssd_rows_read"] > 0
+
+
+@slow
+def test_each_rank_prefetches_the_rows_it_serves_next(runs: dict[str, Any]) -> None:
+    assert _train(runs["roomy"]) == _train(runs["ram"])
+    recs = {r["step"]: r for r in read_metrics(runs["roomy"]) if r["kind"] == "train"}
+    # cumulative misses of the owners' reads: step 1's (nothing prefetched yet), then none until the eval after
+    # step 6 reads its rows; the prefetch read the rest (rows_read grows while misses do not)
+    first = recs[1]["ranks_ssd_cache_misses"]
+    assert min(first) > 0 and all(recs[s]["ranks_ssd_cache_misses"] == first for s in range(2, 7))
+    assert recs[6]["ssd_rows_read"] > recs[1]["ssd_rows_read"]
 
 
 @slow

@@ -166,9 +166,18 @@ class SsdTables:
         nxt, self._next = self._next, None
         return nxt[1] if nxt is not None and nxt[0] == step else None
 
-    def start_prefetch(self, step: int, make_batch, layer_ids: tuple[int, ...], current: dict[int, torch.Tensor]):
+    def start_prefetch(
+        self,
+        step: int,
+        make_batch,
+        layer_ids: tuple[int, ...],
+        current: dict[int, torch.Tensor],
+        shards: dict[int, tuple[int, int]] | None = None,
+    ):
         """In the background: batch ``step`` = ``make_batch(step)``, then its rows minus ``current`` (layer ->
-        the running step's unique ids) into the cache."""
+        the running step's unique ids) into the cache. ``shards`` (torchrun): layer -> this rank's global row
+        range ``[start, stop)``; ``make_batch`` then gives the global batch, whose rows in the range (shifted to
+        local ids) are the ones this rank will serve."""
         if not self.cfg.prefetch:
             return
         skip = {lid: u.numpy() for lid, u in current.items()}
@@ -178,6 +187,9 @@ class SsdTables:
             ids = batch["row_ids"]
             for li, lid in enumerate(layer_ids):
                 want = np.unique(ids[li].numpy().astype(np.int64, copy=False))
+                if shards is not None:
+                    lo, hi = shards[lid]
+                    want = want[(want >= lo) & (want < hi)] - lo
                 self.tables[lid].prefetch(want, skip.get(lid), tick=step)
             self._next = (step, batch)
 

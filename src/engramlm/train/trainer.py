@@ -225,6 +225,9 @@ class Trainer:
         self.loader = BatchLoader(
             self.train_set, d.batch_size, d.seq_len, seed=config.seed, row_ids_fn=hasher, part=part
         )
+        if self.ssd is not None and self.dist is not None:  # the prefetch's view: every rank's rows of a step
+            self.global_loader = BatchLoader(self.train_set, d.batch_size, d.seq_len, seed=config.seed,
+                                             row_ids_fn=hasher)  # fmt: skip
         self.eval_loader = EvalLoader(self.eval_set, d.eval_batch_size, d.seq_len, row_ids_fn=hasher)
         self.step = 0
         self.resumed_from: int | None = None
@@ -270,7 +273,8 @@ class Trainer:
         :class:`TrainableTable` in OUT_DIR/engram_tables/rankR-of-N/ (ids local to the shard), the backend of
         its :class:`SparseRowAdam`; the RAM shard is dropped. A fresh run writes the rows cut from the seeded
         init (the full table exists once per rank while the model is built, as with RAM shards); a resumed one
-        opens the state its checkpoint's ``shards/rankR-of-N.engram_tables.json`` records. No prefetch."""
+        opens the state its checkpoint's ``shards/rankR-of-N.engram_tables.json`` records. The prefetch hashes the
+        next global batch (every rank's slice: the rows this rank serves come from all of them)."""
         from engramlm.store.trainable import TABLES_FILE
         from engramlm.train.shard_checkpoint import rank_file
 
@@ -288,7 +292,7 @@ class Trainer:
         tables.readers = {lid: t.gather for lid, t in self.ssd.tables.items()}
         if env.is_main:
             _log(f"Engram tables on SSD in {self.run_dir / 'engram_tables'}/rank*-of-{env.world:05d} (cache "
-                 f"{cfg.cache_mb} MiB per rank; no prefetch under torchrun)")  # fmt: skip
+                 f"{cfg.cache_mb} MiB per rank)")  # fmt: skip
 
     def _check_resume(self, ckpt: Checkpoint, layout) -> None:
         saved_cfg = json.loads((ckpt.model_dir / "config.json").read_text(encoding="utf-8"))
@@ -371,11 +375,17 @@ class Trainer:
         targets = batch["targets"].masked_fill(~batch["loss_mask"], -100)
         total = reduce(batch["loss_mask"].sum().reshape(1).to(torch.int64))  # the global batch's scored tokens
         rows = None
-        if self.ssd is not None:
-            self.ssd.set_step(self.step)  # orders the cache's evictions
+        ssd = self.ssd
+        if ssd is not None:
+            ssd.set_step(self.step)  # orders the cache's evictions
+            ssd.take_batch(self.step)  # waits for the prefetch of this step's owned rows (its batch is the global one)
         if self.tables is not None:
             self.optim.sparse.reset()
             rows = self.tables.gather(batch["row_ids"], self.model.layout.layer_ids)
+        if ssd is not None and self.step + 1 < cfg.total_steps:  # rows this rank will serve next, while this computes
+            shards = {lid: (s.start, s.stop) for lid, s in self.tables.shards.items()}
+            ssd.start_prefetch(self.step + 1, self.global_loader.batch_at, self.model.layout.layer_ids,
+                               self.optim.sparse.step_rows(), shards)  # fmt: skip
         engram = self.model.engram_inputs(batch["input_ids"], batch["doc_start"], rows=rows) if rows else None
         out = self.ddp(batch["input_ids"], engram=engram) if engram is not None else self.ddp(batch["input_ids"])
         logits = out.logits.float()
@@ -404,9 +414,10 @@ class Trainer:
         if self.ssd is not None:  # each rank's SSD tables: counters since the start, summed and per rank
             io = self.ssd.io_stats()
             keys = sorted(io)
-            by_rank = list(zip(*env.gather_rows([float(io[k]) for k in keys]), strict=True))
-            ssd = {f"ssd_{k}": int(sum(v)) for k, v in zip(keys, by_rank, strict=True)}
+            by_rank = list(zip(*env.gather_rows([float(io[k]) for k in keys] + [self.ssd.last_wait_s]), strict=True))
+            ssd = {f"ssd_{k}": int(sum(v)) for k, v in zip(keys, by_rank, strict=False)}
             ssd["ranks_ssd_cache_misses"] = [int(x) for x in by_rank[keys.index("cache_misses")]]
+            ssd["ssd_wait_ms"] = 1e3 * max(by_rank[-1])  # the slowest rank's wait for its prefetch
         return {
             **ssd,
             "step": self.step,
@@ -432,6 +443,8 @@ class Trainer:
         if self.dist is not None:
             if self.config.threads is not None:
                 torch.set_num_threads(self.config.threads)
+            if self.ssd is not None:
+                self.ssd.wait()  # no prefetch in flight while the eval reads the tables
             return evaluate_sharded(
                 self.model, self.eval_loader, self.tables, self.dist, self.config.data.eval_max_batches
             )
