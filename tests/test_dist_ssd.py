@@ -4,6 +4,9 @@ The tiny model and config of ``test_dist_train``, 2 gloo ranks. Each rank keeps 
 its row range (4081 of 8162 rows, local ids) with a cache of ~80 records, far fewer than the rows a step
 touches, as the backend of its ``SparseRowAdam`` (the owner's read of the row exchange). With the same world
 size the arithmetic is the RAM shards' exactly, so losses, final rows and Adam state are compared bit for bit.
+Also: a resume from the step-4 checkpoint on 2 ranks (bit-exact), 3 ranks or one process (refused), the
+per-rank prefetch (a cache holding the whole shard: no owner-read misses after step 1), and ``store build`` /
+``eval`` reading the two ranks' tables as one.
 """
 
 from __future__ import annotations
