@@ -97,6 +97,9 @@ NOT_RUN: dict[str, str] = {
             "engramlm store build runs/quickstart_2r --out runs/quickstart_2r_store",
         )
     },
+    "torchrun --standalone --nproc-per-node 2 -m engramlm train --config configs/quickstart.toml "
+    "out_dir=runs/quickstart_2r_ssd engram.table_tier=ssd engram.cache_mb=256": "runs several processes under "
+    "torchrun; tests/test_dist_ssd.py runs it (2 ranks, SSD shards, resume, store build) on a tiny config",
     "engramlm serve runs/quickstart --port 8000 --max-batch 16": "starts a server that runs until stopped; "
     "tests/test_serve_http.py runs `engramlm serve` in a subprocess and drives it with real clients",
     'curl -s localhost:8000/v1/completions -H \'content-type: application/json\' -d \'{"model": "quickstart", '

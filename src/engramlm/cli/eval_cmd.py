@@ -71,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     loader = EvalLoader(ds, args.batch_size, seq_len, row_ids_fn=model.hasher)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    from engramlm.store.trainable import TABLES_FILE, open_tables
+    from engramlm.store.trainable import open_checkpoint_tables
 
-    ssd = trained.files.model_dir.parent / TABLES_FILE  # trained with engram.table_tier=ssd: read rows from its files
-    tables = open_tables(ssd, model.layout.fingerprint) if ssd.is_file() and model.layout is not None else {}
+    # trained with engram.table_tier=ssd (one process or per-rank row ranges): read the rows from its files
+    ckpt_dir = trained.files.model_dir.parent
+    tables = open_checkpoint_tables(ckpt_dir, model.layout.fingerprint) if model.layout is not None else {}
     try:
         result = evaluate(model, loader, args.max_batches, args.threads, progress=progress, tables=tables)
     finally:

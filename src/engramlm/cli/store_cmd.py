@@ -111,7 +111,7 @@ def run_build(args: argparse.Namespace) -> int:
     from engramlm.models.locate import locate_model
     from engramlm.store.safetensors_tables import open_safetensors_tables
     from engramlm.store.storedir import export_tables, resolve_format
-    from engramlm.store.trainable import TABLES_FILE, open_tables
+    from engramlm.store.trainable import checkpoint_table_docs, open_checkpoint_tables
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out: {args.out} is a file; a store is a directory (layer files + store.json)")
@@ -126,14 +126,14 @@ def run_build(args: argparse.Namespace) -> int:
     layout.check_fingerprint(doc.get("hash_fingerprint", "none"), what=f"model {model_dir}")
     expected_rows = {lid: layout.rows_of(lid) for lid in layout.layer_ids}
     head_sizes = {lid: layout.head_sizes(lid) for lid in layout.layer_ids}
-    ssd_tables = model_dir.parent / TABLES_FILE  # a checkpoint of a run trained with engram.table_tier=ssd
-    if ssd_tables.is_file():  # streamed from the SSD tables (base + dirty-row logs), never loaded whole
-        tables = open_tables(ssd_tables, layout.fingerprint)
+    # a checkpoint of a run trained with engram.table_tier=ssd (one process, or one row range per rank)
+    if checkpoint_table_docs(model_dir.parent):  # streamed from the SSD tables (base + dirty-row logs), never whole
+        tables = open_checkpoint_tables(model_dir.parent, layout.fingerprint)
         bad = {lid: t.num_rows for lid, t in tables.items() if t.num_rows != expected_rows.get(lid)}
         if bad or set(tables) != set(expected_rows):
             for t in tables.values():
                 t.close()
-            raise CorruptFileError(f"{ssd_tables}: tables {bad or sorted(tables)} do not match the layout")
+            raise CorruptFileError(f"{model_dir.parent}: SSD tables {bad or sorted(tables)} do not match the layout")
     else:
         tables = open_safetensors_tables(
             model_dir / "model.safetensors", layout.fingerprint, expected_rows=expected_rows

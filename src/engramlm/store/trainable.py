@@ -768,3 +768,72 @@ def open_tables(
             t.close()
         raise
     return out
+
+
+class RankedRows:
+    """One table saved as consecutive row ranges, one :class:`TrainableTable` each (a run trained under torchrun
+    with ``engram.table_tier=ssd``: each rank's shard), read as one table: a ``BlockSource`` for ``store build``
+    and a ``gather`` for ``eval``. Read-only; ids are global."""
+
+    def __init__(self, parts: list[TrainableTable]) -> None:
+        self.parts = parts
+        self.dim = int(parts[0].dim)
+        self.starts = np.cumsum([0, *(int(p.num_rows) for p in parts)])
+        self.num_rows = int(self.starts[-1])
+
+    def read_block(self, start: int, stop: int) -> torch.Tensor:
+        out = []
+        for lo, p in zip(self.starts[:-1].tolist(), self.parts, strict=True):
+            a, b = max(start, lo), min(stop, lo + p.num_rows)
+            if a < b:
+                out.append(p.read_block(a - lo, b - lo))
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    def gather(self, row_ids: torch.Tensor) -> torch.Tensor:
+        flat = row_ids.reshape(-1).long()
+        part = torch.from_numpy(np.searchsorted(self.starts[1:], flat.numpy(), side="right"))
+        out = torch.empty(flat.numel(), self.dim)
+        for i, p in enumerate(self.parts):
+            sel = (part == i).nonzero().flatten()
+            if sel.numel():
+                out[sel] = p.gather(flat[sel] - int(self.starts[i]))
+        return out.reshape(*row_ids.shape, self.dim)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+
+def checkpoint_table_docs(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The ``engram_tables.json`` files of a checkpoint trained with ``engram.table_tier=ssd``: one (a one-process
+    run), one per rank in rank order (torchrun: ``trainer_state.json``'s ``shards.tables_files``), or none."""
+    d = Path(ckpt_dir)
+    if (d / TABLES_FILE).is_file():
+        return [d / TABLES_FILE]
+    try:
+        state = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [d / rel for rel in (state.get("shards") or {}).get("tables_files", [])]
+
+
+def open_checkpoint_tables(
+    ckpt_dir: str | os.PathLike, fingerprint: str, *, cache_bytes: int = 64 << 20
+) -> dict[int, TrainableTable | RankedRows]:
+    """Read-only tables of an SSD-trained checkpoint (see :func:`checkpoint_table_docs`); {} if it has none."""
+    docs = checkpoint_table_docs(ckpt_dir)
+    if len(docs) <= 1:
+        return open_tables(docs[0], fingerprint, cache_bytes=cache_bytes) if docs else {}
+    opened: list[dict[int, TrainableTable]] = []
+    try:
+        for doc in docs:
+            opened.append(open_tables(doc, fingerprint, cache_bytes=max(1, cache_bytes // len(docs))))
+        lids = set(opened[0])
+        if any(set(o) != lids for o in opened):
+            raise CorruptFileError(f"{ckpt_dir}: the ranks' table files name different Engram layers")
+    except BaseException:
+        for o in opened:
+            for t in o.values():
+                t.close()
+        raise
+    return {lid: RankedRows([o[lid] for o in opened]) for lid in sorted(lids)}

@@ -181,6 +181,8 @@ class ShardedTables:
     shapes: dict[int, tuple[int, int]] = field(default_factory=dict)
     dtypes: dict[int, torch.dtype] = field(default_factory=dict)
     lookups: ShardedEngramRows | None = None
+    # layer id -> a reader of local row ids when the rows live outside ``local`` (an SSD table per rank)
+    readers: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @classmethod
     def cut(cls, model: EngramLM, env: DistEnv) -> ShardedTables:
@@ -208,6 +210,10 @@ class ShardedTables:
 
     def eval_lookups(self) -> ShardedEngramRows:
         dims = {lid: t.shape[1] for lid, t in self.local.items()}
+        readers = self.readers
+        if readers is not None:
+            return ShardedEngramRows(self.shards, dims, lambda lid, ids: readers[lid](ids.cpu()).to(self.env.device),
+                                     self.env.exchange_group)  # fmt: skip
         return ShardedEngramRows(
             self.shards, dims, lambda lid, ids: F.embedding(ids.to(self.env.device), self.local[lid]),
             self.env.exchange_group,

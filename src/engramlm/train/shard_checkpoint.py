@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ _DTYPES = {
 
 
 def shard_file(rank: int, world: int) -> str:
-    return f"{SHARDS_SUBDIR}/rank{rank:05d}-of-{world:05d}.safetensors"
+    return rank_file(rank, world, "safetensors")
+
+
+def rank_file(rank: int, world: int, suffix: str) -> str:
+    return f"{SHARDS_SUBDIR}/rank{rank:05d}-of-{world:05d}.{suffix}"
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -128,8 +133,13 @@ def save_sharded_checkpoint(
     sparse_local: dict[str, torch.Tensor],
     state: dict[str, Any],
     keep: int,
+    rank_json: tuple[str, Callable[[Path], dict[str, Any]]] | None = None,
 ) -> Path:
-    """Collective: every rank calls it; returns ``step_{step:08d}`` once it is complete and visible."""
+    """Collective: every rank calls it; returns ``step_{step:08d}`` once it is complete and visible.
+
+    ``rank_json``: (suffix, doc) for tables that live outside the model (``engram.table_tier=ssd``): the model
+    file then holds ``[0, d]`` placeholders and each rank writes ``doc(shards dir)`` (its tables' manifests)
+    to ``shards/rankR-of-N.<suffix>`` before the barrier; rank 0 hashes and records them."""
     from safetensors.torch import save
 
     from engramlm.hashing.artifact import save_layout
@@ -158,6 +168,8 @@ def save_sharded_checkpoint(
         if model.config.tie_embeddings:
             dense.pop("lm_head.weight", None)
         shapes = {tables.keys[lid]: (tables.shapes[lid], tables.dtypes[lid]) for lid in tables.keys} if tables else {}
+        if rank_json is not None:  # rows on SSD: the saved model keeps the placeholders, as a one-process SSD run
+            shapes = {k: ((0, shape[1]), dtype) for k, (shape, dtype) in shapes.items()}
         meta = {"format": MODEL_FORMAT, "version": str(MODEL_VERSION), "hash_fingerprint": fingerprint}
         return write_model_skeleton(weights, dense, shapes, meta)
 
@@ -168,8 +180,11 @@ def save_sharded_checkpoint(
             starts = {}
             if tables is not None:
                 for lid, key in tables.keys.items():
-                    write_rows(weights, offsets[key], tables.shards[lid].start, tables.local[lid])
+                    if rank_json is None:
+                        write_rows(weights, offsets[key], tables.shards[lid].start, tables.local[lid])
                     starts[lid] = tables.shards[lid].start
+            if rank_json is not None:
+                atomic_write_json(tmp / rank_file(env.rank, env.world, rank_json[0]), rank_json[1](tmp / SHARDS_SUBDIR))
             st = global_sparse_state(sparse_local, starts) if sparse_local else {}
             atomic_write_bytes(tmp / shard_file(env.rank, env.world),
                                save(st, metadata={"format": CHECKPOINT_FORMAT, "rank": str(env.rank)}))  # fmt: skip
@@ -198,6 +213,8 @@ def save_sharded_checkpoint(
                 "files": [shard_file(r, env.world) for r in range(env.world)],
                 "bounds": {str(lid): list(s.bounds) for lid, s in tables.shards.items()} if tables else {},
             }
+            if rank_json is not None:  # each rank's tables (manifests of its SSD tables), in rank order
+                shards["tables_files"] = [rank_file(r, env.world, rank_json[0]) for r in range(env.world)]
             doc = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "rng": rng_doc,
                    "files": files, **state, "shards": shards}  # fmt: skip
             atomic_write_json(tmp / TRAINER_STATE, doc)
@@ -287,9 +304,10 @@ def local_sparse_tensors(
     return out
 
 
-def load_sharded_weights(model, model_dir: Path, tables: ShardedTables | None) -> None:
+def load_sharded_weights(model, model_dir: Path, tables: ShardedTables | None, *, rows: bool = True) -> None:
     """Load a saved model's dense weights into ``model`` and this rank's rows into ``tables.local`` (only
-    those rows are read); the hash fingerprint of the weights must be the model's."""
+    those rows are read; ``rows=False``: the tables are on SSD and the file holds placeholders, read
+    nothing of them); the hash fingerprint of the weights must be the model's."""
     from safetensors import safe_open
 
     from engramlm.errors import CorruptFileError, HashSpecMismatch
@@ -303,6 +321,8 @@ def load_sharded_weights(model, model_dir: Path, tables: ShardedTables | None) -
             for key in f.keys():
                 if key in table_keys:
                     found.append(key)
+                    if not rows:
+                        continue
                     shard = tables.shards[table_keys[key]]
                     tables.local[table_keys[key]] = f.get_slice(key)[shard.start : shard.stop].to(tables.env.device)
                 else:

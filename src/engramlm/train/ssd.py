@@ -74,8 +74,34 @@ class SsdTables:
 
     # ---- building ------------------------------------------------------------------------------
     @staticmethod
-    def table_dir(run_dir: Path, lid: int) -> Path:
-        return Path(run_dir) / TABLES_DIR / f"layer_{lid:03d}"
+    def table_dir(run_dir: Path, lid: int, sub: str = "") -> Path:
+        """``OUT_DIR/engram_tables/[sub/]layer_NNN``; ``sub`` is a rank's own directory under torchrun."""
+        return Path(run_dir) / TABLES_DIR / sub / f"layer_{lid:03d}"
+
+    @classmethod
+    def from_shards(
+        cls, run_dir: Path, cfg: EngramTableConfig, local: dict[int, torch.Tensor], fingerprint: str, sub: str
+    ) -> SsdTables:
+        """A rank's tables under torchrun: one :class:`TrainableTable` per layer over only this rank's row range
+        (``local``: its rows, cut from the seeded init; ids in the table are local, global id - shard start)."""
+        shares = _shares({lid: int(t.shape[0]) for lid, t in local.items()}, int(cfg.cache_mb * 2**20))
+        tables: dict[int, TrainableTable] = {}
+        try:
+            for lid, rows in sorted(local.items()):
+
+                def init(write, rows: torch.Tensor = rows) -> None:
+                    for first in range(0, rows.shape[0], 8192):  # a few MiB a block, as new_model's init
+                        write(first, rows[first : first + 8192])
+
+                tables[lid] = TrainableTable.create(
+                    cls.table_dir(run_dir, lid, sub), int(rows.shape[0]), int(rows.shape[1]), fingerprint, init,
+                    cache_bytes=shares[lid], direct=cfg.direct_io,
+                )  # fmt: skip
+        except BaseException:
+            for t in tables.values():
+                t.close()
+            raise
+        return cls(run_dir, cfg, tables)
 
     @classmethod
     def new_model(cls, run_dir: Path, cfg: EngramTableConfig, model_cfg, layout) -> tuple[EngramLM, SsdTables]:
@@ -110,9 +136,12 @@ class SsdTables:
         return model, cls(run_dir, cfg, tables)
 
     @classmethod
-    def from_checkpoint(cls, run_dir: Path, cfg: EngramTableConfig, ckpt_dir: Path, fingerprint: str) -> SsdTables:
-        """Open the tables at the state a checkpoint's ``engram_tables.json`` records (checked, see the store)."""
-        entries = read_tables_doc(Path(ckpt_dir) / TABLES_FILE)
+    def from_checkpoint(
+        cls, run_dir: Path, cfg: EngramTableConfig, ckpt_dir: Path, fingerprint: str, doc: str = TABLES_FILE
+    ) -> SsdTables:
+        """Open the tables at the state a checkpoint's ``engram_tables.json`` records (checked, see the store);
+        ``doc``: that file's path in the checkpoint (a rank's own under torchrun)."""
+        entries = read_tables_doc(Path(ckpt_dir) / doc)
         shares = _shares({lid: int(m["num_rows"]) for lid, (_, m) in entries.items()}, int(cfg.cache_mb * 2**20))
         tables: dict[int, TrainableTable] = {}
         try:
@@ -137,9 +166,18 @@ class SsdTables:
         nxt, self._next = self._next, None
         return nxt[1] if nxt is not None and nxt[0] == step else None
 
-    def start_prefetch(self, step: int, make_batch, layer_ids: tuple[int, ...], current: dict[int, torch.Tensor]):
+    def start_prefetch(
+        self,
+        step: int,
+        make_batch,
+        layer_ids: tuple[int, ...],
+        current: dict[int, torch.Tensor],
+        shards: dict[int, tuple[int, int]] | None = None,
+    ):
         """In the background: batch ``step`` = ``make_batch(step)``, then its rows minus ``current`` (layer ->
-        the running step's unique ids) into the cache."""
+        the running step's unique ids) into the cache. ``shards`` (torchrun): layer -> this rank's global row
+        range ``[start, stop)``; ``make_batch`` then gives the global batch, whose rows in the range (shifted to
+        local ids) are the ones this rank will serve."""
         if not self.cfg.prefetch:
             return
         skip = {lid: u.numpy() for lid, u in current.items()}
@@ -149,6 +187,9 @@ class SsdTables:
             ids = batch["row_ids"]
             for li, lid in enumerate(layer_ids):
                 want = np.unique(ids[li].numpy().astype(np.int64, copy=False))
+                if shards is not None:
+                    lo, hi = shards[lid]
+                    want = want[(want >= lo) & (want < hi)] - lo
                 self.tables[lid].prefetch(want, skip.get(lid), tick=step)
             self._next = (step, batch)
 
@@ -175,16 +216,18 @@ class SsdTables:
         dirs = {lid: t.directory for lid, t in self.tables.items()}
         return tables_doc(manifests, dirs, ckpt_tmp)
 
-    def collect_garbage(self, checkpoints: list[Path]) -> None:
-        """Delete table files that neither a retained checkpoint nor the open tables use."""
+    def collect_garbage(self, checkpoints: list[Path], doc: str = TABLES_FILE) -> None:
+        """Delete table files that neither a retained checkpoint (its ``doc``) nor the open tables use."""
         keep: dict[int, set[str]] = {lid: set(t.files()) for lid, t in self.tables.items()}
         for c in checkpoints:
-            f = c / TABLES_FILE
+            f = c / doc
             if f.is_file():
                 for lid, (_, man) in read_tables_doc(f).items():
                     keep.setdefault(lid, set()).update(manifest_files(man))
+        own = (self.run_dir / TABLES_DIR).resolve()
         for lid, t in self.tables.items():
-            collect_garbage(t.directory, keep[lid])
+            if t.directory.resolve().is_relative_to(own):  # never in another run's directory (resumed elsewhere)
+                collect_garbage(t.directory, keep[lid])
 
     def io_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}

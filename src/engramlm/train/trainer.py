@@ -172,14 +172,11 @@ class Trainer:
         ckpt: Checkpoint | None = None
         if self.dist is not None:
             check_world(config.data.batch_size, self.dist)
-            if config.engram.table_tier == "ssd":
-                raise ConfigError(
-                    "engram.table_tier: 'ssd' is not supported under torchrun yet (each rank's row shard on SSD is"
-                    " not wired); use 'model', or train on SSD in one process"
-                )
         if resume:
             ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume), merge_shards=self.dist is None)
             self._check_resume(ckpt, layout)
+            if config.engram.table_tier == "ssd":
+                _check_ssd_world(ckpt, 1 if self.dist is None else self.dist.world)
 
         def claim() -> str | None:
             aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
@@ -198,7 +195,9 @@ class Trainer:
             if layout is not None:
                 self.tables = ShardedTables.cut(self.model, self.dist)
             if ckpt is not None:
-                load_sharded_weights(self.model, ckpt.model_dir, self.tables)
+                load_sharded_weights(self.model, ckpt.model_dir, self.tables, rows=config.engram.table_tier != "ssd")
+            if config.engram.table_tier == "ssd" and self.tables is not None:
+                self._setup_sharded_ssd(ckpt, layout)
         elif config.engram.table_tier == "ssd":
             self._setup_ssd(ckpt, model_cfg, layout)
         elif ckpt is not None:
@@ -226,12 +225,15 @@ class Trainer:
         self.loader = BatchLoader(
             self.train_set, d.batch_size, d.seq_len, seed=config.seed, row_ids_fn=hasher, part=part
         )
+        if self.ssd is not None and self.dist is not None:  # the prefetch's view: every rank's rows of a step
+            self.global_loader = BatchLoader(self.train_set, d.batch_size, d.seq_len, seed=config.seed,
+                                             row_ids_fn=hasher)  # fmt: skip
         self.eval_loader = EvalLoader(self.eval_set, d.eval_batch_size, d.seq_len, row_ids_fn=hasher)
         self.step = 0
         self.resumed_from: int | None = None
         if ckpt is not None:
             tensors = ckpt.optim_tensors
-            if self.tables is not None:  # this rank's rows only, from whichever files hold them (re-sharding)
+            if self.tables is not None and self.ssd is None:  # this rank's rows only, from whichever files hold them
                 dims = {lid: t.shape[1] for lid, t in self.tables.local.items()}
                 tensors = {k: v for k, v in tensors.items() if not k.startswith("sparse/")}
                 tensors.update(local_sparse_tensors(ckpt.path, ckpt.state, ckpt.optim_tensors, self.tables, dims))
@@ -265,6 +267,32 @@ class Trainer:
         except BaseException:
             self.ssd.close()
             raise
+
+    def _setup_sharded_ssd(self, ckpt: Checkpoint | None, layout) -> None:
+        """``engram.table_tier=ssd`` under torchrun: this rank's row range of every table becomes a
+        :class:`TrainableTable` in OUT_DIR/engram_tables/rankR-of-N/ (ids local to the shard), the backend of
+        its :class:`SparseRowAdam`; the RAM shard is dropped. A fresh run writes the rows cut from the seeded
+        init (the full table exists once per rank while the model is built, as with RAM shards); a resumed one
+        opens the state its checkpoint's ``shards/rankR-of-N.engram_tables.json`` records. The prefetch hashes the
+        next global batch (every rank's slice: the rows this rank serves come from all of them)."""
+        from engramlm.store.trainable import TABLES_FILE
+        from engramlm.train.shard_checkpoint import rank_file
+
+        env, tables, cfg = self.dist, self.tables, self.config.engram
+        sub = f"rank{env.rank:05d}-of-{env.world:05d}"
+        if ckpt is None:
+            self.ssd = SsdTables.from_shards(self.run_dir, cfg, tables.local, layout.fingerprint, sub)
+        else:
+            doc = rank_file(env.rank, env.world, TABLES_FILE)
+            if not (ckpt.path / doc).is_file():
+                raise ConfigError(f"engram.table_tier: checkpoint {ckpt.path} holds its tables in the model, not on "
+                                  "SSD")  # fmt: skip
+            self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint, doc)
+        tables.local = {lid: t.new_empty(0, t.shape[1]) for lid, t in tables.local.items()}
+        tables.readers = {lid: t.gather for lid, t in self.ssd.tables.items()}
+        if env.is_main:
+            _log(f"Engram tables on SSD in {self.run_dir / 'engram_tables'}/rank*-of-{env.world:05d} (cache "
+                 f"{cfg.cache_mb} MiB per rank)")  # fmt: skip
 
     def _check_resume(self, ckpt: Checkpoint, layout) -> None:
         saved_cfg = json.loads((ckpt.model_dir / "config.json").read_text(encoding="utf-8"))
@@ -347,9 +375,17 @@ class Trainer:
         targets = batch["targets"].masked_fill(~batch["loss_mask"], -100)
         total = reduce(batch["loss_mask"].sum().reshape(1).to(torch.int64))  # the global batch's scored tokens
         rows = None
+        ssd = self.ssd
+        if ssd is not None:
+            ssd.set_step(self.step)  # orders the cache's evictions
+            ssd.take_batch(self.step)  # waits for the prefetch of this step's owned rows (its batch is the global one)
         if self.tables is not None:
             self.optim.sparse.reset()
             rows = self.tables.gather(batch["row_ids"], self.model.layout.layer_ids)
+        if ssd is not None and self.step + 1 < cfg.total_steps:  # rows this rank will serve next, while this computes
+            shards = {lid: (s.start, s.stop) for lid, s in self.tables.shards.items()}
+            ssd.start_prefetch(self.step + 1, self.global_loader.batch_at, self.model.layout.layer_ids,
+                               self.optim.sparse.step_rows(), shards)  # fmt: skip
         engram = self.model.engram_inputs(batch["input_ids"], batch["doc_start"], rows=rows) if rows else None
         out = self.ddp(batch["input_ids"], engram=engram) if engram is not None else self.ddp(batch["input_ids"])
         logits = out.logits.float()
@@ -374,7 +410,16 @@ class Trainer:
         comm = ex["seconds"] + timer.seconds
         per_rank = env.gather_rows([ex["sent"], ex["received"], comm, time.perf_counter() - t_start, ex["served"]])
         cols = list(zip(*per_rank, strict=True))
+        ssd: dict[str, Any] = {}
+        if self.ssd is not None:  # each rank's SSD tables: counters since the start, summed and per rank
+            io = self.ssd.io_stats()
+            keys = sorted(io)
+            by_rank = list(zip(*env.gather_rows([float(io[k]) for k in keys] + [self.ssd.last_wait_s]), strict=True))
+            ssd = {f"ssd_{k}": int(sum(v)) for k, v in zip(keys, by_rank, strict=False)}
+            ssd["ranks_ssd_cache_misses"] = [int(x) for x in by_rank[keys.index("cache_misses")]]
+            ssd["ssd_wait_ms"] = 1e3 * max(by_rank[-1])  # the slowest rank's wait for its prefetch
         return {
+            **ssd,
             "step": self.step,
             "kind": "train",
             "loss": float(loss),
@@ -398,6 +443,8 @@ class Trainer:
         if self.dist is not None:
             if self.config.threads is not None:
                 torch.set_num_threads(self.config.threads)
+            if self.ssd is not None:
+                self.ssd.wait()  # no prefetch in flight while the eval reads the tables
             return evaluate_sharded(
                 self.model, self.eval_loader, self.tables, self.dist, self.config.data.eval_max_batches
             )
@@ -422,8 +469,19 @@ class Trainer:
         if self.dist is not None:
             dense = {k: v for k, v in tensors.items() if not k.startswith("sparse/")}
             sparse = {k[7:]: v for k, v in tensors.items() if k.startswith("sparse/")}
-            return save_sharded_checkpoint(self.dist, self.run_dir, self.step, self.model, self.tables, dense, sparse,
-                                           state, self.config.keep_checkpoints)  # fmt: skip
+            if self.ssd is None:
+                return save_sharded_checkpoint(self.dist, self.run_dir, self.step, self.model, self.tables, dense,
+                                               sparse, state, self.config.keep_checkpoints)  # fmt: skip
+            from engramlm.store.trainable import TABLES_FILE
+            from engramlm.train.shard_checkpoint import rank_file
+
+            ssd = self.ssd
+            path = save_sharded_checkpoint(self.dist, self.run_dir, self.step, self.model, self.tables, dense, sparse,
+                                           state, self.config.keep_checkpoints,
+                                           rank_json=(TABLES_FILE, ssd.checkpoint_doc))  # fmt: skip
+            # every rank returns after rank 0 pruned old checkpoints: drop the files none of the kept ones names
+            ssd.collect_garbage(list_checkpoints(self.run_dir), rank_file(self.dist.rank, self.dist.world, TABLES_FILE))
+            return path
         if self.ssd is None:
             return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
         from engramlm.store.trainable import TABLES_FILE
@@ -582,6 +640,18 @@ class Trainer:
         if self.main:
             atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _check_ssd_world(ckpt: Checkpoint, world: int) -> None:
+    """SSD tables are per rank (each a row range): a checkpoint resumes on the world size that wrote it."""
+    saved = int((ckpt.state.get("shards") or {}).get("world", 1))
+    if saved != world:
+        how = "one process" if saved == 1 else f"torchrun --nproc-per-node {saved}"
+        raise ConfigError(
+            f"checkpoint {ckpt.path} holds SSD tables written by {saved} rank(s), this run has "
+            f"{world}; re-sharding SSD tables is not supported: resume it with {how}",
+            "engram.table_tier",
+        )
 
 
 class _NoLogger:
