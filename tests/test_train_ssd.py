@@ -199,8 +199,11 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(setup: tupl
     done = list_checkpoints(run)
 
     def after_ckpt() -> bool:
-        c = list_checkpoints(run)
-        recs = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
+        try:  # read while the trainer writes: a file can vanish between a check and the read (moved aside)
+            c = list_checkpoints(run)
+            recs = read_metrics(run)
+        except FileNotFoundError:
+            return False
         return len(c) > len(done) and recs and recs[-1]["step"] >= int(c[-1].name[5:]) + 3
 
     assert kill_when(proc, after_ckpt)
