@@ -199,6 +199,25 @@ def create_app(
                 if s.request is not None and not s.request.done:
                     scheduler.cancel(s.request)
 
+    def stream(seq: _Sequence, chunks: AsyncIterator[str], usage: Callable[[], dict] | None) -> StreamingResponse:
+        """SSE framing shared by completions and chat: the chunks, the usage chunk when asked for, ``[DONE]``; an
+        error mid-stream becomes an error event, and a finished or abandoned stream frees the sequence's slot."""
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+                if usage is not None:
+                    yield _sse(usage())
+                yield "data: [DONE]\n\n"
+            except APIError as exc:
+                yield _sse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}})
+            finally:
+                if seq.request is not None and not seq.request.done:
+                    scheduler.cancel(seq.request)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     def start(seqs_prompts: list[tuple[list[int], int]], p: Params, *, logprobs: int | None, echo_lp: bool,
               stops: list[str]) -> list[_Sequence]:  # fmt: skip
         loop = asyncio.get_running_loop()
@@ -266,30 +285,24 @@ def create_app(
         if p.stream:
             seq = seqs[0]
 
-            async def events() -> AsyncIterator[str]:
-                try:
-                    if echo:
-                        yield _sse(_completion_chunk(rid, created, served.name, echo_text(0), None))
-                    seen = 0
-                    while (delta := await seq.next_delta()) is not None:
-                        if seq.finish is not None:
-                            raise_if_failed([seq])
-                        lp = None
-                        if logprobs is not None and (delta or seq.finish is not None):
-                            lp = completion_logprobs(seq, seq.logprobs[seen:], None)
-                            seen = len(seq.logprobs)
-                        if delta or seq.finish is not None:
-                            yield _sse(_completion_chunk(rid, created, served.name, delta, seq.finish, lp))
-                    if p.include_usage:
-                        yield _sse(_usage_chunk(rid, created, served.name, "text_completion", usage_prompt, seqs))
-                    yield "data: [DONE]\n\n"
-                except APIError as exc:
-                    yield _sse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}})
-                finally:
-                    if seq.request is not None and not seq.request.done:
-                        scheduler.cancel(seq.request)
+            async def chunks() -> AsyncIterator[str]:
+                if echo:
+                    yield _sse(_completion_chunk(rid, created, served.name, echo_text(0), None))
+                seen = 0
+                while (delta := await seq.next_delta()) is not None:
+                    if seq.finish is not None:
+                        raise_if_failed([seq])
+                    lp = None
+                    if logprobs is not None and (delta or seq.finish is not None):
+                        lp = completion_logprobs(seq, seq.logprobs[seen:], None)
+                        seen = len(seq.logprobs)
+                    if delta or seq.finish is not None:
+                        yield _sse(_completion_chunk(rid, created, served.name, delta, seq.finish, lp))
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            def usage() -> dict:
+                return _usage_chunk(rid, created, served.name, "text_completion", usage_prompt, seqs)
+
+            return stream(seq, chunks(), usage if p.include_usage else None)
 
         await collect(request, seqs)
         raise_if_failed(seqs)
@@ -337,29 +350,23 @@ def create_app(
 
         if p.stream:
 
-            async def events() -> AsyncIterator[str]:
-                try:
-                    yield _sse(_chat_chunk(rid, created, served.name, {"role": "assistant", "content": ""}, None))
-                    seen = 0
-                    while (delta := await seq.next_delta()) is not None:
-                        if seq.finish is not None:
-                            raise_if_failed([seq])
-                        lp = chat_logprobs(seq.logprobs[seen:])
-                        seen = len(seq.logprobs)
-                        if delta:
-                            yield _sse(_chat_chunk(rid, created, served.name, {"content": delta}, None, lp))
-                        if seq.finish is not None:
-                            yield _sse(_chat_chunk(rid, created, served.name, {}, seq.finish))
-                    if p.include_usage:
-                        yield _sse(_usage_chunk(rid, created, served.name, "chat.completion.chunk", len(ids), seqs))
-                    yield "data: [DONE]\n\n"
-                except APIError as exc:
-                    yield _sse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}})
-                finally:
-                    if seq.request is not None and not seq.request.done:
-                        scheduler.cancel(seq.request)
+            async def chunks() -> AsyncIterator[str]:
+                yield _sse(_chat_chunk(rid, created, served.name, {"role": "assistant", "content": ""}, None))
+                seen = 0
+                while (delta := await seq.next_delta()) is not None:
+                    if seq.finish is not None:
+                        raise_if_failed([seq])
+                    lp = chat_logprobs(seq.logprobs[seen:])
+                    seen = len(seq.logprobs)
+                    if delta:
+                        yield _sse(_chat_chunk(rid, created, served.name, {"content": delta}, None, lp))
+                    if seq.finish is not None:
+                        yield _sse(_chat_chunk(rid, created, served.name, {}, seq.finish))
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            def usage() -> dict:
+                return _usage_chunk(rid, created, served.name, "chat.completion.chunk", len(ids), seqs)
+
+            return stream(seq, chunks(), usage if p.include_usage else None)
 
         await collect(request, seqs)
         raise_if_failed(seqs)
