@@ -53,7 +53,7 @@ from engramlm.hashing.spec import HashLayout, HashSpec, make_layout
 from engramlm.models.config import EngramConfig
 from engramlm.models.presets import get_preset
 from engramlm.nn.engram import ConvState, EngramBlock
-from engramlm.train.sparse_adam import Gathered, SparseRowAdam
+from engramlm.train.sparse_adam import SparseRowAdam
 from engramlm.utils.config import to_jsonable
 from engramlm.utils.io import atomic_write_bytes, atomic_write_json
 
@@ -481,34 +481,12 @@ class EngramAdamW(torch.optim.AdamW):
         """Each layer's rows for one forward (micro-batch); they stay pending until :meth:`step`."""
         return {lid: self.sparse.gather_layer(lid, row_ids[li]) for li, lid in enumerate(self.adapter.layer_ids)}
 
-    def _merged(self) -> list[Gathered]:
-        """One Gathered per layer: this step's rows with the gradients of all micro-batches summed."""
-        out = []
-        for lid in self.adapter.layer_ids:
-            parts = [g for g in self.sparse._pending if g.layer_id == lid and g.leaf.grad is not None]
-            if not parts:
-                continue
-            if len(parts) == 1:
-                out.append(parts[0])
-                continue
-            ids = torch.cat([g.unique for g in parts])
-            grads = torch.cat([g.leaf.grad for g in parts])
-            unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-            grad = torch.zeros(unique.numel(), grads.shape[1], dtype=grads.dtype, device=grads.device)
-            grad.index_add_(0, inverse.to(grads.device), grads)
-            state = self.sparse.backends[lid].read(unique)
-            leaf = state.rows.requires_grad_(True)
-            leaf.grad = grad
-            out.append(Gathered(lid, unique, leaf, state))
-        return out
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = super().step(closure)  # the table group has no .grad: AdamW skips it
         group = next(g for g in self.param_groups if g.get("engram_tables"))
         self.sparse.lr = group["lr"]
-        self.sparse._pending = self._merged()
-        self.sparse.step()
+        self.sparse.step()  # sums each row's gradient over the micro-batches, then one update
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -238,13 +238,32 @@ class SparseRowAdam:
         """The current step's row tensors (their ``.grad`` joins the global grad-norm clip)."""
         return [g.leaf for g in self._pending]
 
+    def _merged(self) -> list[Gathered]:
+        """One entry per layer with a gradient. A layer gathered several times in one step (micro-batches of
+        gradient accumulation, a checkpointed layer recomputed in backward) gets its rows' gradients summed
+        per row, so each row takes one update from its state as it was before the step."""
+        out = []
+        for lid in dict.fromkeys(g.layer_id for g in self._pending):
+            parts = [g for g in self._pending if g.layer_id == lid and g.leaf.grad is not None]
+            if len(parts) <= 1:
+                out += parts
+                continue
+            ids = torch.cat([g.unique for g in parts])
+            grads = torch.cat([g.leaf.grad for g in parts])
+            unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            grad = torch.zeros(unique.numel(), grads.shape[1], dtype=grads.dtype, device=grads.device)
+            grad.index_add_(0, inverse.to(grads.device), grads)
+            state = self.backends[lid].read(unique)
+            leaf = state.rows.requires_grad_(True)
+            leaf.grad = grad
+            out.append(Gathered(lid, unique, leaf, state))
+        return out
+
     @torch.no_grad()
     def step(self) -> None:
         b1, b2 = self.betas
-        for g in self._pending:
+        for g in self._merged():
             grad = g.leaf.grad
-            if grad is None:
-                continue
             st = g.state
             m = st.exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
             v = st.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
