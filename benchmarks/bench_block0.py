@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import math
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -42,6 +41,7 @@ from benchmarks._arms import resolve_corpus, run_arm, spread
 from benchmarks._common import REPO_ROOT, RESULTS_DIR, command_line, machine_info, save_png, write_result
 from benchmarks.bench_reproductions import SETTINGS, reference_arm
 from engramlm.models.config import ModelConfig
+from engramlm.utils.io import atomic_write_json
 
 # The reproduction's full backbone at a quarter of its tokens per step: the gap is 10x the seed noise,
 # so a cheaper probe still resolves it, and 27 arms fit in one sitting.
@@ -129,7 +129,7 @@ def inside(run_dir: Path, data: Path, s: dict[str, Any]) -> list[dict[str, Any]]
 def _train_and_probe(cfg, lr, budget, data, seed, out, s):
     r = run_arm(cfg, budget, data, seed, out, 1, {"engram_lr_mult": lr})
     probes = inside(out, data, s)
-    (out / "inside.json").write_text(json.dumps(probes))  # a measurement next to the run, not state
+    atomic_write_json(out / "inside.json", probes)  # a measurement next to the run, not state
     return r, probes
 
 

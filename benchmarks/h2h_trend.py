@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import RESULTS_DIR, write_result
+from benchmarks.make_tables import kind_of
 
 
 def budget_points(results_dir: Path, corpus: str, d: int, layers: int) -> list[dict[str, Any]]:
@@ -34,9 +35,7 @@ def budget_points(results_dir: Path, corpus: str, d: int, layers: int) -> list[d
     points = []
     for path in sorted(results_dir.glob("*.json")):
         doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("kind") != "head_to_head" and not str(doc.get("kind", "")).startswith("head_to_head_"):
-            continue
-        if str(doc.get("kind", "")).startswith("head_to_head_why") or corpus not in doc.get("corpora", {}):
+        if kind_of(doc) != "head_to_head" or corpus not in doc.get("corpora", {}):  # the README's grouping
             continue
         s = doc["settings"]
         if (s["d"], s["layers"]) != (d, layers):
