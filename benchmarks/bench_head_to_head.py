@@ -48,6 +48,7 @@ from engramlm.models.accounting import count_parameters, iso_parameter_variant
 from engramlm.models.config import EngramConfig, ModelConfig, MoEConfig
 
 RHO = 0.8
+ARMS = ("dense", "moe", "engram_moe")
 DEFAULT_CORPORA = ("sotu", "stdlib")
 # Fewer held-out documents than this and the held-out mean is a property of those few texts.
 MIN_HELDOUT_DOCUMENTS = 20
@@ -195,6 +196,8 @@ def main() -> None:
     p.add_argument("--runs-root", default=str(REPO_ROOT / "runs" / "h2h"))
     p.add_argument("--out", default=None, help="result name (default head_to_head or head_to_head_quick)")
     p.add_argument("--unmatched-p-act", action="store_true", help="Engram arm without narrower experts (P_act +4%%)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="arms to train (the Engram - MoE gap needs only moe and engram_moe)")  # fmt: skip
     args = p.parse_args()
     size_name = args.size or ("quick" if args.quick else "full")
     size = dict(SIZES[size_name])
@@ -205,7 +208,8 @@ def main() -> None:
     for spec in args.corpus or list(DEFAULT_CORPORA):
         name, data = resolve_corpus(spec, Path(args.data_root))
         vocab = TokenDataset(data, "train", verify=False).vocab_size
-        corpora[name] = (data, arms(size, vocab, match_p_act=not args.unmatched_p_act))
+        models = arms(size, vocab, match_p_act=not args.unmatched_p_act)
+        corpora[name] = (data, {arm: models[arm] for arm in ARMS if arm in args.arms})
     out_name = result_name(size_name, list(corpora), args.out)
     tasks = {
         (name, arm, seed): (model, size, data, seed,
@@ -243,7 +247,7 @@ def main() -> None:
         entry["paired_bpb_diff"] = {
             f"{x}_minus_{y}": spread([rx["heldout"]["bpb"] - ry["heldout"]["bpb"]
                                       for rx, ry in zip(a[x]["runs"], a[y]["runs"], strict=True)])
-            for x, y in (("engram_moe", "moe"), ("moe", "dense"), ("engram_moe", "dense"))
+            for x, y in (("engram_moe", "moe"), ("moe", "dense"), ("engram_moe", "dense")) if x in a and y in a
         }  # fmt: skip
         entry["order_by_mean_bpb"] = sorted(a, key=lambda k: a[k]["bpb"]["mean"])
         entry["heldout"] = heldout_scope(next(iter(a.values()))["runs"], data)
