@@ -8,9 +8,15 @@ budget, fits ``gap = a + b ln(tokens per row)`` by weighted least squares (weigh
 budget's mean difference) and propagates the seed spread by Monte Carlo (each budget's mean drawn from
 a normal with its standard error) into the crossing point ``exp(-a/b)`` (Engram overtakes MoE there if
 b < 0, falls behind if b > 0): its median and 68/90% intervals, and how often the slope keeps its sign.
-With two budgets this is an extrapolation from two points, and says so. Budgets with one seed have no spread and are
-skipped. Larger budgets: ``python -m benchmarks.bench_head_to_head --size long`` (2x full) and
-``--size longer`` (4x), then run this again.
+With two budgets this is an extrapolation from two points, and says so.
+
+Budgets trained with one seed (the larger ones, which cost hours per arm here) have no spread of their own: their
+standard error is the per-seed std of the paired difference pooled over the multi-seed budgets (stated in the
+result as ``se_from: pooled``). They also serve as an out-of-sample test: the fit of the multi-seed budgets alone
+predicts each one-seed gap, with the prediction's spread (Monte Carlo over the fit plus the pooled seed noise),
+before the refit over all budgets. Larger budgets, with the dense arm left out:
+``python -m benchmarks.bench_head_to_head --size long --corpus sotu --seeds 0 --arms moe engram_moe`` (2x full)
+and ``--size longer`` (4x), then run this again.
 
     python -m benchmarks.h2h_trend                   # sotu, the full-size model (d=256, 4 layers)
     python -m benchmarks.h2h_trend --corpus stdlib
@@ -31,7 +37,7 @@ from benchmarks.make_tables import kind_of
 
 
 def budget_points(results_dir: Path, corpus: str, d: int, layers: int) -> list[dict[str, Any]]:
-    """One point per head-to-head result of this model size that scored ``corpus`` with >= 2 seeds."""
+    """One point per head-to-head result of this model size that scored ``corpus`` (one-seed points: pooled SE)."""
     points = []
     for path in sorted(results_dir.glob("*.json")):
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -43,19 +49,41 @@ def budget_points(results_dir: Path, corpus: str, d: int, layers: int) -> list[d
         arms = doc["corpora"][corpus]["arms"]
         diffs = [e["heldout"]["bpb"] - m["heldout"]["bpb"]
                  for e, m in zip(arms["engram_moe"]["runs"], arms["moe"]["runs"], strict=True)]  # fmt: skip
-        if len(diffs) < 2:
-            continue
         rows = sum(arms["engram_moe"]["params"]["engram_rows"])
         points.append({
             "result": path.name, "tokens": s["tokens"], "rows": rows, "tokens_per_row": s["tokens"] / rows,
-            "gap_mean": float(np.mean(diffs)), "gap_se": float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))),
-            "seeds": len(diffs),
+            "gap_mean": float(np.mean(diffs)), "seeds": len(diffs),
+            "gap_sd": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
         })  # fmt: skip
+    pooled = pooled_sd(points)
+    for p in points:
+        own = p["gap_sd"] is not None
+        p["se_from"] = "seeds" if own else "pooled"
+        p["gap_se"] = (p["gap_sd"] if own else pooled) / math.sqrt(p["seeds"]) if (own or pooled) else None
     return sorted(points, key=lambda p: p["tokens_per_row"])
 
 
+def pooled_sd(points: list[dict[str, Any]]) -> float | None:
+    """Per-seed std of the paired gap pooled over the budgets with >= 2 seeds (degrees-of-freedom weighted)."""
+    own = [(p["seeds"] - 1, p["gap_sd"]) for p in points if p["gap_sd"] is not None]
+    dof = sum(k for k, _ in own)
+    return math.sqrt(sum(k * sd**2 for k, sd in own) / dof) if dof else None
+
+
+def predict(result: dict[str, Any], tokens_per_row: float, seed_sd: float) -> dict[str, float]:
+    """The fitted gap at ``tokens_per_row`` and the spread of one seed's observation around it."""
+    x = math.log(tokens_per_row)
+    a, b = np.asarray(result["draws"]["a"]), np.asarray(result["draws"]["b"])
+    mean = float(result["intercept"] + result["slope_per_ln_tokens_per_row"] * x)
+    fit_sd = float(np.std(a + b * x))
+    return {"gap": mean, "fit_sd": fit_sd, "sd": math.sqrt(fit_sd**2 + seed_sd**2)}
+
+
 def fit(points: list[dict[str, Any]], draws: int = 200_000, seed: int = 0) -> dict[str, Any]:
-    """Weighted log-linear fit of the gap and the Monte-Carlo distribution of where it crosses zero."""
+    """Weighted log-linear fit of the gap and the Monte-Carlo distribution of where it crosses zero.
+
+    The result keeps 2,000 of the (intercept, slope) draws under ``draws`` for :func:`predict`; callers drop them
+    before writing."""
     x = np.log([p["tokens_per_row"] for p in points])
     m = np.array([p["gap_mean"] for p in points])
     se = np.maximum([p["gap_se"] for p in points], 1e-6)
@@ -70,8 +98,11 @@ def fit(points: list[dict[str, Any]], draws: int = 200_000, seed: int = 0) -> di
     same = np.sign(b) == np.sign(b0)
     at = np.exp(np.clip(-a[same] / b[same], -50, 50))
     q = np.quantile(at, [0.05, 0.16, 0.5, 0.84, 0.95])
+    resid = m - (a0 + b0 * x)
     return {
         "intercept": a0, "slope_per_ln_tokens_per_row": b0,
+        "chi2": float((w * resid**2).sum()), "dof": len(points) - 2,
+        "draws": {"a": a[:2000].tolist(), "b": b[:2000].tolist()},
         "direction": "engram overtakes moe" if b0 < 0 else "engram falls behind moe",
         "p_slope_sign": float(same.mean()),
         "cross_tokens_per_row": {"point": math.exp(-a0 / b0), "median": float(q[2]), "q16": float(q[1]),
@@ -85,19 +116,35 @@ def main() -> int:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     args = ap.parse_args()
-    points = budget_points(RESULTS_DIR, args.corpus, args.d, args.layers)
-    if len(points) < 2:
-        raise SystemExit(f"h2h_trend: need >= 2 budgets with >= 2 seeds for {args.corpus}, found {len(points)}")
+    points = [p for p in budget_points(RESULTS_DIR, args.corpus, args.d, args.layers) if p["gap_se"] is not None]
+    multi = [p for p in points if p["se_from"] == "seeds"]
+    if len(multi) < 2:
+        raise SystemExit(f"h2h_trend: need >= 2 budgets with >= 2 seeds for {args.corpus}, found {len(multi)}")
+    prior = fit(multi)
+    seed_sd = pooled_sd(points) or 0.0
+    for p in points:
+        if p["se_from"] == "pooled":  # out of sample: what the multi-seed budgets alone predicted here
+            pr = predict(prior, p["tokens_per_row"], seed_sd)
+            p["predicted"] = {**pr, "z": (p["gap_mean"] - pr["gap"]) / pr["sd"]}
     result = fit(points)
     rows = points[-1]["rows"]
     for p in points:
+        pred = p.get("predicted")
+        extra = f"; predicted {pred['gap']:+.4f} ± {pred['sd']:.4f} (z {pred['z']:+.2f})" if pred else ""
         print(f"{p['result']:<28} {p['tokens']:>10,} tokens  {p['tokens_per_row']:6.1f} tok/row  "
-              f"gap {p['gap_mean']:+.4f} ± {p['gap_se']:.4f} (SE, {p['seeds']} seeds)")  # fmt: skip
+              f"gap {p['gap_mean']:+.4f} ± {p['gap_se']:.4f} (SE, {p['seeds']} seeds, {p['se_from']})"
+              + extra)  # fmt: skip
     c = result["cross_tokens_per_row"]
     print(f"fit: gap = {result['intercept']:+.4f} {result['slope_per_ln_tokens_per_row']:+.4f} ln(tokens/row); "
           f"{result['direction']} (P(slope sign) {result['p_slope_sign']:.3f}) at {c['median']:.1f} tokens/row "
           f"(68%: {c['q16']:.1f}-{c['q84']:.1f}; ~{c['median'] * rows / 1e6:.2f}M tokens per arm)")  # fmt: skip
-    doc = {"kind": "h2h_trend", "corpus": args.corpus, "d": args.d, "layers": args.layers, "points": points}
+    print(f"fit residuals: chi2 {result['chi2']:.2f} on {result['dof']} dof")
+    for f in (prior, result):
+        f.pop("draws")
+    doc = {"kind": "h2h_trend", "corpus": args.corpus, "d": args.d, "layers": args.layers, "points": points,
+           "pooled_seed_sd": seed_sd}  # fmt: skip
+    if len(multi) < len(points):
+        doc["fit_multi_seed_only"] = prior
     path = write_result(f"h2h_trend_{args.corpus}", {**doc, "fit": result})
     print(f"wrote {path}")
     return 0

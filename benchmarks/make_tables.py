@@ -533,7 +533,7 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
                 f"| {corpus} | {H2H_ARMS.get(arm, arm)} | {pr['P_act']:,} | {pr['P_tot']:,} | "
                 f"{'—' if pr['rho'] is None else format(pr['rho'], '.2f')} | {_experts(a['model'])} | "
                 f"{', '.join(f'{n:,}' for n in pr['engram_rows']) or '—'} | "
-                f"**{b['mean']:.4f}** ± {b['std']:.4f} | {b['min']:.4f} – {b['max']:.4f} | "
+                f"**{b['mean']:.4f}** ± {_std(b)} | {b['min']:.4f} – {b['max']:.4f} | "
                 f"{tps[len(tps) // 2]:,.0f} |"
             )
     pairs = _ordered(next(iter(corpora.values()))["paired_bpb_diff"], H2H_PAIRS)
@@ -549,13 +549,21 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
     for corpus, c in corpora.items():
         d = c["paired_bpb_diff"]
         order = c["order_by_mean_bpb"]
-        ok = order == ["engram_moe", "moe", "dense"]
+        if len(order) < len(H2H_ARMS):  # a subset of the arms (--arms) cannot test the three-way order
+            verdict = f"not tested ({len(order)} arms)"
+        else:
+            verdict = "holds" if order == ["engram_moe", "moe", "dense"] else "not observed"
         lines.append(
             f"| {corpus} | "
-            + " | ".join(f"{d[k]['mean']:+.4f} ± {d[k]['std']:.4f}" for k in pairs)
-            + f" | {' < '.join(order)} | {'holds' if ok else 'not observed'} |"
+            + " | ".join(f"{d[k]['mean']:+.4f} ± {_std(d[k])}" for k in pairs)
+            + f" | {' < '.join(order)} | {verdict} |"
         )
     return lines + _image(doc, doc.get("plot"), f"head-to-head {doc.get('size', '')} curves") + _footer(doc)
+
+
+def _std(spread: dict[str, Any]) -> str:
+    """A seed spread's std, or "n/a" for one seed (a std of 0.0000 would read as no noise)."""
+    return "n/a" if spread.get("n", 2) < 2 else f"{spread['std']:.4f}"
 
 
 def _experts(model: dict[str, Any]) -> str:

@@ -78,3 +78,29 @@ def test_trend_reads_the_committed_results() -> None:
     pts = h2h_trend.budget_points(mt.RESULTS_DIR, "sotu", 256, 4)
     assert [p["result"] for p in pts] == ["head_to_head_medium.json", "head_to_head.json"]
     assert all(p["seeds"] == 3 and p["gap_se"] > 0 for p in pts)
+
+
+def _trend_doc(tokens: int, gaps: list[float]) -> dict:
+    runs = lambda bpbs: [{"heldout": {"bpb": b}} for b in bpbs]  # noqa: E731
+    return {"kind": "head_to_head", "settings": {"d": 256, "layers": 4, "tokens": tokens},
+            "corpora": {"sotu": {"arms": {"engram_moe": {"runs": runs([2.0 + g for g in gaps]),
+                                                         "params": {"engram_rows": [40, 60]}},
+                                          "moe": {"runs": runs([2.0] * len(gaps))}}}}}  # fmt: skip
+
+
+def test_trend_gives_one_seed_budgets_the_pooled_seed_spread_and_predicts_them(tmp_path: Path) -> None:
+    from benchmarks import h2h_trend
+
+    docs = {"a": _trend_doc(500, [0.03, 0.02, 0.04]), "b": _trend_doc(1700, [0.01, 0.0, 0.005]),
+            "c": _trend_doc(3400, [-0.01])}  # fmt: skip
+    for name, doc in docs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc), encoding="utf-8")
+    pts = h2h_trend.budget_points(tmp_path, "sotu", 256, 4)
+    assert [(p["tokens_per_row"], p["seeds"], p["se_from"]) for p in pts] == [
+        (5.0, 3, "seeds"), (17.0, 3, "seeds"), (34.0, 1, "pooled")]  # fmt: skip
+    pooled = np.sqrt((2 * np.var([0.03, 0.02, 0.04], ddof=1) + 2 * np.var([0.01, 0.0, 0.005], ddof=1)) / 4)
+    assert abs(pts[2]["gap_se"] - pooled) < 1e-12 and abs(h2h_trend.pooled_sd(pts) - pooled) < 1e-12
+    prior = h2h_trend.fit(pts[:2], draws=20_000)
+    pred = h2h_trend.predict(prior, 34.0, pooled)
+    line = prior["intercept"] + prior["slope_per_ln_tokens_per_row"] * np.log(34.0)
+    assert abs(pred["gap"] - line) < 1e-12 and pred["sd"] > max(pred["fit_sd"], pooled)
