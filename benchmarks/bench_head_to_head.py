@@ -63,8 +63,10 @@ SIZES: dict[str, dict[str, Any]] = {
     # Two larger budgets for the prose trend (issue 19): 2x and 4x the full tokens, same models.
     "long": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
              "batch": 16, "seq": 256, "tokens": 448 * 4096, "warmup": 30, "eval_tokens": 262_144},
+    # (checkpoints every 64 steps: an arm that takes hours here is resumed, exactly, across sessions)
     "longer": {"d": 256, "layers": 4, "heads": 4, "experts": 16, "expert_hidden": 256, "head_dim": 32,
-               "batch": 16, "seq": 256, "tokens": 896 * 4096, "warmup": 30, "eval_tokens": 262_144},
+               "batch": 16, "seq": 256, "tokens": 896 * 4096, "warmup": 30, "eval_tokens": 262_144,
+               "checkpoint_every": 64},
     "quick": {"d": 64, "layers": 3, "heads": 2, "experts": 16, "expert_hidden": 32, "head_dim": 16,
               "batch": 4, "seq": 64, "tokens": 40 * 256, "warmup": 5, "eval_tokens": 4 * 4 * 64},
 }  # fmt: skip
