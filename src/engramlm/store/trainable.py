@@ -37,6 +37,7 @@ a row missing from the cache has a stable newest copy on disk while it is read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -218,7 +219,7 @@ def _write_base(
     crcs: list[np.ndarray] = []
     pending = bytearray()
     written = 0
-    with open(path, "wb") as f:
+    with open(path, "xb") as f:  # never an existing name: another run's directory may hard-link it
         f.write(_base_header(num_rows, layout.dim, rec, fingerprint))
         for first, recs in blocks:
             if first != written:
@@ -242,7 +243,7 @@ def _write_base(
         os.fsync(f.fileno())
     table = np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)
     crc_bytes = table.astype("<u4").tobytes()
-    with open(crc_path, "wb") as f:
+    with open(crc_path, "xb") as f:
         f.write(crc_bytes)
         f.flush()
         os.fsync(f.fileno())
@@ -322,6 +323,26 @@ class TrainableTable(RowTable):
         d.mkdir(parents=True, exist_ok=True)
         layout = RecordLayout(dim)
         base = _write_base_streaming(d / _next_name(d, "base"), num_rows, layout, fingerprint, init)
+        manifest = {"num_rows": num_rows, "dim": dim, "record_bytes": layout.nbytes, "base": base, "logs": []}
+        fsync_path(d)
+        return cls(d, manifest, fingerprint, **kwargs)
+
+    @classmethod
+    def from_records(
+        cls,
+        directory: str | os.PathLike,
+        num_rows: int,
+        dim: int,
+        fingerprint: str,
+        blocks: Iterable[tuple[int, np.ndarray]],
+        **kwargs: Any,
+    ) -> TrainableTable:
+        """A table whose base holds the records ``blocks`` give (``(first_row, records)`` in row order: rows with
+        their Adam state, e.g. streamed from other tables by :func:`copy_records`), with an empty log."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        layout = RecordLayout(dim)
+        base = _write_base(d / _next_name(d, "base"), num_rows, layout, fingerprint, blocks)
         manifest = {"num_rows": num_rows, "dim": dim, "record_bytes": layout.nbytes, "base": base, "logs": []}
         fsync_path(d)
         return cls(d, manifest, fingerprint, **kwargs)
@@ -722,6 +743,76 @@ def manifest_files(manifest: Mapping[str, Any]) -> set[str]:
     return {b["file"], b["crc_file"], *(g["file"] for g in manifest.get("logs", []))}
 
 
+def link_table_files(src: str | os.PathLike, dst: str | os.PathLike, names: Iterable[str]) -> int:
+    """Make ``names`` (files of the table directory ``src``) appear in ``dst`` too: hard links (bases are
+    immutable and a log is appended only by the session that created it, so sharing the inode is safe; a later
+    delete in one directory leaves the other's name), a copy where the filesystem refuses a link. Existing names
+    in ``dst`` are kept. Returns the bytes copied (0: all linked)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for name in sorted(names):
+        if (dst / name).exists():
+            continue
+        try:
+            os.link(src / name, dst / name)
+        except OSError:
+            tmp = dst / f".{name}.tmp"
+            shutil.copyfile(src / name, tmp)
+            fsync_path(tmp)
+            os.replace(tmp, dst / name)
+            copied += (dst / name).stat().st_size
+    fsync_path(dst)
+    return copied
+
+
+@dataclass(frozen=True)
+class TablePart:
+    """One saved table holding the global rows ``[start, stop)`` of a layer (a rank's shard, or the whole)."""
+
+    start: int
+    stop: int
+    directory: Path
+    manifest: Mapping[str, Any]
+
+
+def copy_records(
+    parts: list[TablePart], start: int, stop: int, fingerprint: str, *, block_rows: int | None = None
+) -> Iterable[tuple[int, np.ndarray]]:
+    """Records (row + Adam m, v, count; the newest: base, then logs) of global rows ``[start, stop)`` from the
+    saved tables ``parts`` (sorted, contiguous), as ``(first_row - start, records)`` blocks of ~8 MiB: what
+    :meth:`TrainableTable.from_records` writes into a new base. Only the parts overlapping the range are opened
+    (read-only, one at a time, with a one-record cache), so memory is one block plus a part's row index."""
+    cover = [p for p in parts if p.start < stop and start < p.stop]
+    if (
+        not cover
+        or cover[0].start > start
+        or cover[-1].stop < stop
+        or any(a.stop != b.start for a, b in itertools.pairwise(cover))
+    ):
+        raise CorruptFileError(f"the saved tables do not cover rows [{start}, {stop}) without gaps")
+    return _copy_records(cover, start, stop, fingerprint, block_rows)
+
+
+def _copy_records(
+    cover: list[TablePart], start: int, stop: int, fingerprint: str, block_rows: int | None
+) -> Iterable[tuple[int, np.ndarray]]:
+    for p in cover:
+        t = TrainableTable.open(p.directory, p.manifest, fingerprint, cache_bytes=1, writable=False)
+        try:
+            if t.num_rows != p.stop - p.start:
+                raise CorruptFileError(f"{p.directory}: {t.num_rows} rows, its checkpoint gives it {p.stop - p.start}")
+            per = block_rows or max(1, _IO_BLOCK // t.rec)
+            a, b = max(start, p.start), min(stop, p.stop)
+            for s in range(a, b, per):
+                e = min(b, s + per)
+                yield s - start, t.read_records(s - p.start, e - p.start)
+        finally:
+            t.close()
+
+
 TABLES_FILE = "engram_tables.json"
 TABLES_FORMAT = "engramlm-trainable-tables"
 
@@ -815,6 +906,21 @@ def checkpoint_table_docs(ckpt_dir: str | os.PathLike) -> list[Path]:
     except (OSError, ValueError):
         return []
     return [d / rel for rel in (state.get("shards") or {}).get("tables_files", [])]
+
+
+def checkpoint_table_parts(ckpt_dir: str | os.PathLike) -> dict[int, list[TablePart]]:
+    """Layer id -> the saved tables of an SSD-trained checkpoint in row order, each with its global row range
+    (one process: one part; torchrun: one per rank, consecutive): what a job of another world size reads its
+    rows from. {} if the checkpoint has no SSD tables."""
+    out: dict[int, list[TablePart]] = {}
+    for doc in checkpoint_table_docs(ckpt_dir):
+        for lid, (d, man) in sorted(read_tables_doc(doc).items()):
+            parts = out.setdefault(lid, [])
+            lo = parts[-1].stop if parts else 0
+            parts.append(TablePart(lo, lo + int(man["num_rows"]), d, man))
+    if len({len(p) for p in out.values()}) > 1:
+        raise CorruptFileError(f"{ckpt_dir}: the ranks' table files name different Engram layers")
+    return out
 
 
 def open_checkpoint_tables(

@@ -176,7 +176,7 @@ class Trainer:
             ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume), merge_shards=self.dist is None)
             self._check_resume(ckpt, layout)
             if config.engram.table_tier == "ssd":
-                _check_ssd_world(ckpt, 1 if self.dist is None else self.dist.world)
+                _check_ssd_tables(ckpt)
 
         def claim() -> str | None:
             aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
@@ -258,9 +258,12 @@ class Trainer:
             self.model, self.ssd = SsdTables.new_model(self.run_dir, cfg, model_cfg, layout)
             _log(f"Engram tables on SSD in {self.run_dir / 'engram_tables'} (cache {cfg.cache_mb} MiB)")
             return
-        if not (ckpt.path / TABLES_FILE).is_file():
-            raise ConfigError(f"engram.table_tier: checkpoint {ckpt.path} holds its tables in the model, not on SSD")
-        self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint)
+        if (ckpt.path / TABLES_FILE).is_file():
+            self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint)
+        else:  # written by torchrun: the ranks' tables streamed into one
+            ranges = {lid: (0, layout.rows_of(lid)) for lid in layout.layer_ids}
+            _log(f"re-sharding the SSD tables of {ckpt.path} ({_saved_world(ckpt)} ranks) into one process's")
+            self.ssd = SsdTables.resharded(self.run_dir, cfg, ckpt.path, layout.fingerprint, ranges)
         try:
             with external_tables(lambda *_: None):  # weights come from the checkpoint: no init draws needed
                 self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)
@@ -280,14 +283,17 @@ class Trainer:
 
         env, tables, cfg = self.dist, self.tables, self.config.engram
         sub = f"rank{env.rank:05d}-of-{env.world:05d}"
+        doc = rank_file(env.rank, env.world, TABLES_FILE)
         if ckpt is None:
             self.ssd = SsdTables.from_shards(self.run_dir, cfg, tables.local, layout.fingerprint, sub)
-        else:
-            doc = rank_file(env.rank, env.world, TABLES_FILE)
-            if not (ckpt.path / doc).is_file():
-                raise ConfigError(f"engram.table_tier: checkpoint {ckpt.path} holds its tables in the model, not on "
-                                  "SSD")  # fmt: skip
-            self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint, doc)
+        elif _saved_world(ckpt) == env.world and (ckpt.path / doc).is_file():
+            self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint, doc, sub)
+        else:  # another world size: this rank's rows streamed from the saved tables that hold them
+            ranges = {lid: (s.start, s.stop) for lid, s in tables.shards.items()}
+            if env.is_main:
+                _log(f"re-sharding the SSD tables of {ckpt.path} ({_saved_world(ckpt)} rank(s)) over {env.world} "
+                     "ranks")  # fmt: skip
+            self.ssd = SsdTables.resharded(self.run_dir, cfg, ckpt.path, layout.fingerprint, ranges, sub)
         tables.local = {lid: t.new_empty(0, t.shape[1]) for lid, t in tables.local.items()}
         tables.readers = {lid: t.gather for lid, t in self.ssd.tables.items()}
         if env.is_main:
@@ -642,16 +648,17 @@ class Trainer:
         return summary
 
 
-def _check_ssd_world(ckpt: Checkpoint, world: int) -> None:
-    """SSD tables are per rank (each a row range): a checkpoint resumes on the world size that wrote it."""
-    saved = int((ckpt.state.get("shards") or {}).get("world", 1))
-    if saved != world:
-        how = "one process" if saved == 1 else f"torchrun --nproc-per-node {saved}"
-        raise ConfigError(
-            f"checkpoint {ckpt.path} holds SSD tables written by {saved} rank(s), this run has "
-            f"{world}; re-sharding SSD tables is not supported: resume it with {how}",
-            "engram.table_tier",
-        )
+def _saved_world(ckpt: Checkpoint) -> int:
+    return int((ckpt.state.get("shards") or {}).get("world", 1))
+
+
+def _check_ssd_tables(ckpt: Checkpoint) -> None:
+    """An SSD run resumes from a checkpoint with SSD tables (any world size: other sizes are re-sharded)."""
+    from engramlm.store.trainable import checkpoint_table_docs
+
+    docs = checkpoint_table_docs(ckpt.path)
+    if not docs or not all(d.is_file() for d in docs):
+        raise ConfigError(f"checkpoint {ckpt.path} holds its tables in the model, not on SSD", "engram.table_tier")
 
 
 class _NoLogger:
