@@ -265,15 +265,23 @@ class SsdTables:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint_doc(self, ckpt_tmp: Path) -> dict[str, Any]:
-        """Flush every table (compacting those whose logs outgrew ``compact_ratio``) and return the JSON the
-        checkpoint stores; ``ckpt_tmp`` is where it will sit (paths are relative to the final directory,
-        a sibling of the temp one)."""
-        self.wait()
+        """Flush every table and return the JSON the checkpoint stores; ``ckpt_tmp`` is where it will sit (paths
+        are relative to the final directory, a sibling of the temp one).
+
+        Compaction: a table whose logs outgrew ``compact_ratio`` x its base starts a background compaction after
+        this flush (``compact_background``; the manifest just taken still names the old files, which the thread
+        only reads); the first checkpoint after it completed switches to its base before flushing. Without
+        ``compact_background`` the compaction runs here."""
+        self.wait()  # no prefetch in flight: a switch renumbers the tables' files
         manifests = {}
         for lid, t in self.tables.items():
+            t.finish_compaction()
             man = t.flush()
             if t.log_bytes > self.cfg.compact_ratio * t.base_bytes:
-                man = t.compact()
+                if self.cfg.compact_background:
+                    t.start_compaction()  # no-op while one is in flight
+                else:
+                    man = t.compact()
             manifests[lid] = man
         dirs = {lid: t.directory for lid, t in self.tables.items()}
         return tables_doc(manifests, dirs, ckpt_tmp)

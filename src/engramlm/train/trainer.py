@@ -56,7 +56,8 @@ RESUME_FREE = (
     # only used to prepare data from ``data.source``; the tokenizer sha256 check below catches a real change
     "data.vocab_size", "data.max_bytes",
     # where the tables' hot rows are cached and how they are read: bit-identical training either way
-    "engram.cache_mb", "engram.prefetch", "engram.compact_ratio", "engram.direct_io",
+    "engram.cache_mb", "engram.prefetch", "engram.compact_ratio",
+    "engram.compact_background", "engram.direct_io",
 )  # fmt: skip
 
 
