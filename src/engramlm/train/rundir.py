@@ -178,14 +178,19 @@ class RunDir:
 def _shared_tables(run: Path, entries: list[Path]) -> list[tuple[Path, Path, set[str]]]:
     """(table directory, its path relative to ``run``, file names) for the SSD table files that checkpoints
     among ``entries`` name inside ``run``: what they keep needing once moved away from ``run/engram_tables``."""
+    from engramlm.errors import CorruptFileError
     from engramlm.store.trainable import checkpoint_table_docs, manifest_files, read_tables_doc
 
     root = run.resolve()
     found: dict[Path, set[str]] = {}
     for ckpt in entries:
         for doc in checkpoint_table_docs(ckpt) if ckpt.is_dir() else []:
-            for d, man in read_tables_doc(doc).values():
-                if d.is_relative_to(root):
+            try:
+                layers = read_tables_doc(doc).values()
+            except CorruptFileError:  # an unreadable checkpoint still moves aside; it had no usable tables
+                continue
+            for d, man in layers:
+                if d.is_relative_to(root) and all((d / n).is_file() for n in manifest_files(man)):
                     found.setdefault(d, set()).update(manifest_files(man))
     return [(d, d.relative_to(root), names) for d, names in sorted(found.items())]
 
