@@ -236,3 +236,53 @@ def test_training_with_background_compaction_equals_synchronous(tmp_path: Path) 
         named = set().union(*(manifest_files(m) for c in ckpts for _, m in read_tables_doc(c / TABLES_FILE).values()))
         assert {p.name for p in d.iterdir()} <= named | {p.name for p in d.glob("log-*.bin")}
     assert np.array_equal(states[0], states[1])
+
+
+@pytest.mark.slow
+def test_training_killed_during_a_background_compaction_resumes_exactly(tmp_path: Path) -> None:
+    """``engramlm train`` SIGKILLed while a background compaction is writing its base (a new base file without its
+    CRC file yet), then ``--resume``: the losses of the uninterrupted run, bit for bit."""
+    from engramlm.data import prepare
+
+    torch.set_num_threads(1)
+    prepare("stdlib", tmp_path / "prep", 400, max_bytes=40_000, progress=False)
+    cfg = tmp_path / "run.toml"
+    big = TOML.replace("[997, 997]", "[12000, 12000]").replace("steps = 8", "steps = 16")  # ~48k rows: 6 MiB a table
+    cfg.write_text(big.replace("[data]", f'[data]\ndir = "{tmp_path / "prep"}"'))
+    ssd = ["engram.table_tier=ssd", "engram.cache_mb=0.05", "engram.compact_ratio=0.01"]
+    Trainer(load_train_config(cfg, [f"out_dir={tmp_path / 'ref'}", *ssd])).fit()
+    run = tmp_path / "killed"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "engramlm", "train", "--config", str(cfg), f"out_dir={run}", *ssd]
+    tables = run / "engram_tables" / "layer_001"
+
+    def compacting() -> bool:
+        try:
+            names = {p.name for p in tables.iterdir()}
+        except FileNotFoundError:
+            return False
+        return any(n.startswith("base-") and n.endswith(".bin") and n != "base-000000.bin"
+                   and n[:-4] + ".crc" not in names for n in names)  # fmt: skip
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (compacting() and list_checkpoints(run)):
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before a compaction could be caught"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = {p.name for p in tables.iterdir()}
+    r = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [[(x["kind"], x["step"], x["loss"]) for x in read_metrics(d)] for d in (run, tmp_path / "ref")]
+    assert losses[0] == losses[1]
+    # what the killed compaction left is collected once no checkpoint names it
+    left = {p.name for p in tables.iterdir()}
+    named = set().union(*(manifest_files(m) for c in list_checkpoints(run) for _, m in
+                          read_tables_doc(c / TABLES_FILE).values()))  # fmt: skip
+    stale = {n for n in partial - named if n.startswith("base-")}
+    assert stale and not (stale & left)
