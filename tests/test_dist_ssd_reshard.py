@@ -112,3 +112,23 @@ def test_a_resharded_run_exports_like_the_original(runs: dict[str, Any], tmp_pat
     a, b = open_store_dir(tmp_path / "two", "memory")[1], open_store_dir(tmp_path / "three", "memory")[1]
     ids = torch.arange(8162)
     assert float((a.gather(ids) - b.gather(ids)).abs().max()) <= 3e-3 * 5
+
+
+@slow
+def test_resharding_in_place_drops_the_old_worlds_tables_once_unnamed(runs: dict[str, Any], tmp_path: Path) -> None:
+    """The 2-rank run resumed by one process in its own directory: the new table sits beside the per-rank ones,
+    which stay while a retained checkpoint names them and go once the last such checkpoint is pruned."""
+    import shutil
+
+    run = tmp_path / "inplace"
+    shutil.copytree(runs["two"], run)
+    for c in (run / "checkpoints").glob("step_*"):
+        if c.name != f"step_{EVERY:08d}":
+            shutil.rmtree(c)
+    (run / "summary.json").unlink()
+    ranks = sorted(p.name for p in (run / "engram_tables").glob("rank*"))
+    assert ranks == ["rank00000-of-00002", "rank00001-of-00002"]
+    args = ["train", "--config", str(runs["cfg"]), f"out_dir={run}", *SSD, "--resume"]
+    assert cli.main([*args, "keep_checkpoints=1"]) == 0
+    assert sorted(p.name for p in (run / "engram_tables").iterdir()) == ["layer_001"]
+    _assert_close_state(_ckpt(run, STEPS), _ckpt(runs["two"], STEPS))

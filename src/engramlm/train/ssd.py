@@ -299,6 +299,35 @@ class SsdTables:
             if t.directory.resolve().is_relative_to(own):  # only this run's files (from_checkpoint links others in)
                 collect_garbage(t.directory, keep[lid])
 
+    def collect_table_dirs(self, checkpoints: list[Path]) -> list[Path]:
+        """Delete whole table directories of this run that no retained checkpoint names and no open table uses:
+        those of an earlier world size once every checkpoint it wrote was pruned (a re-sharded resume writes new
+        per-rank tables beside the old). Called by one process (rank 0) after a save: the tables every rank has
+        open are named by the checkpoint just saved."""
+        import shutil
+
+        from engramlm.errors import CorruptFileError
+        from engramlm.store.trainable import checkpoint_table_docs
+
+        root = (self.run_dir / TABLES_DIR).resolve()
+        if not root.is_dir():
+            return []
+        named = {t.directory.resolve() for t in self.tables.values()}
+        for c in checkpoints:
+            for doc in checkpoint_table_docs(c):
+                try:
+                    named.update(d for d, _ in read_tables_doc(doc).values())
+                except CorruptFileError:
+                    return []  # an unreadable checkpoint: delete nothing it might name
+        found = [*root.glob("layer_*"), *root.glob("rank*-of-*/layer_*")]
+        removed = [d for d in found if d.is_dir() and d.resolve() not in named]
+        for d in removed:
+            shutil.rmtree(d)
+        for sub in root.glob("rank*-of-*"):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        return removed
+
     def io_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.tables.values():

@@ -487,7 +487,10 @@ class Trainer:
                                            state, self.config.keep_checkpoints,
                                            rank_json=(TABLES_FILE, ssd.checkpoint_doc))  # fmt: skip
             # every rank returns after rank 0 pruned old checkpoints: drop the files none of the kept ones names
-            ssd.collect_garbage(list_checkpoints(self.run_dir), rank_file(self.dist.rank, self.dist.world, TABLES_FILE))
+            kept = list_checkpoints(self.run_dir)
+            ssd.collect_garbage(kept, rank_file(self.dist.rank, self.dist.world, TABLES_FILE))
+            if self.dist.is_main:  # another world size's table directories, once no checkpoint names them
+                ssd.collect_table_dirs(kept)
             return path
         if self.ssd is None:
             return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
@@ -496,7 +499,9 @@ class Trainer:
         ssd = self.ssd
         path = save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints,
                                extra_json=lambda tmp: {TABLES_FILE: ssd.checkpoint_doc(tmp)})  # fmt: skip
-        ssd.collect_garbage(list_checkpoints(self.run_dir))
+        kept = list_checkpoints(self.run_dir)
+        ssd.collect_garbage(kept)
+        ssd.collect_table_dirs(kept)
         return path
 
     # ---- run directory and stopping -------------------------------------------------------------
