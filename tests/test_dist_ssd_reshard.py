@@ -128,7 +128,7 @@ def test_resharding_in_place_drops_the_old_worlds_tables_once_unnamed(runs: dict
     (run / "summary.json").unlink()
     ranks = sorted(p.name for p in (run / "engram_tables").glob("rank*"))
     assert ranks == ["rank00000-of-00002", "rank00001-of-00002"]
-    args = ["train", "--config", str(runs["cfg"]), f"out_dir={run}", *SSD, "--resume"]
-    assert cli.main([*args, "keep_checkpoints=1"]) == 0
+    args = ["train", "--config", str(runs["cfg"]), f"out_dir={run}", *SSD, "keep_checkpoints=1"]
+    assert cli.main([*args, "--resume"]) == 0
     assert sorted(p.name for p in (run / "engram_tables").iterdir()) == ["layer_001"]
     _assert_close_state(_ckpt(run, STEPS), _ckpt(runs["two"], STEPS))
