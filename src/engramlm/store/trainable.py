@@ -696,12 +696,12 @@ class TrainableTable(RowTable):
             loc = self._loc.copy()  # 8 bytes a row while the compaction runs
             readers = [g["reader"] for g in self._logs[:n]]
             base_path, base_crcs = self._base.path, self._base_crcs
+            job.thread = threading.Thread(
+                target=self._compact_in_background, args=(job, loc, base_path, base_crcs, readers),
+                name="engram-ssd-compact", daemon=True,
+            )  # fmt: skip
             self._compaction = job
-        job.thread = threading.Thread(
-            target=self._compact_in_background, args=(job, loc, base_path, base_crcs, readers),
-            name="engram-ssd-compact", daemon=True,
-        )  # fmt: skip
-        job.thread.start()
+            job.thread.start()
         return True
 
     def _compact_in_background(
@@ -731,7 +731,7 @@ class TrainableTable(RowTable):
     def compacting(self) -> bool:
         """A background compaction is in flight (its thread still running)."""
         job = self._compaction
-        return job is not None and job.thread is not None and job.thread.is_alive()
+        return job is not None and job.thread is not None and (job.thread.is_alive() or job.thread.ident is None)
 
     def finish_compaction(self) -> bool:
         """If a background compaction has completed, make its base this table's base and drop the logs it
