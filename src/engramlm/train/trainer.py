@@ -192,9 +192,19 @@ class Trainer:
             self._log(f"resuming from step {ckpt.step} (checkpoint {ckpt.path}){where}")
         torch.manual_seed(config.seed)
         if self.dist is not None:
-            self.model = EngramLM(model_cfg, layout)
-            if layout is not None:
-                self.tables = ShardedTables.cut(self.model, self.dist)
+            if ckpt is not None and config.engram.table_tier == "ssd" and layout is not None:
+                # resuming with SSD tables: no rank builds a table in RAM (the rows come from the checkpoint's
+                # table files; the RNG is restored from it below, so skipping the init draws changes nothing)
+                from engramlm.nn.engram import external_tables
+
+                with external_tables(lambda *_: None):
+                    self.model = EngramLM(model_cfg, layout)
+                rows = {lid: layout.rows_of(lid) for lid in layout.layer_ids}
+                self.tables = ShardedTables.cut(self.model, self.dist, rows)
+            else:
+                self.model = EngramLM(model_cfg, layout)
+                if layout is not None:
+                    self.tables = ShardedTables.cut(self.model, self.dist)
             if ckpt is not None:
                 load_sharded_weights(self.model, ckpt.model_dir, self.tables, rows=config.engram.table_tier != "ssd")
             if config.engram.table_tier == "ssd" and self.tables is not None:
@@ -277,7 +287,9 @@ class Trainer:
         :class:`TrainableTable` in OUT_DIR/engram_tables/rankR-of-N/ (ids local to the shard), the backend of
         its :class:`SparseRowAdam`; the RAM shard is dropped. A fresh run writes the rows cut from the seeded
         init (the full table exists once per rank while the model is built, as with RAM shards); a resumed one
-        opens the state its checkpoint's ``shards/rankR-of-N.engram_tables.json`` records. The prefetch hashes the
+        (whose model was built without tables) opens the state its checkpoint's
+        ``shards/rankR-of-N.engram_tables.json`` records, or, written by another world size, streams its row range
+        from the saved tables into new ones (:meth:`SsdTables.resharded`). The prefetch hashes the
         next global batch (every rank's slice: the rows this rank serves come from all of them)."""
         from engramlm.store.trainable import TABLES_FILE
         from engramlm.train.shard_checkpoint import rank_file
