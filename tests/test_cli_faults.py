@@ -154,6 +154,8 @@ ROWS = [
     Row("train-unknown-key", (*TRAIN, "out_dir={tmp}/out", "bogus.key=3"), "bogus"),
     Row("train-bad-table-tier", (*TRAIN, "out_dir={tmp}/out", "engram.table_tier=disk"), "engram.table_tier"),
     Row("train-bad-cache-mb", (*TRAIN, "out_dir={tmp}/out", "engram.cache_mb=0"), "engram.cache_mb"),
+    Row("train-bad-compact-background", (*TRAIN, "out_dir={tmp}/out", "engram.compact_background=maybe"),
+        "engram.compact_background"),
     Row("train-out-under-file", (*TRAIN, "out_dir={file}/run"), "a_file"),
     Row("train-resume-missing", ("train", "--resume", "{tmp}/nope"), "nope"),
     Row("train-resume-flipped-data", (*TRAIN, "out_dir={drun}", "--resume"), "model.safetensors",

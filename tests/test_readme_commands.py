@@ -100,6 +100,9 @@ NOT_RUN: dict[str, str] = {
     "torchrun --standalone --nproc-per-node 2 -m engramlm train --config configs/quickstart.toml "
     "out_dir=runs/quickstart_2r_ssd engram.table_tier=ssd engram.cache_mb=256": "runs several processes under "
     "torchrun; tests/test_dist_ssd.py runs it (2 ranks, SSD shards, resume, store build) on a tiny config",
+    "torchrun --standalone --nproc-per-node 3 -m engramlm train --config configs/quickstart.toml "
+    "out_dir=runs/quickstart_2r_ssd engram.table_tier=ssd engram.cache_mb=256 --resume": "runs several processes "
+    "under torchrun; tests/test_dist_ssd_reshard.py runs the same re-shards (2 -> 3, 2 -> 1, 1 -> 2) on a tiny config",
     "engramlm serve runs/quickstart --port 8000 --max-batch 16": "starts a server that runs until stopped; "
     "tests/test_serve_http.py runs `engramlm serve` in a subprocess and drives it with real clients",
     'curl -s localhost:8000/v1/completions -H \'content-type: application/json\' -d \'{"model": "quickstart", '

@@ -143,7 +143,9 @@ def test_ssd_training_is_bit_identical_to_ram(setup: tuple[Path, Path], ram_run:
 def test_prefetch_off_and_compaction_give_the_same_run(setup: tuple[Path, Path], ram_run: Path) -> None:
     root, cfg = setup
     run = root / "ssd_compact"
-    extra = ["engram.prefetch=false", "engram.compact_ratio=0.05", f"steps={EVERY * 2}"]
+    # compaction at the checkpoint itself (the background one: test_ssd_compaction.py)
+    extra = ["engram.prefetch=false", "engram.compact_ratio=0.05", "engram.compact_background=false"]
+    extra.append(f"steps={EVERY * 2}")
     Trainer(load_train_config(cfg, [f"out_dir={run}", *SSD, *extra])).fit()
     # the LR schedule's milestones are fractions of the run: equal to the longer run's up to 0.8 x 12 steps
     same = int(0.8 * EVERY * 2)

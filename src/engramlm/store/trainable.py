@@ -37,6 +37,7 @@ a row missing from the cache has a stable newest copy on disk while it is read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -45,7 +46,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +219,7 @@ def _write_base(
     crcs: list[np.ndarray] = []
     pending = bytearray()
     written = 0
-    with open(path, "wb") as f:
+    with open(path, "xb") as f:  # never an existing name: another run's directory may hard-link it
         f.write(_base_header(num_rows, layout.dim, rec, fingerprint))
         for first, recs in blocks:
             if first != written:
@@ -242,7 +243,7 @@ def _write_base(
         os.fsync(f.fileno())
     table = np.concatenate(crcs) if crcs else np.zeros(0, np.uint32)
     crc_bytes = table.astype("<u4").tobytes()
-    with open(crc_path, "wb") as f:
+    with open(crc_path, "xb") as f:
         f.write(crc_bytes)
         f.flush()
         os.fsync(f.fileno())
@@ -305,6 +306,7 @@ class TrainableTable(RowTable):
         self._cused = np.zeros(cap, dtype=np.int64)
         self._slot = np.full(num_rows, -1, dtype=np.int32)
         self._free = list(range(cap - 1, -1, -1))
+        self._compaction: _Compaction | None = None  # a background compaction (start_compaction)
 
     # ---- creation and opening -----------------------------------------------------------------
     @classmethod
@@ -322,6 +324,26 @@ class TrainableTable(RowTable):
         d.mkdir(parents=True, exist_ok=True)
         layout = RecordLayout(dim)
         base = _write_base_streaming(d / _next_name(d, "base"), num_rows, layout, fingerprint, init)
+        manifest = {"num_rows": num_rows, "dim": dim, "record_bytes": layout.nbytes, "base": base, "logs": []}
+        fsync_path(d)
+        return cls(d, manifest, fingerprint, **kwargs)
+
+    @classmethod
+    def from_records(
+        cls,
+        directory: str | os.PathLike,
+        num_rows: int,
+        dim: int,
+        fingerprint: str,
+        blocks: Iterable[tuple[int, np.ndarray]],
+        **kwargs: Any,
+    ) -> TrainableTable:
+        """A table whose base holds the records ``blocks`` give (``(first_row, records)`` in row order: rows with
+        their Adam state, e.g. streamed from other tables by :func:`copy_records`), with an empty log."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        layout = RecordLayout(dim)
+        base = _write_base(d / _next_name(d, "base"), num_rows, layout, fingerprint, blocks)
         manifest = {"num_rows": num_rows, "dim": dim, "record_bytes": layout.nbytes, "base": base, "logs": []}
         fsync_path(d)
         return cls(d, manifest, fingerprint, **kwargs)
@@ -585,7 +607,9 @@ class TrainableTable(RowTable):
     def files(self) -> set[str]:
         """Files this open table uses (never collected)."""
         b = self._base_entry
-        return {b["file"], b["crc_file"], *(g["file"] for g in self._logs)}
+        job = self._compaction  # the base a background compaction is writing: not garbage
+        new = {job.name, Path(job.name).with_suffix(".crc").name} if job is not None else set()
+        return {b["file"], b["crc_file"], *(g["file"] for g in self._logs), *new}
 
     # ---- sequential access: export, compaction ----------------------------------------------------
     def read_records(self, start: int, stop: int) -> np.ndarray:
@@ -626,7 +650,11 @@ class TrainableTable(RowTable):
 
     def compact(self) -> dict[str, Any]:
         """Flush, then stream base + logs into a new base; the logs are no longer needed by this state.
-        Returns the new manifest. Old files remain for older checkpoints (:func:`collect_garbage`)."""
+        Returns the new manifest. Old files remain for older checkpoints (:func:`collect_garbage`). A background
+        compaction in flight is waited for and switched to first."""
+        if self._compaction is not None:
+            self._compaction.thread.join()
+            self.finish_compaction()
         self.flush()
         with self._lock:
             name = _next_name(self.directory, "base")
@@ -650,10 +678,112 @@ class TrainableTable(RowTable):
             self._new_log()
             return self.manifest()
 
+    # ---- background compaction -----------------------------------------------------------------
+    def start_compaction(self) -> bool:
+        """Start rewriting base + logs into a new base in a background thread; False if one is in flight or
+        the table is read-only. The current log is fsynced and closed to appends first (rows written from now on
+        go to a new log, which the compacted state keeps), and the row index is snapshotted, so the thread reads
+        only files nobody writes any more, without the lock: the training step never waits for it. The result
+        is switched to by :meth:`finish_compaction` (at a checkpoint); until then every manifest names the old
+        files, so a kill at any moment leaves the previous checkpoint valid (the partial base is garbage)."""
+        with self._lock:
+            if not self.writable or self._compaction is not None:
+                return False
+            os.fsync(self._logs[-1]["fd"])
+            n = len(self._logs)
+            job = _Compaction(_next_name(self.directory, "base"), n)
+            self._new_log()
+            loc = self._loc.copy()  # 8 bytes a row while the compaction runs
+            readers = [g["reader"] for g in self._logs[:n]]
+            base_path, base_crcs = self._base.path, self._base_crcs
+            job.thread = threading.Thread(
+                target=self._compact_in_background, args=(job, loc, base_path, base_crcs, readers),
+                name="engram-ssd-compact", daemon=True,
+            )  # fmt: skip
+            self._compaction = job
+            job.thread.start()
+        return True
+
+    def _compact_in_background(
+        self, job: _Compaction, loc: np.ndarray, base_path: Path, base_crcs: np.ndarray, readers: list[_Reader]
+    ) -> None:
+        path = self.directory / job.name
+        per = max(1, _IO_BLOCK // self.rec)
+
+        def blocks() -> Iterable[tuple[int, np.ndarray]]:
+            with open(base_path, "rb") as f:
+                for s in range(0, self.num_rows, per):
+                    if job.cancel.is_set():
+                        raise _Cancelled
+                    e = min(self.num_rows, s + per)
+                    yield s, _snapshot_records(f, base_path, base_crcs, loc, readers, self.rec, s, e)
+
+        try:
+            job.entry = _write_base(path, self.num_rows, self.layout, self.fingerprint, blocks())
+            fsync_path(self.directory)
+        except BaseException as exc:  # reported by finish_compaction; a cancelled one leaves nothing behind
+            if not isinstance(exc, _Cancelled):
+                job.error = exc
+            for p in (path, path.with_suffix(".crc")):
+                p.unlink(missing_ok=True)
+
+    @property
+    def compacting(self) -> bool:
+        """A background compaction is in flight (its thread still running)."""
+        job = self._compaction
+        return job is not None and job.thread is not None and (job.thread.is_alive() or job.thread.ident is None)
+
+    def finish_compaction(self) -> bool:
+        """If a background compaction has completed, make its base this table's base and drop the logs it
+        absorbed (rows written since it started stay in the newer logs); returns whether it switched. Call with
+        no prefetch in flight (the trainer calls it at a checkpoint, before :meth:`flush`): file numbers in the
+        row index change. A compaction that failed raises its error here."""
+        job = self._compaction
+        if job is None or self.compacting:
+            return False
+        self._compaction = None
+        if job.error is not None:
+            raise job.error
+        if job.entry is None:
+            return False
+        with self._lock:
+            n = job.logs
+            moved = self._loc >= 0
+            fno = np.where(moved, self._loc >> _LOC_SHIFT, -1)
+            self._loc[moved & (fno < n)] = -1  # in the new base now
+            newer = moved & (fno >= n)
+            self._loc[newer] -= n << _LOC_SHIFT
+            for g in self._logs[:n]:
+                g["reader"].close()
+                if g["fd"] >= 0:
+                    os.close(g["fd"])
+            self._logs = self._logs[n:]
+            fd = getattr(self, "_base_buffered_fd", -1)
+            if fd >= 0:
+                os.close(fd)
+                self._base_buffered_fd = -1
+            self._base.close()
+            self._open_base(job.entry)
+        return True
+
+    def cancel_compaction(self) -> None:
+        """Stop a background compaction and wait for its thread; its base (partial, or complete but not switched
+        to, so named by no manifest) is removed."""
+        job = self._compaction
+        if job is not None:
+            job.cancel.set()
+            if job.thread is not None:
+                job.thread.join()
+            self._compaction = None
+            if job.entry is not None:
+                for name in (job.entry["file"], job.entry["crc_file"]):
+                    (self.directory / name).unlink(missing_ok=True)
+
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         return self.layout.rows(self.read(ids.numpy()))
 
     def close(self) -> None:
+        self.cancel_compaction()
         with self._lock:
             for g in self._logs:
                 g["reader"].close()
@@ -666,6 +796,53 @@ class TrainableTable(RowTable):
                 os.close(fd)
                 self._base_buffered_fd = -1
         self._pool.shutdown(wait=True)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class _Compaction:
+    """A background compaction: the base file it writes, how many of the table's logs it absorbs."""
+
+    name: str
+    logs: int
+    thread: threading.Thread | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    entry: dict[str, Any] | None = None  # the new base's manifest entry, once written
+    error: BaseException | None = None
+
+
+def _snapshot_records(
+    f: Any,
+    path: Path,
+    crcs: np.ndarray,
+    loc: np.ndarray,
+    readers: list[_Reader],
+    rec: int,
+    start: int,
+    stop: int,
+) -> np.ndarray:
+    """Records of rows [start, stop) as of a snapshot of the row index ``loc``: the base's pages (CRC-checked)
+    and, for rows the index moved to a log, that log's record (``readers`` by file number)."""
+    first, last = PAGE + start * rec, PAGE + stop * rec
+    p0, p1 = first // PAGE, (last + PAGE - 1) // PAGE
+    raw = os.pread(f.fileno(), (p1 - p0) * PAGE, p0 * PAGE)
+    if len(raw) != (p1 - p0) * PAGE:
+        raise CorruptFileError(f"{path}: truncated at page {p0}")
+    bad = np.flatnonzero(_page_crcs(raw) != crcs[p0 - 1 : p1 - 1])
+    if bad.size:
+        raise CorruptFileError(f"{path}: page {p0 + int(bad[0])} fails its CRC32; the file is corrupt")
+    out = np.frombuffer(raw, dtype=np.uint8)[first - p0 * PAGE : last - p0 * PAGE].reshape(stop - start, rec).copy()
+    part = loc[start:stop]
+    moved = np.flatnonzero(part >= 0)
+    if moved.size:
+        fno = part[moved] >> _LOC_SHIFT
+        for fi in np.unique(fno).tolist():
+            sel = moved[fno == fi]
+            out[sel] = readers[fi].read(part[sel] & ((1 << _LOC_SHIFT) - 1), rec, None)
+    return out
 
 
 def _write_base_streaming(
@@ -720,6 +897,76 @@ def collect_garbage(directory: str | os.PathLike, keep: set[str]) -> list[str]:
 def manifest_files(manifest: Mapping[str, Any]) -> set[str]:
     b = manifest["base"]
     return {b["file"], b["crc_file"], *(g["file"] for g in manifest.get("logs", []))}
+
+
+def link_table_files(src: str | os.PathLike, dst: str | os.PathLike, names: Iterable[str]) -> int:
+    """Make ``names`` (files of the table directory ``src``) appear in ``dst`` too: hard links (bases are
+    immutable and a log is appended only by the session that created it, so sharing the inode is safe; a later
+    delete in one directory leaves the other's name), a copy where the filesystem refuses a link. Existing names
+    in ``dst`` are kept. Returns the bytes copied (0: all linked)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for name in sorted(names):
+        if (dst / name).exists():
+            continue
+        try:
+            os.link(src / name, dst / name)
+        except OSError:
+            tmp = dst / f".{name}.tmp"
+            shutil.copyfile(src / name, tmp)
+            fsync_path(tmp)
+            os.replace(tmp, dst / name)
+            copied += (dst / name).stat().st_size
+    fsync_path(dst)
+    return copied
+
+
+@dataclass(frozen=True)
+class TablePart:
+    """One saved table holding the global rows ``[start, stop)`` of a layer (a rank's shard, or the whole)."""
+
+    start: int
+    stop: int
+    directory: Path
+    manifest: Mapping[str, Any]
+
+
+def copy_records(
+    parts: list[TablePart], start: int, stop: int, fingerprint: str, *, block_rows: int | None = None
+) -> Iterable[tuple[int, np.ndarray]]:
+    """Records (row + Adam m, v, count; the newest: base, then logs) of global rows ``[start, stop)`` from the
+    saved tables ``parts`` (sorted, contiguous), as ``(first_row - start, records)`` blocks of ~8 MiB: what
+    :meth:`TrainableTable.from_records` writes into a new base. Only the parts overlapping the range are opened
+    (read-only, one at a time, with a one-record cache), so memory is one block plus a part's row index."""
+    cover = [p for p in parts if p.start < stop and start < p.stop]
+    if (
+        not cover
+        or cover[0].start > start
+        or cover[-1].stop < stop
+        or any(a.stop != b.start for a, b in itertools.pairwise(cover))
+    ):
+        raise CorruptFileError(f"the saved tables do not cover rows [{start}, {stop}) without gaps")
+    return _copy_records(cover, start, stop, fingerprint, block_rows)
+
+
+def _copy_records(
+    cover: list[TablePart], start: int, stop: int, fingerprint: str, block_rows: int | None
+) -> Iterable[tuple[int, np.ndarray]]:
+    for p in cover:
+        t = TrainableTable.open(p.directory, p.manifest, fingerprint, cache_bytes=1, writable=False)
+        try:
+            if t.num_rows != p.stop - p.start:
+                raise CorruptFileError(f"{p.directory}: {t.num_rows} rows, its checkpoint gives it {p.stop - p.start}")
+            per = block_rows or max(1, _IO_BLOCK // t.rec)
+            a, b = max(start, p.start), min(stop, p.stop)
+            for s in range(a, b, per):
+                e = min(b, s + per)
+                yield s - start, t.read_records(s - p.start, e - p.start)
+        finally:
+            t.close()
 
 
 TABLES_FILE = "engram_tables.json"
@@ -815,6 +1062,21 @@ def checkpoint_table_docs(ckpt_dir: str | os.PathLike) -> list[Path]:
     except (OSError, ValueError):
         return []
     return [d / rel for rel in (state.get("shards") or {}).get("tables_files", [])]
+
+
+def checkpoint_table_parts(ckpt_dir: str | os.PathLike) -> dict[int, list[TablePart]]:
+    """Layer id -> the saved tables of an SSD-trained checkpoint in row order, each with its global row range
+    (one process: one part; torchrun: one per rank, consecutive): what a job of another world size reads its
+    rows from. {} if the checkpoint has no SSD tables."""
+    out: dict[int, list[TablePart]] = {}
+    for doc in checkpoint_table_docs(ckpt_dir):
+        for lid, (d, man) in sorted(read_tables_doc(doc).items()):
+            parts = out.setdefault(lid, [])
+            lo = parts[-1].stop if parts else 0
+            parts.append(TablePart(lo, lo + int(man["num_rows"]), d, man))
+    if len({len(p) for p in out.values()}) > 1:
+        raise CorruptFileError(f"{ckpt_dir}: the ranks' table files name different Engram layers")
+    return out
 
 
 def open_checkpoint_tables(

@@ -204,7 +204,9 @@ class EngramTableConfig:
     (:mod:`engramlm.store.trainable`, read like the store's ``direct`` tier: O_DIRECT page reads) with a RAM
     cache of ``cache_mb`` MiB of hot rows shared by all layers. Both give bit-identical training.
     ``prefetch``: read the next step's rows while the current one computes. ``compact_ratio``: at a
-    checkpoint, rewrite a table's base file once its dirty-row logs exceed this multiple of it.
+    checkpoint, rewrite a table's base file once its dirty-row logs exceed this multiple of it;
+    ``compact_background``: do that rewrite in a background thread while training goes on (the next checkpoint
+    after it completes switches to the new base; False: at the checkpoint itself, which then waits for it).
     ``direct_io``: O_DIRECT reads of the base files (False: through the page cache).
     """
 
@@ -214,6 +216,7 @@ class EngramTableConfig:
     cache_mb: float = 512.0
     prefetch: bool = True
     compact_ratio: float = 1.0
+    compact_background: bool = True
     direct_io: bool = True
 
     def __post_init__(self) -> None:

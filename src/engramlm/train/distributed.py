@@ -185,20 +185,26 @@ class ShardedTables:
     readers: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @classmethod
-    def cut(cls, model: EngramLM, env: DistEnv) -> ShardedTables:
+    def cut(cls, model: EngramLM, env: DistEnv, rows: dict[int, int] | None = None) -> ShardedTables:
         """Keep this rank's even share of each table; replace the model's tables by ``[0, d]`` placeholders.
 
         The full tables exist once per rank while the model is built (its initialisation draws them
-        from the seeded RNG, the same values as one process), and are freed here.
+        from the seeded RNG, the same values as one process), and are freed here. ``rows`` (layer -> row
+        count): the model was built without tables (``nn.engram.external_tables``; its rows live elsewhere,
+        e.g. SSD tables opened from a checkpoint): only the shards are set, ``local`` is empty.
         """
         out = cls(env)
         names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
         for lid, blk in model.engram_layers.items():
             full = blk.embed.weight
+            n = int(full.shape[0]) if rows is None else int(rows[lid])
             out.keys[lid] = names[id(full)]
-            out.shapes[lid], out.dtypes[lid] = (int(full.shape[0]), int(full.shape[1])), full.dtype
-            out.shards[lid] = RowShard.even(full.shape[0], env.world, env.rank)
-            out.local[lid] = out.shards[lid].take(full).to(env.device)
+            out.shapes[lid], out.dtypes[lid] = (n, int(full.shape[1])), full.dtype
+            out.shards[lid] = RowShard.even(n, env.world, env.rank)
+            if rows is None:
+                out.local[lid] = out.shards[lid].take(full).to(env.device)
+            else:
+                out.local[lid] = full.new_empty(0, full.shape[1], device=env.device)
             blk.embed.weight = nn.Parameter(full.new_empty(0, full.shape[1]), requires_grad=False)
         return out
 

@@ -17,7 +17,14 @@ can be writing them while we hold the lock.
   per directory (listing, eval, plot, copying the new run never drag the old one along, and repeated
   overwrites do not nest), and the old run stays a complete run directory usable as is. Entries are
   renamed one by one under the lock; a kill mid-way leaves the rest in OUT_DIR, which then still
-  "holds a run" and is refused or moved aside again, so nothing is lost.
+  "holds a run" (leftover SSD table files count) and is refused or moved aside again, so nothing is lost.
+
+SSD tables (``engram.table_tier=ssd``) live in ``OUT_DIR/engram_tables/``, named by each checkpoint by a
+path relative to itself, so they move with the run. Moving only the newer checkpoints (``--resume
+--overwrite`` from an older one) hard-links the table files they name into the aside directory (a base is
+immutable and a log is appended only by the session that made it, so sharing an inode is safe): the resumed
+run's garbage collection, which deletes what its own checkpoints no longer name, never takes a file the
+moved checkpoints need.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from pathlib import Path
 
 from engramlm.errors import ConfigError
 from engramlm.models.locate import checkpoint_step, checkpoints_dir, list_checkpoints
+from engramlm.store.trainable import link_table_files
 from engramlm.train.metrics import METRICS_NAME
+from engramlm.train.ssd import TABLES_DIR
 from engramlm.utils.io import fsync_path
 from engramlm.utils.lock import DirLock
 
@@ -40,7 +49,7 @@ LOCK_NAME = ".lock"
 # what a run writes at the top of its directory (anything else there is left where it is)
 RUN_FILES = ("config.json", METRICS_NAME, "summary.json")
 # moved aside with the run by --overwrite: its files plus what commands wrote about it (analyze's default output)
-RUN_ENTRIES = ("checkpoints", *RUN_FILES, "tb", "analysis")
+RUN_ENTRIES = ("checkpoints", TABLES_DIR, *RUN_FILES, "tb", "analysis")
 _ORPHAN_FILE = re.compile(r"^\..+\.tmp$")  # utils.io.atomic_open temp files
 _ORPHAN_CKPT = re.compile(r"^\.(tmp-step_\d{8}-.+|trash-step_\d{8}-\d+)$")  # checkpoint.save_checkpoint / _remove
 
@@ -80,6 +89,9 @@ class RunDir:
         """What makes this directory hold a run (empty: it holds none)."""
         ckpts = list_checkpoints(self.path)
         out = [f"checkpoints up to {ckpts[-1].name}"] if ckpts else []
+        tables = self.path / TABLES_DIR  # SSD table files (maybe left by a move cut short): never reused
+        if tables.is_dir() and any(tables.iterdir()):
+            out.append(f"{TABLES_DIR}/")
         return out + [name for name in RUN_FILES if (self.path / name).exists()]
 
     # ---- policy --------------------------------------------------------------------------------
@@ -130,6 +142,8 @@ class RunDir:
         for name in copies:
             if (self.path / name).is_file():
                 shutil.copy2(self.path / name, aside / name)
+        moving_tables = any(src.name == TABLES_DIR and src.parent == self.path for src in entries)
+        shared = [] if moving_tables else _shared_tables(self.path, entries)
         for src in entries:
             dst = aside / src.relative_to(self.path)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +151,8 @@ class RunDir:
                 os.rename(src, dst)
             except OSError as exc:
                 raise ConfigError(f"out_dir: could not move {src} aside to {dst} ({exc}); nothing was deleted") from exc
+        for old, rel, names in shared:  # the moved checkpoints' table files, where they now look for them
+            link_table_files(old, aside / rel, names)
         for d in (aside / "checkpoints", aside, checkpoints_dir(self.path), self.path, self.path.parent):
             if d.is_dir():
                 fsync_path(d)
@@ -157,6 +173,26 @@ class RunDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shared_tables(run: Path, entries: list[Path]) -> list[tuple[Path, Path, set[str]]]:
+    """(table directory, its path relative to ``run``, file names) for the SSD table files that checkpoints
+    among ``entries`` name inside ``run``: what they keep needing once moved away from ``run/engram_tables``."""
+    from engramlm.errors import CorruptFileError
+    from engramlm.store.trainable import checkpoint_table_docs, manifest_files, read_tables_doc
+
+    root = run.resolve()
+    found: dict[Path, set[str]] = {}
+    for ckpt in entries:
+        for doc in checkpoint_table_docs(ckpt) if ckpt.is_dir() else []:
+            try:
+                layers = read_tables_doc(doc).values()
+            except CorruptFileError:  # an unreadable checkpoint still moves aside; it had no usable tables
+                continue
+            for d, man in layers:
+                if d.is_relative_to(root) and all((d / n).is_file() for n in manifest_files(man)):
+                    found.setdefault(d, set()).update(manifest_files(man))
+    return [(d, d.relative_to(root), names) for d, names in sorted(found.items())]
 
 
 __all__ = ["LOCK_NAME", "RUN_ENTRIES", "RunDir"]

@@ -25,12 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from engramlm.errors import ConfigError
 from engramlm.models.model import EngramLM
 from engramlm.nn.engram import external_tables, stream_table_init
 from engramlm.store.trainable import (
     TABLES_FILE,
     TrainableTable,
+    checkpoint_table_parts,
     collect_garbage,
+    copy_records,
+    link_table_files,
     manifest_files,
     read_tables_doc,
     tables_doc,
@@ -137,16 +141,74 @@ class SsdTables:
 
     @classmethod
     def from_checkpoint(
-        cls, run_dir: Path, cfg: EngramTableConfig, ckpt_dir: Path, fingerprint: str, doc: str = TABLES_FILE
+        cls,
+        run_dir: Path,
+        cfg: EngramTableConfig,
+        ckpt_dir: Path,
+        fingerprint: str,
+        doc: str = TABLES_FILE,
+        sub: str = "",
     ) -> SsdTables:
         """Open the tables at the state a checkpoint's ``engram_tables.json`` records (checked, see the store);
-        ``doc``: that file's path in the checkpoint (a rank's own under torchrun)."""
+        ``doc``: that file's path in the checkpoint (a rank's own under torchrun), ``sub``: this rank's table
+        directory. A checkpoint of another run directory has its table files hard-linked (or copied) into this
+        run's ``engram_tables/`` first: a session writes its logs, compactions and garbage collection only in its
+        own run, and the other run can move or be overwritten without breaking this one."""
         entries = read_tables_doc(Path(ckpt_dir) / doc)
+        own = (Path(run_dir) / TABLES_DIR).resolve()
+        for lid, (d, man) in list(entries.items()):
+            if not d.is_relative_to(own):
+                here = cls.table_dir(run_dir, lid, sub)
+                link_table_files(d, here, manifest_files(man))
+                entries[lid] = (here, man)
         shares = _shares({lid: int(m["num_rows"]) for lid, (_, m) in entries.items()}, int(cfg.cache_mb * 2**20))
         tables: dict[int, TrainableTable] = {}
         try:
             for lid, (d, man) in sorted(entries.items()):
                 tables[lid] = TrainableTable.open(d, man, fingerprint, cache_bytes=shares[lid], direct=cfg.direct_io)
+        except BaseException:
+            for t in tables.values():
+                t.close()
+            raise
+        return cls(run_dir, cfg, tables)
+
+    @classmethod
+    def resharded(
+        cls,
+        run_dir: Path,
+        cfg: EngramTableConfig,
+        ckpt_dir: Path,
+        fingerprint: str,
+        ranges: dict[int, tuple[int, int]],
+        sub: str = "",
+    ) -> SsdTables:
+        """New tables over global rows ``ranges[lid] = [start, stop)`` (this rank's shard, or the whole table for
+        one process) from a checkpoint written by another world size: each table's records (rows with their Adam
+        state) are streamed block by block from the saved tables whose ranges overlap (one rank's table, or
+        several) into a fresh base in this run's ``engram_tables/[sub/]layer_NNN/``; no table is ever whole in
+        RAM. The saved tables are only read, so the checkpoint stays valid for any world size."""
+        parts = checkpoint_table_parts(ckpt_dir)
+        if sorted(parts) != sorted(ranges):
+            raise ConfigError(
+                f"checkpoint {ckpt_dir} holds SSD tables for Engram layers {sorted(parts)}, this model has "
+                f"{sorted(ranges)}",
+                "engram.table_tier",
+            )
+        for lid, (_, stop) in ranges.items():
+            total = parts[lid][-1].stop
+            if stop > total:
+                raise ConfigError(f"checkpoint {ckpt_dir}: layer {lid} saved {total} rows, this model has more",
+                                  "engram.table_tier")  # fmt: skip
+        shares = _shares({lid: b - a for lid, (a, b) in ranges.items()}, int(cfg.cache_mb * 2**20))
+        tables: dict[int, TrainableTable] = {}
+        try:
+            for lid, (start, stop) in sorted(ranges.items()):
+                dim = int(parts[lid][0].manifest["dim"])
+                blocks = copy_records(parts[lid], start, stop, fingerprint)
+                tables[lid] = TrainableTable.from_records(
+                    cls.table_dir(run_dir, lid, sub), stop - start, dim, fingerprint, blocks,
+                    cache_bytes=shares[lid], direct=cfg.direct_io,
+                )  # fmt: skip
         except BaseException:
             for t in tables.values():
                 t.close()
@@ -203,15 +265,23 @@ class SsdTables:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint_doc(self, ckpt_tmp: Path) -> dict[str, Any]:
-        """Flush every table (compacting those whose logs outgrew ``compact_ratio``) and return the JSON the
-        checkpoint stores; ``ckpt_tmp`` is where it will sit (paths are relative to the final directory,
-        a sibling of the temp one)."""
-        self.wait()
+        """Flush every table and return the JSON the checkpoint stores; ``ckpt_tmp`` is where it will sit (paths
+        are relative to the final directory, a sibling of the temp one).
+
+        Compaction: a table whose logs outgrew ``compact_ratio`` x its base starts a background compaction after
+        this flush (``compact_background``; the manifest just taken still names the old files, which the thread
+        only reads); the first checkpoint after it completed switches to its base before flushing. Without
+        ``compact_background`` the compaction runs here."""
+        self.wait()  # no prefetch in flight: a switch renumbers the tables' files
         manifests = {}
         for lid, t in self.tables.items():
+            t.finish_compaction()
             man = t.flush()
             if t.log_bytes > self.cfg.compact_ratio * t.base_bytes:
-                man = t.compact()
+                if self.cfg.compact_background:
+                    t.start_compaction()  # no-op while one is in flight
+                else:
+                    man = t.compact()
             manifests[lid] = man
         dirs = {lid: t.directory for lid, t in self.tables.items()}
         return tables_doc(manifests, dirs, ckpt_tmp)
@@ -226,8 +296,37 @@ class SsdTables:
                     keep.setdefault(lid, set()).update(manifest_files(man))
         own = (self.run_dir / TABLES_DIR).resolve()
         for lid, t in self.tables.items():
-            if t.directory.resolve().is_relative_to(own):  # never in another run's directory (resumed elsewhere)
+            if t.directory.resolve().is_relative_to(own):  # only this run's files (from_checkpoint links others in)
                 collect_garbage(t.directory, keep[lid])
+
+    def collect_table_dirs(self, checkpoints: list[Path]) -> list[Path]:
+        """Delete whole table directories of this run that no retained checkpoint names and no open table uses:
+        those of an earlier world size once every checkpoint it wrote was pruned (a re-sharded resume writes new
+        per-rank tables beside the old). Called by one process (rank 0) after a save: the tables every rank has
+        open are named by the checkpoint just saved."""
+        import shutil
+
+        from engramlm.errors import CorruptFileError
+        from engramlm.store.trainable import checkpoint_table_docs
+
+        root = (self.run_dir / TABLES_DIR).resolve()
+        if not root.is_dir():
+            return []
+        named = {t.directory.resolve() for t in self.tables.values()}
+        for c in checkpoints:
+            for doc in checkpoint_table_docs(c):
+                try:
+                    named.update(d for d, _ in read_tables_doc(doc).values())
+                except CorruptFileError:
+                    return []  # an unreadable checkpoint: delete nothing it might name
+        found = [*root.glob("layer_*"), *root.glob("rank*-of-*/layer_*")]
+        removed = [d for d in found if d.is_dir() and d.resolve() not in named]
+        for d in removed:
+            shutil.rmtree(d)
+        for sub in root.glob("rank*-of-*"):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        return removed
 
     def io_stats(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -56,7 +56,8 @@ RESUME_FREE = (
     # only used to prepare data from ``data.source``; the tokenizer sha256 check below catches a real change
     "data.vocab_size", "data.max_bytes",
     # where the tables' hot rows are cached and how they are read: bit-identical training either way
-    "engram.cache_mb", "engram.prefetch", "engram.compact_ratio", "engram.direct_io",
+    "engram.cache_mb", "engram.prefetch", "engram.compact_ratio",
+    "engram.compact_background", "engram.direct_io",
 )  # fmt: skip
 
 
@@ -176,7 +177,7 @@ class Trainer:
             ckpt = load_checkpoint(self.run_dir if resume is True else Path(resume), merge_shards=self.dist is None)
             self._check_resume(ckpt, layout)
             if config.engram.table_tier == "ssd":
-                _check_ssd_world(ckpt, 1 if self.dist is None else self.dist.world)
+                _check_ssd_tables(ckpt)
 
         def claim() -> str | None:
             aside = self.run.claim(resume_from=None if ckpt is None else ckpt.path, overwrite=overwrite)
@@ -191,9 +192,19 @@ class Trainer:
             self._log(f"resuming from step {ckpt.step} (checkpoint {ckpt.path}){where}")
         torch.manual_seed(config.seed)
         if self.dist is not None:
-            self.model = EngramLM(model_cfg, layout)
-            if layout is not None:
-                self.tables = ShardedTables.cut(self.model, self.dist)
+            if ckpt is not None and config.engram.table_tier == "ssd" and layout is not None:
+                # resuming with SSD tables: no rank builds a table in RAM (the rows come from the checkpoint's
+                # table files; the RNG is restored from it below, so skipping the init draws changes nothing)
+                from engramlm.nn.engram import external_tables
+
+                with external_tables(lambda *_: None):
+                    self.model = EngramLM(model_cfg, layout)
+                rows = {lid: layout.rows_of(lid) for lid in layout.layer_ids}
+                self.tables = ShardedTables.cut(self.model, self.dist, rows)
+            else:
+                self.model = EngramLM(model_cfg, layout)
+                if layout is not None:
+                    self.tables = ShardedTables.cut(self.model, self.dist)
             if ckpt is not None:
                 load_sharded_weights(self.model, ckpt.model_dir, self.tables, rows=config.engram.table_tier != "ssd")
             if config.engram.table_tier == "ssd" and self.tables is not None:
@@ -258,9 +269,12 @@ class Trainer:
             self.model, self.ssd = SsdTables.new_model(self.run_dir, cfg, model_cfg, layout)
             _log(f"Engram tables on SSD in {self.run_dir / 'engram_tables'} (cache {cfg.cache_mb} MiB)")
             return
-        if not (ckpt.path / TABLES_FILE).is_file():
-            raise ConfigError(f"engram.table_tier: checkpoint {ckpt.path} holds its tables in the model, not on SSD")
-        self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint)
+        if (ckpt.path / TABLES_FILE).is_file():
+            self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint)
+        else:  # written by torchrun: the ranks' tables streamed into one
+            ranges = {lid: (0, layout.rows_of(lid)) for lid in layout.layer_ids}
+            _log(f"re-sharding the SSD tables of {ckpt.path} ({_saved_world(ckpt)} ranks) into one process's")
+            self.ssd = SsdTables.resharded(self.run_dir, cfg, ckpt.path, layout.fingerprint, ranges)
         try:
             with external_tables(lambda *_: None):  # weights come from the checkpoint: no init draws needed
                 self.model = load_pretrained(ckpt.model_dir, layout=layout, verify=False)
@@ -273,21 +287,26 @@ class Trainer:
         :class:`TrainableTable` in OUT_DIR/engram_tables/rankR-of-N/ (ids local to the shard), the backend of
         its :class:`SparseRowAdam`; the RAM shard is dropped. A fresh run writes the rows cut from the seeded
         init (the full table exists once per rank while the model is built, as with RAM shards); a resumed one
-        opens the state its checkpoint's ``shards/rankR-of-N.engram_tables.json`` records. The prefetch hashes the
+        (whose model was built without tables) opens the state its checkpoint's
+        ``shards/rankR-of-N.engram_tables.json`` records, or, written by another world size, streams its row range
+        from the saved tables into new ones (:meth:`SsdTables.resharded`). The prefetch hashes the
         next global batch (every rank's slice: the rows this rank serves come from all of them)."""
         from engramlm.store.trainable import TABLES_FILE
         from engramlm.train.shard_checkpoint import rank_file
 
         env, tables, cfg = self.dist, self.tables, self.config.engram
         sub = f"rank{env.rank:05d}-of-{env.world:05d}"
+        doc = rank_file(env.rank, env.world, TABLES_FILE)
         if ckpt is None:
             self.ssd = SsdTables.from_shards(self.run_dir, cfg, tables.local, layout.fingerprint, sub)
-        else:
-            doc = rank_file(env.rank, env.world, TABLES_FILE)
-            if not (ckpt.path / doc).is_file():
-                raise ConfigError(f"engram.table_tier: checkpoint {ckpt.path} holds its tables in the model, not on "
-                                  "SSD")  # fmt: skip
-            self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint, doc)
+        elif _saved_world(ckpt) == env.world and (ckpt.path / doc).is_file():
+            self.ssd = SsdTables.from_checkpoint(self.run_dir, cfg, ckpt.path, layout.fingerprint, doc, sub)
+        else:  # another world size: this rank's rows streamed from the saved tables that hold them
+            ranges = {lid: (s.start, s.stop) for lid, s in tables.shards.items()}
+            if env.is_main:
+                _log(f"re-sharding the SSD tables of {ckpt.path} ({_saved_world(ckpt)} rank(s)) over {env.world} "
+                     "ranks")  # fmt: skip
+            self.ssd = SsdTables.resharded(self.run_dir, cfg, ckpt.path, layout.fingerprint, ranges, sub)
         tables.local = {lid: t.new_empty(0, t.shape[1]) for lid, t in tables.local.items()}
         tables.readers = {lid: t.gather for lid, t in self.ssd.tables.items()}
         if env.is_main:
@@ -480,7 +499,10 @@ class Trainer:
                                            state, self.config.keep_checkpoints,
                                            rank_json=(TABLES_FILE, ssd.checkpoint_doc))  # fmt: skip
             # every rank returns after rank 0 pruned old checkpoints: drop the files none of the kept ones names
-            ssd.collect_garbage(list_checkpoints(self.run_dir), rank_file(self.dist.rank, self.dist.world, TABLES_FILE))
+            kept = list_checkpoints(self.run_dir)
+            ssd.collect_garbage(kept, rank_file(self.dist.rank, self.dist.world, TABLES_FILE))
+            if self.dist.is_main:  # another world size's table directories, once no checkpoint names them
+                ssd.collect_table_dirs(kept)
             return path
         if self.ssd is None:
             return save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints)
@@ -489,7 +511,9 @@ class Trainer:
         ssd = self.ssd
         path = save_checkpoint(self.run_dir, self.step, self.model, tensors, state, self.config.keep_checkpoints,
                                extra_json=lambda tmp: {TABLES_FILE: ssd.checkpoint_doc(tmp)})  # fmt: skip
-        ssd.collect_garbage(list_checkpoints(self.run_dir))
+        kept = list_checkpoints(self.run_dir)
+        ssd.collect_garbage(kept)
+        ssd.collect_table_dirs(kept)
         return path
 
     # ---- run directory and stopping -------------------------------------------------------------
@@ -642,16 +666,17 @@ class Trainer:
         return summary
 
 
-def _check_ssd_world(ckpt: Checkpoint, world: int) -> None:
-    """SSD tables are per rank (each a row range): a checkpoint resumes on the world size that wrote it."""
-    saved = int((ckpt.state.get("shards") or {}).get("world", 1))
-    if saved != world:
-        how = "one process" if saved == 1 else f"torchrun --nproc-per-node {saved}"
-        raise ConfigError(
-            f"checkpoint {ckpt.path} holds SSD tables written by {saved} rank(s), this run has "
-            f"{world}; re-sharding SSD tables is not supported: resume it with {how}",
-            "engram.table_tier",
-        )
+def _saved_world(ckpt: Checkpoint) -> int:
+    return int((ckpt.state.get("shards") or {}).get("world", 1))
+
+
+def _check_ssd_tables(ckpt: Checkpoint) -> None:
+    """An SSD run resumes from a checkpoint with SSD tables (any world size: other sizes are re-sharded)."""
+    from engramlm.store.trainable import checkpoint_table_docs
+
+    docs = checkpoint_table_docs(ckpt.path)
+    if not docs or not all(d.is_file() for d in docs):
+        raise ConfigError(f"checkpoint {ckpt.path} holds its tables in the model, not on SSD", "engram.table_tier")
 
 
 class _NoLogger:
