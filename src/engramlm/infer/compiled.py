@@ -17,6 +17,11 @@ error while compiling, the engine warns once and decodes eagerly; the step it wa
 rolled back (KV lengths, conv history) and re-run eagerly, so the output is unaffected.
 Compilation happens on the first decode step of each new batch size and takes seconds to
 minutes on a CPU (reported as ``compile_seconds``).
+
+``freeze=True`` (``Engine(compile="freeze")``) also lets inductor fold the weights into the graph as
+constants (on the CPU: prepacked MKL matmuls, which stream a weight faster at batch 1). The graph
+then holds the weights of the moment it compiled: change the model's weights afterwards and the
+compiled steps keep using the old ones, so build a new Engine after loading new weights.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ from engramlm.models.model import EngramLM
 
 def _decode_logits(model: EngramLM, x: torch.Tensor, engram: EngramInputs | None, kv: Mapping) -> torch.Tensor:
     return model(x, engram=engram, kv=kv).logits
+
+
+def _standard(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with row-major strides (size-1 dims included): graphs guard on strides, and the conv
+    history arrives as a view of the prefill, as a gather, or as inductor's (padded) output."""
+    want, acc = [], 1
+    for n in reversed(x.shape):
+        want.append(acc)
+        acc *= n
+    if x.stride() == tuple(reversed(want)):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
 def cxx_compiler() -> str | None:
@@ -57,13 +74,13 @@ class CompiledDecode:
     returns None.
     """
 
-    def __init__(self, model: EngramLM) -> None:
-        self.model = model
+    def __init__(self, model: EngramLM, *, freeze: bool = False) -> None:
+        self.model, self.freeze = model, freeze
         self.error: str | None = None
         self.compile_seconds = 0.0
         self.calls = 0
         self._seen: set[tuple] = set()
-        self._fn = torch.compile(_decode_logits, dynamic=False)
+        self._fn = torch.compile(_decode_logits, dynamic=False, options={"freezing": True} if freeze else None)
         if model.training:
             self._fail("the model is in training mode")
         elif next(model.parameters()).device.type == "cpu" and cxx_compiler() is None:
@@ -80,11 +97,13 @@ class CompiledDecode:
         first = key not in self._seen
         lengths = {i: kv.lengths.clone() for i, kv in cache.kv.items()}
         hist = {i: c.hist for i, c in cache.conv.items()}
+        for c in cache.conv.values():
+            c.hist = _standard(c.hist)
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 logits = self._fn(self.model, x, engram, cache.kv)
-        except Exception as exc:  # noqa: BLE001 - any compile failure means: fall back, once, loudly
+        except Exception as exc:  # any compile failure means: fall back, once, loudly
             for i, kv in cache.kv.items():  # undo what a partly run step wrote, then the caller re-runs it
                 kv.lengths.copy_(lengths[i])
             for i, c in cache.conv.items():

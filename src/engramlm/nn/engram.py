@@ -98,7 +98,8 @@ def check_row_ids(
     """
     if row_ids.shape[-1] != num_heads:
         raise ValueError(f"{what}: last dim must be H_e={num_heads}, got shape {tuple(row_ids.shape)}")
-    if values and row_ids.numel() and not torch.compiler.is_compiling():  # compiled decode: hasher ids, in range by construction
+    # (not inside the compiled decode step: its ids come from the hasher, in range by construction)
+    if values and row_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(row_ids.min()), int(row_ids.max())
         if lo < 0 or hi >= num_rows:
             raise IndexError(
@@ -247,8 +248,8 @@ class ShortConv(nn.Module):
             if window_start is not None and lag:
                 shifted = shifted * (pos - lag >= window_start).unsqueeze(-1)
             acc = acc + shifted * w[:, j]
-        if lengths is None:  # contiguous: one stride for every step, so a compiled decode step never recompiles
-            new_state = full[:, t:].contiguous()
+        if lengths is None:
+            new_state = full[:, t:]
         else:
             idx = lengths.to(v.device).reshape(b, 1) + torch.arange(s, device=v.device)
             new_state = full.gather(1, idx.unsqueeze(-1).expand(b, s, full.shape[-1]))
