@@ -12,8 +12,8 @@ text) and the same number of new tokens, greedy. Contenders, timed interleaved p
 * ``engramlm_no_engram``: the same weights without the Engram layers (hashing and blocks gone), so
   ``1 - t(no_engram) / t(engramlm)`` is the Engram layers' share;
 * ``hf_llama``: the HF Llama;
-* ``engramlm_compiled`` / ``engramlm_no_engram_compiled`` (``--compile``, default ``freeze``): the same
-  two engines with ``Engine(compile=...)``, the one-token decode steps run by ``torch.compile``
+* ``engramlm_compiled`` / ``engramlm_no_engram_compiled`` (``--compile on``, the default): the same
+  two engines with ``Engine(compile=True)``, the one-token decode steps run by ``torch.compile``
   (prefill eager). Their graphs are built in the warm-up call (call 0, untimed); that call's wall
   time and the compile time inside it are reported separately (``compile_seconds``), so the timed
   repeats are steady-state numbers that exclude compilation. ``--compile none`` drops them.
@@ -81,10 +81,9 @@ def run_batch(
     prompts = [torch.stack([streams[c * b + i][:p] for i in range(b)]) for c in range(calls)]
     params = SamplingParams(max_new_tokens=s)
     engines = {"engramlm": Engine(model), "engramlm_no_engram": Engine(plain)}
-    if args.compile != "none":
-        mode = "freeze" if args.compile == "freeze" else True
-        engines["engramlm_compiled"] = Engine(model, compile=mode)
-        engines["engramlm_no_engram_compiled"] = Engine(plain, compile=mode)
+    if args.compile == "on":
+        engines["engramlm_compiled"] = Engine(model, compile=True)
+        engines["engramlm_no_engram_compiled"] = Engine(plain, compile=True)
 
     def ours(name: str, ids: torch.Tensor) -> int:
         gen = engines[name].generate(ids.tolist(), params)
@@ -141,7 +140,6 @@ def run_batch(
     compiled = {n: e for n, e in engines.items() if e.compiled is not None}
     if compiled:
         out["compiled"] = {
-            "mode": args.compile,
             "speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm_compiled"])),
             "no_engram_speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm_no_engram_compiled"])),
             "speedup_vs_eager": stats(paired_ratios(secs["engramlm"], secs["engramlm_compiled"])),
@@ -171,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus-mb", type=int, default=8)
     ap.add_argument(
         "--compile",
-        choices=["none", "default", "freeze"],
-        default="freeze",
-        help="add torch.compile'd contenders (Engine(compile=True) or compile='freeze'); none: eager only",
+        choices=["on", "none"],
+        default="on",
+        help="add torch.compile'd contenders (Engine(compile=True)); none: eager only",
     )
     ap.add_argument("--out", default="decode_vs_hf")
     args = ap.parse_args(argv)
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         if "compiled" in r:
             c = r["compiled"]
             print(
-                f"  compiled ({c['mode']}): {c['speedup_vs_hf']['median']:.2f}x HF "
+                f"  compiled: {c['speedup_vs_hf']['median']:.2f}x HF "
                 f"(IQR {c['speedup_vs_hf']['q1']:.2f}-{c['speedup_vs_hf']['q3']:.2f}), "
                 f"{c['speedup_vs_eager']['median']:.2f}x eager; Engram share {c['engram_share']['median']:.1%}; "
                 f"compile {c['compile_seconds']}"

@@ -1082,7 +1082,7 @@ def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
     if compiled:
         lines += [
             "",
-            f"With `Engine(compile={compiled[0]['compiled']['mode']!r})` (the one-token decode steps through "
+            "With `Engine(compile=True)` (the one-token decode steps through "
             "`torch.compile`, prefill eager; same repeats, interleaved with the rows above). Times exclude "
             "compilation, which happens once per batch size in the untimed warm-up call; its cost is the last "
             "column (engramlm / without Engram).",

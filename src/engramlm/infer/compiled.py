@@ -17,11 +17,6 @@ error while compiling, the engine warns once and decodes eagerly; the step it wa
 rolled back (KV lengths, conv history) and re-run eagerly, so the output is unaffected.
 Compilation happens on the first decode step of each new batch size and takes seconds to
 minutes on a CPU (reported as ``compile_seconds``).
-
-``freeze=True`` (``Engine(compile="freeze")``) also lets inductor fold the weights into the graph as
-constants (on the CPU: prepacked MKL matmuls, which stream a weight faster at batch 1). The graph
-then holds the weights of the moment it compiled: change the model's weights afterwards and the
-compiled steps keep using the old ones, so build a new Engine after loading new weights.
 """
 
 from __future__ import annotations
@@ -74,13 +69,13 @@ class CompiledDecode:
     returns None.
     """
 
-    def __init__(self, model: EngramLM, *, freeze: bool = False) -> None:
-        self.model, self.freeze = model, freeze
+    def __init__(self, model: EngramLM) -> None:
+        self.model = model
         self.error: str | None = None
         self.compile_seconds = 0.0
         self.calls = 0
         self._seen: set[tuple] = set()
-        self._fn = torch.compile(_decode_logits, dynamic=False, options={"freezing": True} if freeze else None)
+        self._fn = torch.compile(_decode_logits, dynamic=False)
         if model.training:
             self._fail("the model is in training mode")
         elif next(model.parameters()).device.type == "cpu" and cxx_compiler() is None:

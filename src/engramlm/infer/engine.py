@@ -92,8 +92,7 @@ class Engine:
     read at all (it may be freed, see :func:`engramlm.infer.tables.drop_model_tables`).
 
     ``compile=True`` runs the one-token decode steps of :meth:`stream` through ``torch.compile``
-    (:mod:`engramlm.infer.compiled`: one graph per batch size, eager fallback with one warning;
-    ``"freeze"`` also folds the weights into the graph, so they must not change afterwards);
+    (:mod:`engramlm.infer.compiled`: one graph per batch size, eager fallback with one warning);
     the prefill, :meth:`forward_chunk` (the serving scheduler) and sampling stay eager. With a
     prefetcher, a compiled step waits for all its layers' rows before the forward.
     """
@@ -106,10 +105,10 @@ class Engine:
         workers: int = 2,
         pad_id: int = 0,
         vocab_size: int | None = None,
-        compile: bool | str = False,
+        compile: bool = False,
     ) -> None:
-        if compile not in (False, True, "freeze"):
-            raise ConfigError(f"compile: must be False, True or 'freeze', got {compile!r}")
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile: must be True or False, got {compile!r}")
         self.model = model.eval()
         # ids the sampler may produce: the tokenizer's (a model's vocabulary is often padded past it, and an id
         # the tokenizer lacks has no compressed id, so it could be neither hashed nor decoded)
@@ -132,7 +131,7 @@ class Engine:
         if compile:
             from engramlm.infer.compiled import CompiledDecode
 
-            self.compiled = CompiledDecode(self.model, freeze=compile == "freeze")
+            self.compiled = CompiledDecode(self.model)
 
     def _check_tables(self) -> None:
         layout = self.model.layout
