@@ -11,7 +11,12 @@ text) and the same number of new tokens, greedy. Contenders, timed interleaved p
 * ``engramlm``: :class:`engramlm.infer.Engine` on the EngramLM (tables in the model);
 * ``engramlm_no_engram``: the same weights without the Engram layers (hashing and blocks gone), so
   ``1 - t(no_engram) / t(engramlm)`` is the Engram layers' share;
-* ``hf_llama``: the HF Llama.
+* ``hf_llama``: the HF Llama;
+* ``engramlm_compiled`` / ``engramlm_no_engram_compiled`` (``--compile on``, the default): the same
+  two engines with ``Engine(compile=True)``, the one-token decode steps run by ``torch.compile``
+  (prefill eager). Their graphs are built in the warm-up call (call 0, untimed); that call's wall
+  time and the compile time inside it are reported separately (``compile_seconds``), so the timed
+  repeats are steady-state numbers that exclude compilation. ``--compile none`` drops them.
 
 Run from the repository root: ``python -m benchmarks.bench_decode`` (needs ``transformers``, the
 ``bench`` extra); ``--batch 1 8`` by default.
@@ -33,7 +38,7 @@ from engramlm.infer import Engine, SamplingParams
 from engramlm.models.model import EngramLM
 
 # Bumped whenever the decode path's code changes what is measured, so old and new results never mix.
-BENCH_VERSION = 2
+BENCH_VERSION = 3
 
 
 def hf_llama(model: EngramLM) -> torch.nn.Module:
@@ -76,6 +81,9 @@ def run_batch(
     prompts = [torch.stack([streams[c * b + i][:p] for i in range(b)]) for c in range(calls)]
     params = SamplingParams(max_new_tokens=s)
     engines = {"engramlm": Engine(model), "engramlm_no_engram": Engine(plain)}
+    if args.compile == "on":
+        engines["engramlm_compiled"] = Engine(model, compile=True)
+        engines["engramlm_no_engram_compiled"] = Engine(plain, compile=True)
 
     def ours(name: str, ids: torch.Tensor) -> int:
         gen = engines[name].generate(ids.tolist(), params)
@@ -93,11 +101,9 @@ def run_batch(
         )
         return int(out[:, p:].numel())
 
-    contenders = {
-        "engramlm": lambda ids: ours("engramlm", ids),
-        "engramlm_no_engram": lambda ids: ours("engramlm_no_engram", ids),
-        "hf_llama": theirs,
-    }
+    contenders = {name: (lambda ids, name=name: ours(name, ids)) for name in engines}
+    contenders["hf_llama"] = theirs
+    warmup: dict[str, float] = {}
     names = list(contenders)
     secs: dict[str, list[float]] = {n: [] for n in names}
     from tqdm import tqdm
@@ -111,19 +117,40 @@ def run_batch(
                 dt = time.perf_counter() - t0
                 if made != b * s:
                     raise AssertionError(f"{n} made {made} tokens, expected {b * s}")
-                if c:  # call 0 is the warm-up (thread pools, lazily compiled kernels, caches)
+                if c:  # call 0 is the warm-up (thread pools, lazily compiled kernels, caches, torch.compile)
                     secs[n].append(dt)
+                else:
+                    warmup[n] = dt
     tok = b * s
-    return {
+
+    def share(plain_name: str, name: str) -> dict[str, float]:
+        return stats([1 - a / e for a, e in zip(secs[plain_name], secs[name], strict=True)])
+
+    out = {
         "batch": b,
         "new_tokens_per_call": tok,
         "seconds_per_call": {n: stats(v) for n, v in secs.items()},
         "tokens_per_second": {n: stats([tok / x for x in v]) for n, v in secs.items()},
         "speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm"])),
         "no_engram_speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm_no_engram"])),
-        "engram_share": stats([1 - a / e for a, e in zip(secs["engramlm_no_engram"], secs["engramlm"], strict=True)]),
+        "engram_share": share("engramlm_no_engram", "engramlm"),
+        "warmup_call_seconds": warmup,
         "raw_s": secs,
     }
+    compiled = {n: e for n, e in engines.items() if e.compiled is not None}
+    if compiled:
+        out["compiled"] = {
+            "speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm_compiled"])),
+            "no_engram_speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm_no_engram_compiled"])),
+            "speedup_vs_eager": stats(paired_ratios(secs["engramlm"], secs["engramlm_compiled"])),
+            "engram_share": share("engramlm_no_engram_compiled", "engramlm_compiled"),
+            "compile_seconds": {n: e.compiled.compile_seconds for n, e in compiled.items()},
+            "compiled_steps": {n: e.compiled.calls for n, e in compiled.items()},
+            "errors": {n: e.compiled.error for n, e in compiled.items() if e.compiled.error},
+        }
+    for e in engines.values():
+        e.close()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,6 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--corpus-mb", type=int, default=8)
+    ap.add_argument(
+        "--compile",
+        choices=["on", "none"],
+        default="on",
+        help="add torch.compile'd contenders (Engine(compile=True)); none: eager only",
+    )
     ap.add_argument("--out", default="decode_vs_hf")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -180,6 +213,14 @@ def main(argv: list[str] | None = None) -> None:
             f"HF {r['tokens_per_second']['hf_llama']['median']:.1f} tok/s: {sp['median']:.2f}x "
             f"(IQR {sp['q1']:.2f}-{sp['q3']:.2f}); Engram share {sh['median']:.1%}"
         )
+        if "compiled" in r:
+            c = r["compiled"]
+            print(
+                f"  compiled: {c['speedup_vs_hf']['median']:.2f}x HF "
+                f"(IQR {c['speedup_vs_hf']['q1']:.2f}-{c['speedup_vs_hf']['q3']:.2f}), "
+                f"{c['speedup_vs_eager']['median']:.2f}x eager; Engram share {c['engram_share']['median']:.1%}; "
+                f"compile {c['compile_seconds']}"
+            )
     print(f"wrote {path}")
 
 

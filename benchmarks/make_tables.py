@@ -1086,6 +1086,27 @@ def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
             f"| {r['batch']} | {_med_iqr(t['engramlm'])} | {_med_iqr(t['hf_llama'])} | **{_x(r['speedup_vs_hf'])}** | "
             f"{_x(r['no_engram_speedup_vs_hf'])} | {sh['median']:.0%} ({sh['q1']:.0%}–{sh['q3']:.0%}) |"
         )
+    compiled = [r for r in doc["runs"] if "compiled" in r]
+    if compiled:
+        lines += [
+            "",
+            "With `Engine(compile=True)` (the one-token decode steps through "
+            "`torch.compile`, prefill eager; same repeats, interleaved with the rows above). Times exclude "
+            "compilation, which happens once per batch size in the untimed warm-up call; its cost is the last "
+            "column (engramlm / without Engram).",
+            "",
+            "| batch | compiled tok/s | **× HF** | × eager | without Engram × HF | Engram share | compile s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in compiled:
+            c, t = r["compiled"], r["tokens_per_second"]
+            sh, cs = c["engram_share"], c["compile_seconds"]
+            lines.append(
+                f"| {r['batch']} | {_med_iqr(t['engramlm_compiled'])} | **{_x(c['speedup_vs_hf'])}** | "
+                f"{_x(c['speedup_vs_eager'])} | {_x(c['no_engram_speedup_vs_hf'])} | "
+                f"{sh['median']:.0%} ({sh['q1']:.0%}–{sh['q3']:.0%}) | "
+                f"{cs.get('engramlm_compiled', 0):.0f} / {cs.get('engramlm_no_engram_compiled', 0):.0f} |"
+            )
     return lines + _footer(doc)
 
 

@@ -90,6 +90,11 @@ class Engine:
     Without ``tables`` each Engram block reads its own ``embed.weight``. With them, every layer
     listed is fetched through a Prefetcher (``workers`` threads) and the block's own table is not
     read at all (it may be freed, see :func:`engramlm.infer.tables.drop_model_tables`).
+
+    ``compile=True`` runs the one-token decode steps of :meth:`stream` through ``torch.compile``
+    (:mod:`engramlm.infer.compiled`: one graph per batch size, eager fallback with one warning);
+    the prefill, :meth:`forward_chunk` (the serving scheduler) and sampling stay eager. With a
+    prefetcher, a compiled step waits for all its layers' rows before the forward.
     """
 
     def __init__(
@@ -100,7 +105,10 @@ class Engine:
         workers: int = 2,
         pad_id: int = 0,
         vocab_size: int | None = None,
+        compile: bool = False,
     ) -> None:
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile: must be True or False, got {compile!r}")
         self.model = model.eval()
         # ids the sampler may produce: the tokenizer's (a model's vocabulary is often padded past it, and an id
         # the tokenizer lacks has no compressed id, so it could be neither hashed nor decoded)
@@ -119,6 +127,11 @@ class Engine:
             from engramlm.store.prefetch import Prefetcher
 
             self.prefetcher = Prefetcher(self.tables, workers=workers, device=self.device, dtype=self.dtype)
+        self.compiled = None
+        if compile:
+            from engramlm.infer.compiled import CompiledDecode
+
+            self.compiled = CompiledDecode(self.model)
 
     def _check_tables(self) -> None:
         layout = self.model.layout
@@ -152,13 +165,25 @@ class Engine:
 
         Returns the logits [B, T, V] and, per Engram layer, the time the forward blocked on its rows.
         The scheduler of :mod:`engramlm.serve` steps its batch through this too."""
+        return self._forward(x, cache, lengths, compiled=False)
+
+    def _forward(
+        self, x: torch.Tensor, cache: DecodeCache, lengths: torch.Tensor | None, *, compiled: bool
+    ) -> tuple[torch.Tensor, dict[int, float]]:
         plan = cache.begin(x, lengths=lengths)
         engram, handle = plan.engram, None
         if self.prefetcher is not None:
             handle = self.prefetcher.start(self.model.layout.split(plan.row_ids, self.tables))
             engram = engram.with_rows(handle)
-        with torch.no_grad():
-            logits = self.model(x.to(self.device), engram=engram, kv=cache.kv).logits
+        x = x.to(self.device)
+        logits = None
+        if compiled and self.compiled is not None:
+            if handle is not None:  # a graph cannot block on a thread pool: take every layer's rows first
+                engram = engram.with_rows({lid: handle[lid] for lid in handle})
+            logits = self.compiled(x, engram, cache)
+        if logits is None:
+            with torch.no_grad():
+                logits = self.model(x, engram=engram, kv=cache.kv).logits
         cache.commit(plan)
         waits = dict(handle.wait_seconds) if handle is not None else {}
         return logits, waits
@@ -191,7 +216,7 @@ class Engine:
         x, lengths = ids, (None if bool((lens == lens[0]).all()) else lens)
         for step in range(params.max_new_tokens):
             t0 = time.perf_counter()
-            logits, waits = self.forward_chunk(x, cache, lengths)
+            logits, waits = self._forward(x, cache, lengths, compiled=step > 0)
             last = logits[:, -1] if lengths is None else logits[torch.arange(b, device=logits.device), lengths - 1]
             last = last[:, : self.vocab_size]
             tok = sample(last, params, gen).cpu() if force is None else force[:, step].to(torch.long)

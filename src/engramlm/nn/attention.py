@@ -38,8 +38,19 @@ class KVCache:
         return self.k.shape[2]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append k, v [B, n_kv, T, Dh]; return cached k, v up to the bound and slots [B, T]."""
+        """Append k, v [B, n_kv, T, Dh]; return cached k, v up to the bound and slots [B, T].
+
+        Inside ``torch.compile`` (the compiled decode step, see :mod:`engramlm.infer.compiled`) it returns
+        the whole buffers instead (the mask hides the unwritten slots) and leaves ``bound`` to the caller:
+        a shape or a host int that changed every step would recompile the graph every step."""
         t = k.shape[2]
+        if torch.compiler.is_compiling():
+            slots = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+            idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, idx, k.to(self.k.dtype))
+            self.v.scatter_(2, idx, v.to(self.v.dtype))
+            self.lengths += t
+            return self.k, self.v, slots
         if self.bound + t > self.max_len:
             raise ValueError(f"KV cache overflow: {self.bound} + {t} > max_len {self.max_len}")
         slots = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)

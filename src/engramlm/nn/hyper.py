@@ -87,6 +87,19 @@ def _sinkhorn_kernel():  # a Numba dispatcher, or None without Numba
     return _SINKHORN_KERNEL[0]
 
 
+@torch.library.custom_op("engramlm::sinkhorn", mutates_args=())
+def _sinkhorn_op(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    """:func:`sinkhorn` as one opaque op for ``torch.compile``: the compiled decode step calls the same
+    Numba loop as eager inference (bit-identical H_res) instead of tracing 2 * n_iters tiny reductions,
+    which would multiply the generated kernels and the compile time."""
+    return sinkhorn(logits, n_iters)
+
+
+@_sinkhorn_op.register_fake
+def _(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+
+
 def sinkhorn(logits: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
     """Doubly stochastic matrix from exp(logits) [..., M, M]: log-domain Sinkhorn–Knopp in fp32.
 
@@ -96,6 +109,8 @@ def sinkhorn(logits: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
     unchanged (the row sums total M). The entries it may lower are >> 1e-5 in practice; the clamp
     only guards degenerate inputs.
     """
+    if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and logits.requires_grad):
+        return _sinkhorn_op(logits, n_iters)
     z = logits.float()
     if z.device.type == "cpu" and not (torch.is_grad_enabled() and z.requires_grad) and z.shape[-1] == z.shape[-2]:
         kernel = _sinkhorn_kernel()  # inference on the host: 40 small kernels per call -> one compiled loop
@@ -177,18 +192,21 @@ class MultiBranchResidual(nn.Module):
         Rebuilt whenever a parameter is replaced or changed in place (its version counter moves), so an
         optimiser step or ``load_state_dict`` between inference calls is always seen.
         """
+        if torch.compiler.is_compiling():  # a compiled graph folds these few ops; no version keys to trace
+            return self._static_and_scale_uncached()
         params = (self.pre_logits, self.post_logits, self.res_logits, self.alpha_pre, self.alpha_post, self.alpha_res)
         key = tuple((q.data_ptr(), q._version) for q in params)
         cached = getattr(self, "_static_cache", None)
         if cached is None or cached[0] != key:
-            m = self.n_branches
-            base = torch.cat([self.pre_logits, self.post_logits, self.res_logits.flatten()]).float()
-            scale = torch.cat(
-                [self.alpha_pre.expand(m), self.alpha_post.expand(m), self.alpha_res.expand(m * m)]
-            ).float()
-            cached = (key, base, scale)
+            cached = (key, *self._static_and_scale_uncached())
             self._static_cache = cached
         return cached[1], cached[2]
+
+    def _static_and_scale_uncached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.n_branches
+        base = torch.cat([self.pre_logits, self.post_logits, self.res_logits.flatten()]).float()
+        scale = torch.cat([self.alpha_pre.expand(m), self.alpha_post.expand(m), self.alpha_res.expand(m * m)]).float()
+        return base, scale
 
     def read(self, h: torch.Tensor) -> tuple[torch.Tensor, HCContext | None]:
         """H [B, T, M, d] -> sublayer input x [B, T, d] and the context for :meth:`write`."""

@@ -81,6 +81,9 @@ class MoE(nn.Module):
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         return weights, idx, scores
 
+    # The expert loop reads the routing back to the host (one sync per layer), so a compiled decode step
+    # (engramlm.infer.compiled) runs this layer eagerly between two graphs instead of recompiling per routing.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])

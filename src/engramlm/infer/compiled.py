@@ -1,0 +1,115 @@
+"""Opt-in ``torch.compile`` of the one-token decode step (``Engine(model, compile=True)``).
+
+Why: at small batch a decode step is ~70 small matmuls and a few hundred element-wise ops, so the
+interpreter and per-op dispatch cost as much as the FLOPs; inductor fuses the element-wise work
+into a few C++ loops and runs the step with one Python call. What keeps it to ONE graph for all
+steps of a batch (no recompilation per step):
+
+* the KV caches return their whole preallocated buffers inside the graph (the causal mask hides
+  the unwritten slots), so no shape grows with the step, and the host-side ``bound`` is advanced
+  here, after the call, not traced (:meth:`engramlm.nn.attention.KVCache.update`);
+* hyper-connection Sinkhorn is one opaque custom op (``engramlm::sinkhorn``, the same Numba loop
+  as eager), the static logits are recomputed in-graph instead of cached by version counters;
+* MoE layers (their expert loop reads the routing back to the host) run eagerly between graphs.
+
+The prefill (variable length) stays eager. Inductor needs a C++ compiler: without one, or on any
+error while compiling, the engine warns once and decodes eagerly; the step it was running is
+rolled back (KV lengths, conv history) and re-run eagerly, so the output is unaffected.
+Compilation happens on the first decode step of each new batch size and takes seconds to
+minutes on a CPU (reported as ``compile_seconds``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from engramlm.models.decode import DecodeCache
+from engramlm.models.interface import EngramInputs
+from engramlm.models.model import EngramLM
+
+
+def _decode_logits(model: EngramLM, x: torch.Tensor, engram: EngramInputs | None, kv: Mapping) -> torch.Tensor:
+    return model(x, engram=engram, kv=kv).logits
+
+
+def _standard(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with row-major strides (size-1 dims included): graphs guard on strides, and the conv
+    history arrives as a view of the prefill, as a gather, or as inductor's (padded) output."""
+    want, acc = [], 1
+    for n in reversed(x.shape):
+        want.append(acc)
+        acc *= n
+    if x.stride() == tuple(reversed(want)):
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on the host (``torch._inductor.config.cpp.cxx``), or None."""
+    from torch._inductor import config
+
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    for name in names:
+        found = shutil.which(name) if name is not None else None
+        if found:
+            return found
+    return None
+
+
+class CompiledDecode:
+    """The compiled one-token step of ``model``; ``__call__`` returns the logits or None (run eagerly).
+
+    ``compile_seconds`` sums the wall time of the calls that compiled a graph (first step per batch
+    size), ``calls`` counts compiled steps; after a failure ``error`` says why and every later call
+    returns None.
+    """
+
+    def __init__(self, model: EngramLM) -> None:
+        self.model = model
+        self.error: str | None = None
+        self.compile_seconds = 0.0
+        self.calls = 0
+        self._seen: set[tuple] = set()
+        self._fn = torch.compile(_decode_logits, dynamic=False)
+        if model.training:
+            self._fail("the model is in training mode")
+        elif next(model.parameters()).device.type == "cpu" and cxx_compiler() is None:
+            self._fail("no C++ compiler found (inductor needs one on the CPU)")
+
+    def _fail(self, why: str) -> None:
+        self.error = why
+        warnings.warn(f"Engine(compile=True): decoding eagerly: {why}", RuntimeWarning, stacklevel=3)
+
+    def __call__(self, x: torch.Tensor, engram: EngramInputs | None, cache: DecodeCache) -> torch.Tensor | None:
+        if self.error is not None:
+            return None
+        key = (tuple(x.shape), engram is None or engram.window_start is None, engram is None or engram.dead is None)
+        first = key not in self._seen
+        lengths = {i: kv.lengths.clone() for i, kv in cache.kv.items()}
+        hist = {i: c.hist for i, c in cache.conv.items()}
+        for c in cache.conv.values():
+            c.hist = _standard(c.hist)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                logits = self._fn(self.model, x, engram, cache.kv)
+        except Exception as exc:  # any compile failure means: fall back, once, loudly
+            for i, kv in cache.kv.items():  # undo what a partly run step wrote, then the caller re-runs it
+                kv.lengths.copy_(lengths[i])
+            for i, c in cache.conv.items():
+                c.hist = hist[i]
+            self._fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            return None
+        if first:
+            self._seen.add(key)
+            self.compile_seconds += time.perf_counter() - t0
+        self.calls += 1
+        bound = int(cache.pos.max()) + x.shape[1]  # the graph left KVCache.bound alone: advance it here
+        for kv in cache.kv.values():
+            kv.bound = max(kv.bound, bound)
+        return logits
