@@ -93,19 +93,32 @@ class RecordLayout:
         return np.zeros((n, self.nbytes), dtype=np.uint8)
 
     def unpack(self, rec: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, m, v, count) as new torch tensors from records ``[n, nbytes]``."""
+        """(rows, m, v, count) as new torch tensors from records ``[n, nbytes]``: one copy of each part, taken
+        from a float32 view of the records (no intermediate contiguous copy)."""
         d = self.dim
-        f = np.ascontiguousarray(rec[:, : 12 * d]).view(np.float32)
-        count = np.ascontiguousarray(rec[:, 12 * d : 12 * d + 8]).view(np.int64)[:, 0]
-        t = torch.from_numpy(f)
-        return t[:, :d].clone(), t[:, d : 2 * d].clone(), t[:, 2 * d :].clone(), torch.from_numpy(count.copy())
+        rec = np.ascontiguousarray(rec)
+        f = torch.from_numpy(rec.view(np.float32))  # [n, nbytes / 4]: nbytes is a power of two >= 16 or pages
+        if (12 * d) % 8 == 0:
+            count = torch.from_numpy(rec.view(np.int64))[:, 12 * d // 8].clone()
+        else:
+            count = torch.from_numpy(np.ascontiguousarray(rec[:, 12 * d : 12 * d + 8]).view(np.int64)[:, 0].copy())
+        return f[:, :d].clone(), f[:, d : 2 * d].clone(), f[:, 2 * d : 3 * d].clone(), count
 
     def pack(self, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, count: torch.Tensor) -> np.ndarray:
-        d = self.dim
-        rec = self.empty(w.shape[0])
-        f = torch.cat([w, m, v], dim=1).to(torch.float32).contiguous().numpy()
-        rec[:, : 12 * d] = f.view(np.uint8)
-        rec[:, 12 * d : 12 * d + 8] = count.to(torch.int64).contiguous().numpy().reshape(-1, 1).view(np.uint8)
+        """Records from (rows, m, v, count): each part copied once into place; the padding is zeroed, so equal
+        states give equal bytes (and equal CRCs)."""
+        d, n = self.dim, w.shape[0]
+        rec = np.empty((n, self.nbytes), dtype=np.uint8)
+        rec[:, 12 * d + 8 :] = 0
+        f = torch.from_numpy(rec.view(np.float32))
+        f[:, :d] = w
+        f[:, d : 2 * d] = m
+        f[:, 2 * d : 3 * d] = v
+        c = count.to(torch.int64).contiguous().numpy()
+        if (12 * d) % 8 == 0:
+            rec.view(np.int64)[:, 12 * d // 8] = c
+        else:
+            rec[:, 12 * d : 12 * d + 8] = c.reshape(-1, 1).view(np.uint8)
         return rec
 
     def rows(self, rec: np.ndarray) -> torch.Tensor:
@@ -286,6 +299,16 @@ class _Reader:
             self.fd = -1
 
 
+def _pwrite_all(fd: int, parts: list, pos: int) -> None:
+    """Write ``parts`` back to back at ``pos``: one ``pwritev``, finished by ``pwrite`` after a short write."""
+    total = sum(len(p) for p in parts)
+    done = os.pwritev(fd, parts, pos) if parts else 0
+    if done < total:
+        rest = memoryview(b"".join(bytes(p) for p in parts))
+        while done < total:
+            done += os.pwrite(fd, rest[done:], pos + done)
+
+
 def _base_header(num_rows: int, dim: int, rec: int, fingerprint: str) -> bytes:
     doc = {"magic": _BASE_MAGIC, "num_rows": num_rows, "dim": dim, "record_bytes": rec, "fingerprint": fingerprint}
     raw = json.dumps(doc, sort_keys=True).encode()
@@ -389,7 +412,8 @@ class TrainableTable(RowTable):
         self._cdirty = np.zeros(cap, dtype=bool)
         self._cused = np.zeros(cap, dtype=np.int64)
         self._slot = np.full(num_rows, -1, dtype=np.int32)
-        self._free = list(range(cap - 1, -1, -1))
+        self._free = np.arange(cap - 1, -1, -1, dtype=np.int64)  # a stack of free slots: the top is at _nfree - 1
+        self._nfree = cap
 
     # ---- creation and opening -----------------------------------------------------------------
     @classmethod
@@ -524,27 +548,24 @@ class TrainableTable(RowTable):
         log = self._logs[-1]
         per = max(1, _IO_BLOCK // self.rec)
         for s in range(0, ids.size, per):
-            i, r = ids[s : s + per].astype("<i8"), recs[s : s + per]
+            i, r = ids[s : s + per].astype("<i8"), np.ascontiguousarray(recs[s : s + per])
             n = i.size
             head = np.zeros(1, dtype=_LOG_HEAD)
-            body_crc = zlib.crc32(np.ascontiguousarray(r).data, zlib.crc32(i.tobytes()))
+            body_crc = zlib.crc32(r.data, zlib.crc32(i.data))
             head[0] = (_LOG_MAGIC, n, self.rec, body_crc, 0)
             hdr = head.tobytes() + i.tobytes()
             hdr += b"\0" * (_align(len(hdr)) - len(hdr))
-            body = np.ascontiguousarray(r).tobytes()
-            body += b"\0" * (_align(len(body)) - len(body))
+            parts = [hdr, r.data.cast("B"), b"\0" * (_align(r.nbytes) - r.nbytes)]  # one pwritev, no record copy
             pos = log["length"]
-            for part in (hdr, body):
-                done = 0
-                while done < len(part):
-                    done += os.pwrite(log["fd"], memoryview(part)[done:], pos + done)
+            _pwrite_all(log["fd"], parts, pos)
+            for part in parts:
                 log["crc32"] = zlib.crc32(part, log["crc32"])
-                pos += len(part)
-            rec_start = log["length"] + len(hdr)
+            rec_start = pos + len(hdr)
+            end = rec_start + _align(r.nbytes)
             self._loc[i] = ((len(self._logs) - 1) << _LOC_SHIFT) | (rec_start + np.arange(n, dtype=np.int64) * self.rec)
-            log["length"] = pos
+            log["length"] = end
             self.io["rows_written"] += n
-            self.io["bytes_written"] += len(hdr) + len(body)
+            self.io["bytes_written"] += end - pos
             self.io["log_chunks"] += 1
 
     # ---- cache --------------------------------------------------------------------------------
@@ -562,11 +583,18 @@ class TrainableTable(RowTable):
         self._slot[self._crow[victims]] = -1
         self._crow[victims] = -1
         self._cdirty[victims] = False
-        self._free.extend(victims.tolist())
+        self._free[self._nfree : self._nfree + victims.size] = victims
+        self._nfree += victims.size
 
     def _put(self, ids: np.ndarray, recs: np.ndarray, dirty: bool, tick: int) -> None:
         slots = self._slot[ids].astype(np.int64)
         res = slots >= 0
+        if res.all():  # the step's write-back: every row is cached (read put it there); no masked copies
+            self._crec[slots] = recs
+            self._cused[slots] = np.maximum(self._cused[slots], tick)
+            if dirty:
+                self._cdirty[slots] = True
+            return
         if res.any():
             s = slots[res]
             self._crec[s] = recs[res]
@@ -580,9 +608,10 @@ class TrainableTable(RowTable):
             spill, new = new[: new.size - self.capacity], new[new.size - self.capacity :]
             if dirty:
                 self._append_log(ids[spill], recs[spill])
-        if len(self._free) < new.size:
-            self._evict(new.size - len(self._free))
-        take = np.asarray([self._free.pop() for _ in range(new.size)], dtype=np.int64)
+        if self._nfree < new.size:
+            self._evict(new.size - self._nfree)
+        take = self._free[self._nfree - new.size : self._nfree][::-1].copy()  # the order list.pop() gave
+        self._nfree -= new.size
         self._crec[take] = recs[new]
         self._crow[take] = ids[new]
         self._cdirty[take] = dirty
@@ -596,6 +625,11 @@ class TrainableTable(RowTable):
         with self._lock:
             slots = self._slot[ids]
             hit = slots >= 0
+            if hit.all():  # everything prefetched: one gather, no masks
+                out = self._crec[slots]
+                self._cused[slots] = np.maximum(self._cused[slots], tick)
+                self.stats.add(hits=int(ids.size), misses=0)
+                return out
             out = np.empty((ids.size, self.rec), dtype=np.uint8)
             hs = slots[hit]
             out[hit] = self._crec[hs]
