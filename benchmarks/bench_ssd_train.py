@@ -334,8 +334,10 @@ def large_run(data: Path, root: Path, gb: float, cache_mb: float, steps: int) ->
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     # the same process with a negligible table in the model: what Python, torch, Numba and the model cost
+    load_before = os.getloadavg()
     base = worker("model", 500, min(steps, 5))
     doc = worker("ssd", vocab, steps)
+    doc["load_avg_before"], doc["load_avg_after"] = list(load_before), list(os.getloadavg())
     doc["baseline_peak_rss_bytes"] = base["peak_rss_bytes"]
     doc["vocab_per_head"] = vocab
     # stated bound: the process baseline + the cache + the index (12 B/row + page CRCs) + a fixed allowance for the
@@ -445,11 +447,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     from engramlm.data import prepare
 
-    scratch = Path(tempfile.mkdtemp(prefix="bench-ssd-", dir=args.scratch or "/var/tmp"))
     parts = set(args.only or ("disk", "curve", "checkpoints", "large"))
     prev: dict[str, Any] = {}
     if args.only:
         prev = json.loads((RESULTS_DIR / f"{args.out}.json").read_text(encoding="utf-8"))
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ssd-", dir=args.scratch or "/var/tmp"))
     try:
         data = scratch / "data"
         prepare("stdlib", data, 512, max_bytes=300_000, progress=False)
