@@ -248,7 +248,7 @@ def large_worker(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     extra = ["engram.table_tier=ssd", f"engram.cache_mb={args.cache_mb}"] if args.tier == "ssd" else []
-    cfg = _config(Path(args.data), Path(args.run), args.vocab, args.steps + 2 + (2000 if args.fill_cache else 0), extra)
+    cfg = _config(Path(args.data), Path(args.run), args.vocab, args.steps + 2 + (1000 if args.fill_cache else 0), extra)
     tr = Trainer(cfg)
     ssd = tr.ssd is not None
     init_s = time.perf_counter() - t0
@@ -269,11 +269,17 @@ def large_worker(args: argparse.Namespace) -> None:
     if ssd and args.fill_cache:  # time the steady state: a full cache, so every step evicts and writes back
         from tqdm import tqdm
 
+        best, since = 0.0, 0
         with tqdm(desc="filling the cache", total=100, file=sys.stderr) as bar:
-            while tr.ssd.io_stats()["rows_written"] == 0 and warm < tr.config.total_steps - args.steps - 1:
+            # until the first eviction; or until the batches stop bringing new rows (a corpus whose rows all fit)
+            while (
+                tr.ssd.io_stats()["rows_written"] == 0 and since < 20 and warm < tr.config.total_steps - args.steps - 1
+            ):
                 tr.train_step()
                 warm += 1
-                bar.update(int(100 * filled()) - bar.n)
+                f = filled()
+                best, since = (f, 0) if f > best + 1e-4 else (best, since + 1)
+                bar.update(int(100 * f) - bar.n)
     io0 = tr.ssd.io_stats() if ssd else zero
     t1 = time.perf_counter()
     waits = []
@@ -319,7 +325,13 @@ def large_worker(args: argparse.Namespace) -> None:
     print(json.dumps(doc))
 
 
-def large_run(data: Path, root: Path, gb: float, cache_mb: float, steps: int) -> dict[str, Any]:
+def large_run(data: Path, root: Path, gb: float, cache_mb: float, steps: int, corpus_bytes: int) -> dict[str, Any]:
+    """The large run on its own, larger slice of the corpus: the small one's n-grams all fit a 512 MiB cache, so
+    the cache would never fill and nothing would be evicted or written back."""
+    from engramlm.data import prepare
+
+    data = root / "data_large"
+    prepare("stdlib", data, 512, max_bytes=corpus_bytes, progress=False)
     # rows per layer ~ 2 orders x 4 heads x V; records of 32-dim rows are 512 bytes; two layers
     vocab = int(gb * 2**30 / 512 / 2 / 8)
 
@@ -339,6 +351,7 @@ def large_run(data: Path, root: Path, gb: float, cache_mb: float, steps: int) ->
     doc = worker("ssd", vocab, steps)
     doc["load_avg_before"], doc["load_avg_after"] = list(load_before), list(os.getloadavg())
     doc["baseline_peak_rss_bytes"] = base["peak_rss_bytes"]
+    doc["corpus_bytes"] = corpus_bytes
     doc["vocab_per_head"] = vocab
     # stated bound: the process baseline + the cache + the index (12 B/row + page CRCs) + a fixed allowance for the
     # per-step I/O working set: two threads' page-read buffers (8 MiB each), the step's records in their few
@@ -405,6 +418,9 @@ def plot(curve: dict[str, Any], path: Path) -> Path:
     hi = [100 * a["overhead"]["q3"] for a in xs]
     ax.plot(f, med, marker="o", label="SSD step time over RAM (median)")
     ax.fill_between(f, lo, hi, alpha=0.25, label="IQR")
+    if all("cpu_overhead" in a for a in xs):
+        ax.plot(f, [100 * a["cpu_overhead"]["median"] for a in xs], marker="s", label="process CPU time over RAM")
+        ax.plot(f, [100 * a["overhead_load_corrected"]["median"] for a in xs], marker="^", label="load-corrected")
     ax.axhline(10, color="grey", ls="--", lw=1, label="target 10%")
     ax.set_xscale("log")
     ax.set_xlabel("cache size, % of the table file")
@@ -479,14 +495,19 @@ def main(argv: list[str] | None = None) -> None:
             doc["checkpoints"] = checkpoint_scaling(data, scratch, vocabs, 4 if q else 10, args.ckpt_cache_mb)
         if "large" in parts:
             print("large run ...", file=sys.stderr)
+            n_large = 5 if q else (args.large_steps or args.steps)
             doc["large"] = large_run(data, scratch, 0.05 if q else args.large_gb, 4 if q else args.large_cache_mb,
-                                     5 if q else (args.large_steps or args.steps))  # fmt: skip
+                                     n_large, 300_000 if q else 8_000_000)  # fmt: skip
         for p in parts:
             doc["commands"][p] = command_line()  # which command measured which part
         head = doc["curve"]["ssd"].get("0.1")
         doc.update(
             headline_overhead_at_10pct=None if head is None else head["overhead"],
             within_10pct=None if head is None else head["overhead"]["median"] <= 0.10,
+            # the same target on the process's CPU time: what the step costs where no core is spare
+            within_10pct_cpu=None
+            if head is None or "cpu_overhead" not in head
+            else head["cpu_overhead"]["median"] <= 0.10,
             plot=f"{args.out}.png",
         )
         plot(doc["curve"], RESULTS_DIR / f"{args.out}.png")

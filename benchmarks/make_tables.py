@@ -1023,9 +1023,10 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
     h10 = c["ssd"].get("0.1", {})
     extra = ""
     if "overhead_load_corrected" in h10:
+        cpu_ok = "met" if doc.get("within_10pct_cpu") else "**not met**"
         extra = (
             f" Load-corrected: {_pct(h10['overhead_load_corrected']['median'])}; CPU (every thread of the process): "
-            f"{_pct(h10['cpu_overhead']['median'])}."
+            f"{_pct(h10['cpu_overhead']['median'])} (the target on CPU time: {cpu_ok})."
         )
     lines = [
         f"**Tables on SSD while training** (`engram.table_tier=ssd`): the same model and batches trained side by "
