@@ -1058,8 +1058,9 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
         "",
         f"**Large run**: a {big['table_file_bytes'] / 2**30:.2f} GiB table file ({big['table_rows']:,} rows) behind a "
         f"{big['cache_bytes'] / mib:,.0f} MiB cache ({big['table_file_bytes'] / big['cache_bytes']:.1f}x the cache): "
-        + (f"timed over {big['steps']} steps after {big['warmup_steps']} steps filled the cache (it was evicting and "
-           f"writing back while timed: {'yes' if big.get('evicting_when_timed') else '**no**'}): "
+        + (f"{big.get('batch_size', 8)} x 64 tokens a step, timed over {big['steps']} steps after "
+           f"{big['warmup_steps']} warm-up steps (cache {100 * big['cache_filled_bytes'] / big['cache_bytes']:.0f}% "
+           f"full; evicting and writing back while timed: {'yes' if big.get('evicting_when_timed') else '**no**'}): "
            if "warmup_steps" in big else "")
         + f"{big['tokens_per_s']:,.0f} tokens/s, step {1e3 * big['step_s']:,.0f} ms, prefetch wait "
         f"{big['wait_ms']['median']:.2f} ms (median), rows found in the cache at the gather (after the prefetch) "
