@@ -1004,7 +1004,7 @@ def _ssd_curve_rows(c: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _load(c: dict[str, Any]) -> str:
+def _ssd_load(c: dict[str, Any]) -> str:
     if "load_avg_before" not in c:
         return ""
     b, a = c["load_avg_before"], c["load_avg_after"]
@@ -1035,7 +1035,7 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
         f"{c.get('torch_threads', 1)}; losses identical in every arm: {'yes' if c['identical_losses'] else '**no**'}. "
         + (f"**Overhead at a cache of 10% of the table: {_pct(head['median'])}** (wall, IQR {_pct(head['q1'])} to "
            f"{_pct(head['q3'])}; target <= 10%: {verdict})." if head else "")
-        + extra + _load(c)
+        + extra + _ssd_load(c)
         + (" A step is timed until its own prefetch of the next step is done; 'load-corrected' removes the time the "
            "training thread was runnable but waiting for a CPU (Linux schedstat); 'CPU' is the process's CPU time "
            "per step (training, prefetch and I/O threads) over the RAM arm's." if "overhead_load_corrected" in h10
@@ -1049,7 +1049,7 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
             "",
             f"The same curve with torch at {th} intra-op threads (RAM arm too), {ct['steps']} timed steps"
             + (f"; 10% cache: wall {_pct(h['overhead']['median'])}, CPU {_pct(h['cpu_overhead']['median'])}" if h
-               else "") + "." + _load(ct),
+               else "") + "." + _ssd_load(ct),
             "",
             *_ssd_curve_rows(ct),
         ]  # fmt: skip
@@ -1074,7 +1074,7 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
         f"{big['bytes_written_per_s'] / mib:,.1f} MiB/s) against the disk's measured O_DIRECT 4 KiB random "
         f"limits of {rd['iops']:,.0f} reads/s ({rd['mib_s']:,.0f} MiB/s) and {wr['iops']:,.0f} writes/s at queue "
         f"depth 16 (QD 1: {disk['read_qd1']['iops']:,.0f} and {disk['write_qd1']['iops']:,.0f}/s). Table creation "
-        f"(streamed init, CRCs, fsync) took {big['init_s']:,.0f} s." + _load(big),
+        f"(streamed init, CRCs, fsync) took {big['init_s']:,.0f} s." + _ssd_load(big),
         "",
         f"**Checkpoints as the table grows 10x** (after the same steps; SSD cache fixed at "
         f"{doc['checkpoints'][0].get('cache_bytes', 0) / mib:,.0f} MiB): the RAM tier's checkpoint copies the table "
