@@ -179,8 +179,10 @@ def step_time_curve(
             c0 = time.process_time()
             t0 = time.perf_counter()
             rec = tr.train_step()
+            w0 = time.perf_counter()
             if tr.ssd is not None:
                 tr.ssd.wait()  # this arm's prefetch of its next step belongs to this arm's step
+            waited = time.perf_counter() - w0  # what the prefetch took beyond the step's own compute
             dt = time.perf_counter() - t0
             dc = time.process_time() - c0
             _, q1 = sched_seconds()
@@ -189,7 +191,7 @@ def step_time_curve(
                 times[n].append(dt)
                 corrected[n].append(dt - (q1 - q0))
                 cpu[n].append(dc)
-                waits[n].append(rec.get("ssd_wait_ms", 0.0))
+                waits[n].append(1e3 * waited if tr.ssd is not None else 0.0)
     load_after = os.getloadavg()
     ssd_io = {n: arms[n].ssd.io_stats() for n in names if n != "ram"}
     engines = {n: sorted({t._base.engine for t in arms[n].ssd.tables.values()}) for n in names if n != "ram"}
