@@ -985,6 +985,42 @@ def serve_table(doc: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------- SSD training
 
 
+def _ssd_curve_rows(c: dict[str, Any]) -> list[str]:
+    """One row per arm of a step-time curve: step time, the three overheads, prefetch wait, rows moved."""
+    mib = 2**20
+
+    def iqr(o: dict[str, Any] | None) -> str:
+        return "-" if o is None else f"{_pct(o['median'])} ({_pct(o['q1'])} to {_pct(o['q3'])})"
+
+    def row(label: str, a: dict[str, Any]) -> str:
+        return (
+            f"| {label} | {a['cache_bytes'] / mib:,.1f} | {_ms(a['step_s'])} | {iqr(a['overhead'])} | "
+            f"{iqr(a.get('overhead_load_corrected'))} | {iqr(a.get('cpu_overhead'))} | {a['wait_ms']['median']:.2f} | "
+            f"{a['io']['rows_read']:,} | {a['io']['rows_written']:,} |"
+        )
+
+    lines = [
+        "| cache (% of table) | cache MiB | step ms | overhead vs RAM: wall (median, IQR) | load-corrected | CPU | "
+        "prefetch wait ms | rows read | rows written |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| RAM (table in the model) | - | {_ms(c['ram']['step_s'])} | - | - | - | - | - | - |",
+    ]
+    for a in sorted(c["ssd"].values(), key=lambda a: a["cache_fraction"]):
+        lines.append(row(f"{100 * a['cache_fraction']:g}%", a))
+    if "ssd_buffered_0.1" in c:
+        lines.append(row("10%, `engram.direct_io=false` (page cache)", c["ssd_buffered_0.1"]))
+    return lines
+
+
+def _ssd_load(c: dict[str, Any]) -> str:
+    if "load_avg_before" not in c:
+        return ""
+    b, a = c["load_avg_before"], c["load_avg_after"]
+    return (
+        f" Load average (1/5/15 min) before {b[0]:.1f}/{b[1]:.1f}/{b[2]:.1f}, after {a[0]:.1f}/{a[1]:.1f}/{a[2]:.1f}."
+    )
+
+
 def ssd_train_table(doc: dict[str, Any]) -> list[str]:
     """Training with the tables on SSD: step-time overhead over RAM by cache size, the large run's memory and
     I/O against the disk's measured limits, and checkpoint cost as the table grows 10x."""
@@ -992,40 +1028,49 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
     head = doc.get("headline_overhead_at_10pct")
     verdict = "met" if doc.get("within_10pct") else "**not met**"
     mib = 2**20
+    h10 = c["ssd"].get("0.1", {})
+    extra = ""
+    if "overhead_load_corrected" in h10:
+        cpu_ok = "met" if doc.get("within_10pct_cpu") else "**not met**"
+        extra = (
+            f" Load-corrected: {_pct(h10['overhead_load_corrected']['median'])}; CPU (every thread of the process): "
+            f"{_pct(h10['cpu_overhead']['median'])} (the target on CPU time: {cpu_ok})."
+        )
     lines = [
         f"**Tables on SSD while training** (`engram.table_tier=ssd`): the same model and batches trained side by "
         f"side with the table in RAM and on SSD (table file {c['table_file_bytes'] / mib:,.0f} MiB: rows + Adam "
-        f"state), one step of each arm in turn, {c['steps']} timed steps; losses identical in every arm: "
-        f"{'yes' if c['identical_losses'] else '**no**'}. "
-        + (f"**Overhead at a cache of 10% of the table: {_pct(head['median'])}** (IQR {_pct(head['q1'])} to "
-           f"{_pct(head['q3'])}; target <= 10%: {verdict})." if head else ""),
+        f"state), one step of each arm in turn, {c['steps']} timed steps, torch threads "
+        f"{c.get('torch_threads', 1)}; losses identical in every arm: {'yes' if c['identical_losses'] else '**no**'}. "
+        + (f"**Overhead at a cache of 10% of the table: {_pct(head['median'])}** (wall, IQR {_pct(head['q1'])} to "
+           f"{_pct(head['q3'])}; target <= 10%: {verdict})." if head else "")
+        + extra + _ssd_load(c)
+        + (" A step is timed until its own prefetch of the next step is done; 'load-corrected' removes the time the "
+           "training thread was runnable but waiting for a CPU (Linux schedstat); 'CPU' is the process's CPU time "
+           "per step (training, prefetch and I/O threads) over the RAM arm's." if "overhead_load_corrected" in h10
+           else ""),
         "",
-        "| cache (% of table) | cache MiB | step ms | overhead vs RAM (median, IQR) | prefetch wait ms | rows read | "
-        "rows written |",
-        "|---|---|---|---|---|---|---|",
-        f"| RAM (table in the model) | - | {_ms(c['ram']['step_s'])} | - | - | - | - |",
+        *_ssd_curve_rows(c),
     ]  # fmt: skip
-    for a in sorted(c["ssd"].values(), key=lambda a: a["cache_fraction"]):
-        o = a["overhead"]
-        lines.append(
-            f"| {100 * a['cache_fraction']:g}% | {a['cache_bytes'] / mib:,.1f} | {_ms(a['step_s'])} | "
-            f"{_pct(o['median'])} ({_pct(o['q1'])} to {_pct(o['q3'])}) | {a['wait_ms']['median']:.2f} | "
-            f"{a['io']['rows_read']:,} | {a['io']['rows_written']:,} |"
-        )
-    if "ssd_buffered_0.1" in c:
-        a = c["ssd_buffered_0.1"]
-        o = a["overhead"]
-        lines.append(
-            f"| 10%, `engram.direct_io=false` (page cache) | {a['cache_bytes'] / mib:,.1f} | {_ms(a['step_s'])} | "
-            f"{_pct(o['median'])} ({_pct(o['q1'])} to {_pct(o['q3'])}) | {a['wait_ms']['median']:.2f} | "
-            f"{a['io']['rows_read']:,} | {a['io']['rows_written']:,} |"
-        )
+    for th, ct in sorted((doc.get("curve_threads") or {}).items()):
+        h = ct["ssd"].get("0.1")
+        lines += [
+            "",
+            f"The same curve with torch at {th} intra-op threads (RAM arm too), {ct['steps']} timed steps"
+            + (f"; 10% cache: wall {_pct(h['overhead']['median'])}, CPU {_pct(h['cpu_overhead']['median'])}" if h
+               else "") + "." + _ssd_load(ct),
+            "",
+            *_ssd_curve_rows(ct),
+        ]  # fmt: skip
     rd, wr = disk["read_qd16"], disk["write_qd16"]
     lines += [
         "",
         f"**Large run**: a {big['table_file_bytes'] / 2**30:.2f} GiB table file ({big['table_rows']:,} rows) behind a "
         f"{big['cache_bytes'] / mib:,.0f} MiB cache ({big['table_file_bytes'] / big['cache_bytes']:.1f}x the cache): "
-        f"{big['tokens_per_s']:,.0f} tokens/s, step {1e3 * big['step_s']:,.0f} ms, prefetch wait "
+        + (f"{big.get('batch_size', 8)} x 64 tokens a step, timed over {big['steps']} steps after "
+           f"{big['warmup_steps']} warm-up steps (cache {100 * big['cache_filled_bytes'] / big['cache_bytes']:.0f}% "
+           f"full; evicting and writing back while timed: {'yes' if big.get('evicting_when_timed') else '**no**'}): "
+           if "warmup_steps" in big else "")
+        + f"{big['tokens_per_s']:,.0f} tokens/s, step {1e3 * big['step_s']:,.0f} ms, prefetch wait "
         f"{big['wait_ms']['median']:.2f} ms (median), rows found in the cache at the gather (after the prefetch) "
         f"{100 * big['cache_hit_rate']:.1f}%. "
         f"**Peak RSS {big['peak_rss_bytes'] / mib:,.0f} MiB** against a bound of {big['bound_bytes'] / mib:,.0f} MiB "
@@ -1037,7 +1082,7 @@ def ssd_train_table(doc: dict[str, Any]) -> list[str]:
         f"{big['bytes_written_per_s'] / mib:,.1f} MiB/s) against the disk's measured O_DIRECT 4 KiB random "
         f"limits of {rd['iops']:,.0f} reads/s ({rd['mib_s']:,.0f} MiB/s) and {wr['iops']:,.0f} writes/s at queue "
         f"depth 16 (QD 1: {disk['read_qd1']['iops']:,.0f} and {disk['write_qd1']['iops']:,.0f}/s). Table creation "
-        f"(streamed init, CRCs, fsync) took {big['init_s']:,.0f} s.",
+        f"(streamed init, CRCs, fsync) took {big['init_s']:,.0f} s." + _ssd_load(big),
         "",
         f"**Checkpoints as the table grows 10x** (after the same steps; SSD cache fixed at "
         f"{doc['checkpoints'][0].get('cache_bytes', 0) / mib:,.0f} MiB): the RAM tier's checkpoint copies the table "

@@ -54,8 +54,9 @@ import numpy as np
 import torch
 
 from engramlm.errors import CorruptFileError
+from engramlm.store import _aio
 from engramlm.store.base import RowTable, TableHeader
-from engramlm.store.direct import _open_direct
+from engramlm.store.direct import AIO_MAX_FDS, _open_direct
 from engramlm.store.pages import PAGE, PagePlan, plan_offsets
 from engramlm.utils.io import fsync_path
 
@@ -67,6 +68,7 @@ _LOG_HEAD = np.dtype([("magic", "S8"), ("n", "<u8"), ("rec", "<u8"), ("crc", "<u
 _LOC_SHIFT = 44  # loc = file_no << 44 | byte offset; -1: the base file
 _IO_BLOCK = 8 << 20  # bytes per sequential read/write block (init, compaction, flush)
 _READ_ROWS = 2048  # records per page-planned read: bounds each thread's read buffer to 2048 pages (8 MiB)
+_NO_CRCS = np.zeros(0, np.uint32)
 
 
 def _align(x: int, to: int = PAGE) -> int:
@@ -92,19 +94,32 @@ class RecordLayout:
         return np.zeros((n, self.nbytes), dtype=np.uint8)
 
     def unpack(self, rec: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, m, v, count) as new torch tensors from records ``[n, nbytes]``."""
+        """(rows, m, v, count) as new torch tensors from records ``[n, nbytes]``: one copy of each part, taken
+        from a float32 view of the records (no intermediate contiguous copy)."""
         d = self.dim
-        f = np.ascontiguousarray(rec[:, : 12 * d]).view(np.float32)
-        count = np.ascontiguousarray(rec[:, 12 * d : 12 * d + 8]).view(np.int64)[:, 0]
-        t = torch.from_numpy(f)
-        return t[:, :d].clone(), t[:, d : 2 * d].clone(), t[:, 2 * d :].clone(), torch.from_numpy(count.copy())
+        rec = np.ascontiguousarray(rec)
+        f = torch.from_numpy(rec.view(np.float32))  # [n, nbytes / 4]: nbytes is a power of two >= 16 or pages
+        if (12 * d) % 8 == 0:
+            count = torch.from_numpy(rec.view(np.int64))[:, 12 * d // 8].clone()
+        else:
+            count = torch.from_numpy(np.ascontiguousarray(rec[:, 12 * d : 12 * d + 8]).view(np.int64)[:, 0].copy())
+        return f[:, :d].clone(), f[:, d : 2 * d].clone(), f[:, 2 * d : 3 * d].clone(), count
 
     def pack(self, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, count: torch.Tensor) -> np.ndarray:
-        d = self.dim
-        rec = self.empty(w.shape[0])
-        f = torch.cat([w, m, v], dim=1).to(torch.float32).contiguous().numpy()
-        rec[:, : 12 * d] = f.view(np.uint8)
-        rec[:, 12 * d : 12 * d + 8] = count.to(torch.int64).contiguous().numpy().reshape(-1, 1).view(np.uint8)
+        """Records from (rows, m, v, count): each part copied once into place; the padding is zeroed, so equal
+        states give equal bytes (and equal CRCs)."""
+        d, n = self.dim, w.shape[0]
+        rec = np.empty((n, self.nbytes), dtype=np.uint8)
+        rec[:, 12 * d + 8 :] = 0
+        f = torch.from_numpy(rec.view(np.float32))
+        f[:, :d] = w
+        f[:, d : 2 * d] = m
+        f[:, 2 * d : 3 * d] = v
+        c = count.to(torch.int64).contiguous().numpy()
+        if (12 * d) % 8 == 0:
+            rec.view(np.int64)[:, 12 * d // 8] = c
+        else:
+            rec[:, 12 * d : 12 * d + 8] = c.reshape(-1, 1).view(np.uint8)
         return rec
 
     def rows(self, rec: np.ndarray) -> torch.Tensor:
@@ -130,13 +145,42 @@ def _file_crc(path: Path, length: int) -> int:
 
 
 class _Reader:
-    """Page-planned reads of records at byte offsets of one file (O_DIRECT where the filesystem allows)."""
+    """Page-planned reads of records at byte offsets of one file (O_DIRECT where the filesystem allows).
 
-    def __init__(self, path: Path, direct: bool, pool: ThreadPoolExecutor, queue_depth: int) -> None:
+    Two engines, the same bytes and checks (as :mod:`engramlm.store.direct`): ``aio``, where
+    :mod:`engramlm.store._aio` runs (glibc on 64-bit Linux), does a whole read (plan, ``lio_listio`` over
+    duplicated descriptors, CRC32 per page, the copy of records out of the pages) in one Numba ``nogil``
+    call, so the prefetch thread holds the GIL only to enter it and the training thread's Python dispatch is
+    not slowed by it; ``threads`` (elsewhere) plans in NumPy and ``preadv``s runs in the pool's threads."""
+
+    def __init__(
+        self, path: Path, direct: bool, pool: ThreadPoolExecutor, queue_depth: int, engine: str = "auto"
+    ) -> None:
         self.path = path
         self.fd, self.direct_io, _ = _open_direct(path, direct)
         self.pool, self.queue_depth = pool, queue_depth
         self._local = threading.local()
+        self._fds = np.zeros(0, np.int64)
+        self.engine = "threads"
+        if engine != "threads" and _aio.available():
+            self._fds = _aio.dup_fds(self.fd, max(1, min(queue_depth, AIO_MAX_FDS)))
+            self.engine = "aio"
+        self._probed = self.engine != "aio"
+
+    def _probe(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int) -> None:
+        """At the first read: keep the aio engine only if it reads what ``os.preadv`` reads (a few records)."""
+        self._probed = True
+        few = offsets[:: max(1, offsets.size // 3)][:3]
+        try:
+            got = self.read(few, rec_bytes, crcs, first_page)
+        except OSError:
+            got = None
+        self.engine = "threads"
+        want = self.read(few, rec_bytes, crcs, first_page)
+        if got is not None and np.array_equal(got, want):
+            self.engine = "aio"
+        else:
+            self._close_dups()
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
         buf = getattr(self._local, "buf", None)
@@ -146,6 +190,16 @@ class _Reader:
             buf = mmap.mmap(-1, max(_align(nbytes), PAGE))
             self._local.buf = buf
         return buf
+
+    def _aligned(self, nbytes: int) -> np.ndarray:
+        """The aio engine's per-thread page-aligned buffer (the kernel writes by address)."""
+        arr = getattr(self._local, "arr", None)
+        if arr is None or arr.size < nbytes:
+            raw = np.empty(max(nbytes, PAGE) + PAGE, dtype=np.uint8)
+            skip = -raw.ctypes.data % PAGE
+            arr = raw[skip : skip + max(nbytes, PAGE)]
+            self._local.arr = arr
+        return arr
 
     def _runs(self, view: memoryview, plan: PagePlan, runs: np.ndarray) -> None:
         for slot, page, count in zip(
@@ -162,11 +216,49 @@ class _Reader:
         """Records at ``offsets``; with ``crcs``, every page read is checked (``crcs[page - first_page]``).
         Read in file order, at most ``_READ_ROWS`` records at a time (bounded buffers, pages still coalesced)."""
         out = np.empty((offsets.size, rec_bytes), dtype=np.uint8)
-        order = np.argsort(offsets, kind="stable")
+        if not offsets.size:
+            return out
+        sorted_ = bool(np.all(offsets[1:] > offsets[:-1]))
+        order = None if sorted_ else np.argsort(offsets, kind="stable")
+        base = first_page * PAGE
+        rel = (offsets if sorted_ else offsets[order]) - base
+        if not self._probed:
+            self._probe(offsets, rec_bytes, crcs, first_page)
+        if self.engine == "aio" and not np.any(rel % rec_bytes):  # records on the file's record grid
+            dst = out if sorted_ else np.empty_like(out)
+            self._read_aio(rel // rec_bytes, rec_bytes, crcs, base, dst)
+            if not sorted_:
+                out[order] = dst
+            return out
         for s in range(0, offsets.size, _READ_ROWS):
-            sel = order[s : s + _READ_ROWS]
+            sel = slice(s, s + _READ_ROWS) if sorted_ else order[s : s + _READ_ROWS]
             out[sel] = self._read_some(offsets[sel], rec_bytes, crcs, first_page)
         return out
+
+    def _read_aio(self, idx: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, base: int, out: np.ndarray) -> None:
+        """Records ``idx`` (ascending) of the grid ``base + idx * rec_bytes`` into ``out``, ``_READ_ROWS`` at a
+        time, each batch one nogil call."""
+        verify = crcs is not None
+        table = crcs if verify else _NO_CRCS
+        span = (rec_bytes + PAGE - 1) // PAGE  # records never straddle a page (RecordLayout), so no + 1
+        buf = self._aligned(min(idx.size, _READ_ROWS) * span * PAGE)
+        for s in range(0, idx.size, _READ_ROWS):
+            part = np.ascontiguousarray(idx[s : s + _READ_ROWS])
+            dst = out[s : s + _READ_ROWS]
+            while True:
+                err, n_pages, bad, first = _aio.fetch(part, rec_bytes, base, 64, self._fds, buf, table, verify, dst)
+                if err != -1:
+                    break
+                buf = self._aligned(n_pages * PAGE)  # a record layout that straddles pages: grow and retry
+            if err:
+                raise OSError(err, os.strerror(err), str(self.path))
+            if bad:
+                raise CorruptFileError(
+                    f"{self.path}: page {first} fails its CRC32 ({bad} bad page(s) in this read); the table file is "
+                    "corrupt"
+                )
+            if n_pages and int(part[-1]) * rec_bytes + base + rec_bytes > os.fstat(self.fd).st_size:
+                raise CorruptFileError(f"{self.path}: truncated (record past the end of the file)")
 
     def _read_some(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int) -> np.ndarray:
         plan = plan_offsets(offsets, rec_bytes, 64)
@@ -196,10 +288,26 @@ class _Reader:
             view.release()
         return out
 
+    def _close_dups(self) -> None:
+        for fd in self._fds[1:].tolist():
+            os.close(fd)
+        self._fds = np.zeros(0, np.int64)
+
     def close(self) -> None:
+        self._close_dups()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pwrite_all(fd: int, parts: list, pos: int) -> None:
+    """Write ``parts`` back to back at ``pos``: one ``pwritev``, finished by ``pwrite`` after a short write."""
+    total = sum(len(p) for p in parts)
+    done = os.pwritev(fd, parts, pos) if parts else 0
+    if done < total:
+        rest = memoryview(b"".join(bytes(p) for p in parts))
+        while done < total:
+            done += os.pwrite(fd, rest[done:], pos + done)
 
 
 def _base_header(num_rows: int, dim: int, rec: int, fingerprint: str) -> bytes:
@@ -305,7 +413,8 @@ class TrainableTable(RowTable):
         self._cdirty = np.zeros(cap, dtype=bool)
         self._cused = np.zeros(cap, dtype=np.int64)
         self._slot = np.full(num_rows, -1, dtype=np.int32)
-        self._free = list(range(cap - 1, -1, -1))
+        self._free = np.arange(cap - 1, -1, -1, dtype=np.int64)  # a stack of free slots: the top is at _nfree - 1
+        self._nfree = cap
         self._compaction: _Compaction | None = None  # a background compaction (start_compaction)
 
     # ---- creation and opening -----------------------------------------------------------------
@@ -461,27 +570,24 @@ class TrainableTable(RowTable):
         log = self._logs[-1]
         per = max(1, _IO_BLOCK // self.rec)
         for s in range(0, ids.size, per):
-            i, r = ids[s : s + per].astype("<i8"), recs[s : s + per]
+            i, r = ids[s : s + per].astype("<i8"), np.ascontiguousarray(recs[s : s + per])
             n = i.size
             head = np.zeros(1, dtype=_LOG_HEAD)
-            body_crc = zlib.crc32(np.ascontiguousarray(r).data, zlib.crc32(i.tobytes()))
+            body_crc = zlib.crc32(r.data, zlib.crc32(i.data))
             head[0] = (_LOG_MAGIC, n, self.rec, body_crc, 0)
             hdr = head.tobytes() + i.tobytes()
             hdr += b"\0" * (_align(len(hdr)) - len(hdr))
-            body = np.ascontiguousarray(r).tobytes()
-            body += b"\0" * (_align(len(body)) - len(body))
+            parts = [hdr, r.data.cast("B"), b"\0" * (_align(r.nbytes) - r.nbytes)]  # one pwritev, no record copy
             pos = log["length"]
-            for part in (hdr, body):
-                done = 0
-                while done < len(part):
-                    done += os.pwrite(log["fd"], memoryview(part)[done:], pos + done)
+            _pwrite_all(log["fd"], parts, pos)
+            for part in parts:
                 log["crc32"] = zlib.crc32(part, log["crc32"])
-                pos += len(part)
-            rec_start = log["length"] + len(hdr)
+            rec_start = pos + len(hdr)
+            end = rec_start + _align(r.nbytes)
             self._loc[i] = ((len(self._logs) - 1) << _LOC_SHIFT) | (rec_start + np.arange(n, dtype=np.int64) * self.rec)
-            log["length"] = pos
+            log["length"] = end
             self.io["rows_written"] += n
-            self.io["bytes_written"] += len(hdr) + len(body)
+            self.io["bytes_written"] += end - pos
             self.io["log_chunks"] += 1
 
     # ---- cache --------------------------------------------------------------------------------
@@ -499,11 +605,18 @@ class TrainableTable(RowTable):
         self._slot[self._crow[victims]] = -1
         self._crow[victims] = -1
         self._cdirty[victims] = False
-        self._free.extend(victims.tolist())
+        self._free[self._nfree : self._nfree + victims.size] = victims
+        self._nfree += victims.size
 
     def _put(self, ids: np.ndarray, recs: np.ndarray, dirty: bool, tick: int) -> None:
         slots = self._slot[ids].astype(np.int64)
         res = slots >= 0
+        if res.all():  # the step's write-back: every row is cached (read put it there); no masked copies
+            self._crec[slots] = recs
+            self._cused[slots] = np.maximum(self._cused[slots], tick)
+            if dirty:
+                self._cdirty[slots] = True
+            return
         if res.any():
             s = slots[res]
             self._crec[s] = recs[res]
@@ -517,9 +630,10 @@ class TrainableTable(RowTable):
             spill, new = new[: new.size - self.capacity], new[new.size - self.capacity :]
             if dirty:
                 self._append_log(ids[spill], recs[spill])
-        if len(self._free) < new.size:
-            self._evict(new.size - len(self._free))
-        take = np.asarray([self._free.pop() for _ in range(new.size)], dtype=np.int64)
+        if self._nfree < new.size:
+            self._evict(new.size - self._nfree)
+        take = self._free[self._nfree - new.size : self._nfree][::-1].copy()  # the order list.pop() gave
+        self._nfree -= new.size
         self._crec[take] = recs[new]
         self._crow[take] = ids[new]
         self._cdirty[take] = dirty
@@ -533,6 +647,11 @@ class TrainableTable(RowTable):
         with self._lock:
             slots = self._slot[ids]
             hit = slots >= 0
+            if hit.all():  # everything prefetched: one gather, no masks
+                out = self._crec[slots]
+                self._cused[slots] = np.maximum(self._cused[slots], tick)
+                self.stats.add(hits=int(ids.size), misses=0)
+                return out
             out = np.empty((ids.size, self.rec), dtype=np.uint8)
             hs = slots[hit]
             out[hit] = self._crec[hs]
