@@ -137,11 +137,11 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5
     # Newton-Schulz iteration dtype: "bf16" (as in Muon's reference code) cuts the optimizer's share of a MoE
-    # step from ~28% to ~18% on CPU (benchmarks/bench_muon.py); "fp32" keeps every earlier result.
+    # step from ~25% to ~17% on CPU (benchmarks/bench_muon.py); "fp32" keeps every earlier result.
     muon_ns_dtype: str = "fp32"
     # Newton-Schulz coefficients: "quintic" (Jordan's, the same every iteration) or "polar_express" (a minimax
-    # quintic per iteration, fitted in train/muon.py). At 5 steps polar_express is closer to U V^T on real
-    # gradients; at 3-4 steps it is cheaper but farther than 5 quintic steps (benchmarks/bench_muon.py --quality).
+    # quintic per iteration, fitted in train/muon.py). On real gradients 5 polar_express steps land closer to
+    # U V^T than 5 quintic ones; 4 about as close (the share: 14% in bf16), 3 farther (benchmarks/bench_muon.py).
     muon_ns_schedule: str = "quintic"
     engram_lr_mult: float = 5.0
     engram_weight_decay: float = 0.0
