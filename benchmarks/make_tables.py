@@ -874,25 +874,48 @@ def distributed_table(doc: dict[str, Any]) -> list[str]:
 
 
 def muon_table(doc: dict[str, Any]) -> list[str]:
-    """Optimizer share of an Engram + MoE step for Muon before/after batching, and bf16 iterations."""
+    """Optimizer share of an Engram + MoE step per Newton-Schulz schedule and dtype, and each one's distance
+    to the exact polar factor on real gradients."""
     p, arms, f = doc["params"], doc["arms"], doc["flops"]
+    load = doc.get("load_average_before_after")
+    load_s = f", load average {load[0][0]:.1f} → {load[1][0]:.1f}" if load else ""
     lines = [
         f"**Muon on the Engram + MoE arm** (`{p['config']}`, {p['tokens_per_step']:,} tokens/step, "
-        f"{p['threads']} thread(s), {p['repeats']} steps, every variant on the same gradients): Newton-Schulz is "
-        f"{f['newton_schulz_per_step'] / 1e9:.1f} GFLOP/step against the backbone's "
-        f"{f['backbone_6_p_act_per_step'] / 1e9:.1f} (6 P_act per token). Muon step v1 ÷ v2 fp32: "
-        f"{_x(doc['speedup_muon_v2_fp32_over_v1'])}; v1 ÷ v2 bf16: {_x(doc['speedup_muon_v2_bf16_over_v1'])} "
-        f"(paired). The rest of the step: {_ms(doc['compute_s'])} ms.",
+        f"{p['threads']} thread(s), {p['repeats']} steps, every variant on the same gradients, interleaved"
+        f"{load_s}): the backbone is {f['backbone_6_p_act_per_step'] / 1e9:.1f} GFLOP/step (6 P_act per token). "
+        f"The rest of the step: {_ms(doc['compute_s'])} ms. Muon numerics version {p['muon_numerics_version']}.",
         "",
-        "| Muon | Muon ms | optimizer ms | step ms | optimizer share | tokens/s | fraction of the fp32 matmul rate |",
-        "|---|---|---|---|---|---|---|",
+        "| Muon | Newton-Schulz GFLOP | Muon ms | × before (paired) | optimizer ms | step ms | optimizer share "
+        "| tokens/s | fraction of the fp32 matmul rate |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in _ordered(arms, ("v1 per-parameter", "v2 fp32", "v2 bf16")):
+    for name in _ordered(arms, ("v2 fp32 (before)", "quintic 5 fp32", "quintic 5 bf16")):
         a = arms[name]
         lines.append(
-            f"| {name} | {_ms(a['muon_s'])} | {_ms(a['optimizer_s'])} | {_ms(a['step_s'])} | "
+            f"| {name} | {a['newton_schulz_flops_per_step'] / 1e9:.1f} | {_ms(a['muon_s'])} | "
+            f"{_x(a['muon_speedup_over_before'])} | {_ms(a['optimizer_s'])} | {_ms(a['step_s'])} | "
             f"{_pct(a['optimizer_share']['median'])} | {a['tokens_per_s']:,.0f} | {_pct(a['matmul_rate_fraction'])} |"
         )
+    q = doc.get("quality")
+    if q:
+        steps = [str(s) for s in q["steps"]]
+        last = steps[-1]
+        lines += [
+            "",
+            f"Distance to the exact polar factor on Muon's real inputs at training steps {', '.join(steps)} "
+            "(median over matrices of ||O − U Vᵀ|| / ||U Vᵀ||; O's singular values at the last step):",
+            "",
+            "| Muon | " + " | ".join(f"step {s}" for s in steps) + f" | σ(O) q01 / q50 / q99 / max, step {last} |",
+            "|---|" + "---|" * len(steps) + "---|",
+        ]
+        for name in _ordered(q["variants"], ("quintic 5 fp32", "quintic 5 bf16")):
+            per = q["variants"][name]
+            sq = per[last]["sigma_quantiles"]
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{per[s]['polar_rel_error']['median']:.3f}" for s in steps)
+                + f" | {sq['q01']:.3f} / {sq['q50']:.3f} / {sq['q99']:.3f} / {sq['max']:.3f} |"
+            )
     return lines + _footer(doc)
 
 

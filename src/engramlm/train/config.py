@@ -33,6 +33,7 @@ from engramlm.utils.config import (
     int_at_least,
     load_config_file,
     need,
+    one_of,
     parse_value,
     undot,
 )
@@ -54,6 +55,7 @@ __all__ = [
 
 EVAL_SPLITS = ("val", "test", "train")
 TABLE_TIERS = ("model", "ssd")
+MUON_NS_SCHEDULES = ("quintic", "polar_express")  # train.muon.NS_SCHEDULES (a test keeps them equal)
 _OPTIM_FLOATS = ("lr", "weight_decay", "eps", "muon_momentum", "engram_lr_mult", "engram_weight_decay", "engram_eps")
 
 
@@ -135,8 +137,12 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5
     # Newton-Schulz iteration dtype: "bf16" (as in Muon's reference code) cuts the optimizer's share of a MoE
-    # step from ~28% to ~18% on CPU (benchmarks/bench_muon.py); "fp32" keeps every earlier result.
+    # step from ~25% to ~17% on CPU (benchmarks/bench_muon.py); "fp32" keeps every earlier result.
     muon_ns_dtype: str = "fp32"
+    # Newton-Schulz coefficients: "quintic" (Jordan's, the same every iteration) or "polar_express" (a minimax
+    # quintic per iteration, fitted in train/muon.py). On real gradients 5 polar_express steps land closer to
+    # U V^T than 5 quintic ones; 4 about as close (the share: 14% in bf16), 3 farther (benchmarks/bench_muon.py).
+    muon_ns_schedule: str = "quintic"
     engram_lr_mult: float = 5.0
     engram_weight_decay: float = 0.0
     engram_eps: float = 1e-8
@@ -164,6 +170,7 @@ class OptimConfig:
             "optim.muon_ns_dtype",
             f"must be one of ('fp32', 'bf16'), got {self.muon_ns_dtype!r}",
         )
+        one_of(self.muon_ns_schedule, "optim.muon_ns_schedule", MUON_NS_SCHEDULES)
         need(self.engram_lr_mult > 0, "optim.engram_lr_mult", f"must be > 0, got {self.engram_lr_mult}")
         need(self.engram_weight_decay >= 0, "optim.engram_weight_decay", "must be >= 0")
         need(self.clip is None or self.clip > 0, "optim.clip", f"must be > 0 or null, got {self.clip}")

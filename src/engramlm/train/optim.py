@@ -77,7 +77,7 @@ class OptimizerSet:
             muon = {}
         self.muon_names, self.adamw_names = list(muon), list(adamw)
         self.muon = Muon(list(muon.values()), lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                         ns_steps=cfg.muon_ns_steps, ns_dtype=cfg.muon_ns_dtype,
+                         ns_steps=cfg.muon_ns_steps, ns_dtype=cfg.muon_ns_dtype, ns_schedule=cfg.muon_ns_schedule,
                          process_group=process_group) if muon else None  # fmt: skip
         decay = [p for p in adamw.values() if p.dim() >= 2]
         no_decay = [p for p in adamw.values() if p.dim() < 2]
