@@ -194,7 +194,7 @@ def _admit(
         return used
     k = min(n_rest, occupied)
     if k <= 256 and k < occupied:
-        victims = _coldest_small(score[:occupied].copy(), k)
+        victims = _coldest_small(score[:occupied], k)  # a view: no copy of the scores
     else:
         victims = np.argsort(score[:occupied], kind="mergesort")[:k]
     n_adm = 0
