@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             steps.append([{lid: rows[lid][:, t].contiguous() for lid in rows} for t in range(args.prompt, span)])
         warm_ids = torch.cat(streams[need:])[: args.warm_tokens]
         warm_rows = model.layout.split(model.hash(warm_ids.reshape(1, -1)))
-    layer_rows = {lid: int(r[0].numel()) for lid, r in steps[0][0].items()}
+    layer_rows = {lid: int(r.numel()) for lid, r in steps[0][0].items()}
 
     workroot = Path(args.workdir) if args.workdir else Path(__file__).resolve().parent / "results" / "tmp"
     workroot.mkdir(parents=True, exist_ok=True)
