@@ -1,8 +1,9 @@
-"""The cache's eviction order (``coldest``): the k lowest scores by (score, slot), as a stable sort gives them."""
+"""The cache's eviction order (``coldest``), its policies against a plain-Python reference, its id->slot map."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,3 +93,60 @@ def test_static_never_evicts() -> None:
     cache.gather(torch.arange(500, 700))  # misses, cache full: static keeps what it has
     assert np.array_equal(cache._keys, before)
     _consistent(cache)
+
+
+class _ReferenceRecency:
+    """The lru/static admission rule in plain Python, one id at a time: the kernels must match it slot for slot.
+
+    Per gather (sorted unique ids): hits get the gather's tick (lru); misses fill free slots in id order, then
+    (lru) each further miss replaces the next coldest slot filled before this gather, ordered by (tick, slot),
+    if its tick is newer.
+    """
+
+    def __init__(self, capacity: int, policy: str) -> None:
+        self.capacity, self.policy = capacity, policy
+        self.slot_id: list[int] = []
+        self.score: list[int] = []
+        self.where: dict[int, int] = {}
+        self.tick = 0
+        self.hits = 0
+
+    def gather(self, ids: list[int]) -> None:
+        self.tick += 1
+        misses = []
+        for i in ids:
+            if i in self.where:
+                self.hits += 1
+                if self.policy == "lru":
+                    self.score[self.where[i]] = self.tick
+            else:
+                misses.append(i)
+        occupied = len(self.slot_id)
+        n_free = min(self.capacity - occupied, len(misses))
+        for i in misses[:n_free]:
+            self.where[i] = len(self.slot_id)
+            self.slot_id.append(i)
+            self.score.append(self.tick)
+        rest = misses[n_free:]
+        if not rest or not occupied or self.policy == "static":
+            return
+        victims = sorted(range(occupied), key=lambda s: (self.score[s], s))[: len(rest)]
+        for i, s in zip(rest, victims, strict=False):
+            if self.tick <= self.score[s]:
+                break
+            del self.where[self.slot_id[s]]
+            self.where[i], self.slot_id[s], self.score[s] = s, i, self.tick
+
+
+@pytest.mark.parametrize("policy", ["lru", "static"])
+def test_recency_policies_match_a_python_reference_slot_for_slot(policy: str) -> None:
+    w = torch.randn(3_000, 4, generator=torch.Generator().manual_seed(6))
+    cache = CachedTable(MemoryTable(w, FP), 150 * 4 * 4, policy)
+    ref = _ReferenceRecency(150, policy)
+    rng = np.random.default_rng(7)
+    for _ in range(120):
+        ids = torch.from_numpy((rng.zipf(1.3, int(rng.integers(1, 200))) - 1) % 3_000)
+        assert torch.equal(cache.gather(ids), w[ids])
+        ref.gather(torch.unique(ids).tolist())
+        assert cache._slot_id[: cache.cached_rows].tolist() == ref.slot_id
+    assert cache.stats.hits == ref.hits > 0
