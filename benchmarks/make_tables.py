@@ -4,7 +4,7 @@ Why: numbers in a README drift from the runs they came from when typed by hand. 
 rendered from the result files, with the machine and the exact command beneath it, and
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
-store, store_io, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth,
+store, store_io, cache_cpu, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth,
 distributed, muon, lm_eval_h2h, serve, decode_vs_hf, ssd_train, block0, h2h_trend. A
 result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
@@ -1227,12 +1227,38 @@ def h2h_trend_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+def cache_cpu_table(doc: dict[str, Any]) -> list[str]:
+    """Per-gather CPU and GIL time of the SSD tier's hot-row cache, against no cache and the cache before."""
+    p, w, res = doc["params"], doc["workload"], doc["results"]
+    rows = ", ".join(f"layer {lid}: {n}" for lid, n in w["rows_per_gather"].items())
+    lines = [
+        f"**Hot-row cache cost on the decode thread**: `bench_generate`'s workload (real text, batch {p['batch']}, "
+        f"{w['gathers_per_step']} Engram layers gathered per decode step; ids per gather {rows}), O_DIRECT store "
+        f"files, caches warmed on {p['warm_tokens']:,} other tokens. Per gather: the calling thread's CPU, of it "
+        "the CPU inside GIL-releasing calls (the aio read kernel, the cache's kernels), and the rest, the GIL-held "
+        f"estimate; median (IQR) over {p['repeats']} interleaved blocks of {p['steps']} steps. `_base` is the "
+        f"`CachedTable` of revision `{p['baseline_rev']}` (sorted keys, NumPy sketch), loaded from git, same run.",
+        "",
+        "| contender | hit rate | GIL held ms / gather | caller CPU ms | of it nogil ms | GIL held / c0 | CPU / c0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res.items():
+        g = r["gil_held_ms"]
+        lines.append(
+            f"| `{name}` | {r['hit_rate']:.1%} | {g['median']:.3f} ({g['q1']:.3f}–{g['q3']:.3f}) | "
+            f"{r['cpu_ms']['median']:.3f} | {r['nogil_cpu_ms']['median']:.3f} | "
+            f"{r['gil_held_ms_ratio_to_c0']['median']:.2f} | {r['cpu_ms_ratio_to_c0']['median']:.2f} |"
+        )
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
     "decode_vs_hf": decode_vs_hf_table,
     "store": store_table,
     "store_io": store_io_table,
+    "cache_cpu": cache_cpu_table,
     "row_access": row_access_table,
     "sparse_update": sparse_update_table,
     "head_to_head": head_to_head_table,

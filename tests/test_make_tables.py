@@ -147,6 +147,20 @@ def test_store_io_gil_and_loopback(grouped) -> None:
         assert f"{doc['loopback_tcp']['round_trips_per_s']:,.0f} request-response" in body
 
 
+def test_cache_cpu_gil_and_ratios(grouped) -> None:
+    for doc in grouped["cache_cpu"]:
+        body = _one("cache_cpu", doc)
+        assert "c0" in doc["results"]
+        for name, r in doc["results"].items():
+            row = next(line for line in body.splitlines() if line.startswith(f"| `{name}` |"))
+            held = r["gil_held_ms"]
+            assert f"{held['median']:.3f} ({held['q1']:.3f}–{held['q3']:.3f})" in row
+            assert f"| {r['hit_rate']:.1%} |" in row
+            assert row.endswith(
+                f"| {r['gil_held_ms_ratio_to_c0']['median']:.2f} | {r['cpu_ms_ratio_to_c0']['median']:.2f} |"
+            )
+
+
 def test_reproductions_findings_and_arms(grouped) -> None:
     for doc in grouped["reproductions"]:
         body = _one("reproductions", doc)

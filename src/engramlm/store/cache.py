@@ -1,8 +1,13 @@
 """Hot-row cache in front of any tier: decoded rows in a dense slot tensor, looked up vectorised.
 
 N-gram access is skewed but workload-dependent (landscape §4.2), so the cache is optional and
-instrumented. The id->slot map is a sorted id array (``searchsorted`` lookups, linear-time
-merges), so hits never touch a Python loop. Policies:
+instrumented. It must also cost less CPU than the reads it saves: on the decode thread a gather's
+Python holds the GIL against the model's own dispatch (issue 18), and the SSD tier's reads already run
+in a ``nogil`` kernel. So the whole cache, lookup, frequency sketch, hit copy, admission and eviction,
+is two Numba ``nogil`` kernels over a dense id->slot map (int32 per table row, -1 = absent: 3.2 MB
+for 800k rows): one call before the inner tier's read (hits copied into the output, misses listed),
+one after (misses admitted). The sorted-key map it replaces (``searchsorted``, ``np.insert`` on every
+admission, a NumPy sketch) cost about twice the CPU of a whole uncached O_DIRECT gather. Policies:
 
 * ``lfu`` — TinyLFU-style: a count-min sketch (halved periodically, so it ages) estimates
   every id's frequency; a miss replaces the coldest slot only if it is more frequent.
@@ -68,35 +73,149 @@ def coldest(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(scores, kind="stable")[:k]
 
 
-class _FrequencySketch:
-    """Count-min sketch with multiply-shift hashing and periodic halving (aging)."""
+_LFU, _LRU, _STATIC = 0, 1, 2
 
-    def __init__(self, capacity: int) -> None:
-        self.bits = int(min(22, max(10, int(np.ceil(np.log2(max(4 * capacity, 1)))))))
-        self.table = np.zeros((_SKETCH_DEPTH, 1 << self.bits), dtype=np.int32)
-        self.sample = max(10 * capacity, 1024)
-        self.added = 0
 
-    def _hash(self, ids: np.ndarray) -> np.ndarray:
-        mixed = ids.astype(np.uint64)[None, :] * _SKETCH_MULT[:, None]
-        return (mixed >> np.uint64(64 - self.bits)).astype(np.int64)
+@nb.njit(nogil=True, cache=True)
+def _bucket(x: int, d: int, bits: int) -> int:  # pragma: no cover - compiled
+    """Multiply-shift hash of row id ``x`` for sketch row ``d``: the top ``bits`` bits of x * MULT[d]."""
+    return np.int64((np.uint64(x) * _SKETCH_MULT[d]) >> np.uint64(64 - bits))
 
-    def add(self, ids: np.ndarray) -> bool:
-        """Count one access per id; returns True when the counters were just halved."""
-        h = self._hash(ids) + (np.arange(_SKETCH_DEPTH, dtype=np.int64) << self.bits)[:, None]
-        # Buffered increment: ids colliding within one batch count once there. That rare
-        # undercount is harmless for admission and ~50x faster than np.add.at.
-        self.table.reshape(-1)[h.reshape(-1)] += 1
-        self.added += ids.size
-        if self.added >= self.sample:
-            self.table >>= 1
-            self.added //= 2
-            return True
-        return False
 
-    def estimate(self, ids: np.ndarray) -> np.ndarray:
-        h = self._hash(ids)
-        return self.table[np.arange(_SKETCH_DEPTH)[:, None], h].min(axis=0).astype(np.int64)
+@nb.njit(nogil=True, cache=True)
+def _estimate(table: np.ndarray, bits: int, x: int) -> int:  # pragma: no cover - compiled
+    est = table[0, _bucket(x, 0, bits)]
+    for d in range(1, _SKETCH_DEPTH):
+        est = min(est, table[d, _bucket(x, d, bits)])
+    return np.int64(est)
+
+
+@nb.njit(nogil=True, cache=True)
+def _sketch_add(
+    ids: np.ndarray, table: np.ndarray, bits: int, score: np.ndarray, sample: int, added: int
+) -> int:  # pragma: no cover - compiled
+    """Count one access per id; halve every counter (and every slot's score) each ``sample`` accesses (aging)."""
+    for i in range(ids.size):
+        for d in range(_SKETCH_DEPTH):
+            table[d, _bucket(ids[i], d, bits)] += 1
+    added += ids.size
+    if added >= sample:
+        for d in range(table.shape[0]):
+            for j in range(table.shape[1]):
+                table[d, j] >>= 1
+        for j in range(score.size):
+            score[j] >>= 1
+        added //= 2
+    return added
+
+
+@nb.njit(nogil=True, cache=True)
+def _probe(
+    ids: np.ndarray,
+    slot_of: np.ndarray,
+    score: np.ndarray,
+    slots: np.ndarray,
+    out: np.ndarray,
+    policy: int,
+    tick: int,
+    table: np.ndarray,
+    bits: int,
+    sample: int,
+    added: int,
+) -> tuple[np.ndarray, np.ndarray, int]:  # pragma: no cover - compiled
+    """Copy hits into ``out``, refresh their scores; returns (miss positions in ``ids``, miss ids, sketch count)."""
+    if policy == _LFU:
+        added = _sketch_add(ids, table, bits, score, sample, added)
+    miss = np.empty(ids.size, np.int64)
+    n_miss = 0
+    for i in range(ids.size):
+        s = slot_of[ids[i]]
+        if s < 0:
+            miss[n_miss] = i
+            n_miss += 1
+            continue
+        out[i, :] = slots[s, :]
+        if policy == _LFU:
+            score[s] = _estimate(table, bits, ids[i])
+        elif policy == _LRU:
+            score[s] = tick
+    miss = miss[:n_miss]
+    return miss, ids[miss], added
+
+
+@nb.njit(nogil=True, cache=True)
+def _admit(
+    ids: np.ndarray,
+    rows: np.ndarray,
+    out: np.ndarray,
+    pos: np.ndarray,
+    slot_of: np.ndarray,
+    slot_id: np.ndarray,
+    score: np.ndarray,
+    slots: np.ndarray,
+    used: int,
+    policy: int,
+    tick: int,
+    table: np.ndarray,
+    bits: int,
+) -> int:  # pragma: no cover - compiled
+    """Copy miss ``rows`` to ``out[pos]``, then admit them (sorted unique ``ids``) per policy; returns slots in use.
+
+    Free slots go to the most frequent candidates; then, unless static, each further candidate
+    replaces the coldest slot filled before this call if it is strictly hotter (candidates descend
+    and victims ascend in score, so admission is a prefix). Ids another thread inserted meanwhile
+    are skipped.
+    """
+    for i in range(pos.size):
+        out[pos[i], :] = rows[i, :]
+    capacity = slot_id.size
+    fresh = np.empty(ids.size, np.int64)
+    nf = 0
+    for i in range(ids.size):
+        if slot_of[ids[i]] < 0:
+            fresh[nf] = i
+            nf += 1
+    if nf == 0 or capacity == 0:
+        return used
+    fresh = fresh[:nf]
+    cand = np.empty(nf, np.int64)
+    for j in range(nf):
+        cand[j] = _estimate(table, bits, ids[fresh[j]]) if policy == _LFU else tick
+    order = np.argsort(-cand, kind="mergesort")
+    occupied = used
+    n_free = min(capacity - occupied, nf)
+    for j in range(n_free):
+        i, s = fresh[order[j]], occupied + j
+        slot_of[ids[i]], slot_id[s], score[s] = s, ids[i], cand[order[j]]
+        slots[s, :] = rows[i, :]
+    used = occupied + n_free
+    n_rest = nf - n_free
+    if n_rest == 0 or occupied == 0 or policy == _STATIC:
+        return used
+    k = min(n_rest, occupied)
+    if k <= 256 and k < occupied:
+        victims = _coldest_small(score[:occupied], k)  # a view: no copy of the scores
+    else:
+        victims = np.argsort(score[:occupied], kind="mergesort")[:k]
+    n_adm = 0
+    for j in range(k):
+        if cand[order[n_free + j]] > score[victims[j]]:
+            n_adm += 1
+    for j in range(n_adm):
+        slot_of[slot_id[victims[j]]] = -1
+    for j in range(n_adm):
+        i, s = fresh[order[n_free + j]], victims[j]
+        slot_of[ids[i]], slot_id[s], score[s] = s, ids[i], cand[order[n_free + j]]
+        slots[s, :] = rows[i, :]
+    return used
+
+
+_BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A same-size integer NumPy view of a contiguous tensor: the kernels copy rows bit for bit (bf16 too)."""
+    return t.view(_BITS_VIEW[t.element_size()]).numpy()
 
 
 class CachedTable(RowTable):
@@ -113,104 +232,69 @@ class CachedTable(RowTable):
         super().__init__(inner.table_header)
         if policy not in POLICIES:
             raise ConfigError(f"cache policy must be one of {POLICIES}, got {policy!r}")
+        elem = torch.empty(0, dtype=dtype).element_size()
+        if elem not in _BITS_VIEW:
+            raise ConfigError(f"cache dtype must be 2, 4 or 8 bytes wide, got {dtype}")
         self.inner = inner
         self.policy = policy
+        self._policy = POLICIES.index(policy)  # _LFU, _LRU, _STATIC
         self.dtype = dtype
-        elem = torch.empty(0, dtype=dtype).element_size()
         self.capacity = max(0, int(budget_bytes) // (inner.dim * elem))
         self._slots = torch.empty(self.capacity, inner.dim, dtype=dtype)
-        self._keys = np.empty(0, dtype=np.int64)  # sorted cached ids
-        self._key_slot = np.empty(0, dtype=np.int64)  # slot of each key
-        self._slot_id = np.full(self.capacity, -1, dtype=np.int64)
+        self._slots_np = _bits(self._slots)
+        self._slot_of = np.full(self.num_rows if self.capacity else 0, -1, dtype=np.int32)  # id -> slot
+        self._slot_id = np.full(self.capacity, -1, dtype=np.int64)  # slot -> id
         self._score = np.zeros(self.capacity, dtype=np.int64)  # LFU estimate or LRU tick
         self._used = 0
         self._tick = 0
-        self._sketch = _FrequencySketch(self.capacity) if policy == "lfu" else None
+        # Count-min sketch (LFU only; a 1-column stub otherwise so the kernels keep one signature).
+        self._sk_bits = int(min(22, max(10, int(np.ceil(np.log2(max(4 * self.capacity, 1)))))))
+        width = 1 << self._sk_bits if policy == "lfu" else 1
+        self._sk_table = np.zeros((_SKETCH_DEPTH, width), dtype=np.int32)
+        self._sk_sample = max(10 * self.capacity, 1024)
+        self._sk_added = 0
         self._lock = threading.Lock()
 
     @property
     def cached_rows(self) -> int:
-        return int(self._keys.size)
+        return self._used  # an evicted slot is refilled in the same call: occupied slots are all live
+
+    @property
+    def _keys(self) -> np.ndarray:
+        """Cached ids, ascending (introspection and tests; O(num_rows))."""
+        return np.flatnonzero(self._slot_of >= 0).astype(np.int64)
+
+    @property
+    def _key_slot(self) -> np.ndarray:
+        """The slot of each of ``_keys``."""
+        return self._slot_of[self._keys].astype(np.int64)
 
     def close(self) -> None:
         self.inner.close()
 
-    def _lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(hit mask, slot of each hit) for sorted unique ``ids``; caller holds the lock."""
-        if self._keys.size == 0:
-            return np.zeros(ids.size, dtype=bool), np.empty(0, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._keys, ids), self._keys.size - 1)
-        hit = self._keys[pos] == ids
-        return hit, self._key_slot[pos[hit]]
-
-    def _touch(self, ids: np.ndarray, hit_slots: np.ndarray) -> None:
-        self._tick += 1
-        if self._sketch is not None:
-            if self._sketch.add(ids):
-                self._score >>= 1
-            self._score[hit_slots] = self._sketch.estimate(self._slot_id[hit_slots])
-        else:
-            self._score[hit_slots] = self._tick
-
-    def _admit(self, ids: np.ndarray, rows: torch.Tensor) -> None:
-        """Insert miss rows per policy; caller holds the lock. ``ids`` sorted unique."""
-        present, _ = self._lookup(ids)
-        fresh = np.flatnonzero(~present)  # another thread may have inserted some meanwhile
-        if fresh.size == 0 or self.capacity == 0:
-            return
-        cand = ids[fresh]
-        if self._sketch is not None:
-            cand_score = self._sketch.estimate(cand)
-        else:
-            cand_score = np.full(cand.size, self._tick, dtype=np.int64)
-        order = np.argsort(-cand_score, kind="stable")
-        occupied = self._used  # only slots filled before this call may be evicted
-        n_free = min(self.capacity - occupied, order.size)
-        take = order[:n_free]
-        slots = np.arange(occupied, occupied + n_free, dtype=np.int64)
-        self._used += n_free
-        rest = order[n_free:]
-        if rest.size and occupied and self.policy != "static":
-            k = min(rest.size, occupied)
-            victims = coldest(self._score[:occupied], k)
-            rest = rest[:k]
-            # Candidates descend and victims ascend in score, so admission is a prefix.
-            n_adm = int(np.count_nonzero(cand_score[rest] > self._score[victims]))
-            evict = victims[:n_adm]
-            if evict.size:
-                old = np.sort(self._slot_id[evict])
-                keep = np.ones(self._keys.size, dtype=bool)
-                keep[np.searchsorted(self._keys, old)] = False
-                self._keys, self._key_slot = self._keys[keep], self._key_slot[keep]
-            take = np.concatenate([take, rest[:n_adm]])
-            slots = np.concatenate([slots, evict])
-        if take.size == 0:
-            return
-        self._slots[torch.from_numpy(slots)] = rows[torch.from_numpy(fresh[take])].to(self.dtype)
-        self._slot_id[slots] = cand[take]
-        self._score[slots] = cand_score[take]
-        by_id = np.argsort(cand[take], kind="stable")
-        new_ids, new_slots = cand[take][by_id], slots[by_id]
-        at = np.searchsorted(self._keys, new_ids)
-        self._keys = np.insert(self._keys, at, new_ids)
-        self._key_slot = np.insert(self._key_slot, at, new_slots)
-
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.capacity == 0:
+            self.stats.add(misses=int(ids.numel()))
+            return self.inner.fetch_sorted_unique(ids)
         idx = ids.numpy()
         out = torch.empty(idx.size, self.dim, dtype=self.dtype)
+        out_bits = _bits(out)
         with self._lock:
-            hit, hit_slots = self._lookup(idx)
-            if hit_slots.size:
-                out[torch.from_numpy(hit)] = self._slots[torch.from_numpy(hit_slots)]
-            self._touch(idx, hit_slots)
-        miss = ~hit
-        miss_ids = idx[miss]
-        if miss_ids.size:
+            self._tick += 1
+            pos, miss_ids, self._sk_added = _probe(
+                idx, self._slot_of, self._score, self._slots_np, out_bits, self._policy, self._tick,
+                self._sk_table, self._sk_bits, self._sk_sample, self._sk_added,
+            )  # fmt: skip
+        if pos.size:
             rows = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids))
-            out[torch.from_numpy(miss)] = rows.to(self.dtype)
-            with self._lock:
-                self._admit(miss_ids, rows)
-        self.stats.add(hits=int(hit_slots.size), misses=int(miss_ids.size))
+            if rows.dtype != self.dtype or not rows.is_contiguous():
+                rows = rows.to(self.dtype).contiguous()
+            with self._lock:  # misses copied into out and admitted in one nogil call
+                self._used = _admit(
+                    miss_ids, _bits(rows), out_bits, pos, self._slot_of, self._slot_id, self._score,
+                    self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
+                )  # fmt: skip
+        self.stats.add(hits=int(idx.size - pos.size), misses=int(pos.size))
         return out
 
     def preload(self, row_ids: torch.Tensor) -> None:
@@ -218,13 +302,20 @@ class CachedTable(RowTable):
         ids = torch.unique(torch.as_tensor(row_ids).reshape(-1).to(torch.int64))
         if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_rows):
             raise IndexError(f"preload ids out of range [0, {self.num_rows})")
+        if self.capacity == 0:
+            return
         idx = ids.numpy()
         with self._lock:
-            hit, _ = self._lookup(idx)
-        miss_ids = idx[~hit]
+            miss_ids = idx[self._slot_of[idx] < 0]
         if miss_ids.size:
-            rows = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids))
+            rows = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids)).to(self.dtype).contiguous()
             with self._lock:
-                if self._sketch is not None:
-                    self._sketch.add(miss_ids)
-                self._admit(miss_ids, rows)
+                if self._policy == _LFU:
+                    self._sk_added = _sketch_add(
+                        miss_ids, self._sk_table, self._sk_bits, self._score, self._sk_sample, self._sk_added
+                    )
+                none = np.empty(0, np.int64)  # no output to fill
+                self._used = _admit(
+                    miss_ids, _bits(rows), self._slots_np, none, self._slot_of, self._slot_id, self._score,
+                    self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
+                )  # fmt: skip

@@ -1,0 +1,222 @@
+"""Issue 18: what the SSD tier's hot-row cache costs the decode thread, per gather, in CPU and GIL time.
+
+Why: ``bench_generate --threads 1`` showed decode getting slower as the cache grew (ssd c0 +3.5%, c10
++10.5%, c50 +10.8% over tables in the model) although the hit rate rose: the cache's own Python held the
+GIL against the model's dispatch for longer than the reads it saved (the aio engine reads in a ``nogil``
+Numba call). Wall-clock ratios are useless on a machine shared with a training job, so this measures
+CPU: per gather, the calling thread's CPU (``time.thread_time``) and, of it, the CPU spent inside calls
+that release the GIL (the aio kernel, and the cache's own Numba kernels), timed by wrapping them; the
+rest is the GIL-held estimate (torch ops in the caller release the GIL but are counted: an upper bound).
+
+Access pattern: ``bench_generate``'s, real text. The same model, hashing and BPE workload (its helpers),
+tables exported to real store files and read with O_DIRECT; every Engram layer is gathered once per
+decode step for a batch of ``--batch`` held-out texts (the rows the prefetcher asks for), each repeat
+on new texts. Caches are first warmed on other text as ``bench_generate.warm_caches`` does.
+
+Contenders, each its own ``DirectFileTable`` on the same files, timed in interleaved blocks of
+``--steps`` decode steps: ``c0`` (no cache), ``cN`` (this tree's ``CachedTable`` of N% of the table
+bytes) and ``cN_base`` (the ``CachedTable`` of git revision ``--baseline-rev``, loaded from that
+revision's source, on the same warm-up: the before).
+
+Run from the repository root: ``nice python -m benchmarks.bench_cache_cpu`` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from benchmarks._common import paired_ratios, stats, write_result
+from benchmarks.bench_generate import build_model, build_workload
+from benchmarks.bench_store_io import NogilClock
+from engramlm.infer.tables import export_model_tables, model_tables, open_tables
+from engramlm.store import _aio
+from engramlm.store import cache as cache_mod
+from engramlm.store.base import RowTable
+from engramlm.store.direct import DirectFileTable
+from engramlm.store.tiers import Tier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_baseline(rev: str, into: Path) -> Any:
+    """The ``engramlm.store.cache`` module as it was at git revision ``rev`` (None if git cannot give it)."""
+    try:
+        src = subprocess.run(
+            ["git", "show", f"{rev}:src/engramlm/store/cache.py"], cwd=ROOT, capture_output=True, check=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"baseline {rev} unavailable: {exc}")
+        return None
+    path = into / "cache_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("engramlm_cache_baseline", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def wrap_nogil(mod: Any, names: tuple[str, ...], clock: NogilClock) -> None:
+    """Time the module's GIL-releasing kernels that exist (called through module globals, so this reaches them)."""
+    for name in names:
+        if hasattr(mod, name):
+            setattr(mod, name, clock.wrap(getattr(mod, name)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=32, help="tokens before the first timed step")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per timed block")
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--cache-pcts", type=float, nargs="+", default=[10, 50])
+    ap.add_argument("--baseline-rev", default="6654135", help="git revision whose CachedTable is the before")
+    ap.add_argument("--warm-tokens", type=int, default=100_000)
+    # The model shape only decides the hashing and the table sizes: bench_generate's defaults.
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--engram-layers", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-rows", type=int, default=100_003)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--corpus-mb", type=int, default=8)
+    ap.add_argument("--workdir", default=None, help="where the store files go (must not be tmpfs for O_DIRECT)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small tables, 2 repeats")
+    ap.add_argument("--results-dir", type=Path, default=None)
+    ap.add_argument("--out", default="cache_cpu")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.head_rows, args.repeats, args.steps, args.warm_tokens = 5003, 2, 8, 5000
+    torch.set_num_threads(1)
+
+    tok, streams = build_workload(args)
+    model = build_model(tok, args)
+    need = args.repeats * args.batch
+    span = args.prompt + args.steps
+    streams = [s for s in streams if s.numel() >= span]
+    if len(streams) < need + 1:
+        raise SystemExit(f"only {len(streams)} held-out files long enough; need {need + 1} (raise --corpus-mb)")
+    with torch.inference_mode():
+        # Row ids per decode step, per layer: [batch, H_e] each (what the prefetcher gathers).
+        steps: list[list[dict[int, torch.Tensor]]] = []
+        for r in range(args.repeats):
+            tokens = torch.stack([s[:span] for s in streams[r * args.batch : (r + 1) * args.batch]])
+            rows = model.layout.split(model.hash(tokens))
+            steps.append([{lid: rows[lid][:, t].contiguous() for lid in rows} for t in range(args.prompt, span)])
+        warm_ids = torch.cat(streams[need:])[: args.warm_tokens]
+        warm_rows = model.layout.split(model.hash(warm_ids.reshape(1, -1)))
+    layer_rows = {lid: int(r.numel()) for lid, r in steps[0][0].items()}
+
+    workroot = Path(args.workdir) if args.workdir else Path(__file__).resolve().parent / "results" / "tmp"
+    workroot.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_cpu_", dir=workroot))
+    opened: list[RowTable] = []
+    try:
+        store = tmp / "store"
+        export_model_tables(model, store, progress=True)
+        fp = model.layout.fingerprint
+        paths = {lid: t.header.path for lid, t in open_tables(store, Tier.DIRECT, fingerprint=fp).items()}
+        mem = model_tables(model)
+        base_mod = load_baseline(args.baseline_rev, tmp)
+        clock = NogilClock()  # blocks run one at a time: one clock for every kernel
+        _aio.fetch = clock.wrap(_aio.fetch)  # type: ignore[method-assign]
+        wrap_nogil(cache_mod, ("_probe", "_admit"), clock)  # called from Python; the rest run inside them
+        if base_mod is not None:
+            wrap_nogil(base_mod, ("_coldest_small",), clock)
+
+        def direct(lid: int) -> DirectFileTable:
+            t = DirectFileTable(paths[lid], fp)
+            opened.append(t)
+            return t
+
+        contenders: dict[str, dict[int, RowTable]] = {"c0": {lid: direct(lid) for lid in paths}}
+        for pct in args.cache_pcts:
+            for suffix, mod in (("", cache_mod), ("_base", base_mod)):
+                if mod is None:
+                    continue
+                budget = {lid: int(mem[lid].num_rows * args.head_dim * 4 * pct / 100) for lid in paths}
+                contenders[f"c{pct:g}{suffix}"] = {lid: mod.CachedTable(direct(lid), budget[lid]) for lid in paths}
+        if not all(t.direct_io for t in opened if isinstance(t, DirectFileTable)):
+            raise SystemExit(f"{tmp}: O_DIRECT refused; pass --workdir on a filesystem that supports it")
+        chunk = args.batch * args.prompt
+        for tables in contenders.values():  # warm-up as bench_generate.warm_caches: misses served from RAM
+            for lid, t in tables.items():
+                if hasattr(t, "inner"):
+                    inner, t.inner = t.inner, mem[lid]  # type: ignore[attr-defined]
+                    for part in warm_rows[lid][0].split(chunk):
+                        t.gather(part)
+                    t.inner = inner  # type: ignore[attr-defined]
+                t.gather(steps[0][0][lid])  # buffers and kernels exist before timing
+                t.stats.reset()
+
+        names = list(contenders)
+        samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+        load_before = os.getloadavg()
+        for r in tqdm(range(args.repeats), desc="cache cpu", unit="repeat"):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                tables = contenders[name]
+                n = 0
+                nogil0, cpu0, w0 = clock.seconds, time.thread_time(), time.perf_counter()
+                for step in steps[r]:
+                    for lid, ids in step.items():
+                        tables[lid].gather(ids)
+                        n += 1
+                wall, cpu, nogil = time.perf_counter() - w0, time.thread_time() - cpu0, clock.seconds - nogil0
+                for key, v in (
+                    ("wall_ms", wall),
+                    ("cpu_ms", cpu),
+                    ("nogil_cpu_ms", nogil),
+                    ("gil_held_ms", cpu - nogil),
+                ):
+                    samples[name].setdefault(key, []).append(1e3 * v / n)
+        load_after = os.getloadavg()
+    finally:
+        for t in opened:
+            t.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    results: dict[str, Any] = {}
+    for name in names:
+        r = {key: stats(v) for key, v in samples[name].items()}
+        for key in ("cpu_ms", "gil_held_ms"):
+            r[f"{key}_ratio_to_c0"] = stats(paired_ratios(samples[name][key], samples["c0"][key]))
+        hits = sum(getattr(t.stats, "hits", 0) for t in contenders[name].values())
+        misses = sum(getattr(t.stats, "misses", 0) for t in contenders[name].values())
+        r["hit_rate"] = hits / max(hits + misses, 1)
+        results[name] = r
+    payload = {
+        "benchmark": "cache_cpu",
+        "kind": "cache_cpu",
+        "params": vars(args) | {"results_dir": str(args.results_dir) if args.results_dir else None},
+        "workload": {"rows_per_gather": layer_rows, "gathers_per_step": len(paths), "steps_per_block": args.steps},
+        "load_average_before_after": [load_before, load_after],
+        "results": results,
+    }
+    out = write_result(args.out, payload, args.results_dir)
+    print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; per gather, median over {args.repeats} blocks:")
+    print(f"{'':10s} {'hit':>6s} {'cpu ms':>8s} {'gil ms':>8s} {'nogil ms':>9s} {'cpu/c0':>7s} {'gil/c0':>7s}")
+    for name, r in results.items():
+        print(
+            f"{name:10s} {r['hit_rate']:6.1%} {r['cpu_ms']['median']:8.3f} {r['gil_held_ms']['median']:8.3f} "
+            f"{r['nogil_cpu_ms']['median']:9.3f} {r['cpu_ms_ratio_to_c0']['median']:7.2f} "
+            f"{r['gil_held_ms_ratio_to_c0']['median']:7.2f}"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
