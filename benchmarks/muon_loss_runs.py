@@ -13,28 +13,42 @@ Usage (from the repository root; one JSON line per run)::
 Arguments: schedule, ns steps, seed, training steps, [data dir (default runs/data/sotu)].
 """
 
+from __future__ import annotations
+
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from engramlm.train import Trainer, load_train_config
 
-torch.set_num_threads(1)
-sched, steps, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-data = sys.argv[5] if len(sys.argv) > 5 else "runs/data/sotu"
-tmp = Path(tempfile.mkdtemp())
-ov = [f"data.dir={data}", f"out_dir={tmp}/run", "progress=false", "tensorboard=false", "threads=1",
-      f"seed={seed}", f"optim.muon_ns_schedule={sched}", f"optim.muon_ns_steps={steps}", "schedule.warmup_steps=5",
-      f"tokens={n * 4096}"]  # fmt: skip
-tr = Trainer(load_train_config("configs/sotu_engram_moe.toml", ov))
-losses = []
-for s in range(n):
-    raw = tr.loader.batch_at(s)
-    out = tr.train_step({**raw, "row_ids": tr.model.hasher(raw["input_ids"], raw["doc_start"])})
-    losses.append(float(out["loss"]))
-ev = tr.evaluate()
-print(json.dumps({"schedule": sched, "steps": steps, "seed": seed, "losses": losses, "eval": ev}, default=str))
-tr.close()
+def main() -> None:
+    from engramlm.train import Trainer, load_train_config
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("schedule", choices=("quintic", "polar_express"))
+    ap.add_argument("ns_steps", type=int)
+    ap.add_argument("seed", type=int)
+    ap.add_argument("steps", type=int, help="training steps")
+    ap.add_argument("data", nargs="?", default="runs/data/sotu")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    ov = [f"data.dir={args.data}", f"out_dir={tmp}/run", "progress=false", "tensorboard=false", "threads=1",
+          f"seed={args.seed}", f"optim.muon_ns_schedule={args.schedule}", f"optim.muon_ns_steps={args.ns_steps}",
+          "schedule.warmup_steps=5", f"tokens={args.steps * 4096}"]  # fmt: skip
+    tr = Trainer(load_train_config("configs/sotu_engram_moe.toml", ov))
+    losses = []
+    for s in range(args.steps):
+        raw = tr.loader.batch_at(s)
+        out = tr.train_step({**raw, "row_ids": tr.model.hasher(raw["input_ids"], raw["doc_start"])})
+        losses.append(float(out["loss"]))
+    ev = tr.evaluate()
+    print(json.dumps({"schedule": args.schedule, "steps": args.ns_steps, "seed": args.seed, "losses": losses,
+                      "eval": ev}, default=str))  # fmt: skip
+    tr.close()
+
+
+if __name__ == "__main__":
+    main()
