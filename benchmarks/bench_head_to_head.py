@@ -261,7 +261,7 @@ def main() -> None:
         "kind": "head_to_head",  # whatever the file's name, it renders under the head-to-head README marker
         "size": size_name,
         "settings": {**size, "rho_target": RHO, "seeds": args.seeds, "threads": args.threads},
-        "hypothesis": "held-out loss: engram_moe < moe < dense",
+        "hypothesis": "held-out loss: " + " < ".join(a for a in ("engram_moe", "moe", "dense") if a in args.arms),
         "corpora": results,
         "plot": str(png.relative_to(REPO_ROOT)),
     }

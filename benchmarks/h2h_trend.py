@@ -79,6 +79,15 @@ def predict(result: dict[str, Any], tokens_per_row: float, seed_sd: float) -> di
     return {"gap": mean, "fit_sd": fit_sd, "sd": math.sqrt(fit_sd**2 + seed_sd**2)}
 
 
+def chi2_sf(x: float, dof: int) -> float:
+    """P(chi^2_dof >= x) for an integer dof, in closed form (no SciPy): erfc for the odd part, a Poisson sum."""
+    h = x / 2
+    if dof % 2 == 0:
+        return math.exp(-h) * sum(h**i / math.factorial(i) for i in range(dof // 2))
+    odd = sum(h ** (i - 0.5) / math.gamma(i + 0.5) for i in range(1, (dof + 1) // 2))
+    return math.erfc(math.sqrt(h)) + math.exp(-h) * odd
+
+
 def fit(points: list[dict[str, Any]], draws: int = 200_000, seed: int = 0) -> dict[str, Any]:
     """Weighted log-linear fit of the gap and the Monte-Carlo distribution of where it crosses zero.
 
@@ -102,6 +111,7 @@ def fit(points: list[dict[str, Any]], draws: int = 200_000, seed: int = 0) -> di
     return {
         "intercept": a0, "slope_per_ln_tokens_per_row": b0,
         "chi2": float((w * resid**2).sum()), "dof": len(points) - 2,
+        "p_fit": chi2_sf(float((w * resid**2).sum()), len(points) - 2) if len(points) > 2 else None,
         "draws": {"a": a[:2000].tolist(), "b": b[:2000].tolist()},
         "direction": "engram overtakes moe" if b0 < 0 else "engram falls behind moe",
         "p_slope_sign": float(same.mean()),
@@ -138,7 +148,8 @@ def main() -> int:
     print(f"fit: gap = {result['intercept']:+.4f} {result['slope_per_ln_tokens_per_row']:+.4f} ln(tokens/row); "
           f"{result['direction']} (P(slope sign) {result['p_slope_sign']:.3f}) at {c['median']:.1f} tokens/row "
           f"(68%: {c['q16']:.1f}-{c['q84']:.1f}; ~{c['median'] * rows / 1e6:.2f}M tokens per arm)")  # fmt: skip
-    print(f"fit residuals: chi2 {result['chi2']:.2f} on {result['dof']} dof")
+    if result["p_fit"] is not None:
+        print(f"fit residuals: chi2 {result['chi2']:.2f} on {result['dof']} dof, p = {result['p_fit']:.4f}")
     for f in (prior, result):
         f.pop("draws")
     doc = {"kind": "h2h_trend", "corpus": args.corpus, "d": args.d, "layers": args.layers, "points": points,

@@ -517,7 +517,7 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
         f"MoE {s['experts']} routed experts (hidden {s['expert_hidden']}, top-2), Engram arm at ρ = "
         f"{s['rho_target']}; {s['tokens']:,} training tokens per arm (B={s['batch']}, T={s['seq']}), held-out "
         f"{_scored(corpora, s)}, seeds {', '.join(map(str, seeds))}. Hypothesis under test: "
-        f"{doc.get('hypothesis', 'engram_moe < moe < dense')}.",
+        f"{_hypothesis(doc)}.",
         *_few_documents(corpora),
         "",
         "| corpus | arm | P_act | P_tot | ρ | routed experts × width | Engram rows | held-out bpb, mean ± std "
@@ -559,6 +559,14 @@ def head_to_head_table(doc: dict[str, Any]) -> list[str]:
             + f" | {' < '.join(order)} | {verdict} |"
         )
     return lines + _image(doc, doc.get("plot"), f"head-to-head {doc.get('size', '')} curves") + _footer(doc)
+
+
+def _hypothesis(doc: dict[str, Any]) -> str:
+    """The order under test, cut to the arms the run trained (``--arms``)."""
+    trained = {arm for c in doc["corpora"].values() for arm in c["arms"]}
+    if trained >= set(H2H_ARMS):
+        return doc.get("hypothesis", "held-out loss: engram_moe < moe < dense")
+    return "held-out loss: " + " < ".join(a for a in ("engram_moe", "moe", "dense") if a in trained)
 
 
 def _std(spread: dict[str, Any]) -> str:
@@ -1216,14 +1224,24 @@ def h2h_trend_table(doc: dict[str, Any]) -> list[str]:
         f"**{c['median']:.1f} tokens/row** (68%: {c['q16']:.1f}–{c['q84']:.1f}; 90%: {c['q05']:.1f}–{c['q95']:.1f}; "
         f"slope sign kept in {f['p_slope_sign']:.1%} of draws).",
         "",
-        "| result | training tokens | tokens per row | gap (bpb), mean ± SE | seeds |",
-        "|---|---|---|---|---|",
+        "| result | training tokens | tokens per row | gap (bpb), mean ± SE | seeds | predicted by the multi-seed "
+        "budgets' fit (± SD of one seed), z |",
+        "|---|---|---|---|---|---|",
     ]
     for p in doc["points"]:
+        pred = p.get("predicted")
+        pred_s = f"{pred['gap']:+.4f} ± {pred['sd']:.4f}, z = {pred['z']:+.1f}" if pred else "—"
+        se_s = " (pooled)" if p.get("se_from") == "pooled" else ""
         lines.append(
-            f"| {p['result']} | {p['tokens']:,} | {p['tokens_per_row']:.1f} | {p['gap_mean']:+.4f} ± {p['gap_se']:.4f} "
-            f"| {p['seeds']} |"
+            f"| {p['result']} | {p['tokens']:,} | {p['tokens_per_row']:.1f} | {p['gap_mean']:+.4f} ± {p['gap_se']:.4f}"
+            f"{se_s} | {p['seeds']} | {pred_s} |"
         )
+    if f.get("p_fit") is not None:
+        lines += ["", f"Residuals of the fit over all budgets: χ² = {f['chi2']:.1f} on {f['dof']} degree(s) of freedom "
+                  f"(p = {f['p_fit']:.3f})."]  # fmt: skip
+        if f["p_fit"] < 0.05:  # the headline above is a line's crossing; say when the data reject the line
+            note = f"the log-linear fit is **rejected** (p = {f['p_fit']:.3f}), so no crossing is claimed; the line "
+            lines[0] = lines[0].replace(f"{f['direction']} at", note + "would cross at")
     return lines + _footer(doc)
 
 
