@@ -50,10 +50,15 @@ def budget_points(results_dir: Path, corpus: str, d: int, layers: int) -> list[d
         diffs = [e["heldout"]["bpb"] - m["heldout"]["bpb"]
                  for e, m in zip(arms["engram_moe"]["runs"], arms["moe"]["runs"], strict=True)]  # fmt: skip
         rows = sum(arms["engram_moe"]["params"]["engram_rows"])
+        pairs = list(zip(arms["engram_moe"]["runs"], arms["moe"]["runs"], strict=True))
         points.append({
             "result": path.name, "tokens": s["tokens"], "rows": rows, "tokens_per_row": s["tokens"] / rows,
             "gap_mean": float(np.mean(diffs)), "seeds": len(diffs),
             "gap_sd": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+            # the same gap in nats on the training batches (end of training) and on held-out text: a memory that
+            # fits its training text without transferring shows a train gap below zero and a held-out gap above
+            "train_loss_gap": float(np.mean([_late_loss(e) - _late_loss(m) for e, m in pairs])),
+            "heldout_loss_gap": float(np.mean([e["heldout"]["loss"] - m["heldout"]["loss"] for e, m in pairs])),
         })  # fmt: skip
     pooled = pooled_sd(points)
     for p in points:
@@ -61,6 +66,13 @@ def budget_points(results_dir: Path, corpus: str, d: int, layers: int) -> list[d
         p["se_from"] = "seeds" if own else "pooled"
         p["gap_se"] = (p["gap_sd"] if own else pooled) / math.sqrt(p["seeds"]) if (own or pooled) else None
     return sorted(points, key=lambda p: p["tokens_per_row"])
+
+
+def _late_loss(run: dict[str, Any], frac: float = 0.1) -> float:
+    """Mean training loss over the last ``frac`` of a run's logged steps (at least 5): one batch is too noisy."""
+    curve = run.get("curve") or [[0, float("nan")]]
+    n = max(5, int(len(curve) * frac))
+    return float(np.mean([loss for _, loss in curve[-n:]]))
 
 
 def pooled_sd(points: list[dict[str, Any]]) -> float | None:

@@ -5,7 +5,7 @@ rendered from the result files, with the machine and the exact command beneath i
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
 store, store_io, cache_cpu, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth,
-distributed, muon, lm_eval_h2h, serve, decode_vs_hf, ssd_train, block0, h2h_trend. A
+distributed, muon, lm_eval_h2h, serve, decode_vs_hf, ssd_train, block0, h2h_trend, h2h_splits. A
 result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
@@ -1215,6 +1215,12 @@ def block0_table(doc: dict[str, Any]) -> list[str]:
     return lines + _image(doc, doc.get("plot"), "block 0 probes") + _footer(doc)
 
 
+def _nats_gaps(p: dict[str, Any]) -> str:
+    if "train_loss_gap" not in p:
+        return "—"
+    return f"{p['train_loss_gap']:+.3f} → {p['heldout_loss_gap']:+.3f}"
+
+
 def h2h_trend_table(doc: dict[str, Any]) -> list[str]:
     """The paired Engram - MoE gap per budget and where its log-linear fit crosses zero."""
     f, c = doc["fit"], doc["fit"]["cross_tokens_per_row"]
@@ -1225,8 +1231,8 @@ def h2h_trend_table(doc: dict[str, Any]) -> list[str]:
         f"slope sign kept in {f['p_slope_sign']:.1%} of draws).",
         "",
         "| result | training tokens | tokens per row | gap (bpb), mean ± SE | seeds | predicted by the multi-seed "
-        "budgets' fit (± SD of one seed), z |",
-        "|---|---|---|---|---|---|",
+        "budgets' fit (± SD of one seed), z | gap in nats: training batches (last 10% of steps) → held-out |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in doc["points"]:
         pred = p.get("predicted")
@@ -1234,7 +1240,7 @@ def h2h_trend_table(doc: dict[str, Any]) -> list[str]:
         se_s = " (pooled)" if p.get("se_from") == "pooled" else ""
         lines.append(
             f"| {p['result']} | {p['tokens']:,} | {p['tokens_per_row']:.1f} | {p['gap_mean']:+.4f} ± {p['gap_se']:.4f}"
-            f"{se_s} | {p['seeds']} | {pred_s} |"
+            f"{se_s} | {p['seeds']} | {pred_s} | {_nats_gaps(p)} |"
         )
     if f.get("p_fit") is not None:
         lines += ["", f"Residuals of the fit over all budgets: χ² = {f['chi2']:.1f} on {f['dof']} degree(s) of freedom "
@@ -1270,6 +1276,29 @@ def cache_cpu_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+def h2h_splits_table(doc: dict[str, Any]) -> list[str]:
+    """A head-to-head's Engram and MoE arms scored on the training text and on each held-out split."""
+    seeds = [s.removeprefix("seed") for s in doc["seeds"]]
+    lines = [
+        f"**Where the gap comes from**: the `{doc['result']}` arms ({doc['corpus']}, seeds {', '.join(seeds)}) "
+        "scored on the same number of tokens of each split. Gap = Engram + MoE − MoE, mean over seeds "
+        "(negative: Engram better); excess = the split's loss gap minus the training text's.",
+        "",
+        "| split | tokens | MoE loss | Engram + MoE loss | gap (nats) | gap (bpb) "
+        "| excess over the training text (nats) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for split in _ordered(doc["splits"], ("train", "test", "val")):
+        r = doc["splits"][split]
+        excess = r.get("excess_vs_train_loss")
+        lines.append(
+            f"| {split} | {r['tokens']:,} | {r['moe_loss']['mean']:.4f} | {r['engram_moe_loss']['mean']:.4f} | "
+            f"{r['gap_loss']['mean']:+.4f} | {r['gap_bpb']['mean']:+.4f} | "
+            f"{'—' if excess is None else format(excess, '+.4f')} |"
+        )
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
@@ -1291,6 +1320,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "ssd_train": ssd_train_table,
     "block0": block0_table,
     "h2h_trend": h2h_trend_table,
+    "h2h_splits": h2h_splits_table,
 }
 KINDS = tuple(RENDERERS)
 

@@ -85,7 +85,9 @@ def test_trend_reads_the_committed_results() -> None:
 
 
 def _trend_doc(tokens: int, gaps: list[float]) -> dict:
-    runs = lambda bpbs: [{"heldout": {"bpb": b}} for b in bpbs]  # noqa: E731
+    def runs(bpbs: list[float]) -> list[dict]:
+        return [{"heldout": {"bpb": b, "loss": b * 3}, "curve": [[i, 4.0 + b] for i in range(10)]} for b in bpbs]
+
     return {"kind": "head_to_head", "settings": {"d": 256, "layers": 4, "tokens": tokens},
             "corpora": {"sotu": {"arms": {"engram_moe": {"runs": runs([2.0 + g for g in gaps]),
                                                          "params": {"engram_rows": [40, 60]}},
@@ -104,6 +106,8 @@ def test_trend_gives_one_seed_budgets_the_pooled_seed_spread_and_predicts_them(t
         (5.0, 3, "seeds"), (17.0, 3, "seeds"), (34.0, 1, "pooled")]  # fmt: skip
     pooled = np.sqrt((2 * np.var([0.03, 0.02, 0.04], ddof=1) + 2 * np.var([0.01, 0.0, 0.005], ddof=1)) / 4)
     assert abs(pts[2]["gap_se"] - pooled) < 1e-12 and abs(h2h_trend.pooled_sd(pts) - pooled) < 1e-12
+    # the nats view: the training curve's late mean and the held-out loss, paired per seed
+    assert abs(pts[0]["train_loss_gap"] - 0.03) < 1e-9 and abs(pts[0]["heldout_loss_gap"] - 0.09) < 1e-9
     prior = h2h_trend.fit(pts[:2], draws=20_000)
     pred = h2h_trend.predict(prior, 34.0, pooled)
     line = prior["intercept"] + prior["slope_per_ln_tokens_per_row"] * np.log(34.0)

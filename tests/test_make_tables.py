@@ -313,3 +313,12 @@ def test_ssd_train_headline_and_memory(grouped) -> None:
         assert ("target <= 10%: met" in body) == bool(doc["within_10pct"])
         assert f"**Peak RSS {big['peak_rss_bytes'] / 2**20:,.0f} MiB**" in body
         assert len(doc["checkpoints"]) == 2 and f"{doc['checkpoints'][1]['vocab_per_head']:,}" in body
+
+
+def test_h2h_splits_every_split_with_its_gaps(grouped) -> None:
+    for doc in grouped["h2h_splits"]:
+        body = _one("h2h_splits", doc)
+        for split, r in doc["splits"].items():
+            row = next(line for line in body.splitlines() if line.startswith(f"| {split} | {r['tokens']:,} |"))
+            assert f"{r['gap_loss']['mean']:+.4f} | {r['gap_bpb']['mean']:+.4f}" in row
+        assert body.count("| train |") == 1 and "| val |" in body
