@@ -171,7 +171,7 @@ def test_sigkill_during_a_compaction_leaves_the_checkpoint_valid(tmp_path: Path)
 def test_compaction_settings_are_validated() -> None:
     from engramlm.train.config import TrainConfig
 
-    assert EngramTableConfig().compact_background is True and EngramTableConfig().compact_ratio == 1.0
+    assert EngramTableConfig().compact_background is False and EngramTableConfig().compact_ratio == 1.0
     with pytest.raises(ConfigError, match=r"engram\.compact_background: expected bool, got 'maybe'"):
         TrainConfig.from_dict({"data": {"dir": "x"}, "engram": {"compact_background": "maybe"}})
     with pytest.raises(ConfigError, match=r"engram\.compact_ratio: must be > 0"):

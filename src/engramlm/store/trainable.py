@@ -160,6 +160,7 @@ class _Reader:
         self.fd, self.direct_io, _ = _open_direct(path, direct)
         self.pool, self.queue_depth = pool, queue_depth
         self._local = threading.local()
+        self._read_lock = threading.RLock()  # _probe reads through read() again
         self._fds = np.zeros(0, np.int64)
         self.engine = "threads"
         if engine != "threads" and _aio.available():
@@ -215,6 +216,12 @@ class _Reader:
     def read(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int = 0) -> np.ndarray:
         """Records at ``offsets``; with ``crcs``, every page read is checked (``crcs[page - first_page]``).
         Read in file order, at most ``_READ_ROWS`` records at a time (bounded buffers, pages still coalesced)."""
+        # one read at a time per reader: the prefetch and a background compaction may share a file's reader, and
+        # its first read probes (switching engines, maybe closing the aio descriptors) under the other's feet
+        with self._read_lock:
+            return self._read_locked(offsets, rec_bytes, crcs, first_page)
+
+    def _read_locked(self, offsets: np.ndarray, rec_bytes: int, crcs: np.ndarray | None, first_page: int) -> np.ndarray:
         out = np.empty((offsets.size, rec_bytes), dtype=np.uint8)
         if not offsets.size:
             return out

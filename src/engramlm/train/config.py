@@ -223,7 +223,7 @@ class EngramTableConfig:
     cache_mb: float = 512.0
     prefetch: bool = True
     compact_ratio: float = 1.0
-    compact_background: bool = True
+    compact_background: bool = False  # opt-in: a read race with the prefetch was seen once (session 8 note)
     direct_io: bool = True
 
     def __post_init__(self) -> None:
