@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -277,6 +278,18 @@ def fetch(
 ) -> tuple[int, int, int, int]:
     """One gather off the GIL: see the module docstring; returns (errno or 0, pages, bad pages, first bad page)."""
     return _kernels()[4](ids, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out)
+
+
+def aligned_buffer(local: Any, nbytes: int) -> np.ndarray:
+    """A thread's page-aligned NumPy buffer of at least ``nbytes``, kept on ``local`` (a ``threading.local``) and
+    grown when too small: the kernel writes by address, so O_DIRECT reads need page-aligned memory."""
+    arr = getattr(local, "arr", None)
+    if arr is None or arr.size < nbytes:
+        raw = np.empty(max(nbytes, PAGE) + PAGE, dtype=np.uint8)
+        skip = -raw.ctypes.data % PAGE
+        arr = raw[skip : skip + max(nbytes, PAGE)]
+        local.arr = arr
+    return arr
 
 
 def dup_fds(fd: int, n: int) -> np.ndarray:

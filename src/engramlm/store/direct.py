@@ -163,13 +163,7 @@ class DirectFileTable(RowTable):
 
     def _aligned(self, nbytes: int) -> np.ndarray:
         """The aio engine's per-thread buffer: a page-aligned NumPy view (the kernel writes by address)."""
-        arr = getattr(self._local, "arr", None)
-        if arr is None or arr.size < nbytes:
-            raw = np.empty(max(nbytes, PAGE) + PAGE, dtype=np.uint8)
-            skip = -raw.ctypes.data % PAGE
-            arr = raw[skip : skip + max(nbytes, PAGE)]
-            self._local.arr = arr
-        return arr
+        return _aio.aligned_buffer(self._local, nbytes)
 
     def _read_runs(self, view: memoryview, plan: PagePlan, runs: np.ndarray) -> None:
         """Read a strided subset of runs; a short read before EOF is retried, never ignored."""
