@@ -135,3 +135,57 @@ def test_missing_data_and_vocab_errors(setup: tuple[Path, Path], tmp_path: Path)
         Trainer(load_train_config(cfg, [f"data.dir={tmp_path}", f"out_dir={tmp_path / 'r'}"]))
     with pytest.raises(ConfigError, match="vocab_size"):
         Trainer(load_train_config(cfg, ["model.overrides.vocab_size=300", f"out_dir={tmp_path / 'r'}"]))
+
+
+def test_checkpoint_that_predates_a_config_field_resumes_as_it_ran(setup: tuple[Path, Path]) -> None:
+    """A checkpoint written before ``optim.muon_ns_*`` existed has no such keys in its stored config: resume
+    must fill them with the values it trained with (not refuse it as "differs", not take a newer default)."""
+    import json
+    import shutil
+
+    root, cfg = setup
+    ref, old = root / "legacy_ref", root / "legacy"
+    base = ["steps=4", "checkpoint_every=2", "keep_checkpoints=2"]
+    Trainer(load_train_config(cfg, [*base, f"out_dir={ref}"])).fit()
+    shutil.copytree(ref, old)
+    shutil.rmtree(old / "checkpoints" / "step_00000004")
+    state_file = old / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("muon_ns_dtype", "muon_ns_schedule"):
+        del state["config"]["optim"][key]
+    state_file.write_text(json.dumps(state))
+
+    resumed = Trainer(load_train_config(cfg, [*base, f"out_dir={old}"]), resume=True)
+    assert resumed.step == 2 and resumed.config.optim.muon_ns_schedule == "quintic"
+    resumed.fit()
+    assert _losses(old) == _losses(ref)
+    # the CLI's `--resume PATH` without --config builds the config from the stored one the same way
+    ckpt, cli_run = old / "checkpoints" / "step_00000002", root / "legacy_cli"
+    proc = subprocess.run(
+        _cli("train", "--resume", str(ckpt), f"out_dir={cli_run}", "--no-progress"),
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [r for r in _losses(cli_run) if r[1] > 2] == [r for r in _losses(ref) if r[1] > 2]
+
+
+def test_every_config_field_added_since_the_first_format_says_how_old_checkpoints_resume() -> None:
+    """A field added to TrainConfig must either not change the trajectory (RESUME_FREE) or name the value old
+    checkpoints trained with (ADDED_LATER); otherwise every older checkpoint would be refused or changed."""
+    from engramlm.train.config import ADDED_LATER
+    from engramlm.train.trainer import RESUME_FREE
+
+    first_format = {  # the top-level fields and sections of the config the first checkpoints stored
+        "data", "model", "optim", "schedule", "steps", "tokens", "seed", "out_dir", "checkpoint_every",
+        "keep_checkpoints", "eval_every", "log_every", "threads", "tensorboard", "progress",
+    }  # fmt: skip
+    first_optim = {"lr", "weight_decay", "betas", "eps", "use_muon", "muon_momentum", "muon_ns_steps",
+                   "engram_lr_mult", "engram_weight_decay", "engram_eps", "clip"}  # fmt: skip
+    now = load_train_config(None, ["data.dir=x", "steps=1"]).to_dict()
+    added = [k for k in now if k not in first_format and k != "engram"]  # engram: the trainer's own default
+    added += [f"optim.{k}" for k in now["optim"] if k not in first_optim]
+    assert added, "the guard must see the fields added since (muon_ns_*, skip_nonfinite)"
+    unexplained = [k for k in added if k not in ADDED_LATER and k not in RESUME_FREE]
+    assert not unexplained, f"say in train.config.ADDED_LATER what older checkpoints used for {unexplained}"

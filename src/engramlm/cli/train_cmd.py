@@ -59,14 +59,14 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engramlm.models.locate import read_trainer_state, resolve_checkpoint
-    from engramlm.train.config import TrainConfig, apply_overrides, load_train_config
+    from engramlm.train.config import TrainConfig, apply_overrides, complete_saved_config, load_train_config
     from engramlm.train.trainer import Trainer, TrainingInterrupted
 
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     if args.config is None:
         if not isinstance(args.resume, str):
             raise ConfigError("--config: required unless --resume PATH names a checkpoint or run directory")
-        stored = read_trainer_state(resolve_checkpoint(args.resume))["config"]
+        stored = complete_saved_config(read_trainer_state(resolve_checkpoint(args.resume))["config"])
         config = TrainConfig.from_dict(apply_overrides(stored, overrides))
     else:
         config = load_train_config(args.config, overrides)

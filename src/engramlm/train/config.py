@@ -48,6 +48,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "complete_saved_config",
     "config_diff",
     "load_train_config",
     "parse_value",
@@ -315,6 +316,27 @@ class TrainConfig:
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted ``key=value`` pairs into a training-config dict, typed by :class:`TrainConfig`'s fields."""
     return core.apply_overrides(d, overrides, TrainConfig)
+
+
+# Fields added after checkpoints were first written, each with the value every checkpoint written before it
+# trained with. A stored config that lacks one is completed with that value, not with today's default, so an
+# old run resumes as it ran (and is not refused as "differs from the checkpoint") even after a default changes.
+ADDED_LATER: dict[str, Any] = {
+    "optim.muon_ns_dtype": "fp32",
+    "optim.muon_ns_schedule": "quintic",
+}
+
+
+def complete_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config with the fields it predates set to the values it trained with."""
+    out = json.loads(json.dumps(saved))
+    for path, value in ADDED_LATER.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node.setdefault(leaf, value)
+    return out
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -37,7 +37,7 @@ from engramlm.models.io import load_pretrained
 from engramlm.models.model import EngramLM
 from engramlm.nn.moe import MoE
 from engramlm.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-from engramlm.train.config import EngramTableConfig, TrainConfig, config_diff
+from engramlm.train.config import EngramTableConfig, TrainConfig, complete_saved_config, config_diff
 from engramlm.train.distributed import DistEnv, ShardedTables, Timer, check_world, evaluate_sharded, sum_hook
 from engramlm.train.metrics import MetricsLogger
 from engramlm.train.optim import OptimizerSet
@@ -321,7 +321,7 @@ class Trainer:
         elif saved_fp != "none":
             raise ConfigError(f"model: checkpoint {ckpt.path} has Engram layers, this config has none")
         free = (*RESUME_FREE, *self.allow_changes)
-        saved = dict(ckpt.state.get("config", {}))
+        saved = complete_saved_config(ckpt.state.get("config", {}))
         # a checkpoint from before the engram section trained its tables in the model
         saved.setdefault("engram", {**dataclasses.asdict(EngramTableConfig()), **self.config.to_dict()["engram"],
                                     "table_tier": "model"})  # fmt: skip
