@@ -47,3 +47,32 @@ hc_mult = {hc_mult}
 "engram.hash.engram_vocab_size" = [997, 997]
 "engram.head_dim" = 8
 """
+
+
+def run_toml(
+    steps: int,
+    every: int,
+    keep: int,
+    eval_every: int,
+    *,
+    seed: int = 3,
+    eval_batch_size: int = 4,
+    eval_max_batches: int = 1,
+) -> str:
+    """The run and ``[data]`` sections of the small training runs the resume / SSD / distributed tests share
+    (batches of 4 x 32 tokens, one thread, no TensorBoard or progress bar); ``data.dir`` is added by the test."""
+    return f"""
+steps = {steps}
+seed = {seed}
+checkpoint_every = {every}
+keep_checkpoints = {keep}
+eval_every = {eval_every}
+threads = 1
+tensorboard = false
+progress = false
+[data]
+batch_size = 4
+seq_len = 32
+eval_batch_size = {eval_batch_size}
+eval_max_batches = {eval_max_batches}
+"""

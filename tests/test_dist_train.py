@@ -46,38 +46,16 @@ from engramlm.cli import main as cli
 from engramlm.data import prepare
 from engramlm.models.locate import list_checkpoints, load_trained_model
 from engramlm.train import Trainer, load_checkpoint, load_train_config, read_metrics
+from helpers import run_toml, tiny_model_toml
 
 slow = pytest.mark.slow  # the fixture runs four torchrun jobs: ~1 min of CPU on 2 shared cores
 
 STEPS, EVERY = 12, 4
-TOML = f"""
-steps = {STEPS}
-seed = 3
-checkpoint_every = {EVERY}
-keep_checkpoints = 3
-eval_every = 6
-threads = 1
-tensorboard = false
-progress = false
-[data]
-batch_size = 4
-seq_len = 32
-eval_batch_size = 3
-eval_max_batches = 2
-[model]
-preset = "tiny"
-[model.overrides]
-vocab_size = 400
-hidden_size = 32
-num_layers = 2
-n_heads = 2
-mlp_hidden = 64
-hc_mult = 1
-"engram.hash.engram_vocab_size" = [997, 997]
-"engram.head_dim" = 8
-[schedule]
-warmup_steps = 3
-"""
+TOML = (
+    run_toml(STEPS, EVERY, keep=3, eval_every=6, eval_batch_size=3, eval_max_batches=2)
+    + tiny_model_toml(hc_mult=1)
+    + "[schedule]\nwarmup_steps = 3\n"
+)
 TABLE = "layers.1.engram.embed.weight"
 
 

@@ -24,6 +24,7 @@ from engramlm.models.locate import list_checkpoints
 from engramlm.store.trainable import TABLES_FILE, TrainableTable, collect_garbage, manifest_files, read_tables_doc
 from engramlm.train import Trainer, load_train_config, read_metrics
 from engramlm.train.config import EngramTableConfig
+from helpers import run_toml, tiny_model_toml
 
 FP = "ab" * 32
 
@@ -178,34 +179,7 @@ def test_compaction_settings_are_validated() -> None:
         EngramTableConfig(compact_ratio=0)
 
 
-TOML = """
-steps = 8
-seed = 3
-checkpoint_every = 2
-keep_checkpoints = 4
-eval_every = 100
-threads = 1
-tensorboard = false
-progress = false
-[data]
-batch_size = 4
-seq_len = 32
-eval_batch_size = 4
-eval_max_batches = 1
-[model]
-preset = "tiny"
-[model.overrides]
-vocab_size = 400
-hidden_size = 32
-num_layers = 2
-n_heads = 2
-mlp_hidden = 64
-hc_mult = 1
-"engram.hash.engram_vocab_size" = [997, 997]
-"engram.head_dim" = 8
-[schedule]
-warmup_steps = 2
-"""
+TOML = run_toml(8, 2, keep=4, eval_every=100) + tiny_model_toml(hc_mult=1) + "[schedule]\nwarmup_steps = 2\n"
 
 
 def test_training_with_background_compaction_equals_synchronous(tmp_path: Path) -> None:

@@ -23,36 +23,10 @@ from engramlm.data import prepare
 from engramlm.models.locate import list_checkpoints, load_trained_model
 from engramlm.store.trainable import TABLES_FILE, open_tables, read_tables_doc
 from engramlm.train import Trainer, load_train_config, read_metrics
+from helpers import run_toml, tiny_model_toml
 
 STEPS, EVERY = 8, 2
-TOML = f"""
-steps = {STEPS}
-seed = 3
-checkpoint_every = {EVERY}
-keep_checkpoints = 2
-eval_every = 100
-threads = 1
-tensorboard = false
-progress = false
-[data]
-batch_size = 4
-seq_len = 32
-eval_batch_size = 4
-eval_max_batches = 1
-[model]
-preset = "tiny"
-[model.overrides]
-vocab_size = 400
-hidden_size = 32
-num_layers = 2
-n_heads = 2
-mlp_hidden = 64
-hc_mult = 1
-"engram.hash.engram_vocab_size" = [997, 997]
-"engram.head_dim" = 8
-[schedule]
-warmup_steps = 2
-"""
+TOML = run_toml(STEPS, EVERY, keep=2, eval_every=100) + tiny_model_toml(hc_mult=1) + "[schedule]\nwarmup_steps = 2\n"
 # ~80 cached records of ~16k rows, and compaction at every checkpoint: new bases and logs keep appearing,
 # so the new run's garbage collection has files to delete
 SSD = ["engram.table_tier=ssd", "engram.cache_mb=0.01", "engram.compact_ratio=0.01"]

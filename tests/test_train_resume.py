@@ -19,23 +19,12 @@ from engramlm.data import prepare
 from engramlm.errors import ConfigError, CorruptFileError, HashSpecMismatch
 from engramlm.models.locate import list_checkpoints
 from engramlm.train import Trainer, load_train_config, read_metrics
+from helpers import run_toml
 
 STEPS, EVERY = 60, 15
-TOML = f"""
-steps = {STEPS}
-seed = 5
-checkpoint_every = {EVERY}
-keep_checkpoints = 2
-eval_every = 20
-threads = 1
-tensorboard = false
-progress = false
-[data]
-batch_size = 4
-seq_len = 32
-eval_batch_size = 4
-eval_max_batches = 2
-[model]
+TOML = (
+    run_toml(STEPS, EVERY, keep=2, eval_every=20, seed=5, eval_max_batches=2)
+    + """[model]
 preset = "tiny"
 [model.overrides]
 vocab_size = 400
@@ -54,6 +43,7 @@ n_dense_layers = 1
 [schedule]
 warmup_steps = 10
 """
+)
 
 
 @pytest.fixture(scope="module")

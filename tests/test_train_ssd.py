@@ -23,23 +23,12 @@ from engramlm.errors import ConfigError, CorruptFileError
 from engramlm.models.locate import list_checkpoints
 from engramlm.store.trainable import TABLES_FILE, open_tables, read_tables_doc
 from engramlm.train import Trainer, load_train_config, read_metrics
+from helpers import run_toml
 
 STEPS, EVERY = 24, 6
-TOML = f"""
-steps = {STEPS}
-seed = 3
-checkpoint_every = {EVERY}
-keep_checkpoints = 2
-eval_every = 12
-threads = 1
-tensorboard = false
-progress = false
-[data]
-batch_size = 4
-seq_len = 32
-eval_batch_size = 4
-eval_max_batches = 1
-[model]
+TOML = (
+    run_toml(STEPS, EVERY, keep=2, eval_every=12)
+    + """[model]
 preset = "tiny"
 [model.overrides]
 vocab_size = 400
@@ -54,6 +43,7 @@ hc_mult = 1
 [schedule]
 warmup_steps = 4
 """
+)
 # 0.25 MiB of cache for two tables of ~24k rows x 256-byte records (~12 MiB): ~1k cached rows for ~1k rows a step
 SSD = ["engram.table_tier=ssd", "engram.cache_mb=0.25"]
 
