@@ -1317,17 +1317,19 @@ def train_step_table(doc: dict[str, Any]) -> list[str]:
     moe = m.get("moe")
     moe_s = (f"; MoE arm: layer 0 dense, then {moe['n_routed']} routed experts of width {moe['expert_hidden']}, "
              f"top {moe['top_k']}, {moe['n_shared']} shared") if moe else ""  # fmt: skip
+    label = f" — *{doc['label']}*" if doc.get("label") else ""
     lines = [
-        f"**Training step vs HF transformers {doc['transformers']}** (v{doc['version']}): configs/sotu_*.toml "
+        f"**Training step vs HF transformers {doc['transformers']}** (v{doc['version']}{label}): configs/sotu_*.toml "
         f"(d={m['hidden']}, {m['layers']} layers, {m['heads']} heads, MLP {m['mlp_hidden']}, vocab {m['vocab']:,}"
         f"{moe_s}); one step = forward + backward + clip + optimizer + zero_grad on the same real batch of "
         f"`{Path(p['data']).name}` "
         f"({doc['runs'][0]['tokens_per_step']:,} tokens) for every contender, {p['repeats']} interleaved repeats "
-        f"after {p['warmup']} warm-up steps. engramlm: `Trainer.train_step` with the paper's recipe (Muon + "
+        f"after {p['warmup']} warm-up step(s). engramlm: `Trainer.train_step` with the paper's recipe (Muon + "
         "AdamW + sparse Adam), *adamw* with `optim.use_muon=false`; HF: `LlamaForCausalLM` / "
         f"`Qwen2MoeForCausalLM` with `torch.optim.AdamW`, attention `{doc['runs'][0].get('hf_attn_implementation')}`"
         f", experts `{doc['runs'][0].get('hf_experts_implementation')}`. × HF = paired per-repeat time ratio "
-        "HF ÷ engramlm (above 1: faster than HF). Matmul rate: 6 P_act FLOPs per token (without embedding and "
+        "HF ÷ engramlm (above 1: faster than HF); *w/o optimizer*: the same for the rest of the step (forward, "
+        "backward, clip, zero_grad). Matmul rate: 6 P_act FLOPs per token (without embedding and "
         "LM head / with the LM head) over the best fp32 1024³ matmul at that thread count.",
     ]
     for r in doc["runs"]:
@@ -1335,14 +1337,16 @@ def train_step_table(doc: dict[str, Any]) -> list[str]:
             "",
             f"{r['threads']} torch thread(s), fp32 matmul {r['gemm_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s:",
             "",
-            "| contender | step s | tokens/s | optimizer share | of matmul rate | **× HF** |",
-            "|---|---|---|---|---|---|",
+            "| contender | step s | tokens/s | optimizer share | of matmul rate | **× HF** | × HF w/o optimizer |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name in _ordered(r["arms"], TRAIN_STEP_ORDER):
             a = r["arms"][name]
             sh = a["optimizer_share"]
             tps = a["tokens_per_s"]
             vs = f"**{_x(a['speedup_vs_hf'])}** vs {a['hf_peer']}" if "speedup_vs_hf" in a else "—"
+            rest = a.get("speedup_vs_hf_without_optimizer")
+            vs += f" | {_x(rest)}" if rest else " | —"
             lines.append(
                 f"| {name} | {_s_iqr(a['step_s'])} | {tps['median']:,.0f} ({tps['q1']:,.0f}–{tps['q3']:,.0f}) | "
                 f"{sh['median']:.0%} | {a['matmul_rate_fraction']:.0%} / {a['matmul_rate_fraction_with_head']:.0%} | "

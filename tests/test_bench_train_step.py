@@ -61,6 +61,7 @@ def test_peers_have_the_arms_shapes_and_every_arm_is_paired(result: dict) -> Non
         assert arms[n]["hf_peer"] == peer
         ratio = arms[n]["speedup_vs_hf"]
         assert ratio["n"] == REPEATS and ratio["median"] > 0
+        assert arms[n]["speedup_vs_hf_without_optimizer"]["median"] > 0
 
 
 def test_result_renders_a_row_per_contender(result: dict) -> None:
