@@ -161,6 +161,32 @@ def save_png(fig: Any, path: Path, dpi: int = 110) -> Path:
 # ---------------------------------------------------------------------------- timing
 
 
+def gemm_rate(threads: int, size: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 FLOP/s of one square matmul at ``threads`` torch threads (the machine's matmul rate).
+
+    The best of ``repeats`` (the rate the machine can reach, not its average under a neighbour's load), so
+    "fraction of the matmul rate" is a lower bound on how well a workload uses the cores. Restores torch's
+    thread count.
+    """
+    import math
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * size**3 / best
+
+
 def interleaved_timings(
     contenders: Mapping[str, Callable[[], object]],
     repeats: int,

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 import engramlm.train.muon as muon_mod
-from benchmarks._common import paired_ratios, stats, write_result
+from benchmarks._common import gemm_rate, paired_ratios, stats, write_result
 from engramlm.models.accounting import count_parameters
 from engramlm.train import Trainer, load_train_config
 from engramlm.train.muon import MUON_NUMERICS_VERSION, NS_COEFFS, NS_DTYPES, Muon, ns_coefficients, orthogonalize
@@ -118,18 +118,6 @@ def ns_flops(opt: Muon, steps: int) -> float:
             k = p.numel() // (m * n)
             total += k * steps * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
     return total
-
-
-def gemm_rate(threads: int, size: int = 1024, repeats: int = 5) -> float:
-    """Measured fp32 FLOP/s of one square matmul at this thread count (the machine's matmul rate)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
 
 
 def variants(muon: Muon, pe_steps: list[int]) -> dict[str, tuple[Callable[[], None], str, str, int]]:

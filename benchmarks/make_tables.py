@@ -5,7 +5,7 @@ rendered from the result files, with the machine and the exact command beneath i
 ``--update-readme FILE`` splices them between ``<!-- bench:<kind>:start -->`` and
 ``<!-- bench:<kind>:end -->`` markers (only where both markers exist). Kinds: hashing, engram_block,
 store, store_io, cache_cpu, row_access, sparse_update, head_to_head, head_to_head_why, generate, reproductions, depth,
-distributed, muon, lm_eval_h2h, serve, decode_vs_hf, ssd_train, block0, h2h_trend, h2h_splits. A
+distributed, muon, lm_eval_h2h, serve, decode_vs_hf, train_step, ssd_train, block0, h2h_trend, h2h_splits. A
 result
 whose kind is a renderer's name plus a suffix (``head_to_head_quick``, ``generate_t1``) stacks under that
 renderer.
@@ -1299,10 +1299,67 @@ def h2h_splits_table(doc: dict[str, Any]) -> list[str]:
     return lines + _footer(doc)
 
 
+# ---------------------------------------------------------------------------- training step vs HF
+
+
+TRAIN_STEP_ORDER = ("engramlm dense", "engramlm dense adamw", "hf llama", "engramlm moe", "engramlm engram_moe",
+                    "hf qwen2_moe")  # fmt: skip
+
+
+def _s_iqr(s: dict[str, Any]) -> str:
+    """Seconds: median (IQR), three significant digits."""
+    return f"{s['median']:.3g} ({s['q1']:.3g}–{s['q3']:.3g})"
+
+
+def train_step_table(doc: dict[str, Any]) -> list[str]:
+    """One training step of the head-to-head arms against HF transformers models of the same shape."""
+    m, p = doc["model"], doc["params"]
+    moe = m.get("moe")
+    moe_s = (f"; MoE arm: layer 0 dense, then {moe['n_routed']} routed experts of width {moe['expert_hidden']}, "
+             f"top {moe['top_k']}, {moe['n_shared']} shared") if moe else ""  # fmt: skip
+    label = f" — *{doc['label']}*" if doc.get("label") else ""
+    lines = [
+        f"**Training step vs HF transformers {doc['transformers']}** (v{doc['version']}{label}): configs/sotu_*.toml "
+        f"(d={m['hidden']}, {m['layers']} layers, {m['heads']} heads, MLP {m['mlp_hidden']}, vocab {m['vocab']:,}"
+        f"{moe_s}); one step = forward + backward + clip + optimizer + zero_grad on the same real batch of "
+        f"`{Path(p['data']).name}` "
+        f"({doc['runs'][0]['tokens_per_step']:,} tokens) for every contender, {p['repeats']} interleaved repeats "
+        f"after {p['warmup']} warm-up step(s). engramlm: `Trainer.train_step` with the paper's recipe (Muon + "
+        "AdamW + sparse Adam), *adamw* with `optim.use_muon=false`; HF: `LlamaForCausalLM` / "
+        f"`Qwen2MoeForCausalLM` with `torch.optim.AdamW`, attention `{doc['runs'][0].get('hf_attn_implementation')}`"
+        f", experts `{doc['runs'][0].get('hf_experts_implementation')}`. × HF = paired per-repeat time ratio "
+        "HF ÷ engramlm (above 1: faster than HF); *w/o optimizer*: the same for the rest of the step (forward, "
+        "backward, clip, zero_grad). Matmul rate: 6 P_act FLOPs per token (without embedding and "
+        "LM head / with the LM head) over the best fp32 1024³ matmul at that thread count.",
+    ]
+    for r in doc["runs"]:
+        lines += [
+            "",
+            f"{r['threads']} torch thread(s), fp32 matmul {r['gemm_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s:",
+            "",
+            "| contender | step s | tokens/s | optimizer share | of matmul rate | **× HF** | × HF w/o optimizer |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in _ordered(r["arms"], TRAIN_STEP_ORDER):
+            a = r["arms"][name]
+            sh = a["optimizer_share"]
+            tps = a["tokens_per_s"]
+            vs = f"**{_x(a['speedup_vs_hf'])}** vs {a['hf_peer']}" if "speedup_vs_hf" in a else "—"
+            rest = a.get("speedup_vs_hf_without_optimizer")
+            vs += f" | {_x(rest)}" if rest else " | —"
+            lines.append(
+                f"| {name} | {_s_iqr(a['step_s'])} | {tps['median']:,.0f} ({tps['q1']:,.0f}–{tps['q3']:,.0f}) | "
+                f"{sh['median']:.0%} | {a['matmul_rate_fraction']:.0%} / {a['matmul_rate_fraction_with_head']:.0%} | "
+                f"{vs} |"
+            )
+    return lines + _footer(doc)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "hashing": hashing_table,
     "engram_block": engram_block_table,
     "decode_vs_hf": decode_vs_hf_table,
+    "train_step": train_step_table,
     "store": store_table,
     "store_io": store_io_table,
     "cache_cpu": cache_cpu_table,
