@@ -143,8 +143,8 @@ def test_the_config_chooses_the_iteration_dtype() -> None:
     from test_model import config
 
     model = tiny_lm(config(use_moe=False))
-    assert OptimizerSet(model, OptimConfig()).muon.ns_dtype == torch.float32
-    assert OptimizerSet(model, OptimConfig(muon_ns_dtype="bf16")).muon.ns_dtype == torch.bfloat16
+    assert OptimizerSet(model, OptimConfig()).muon.ns_dtype == torch.bfloat16  # the default since issue 18
+    assert OptimizerSet(model, OptimConfig(muon_ns_dtype="fp32")).muon.ns_dtype == torch.float32
     with pytest.raises(ConfigError, match=r"optim\.muon_ns_dtype"):
         OptimConfig(muon_ns_dtype="fp16")
 
@@ -242,9 +242,10 @@ def test_the_config_chooses_the_schedule_and_names_bad_fields() -> None:
 
     assert MUON_NS_SCHEDULES == muon_mod.NS_SCHEDULES
     model = tiny_lm(config(use_moe=False))
-    opt = OptimizerSet(model, OptimConfig(muon_ns_schedule="polar_express", muon_ns_steps=4)).muon
-    assert opt.ns_schedule == "polar_express" and opt.param_groups[0]["ns_steps"] == 4
-    assert OptimizerSet(model, OptimConfig()).muon.ns_schedule == "quintic"
+    opt = OptimizerSet(model, OptimConfig(muon_ns_schedule="quintic", muon_ns_steps=5)).muon
+    assert opt.ns_schedule == "quintic" and opt.param_groups[0]["ns_steps"] == 5
+    default = OptimizerSet(model, OptimConfig()).muon  # since issue 18: 4 polar_express steps
+    assert default.ns_schedule == "polar_express" and default.param_groups[0]["ns_steps"] == 4
     with pytest.raises(ConfigError, match=r"optim\.muon_ns_schedule.*polar_express"):
         OptimConfig(muon_ns_schedule="cubic")
     with pytest.raises(ConfigError, match=r"optim\.muon_ns_steps"):

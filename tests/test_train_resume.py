@@ -136,7 +136,8 @@ def test_checkpoint_that_predates_a_config_field_resumes_as_it_ran(setup: tuple[
     root, cfg = setup
     ref, old = root / "legacy_ref", root / "legacy"
     base = ["steps=4", "checkpoint_every=2", "keep_checkpoints=2"]
-    Trainer(load_train_config(cfg, [*base, f"out_dir={ref}"])).fit()
+    before = ["optim.muon_ns_schedule=quintic", "optim.muon_ns_dtype=fp32", "optim.muon_ns_steps=5"]  # old defaults
+    Trainer(load_train_config(cfg, [*base, *before, f"out_dir={ref}"])).fit()
     shutil.copytree(ref, old)
     shutil.rmtree(old / "checkpoints" / "step_00000004")
     state_file = old / "checkpoints" / "step_00000002" / "trainer_state.json"
@@ -145,8 +146,11 @@ def test_checkpoint_that_predates_a_config_field_resumes_as_it_ran(setup: tuple[
         del state["config"]["optim"][key]
     state_file.write_text(json.dumps(state))
 
-    resumed = Trainer(load_train_config(cfg, [*base, f"out_dir={old}"]), resume=True)
-    assert resumed.step == 2 and resumed.config.optim.muon_ns_schedule == "quintic"
+    # today's defaults (4 polar_express steps in bf16) would change the trajectory: refused, naming what it ran with
+    with pytest.raises(ConfigError, match=r"optim\.muon_ns_schedule='quintic' \(now 'polar_express'\)"):
+        Trainer(load_train_config(cfg, [*base, f"out_dir={old}"]), resume=True)
+    resumed = Trainer(load_train_config(cfg, [*base, *before, f"out_dir={old}"]), resume=True)
+    assert resumed.step == 2
     resumed.fit()
     assert _losses(old) == _losses(ref)
     # the CLI's `--resume PATH` without --config builds the config from the stored one the same way

@@ -136,14 +136,16 @@ class OptimConfig:
     eps: float = 1e-8
     use_muon: bool = True  # False: AdamW for every dense parameter
     muon_momentum: float = 0.95
-    muon_ns_steps: int = 5
-    # Newton-Schulz iteration dtype: "bf16" (as in Muon's reference code) cuts the optimizer's share of a MoE
-    # step from ~25% to ~17% on CPU (benchmarks/bench_muon.py); "fp32" keeps every earlier result.
-    muon_ns_dtype: str = "fp32"
-    # Newton-Schulz coefficients: "quintic" (Jordan's, the same every iteration) or "polar_express" (a minimax
-    # quintic per iteration, fitted in train/muon.py). On real gradients 5 polar_express steps land closer to
-    # U V^T than 5 quintic ones; 4 about as close (the share: 14% in bf16), 3 farther (benchmarks/bench_muon.py).
-    muon_ns_schedule: str = "quintic"
+    # Newton-Schulz: 4 "polar_express" steps in bf16 by default (since issue 18; before: 5 "quintic" steps in
+    # fp32, which older checkpoints keep). On Muon's real inputs they land as close to U V^T as 5 quintic steps
+    # (median distance 0.215 vs 0.229), 120-step runs end at the same val loss (2 seeds, within seed noise), and
+    # Muon's share of a MoE step falls from ~25% to ~14% on CPU (benchmarks/bench_muon.py, muon_loss_runs.py).
+    muon_ns_steps: int = 4
+    # iteration dtype: "bf16" (as in Muon's reference code) or "fp32"
+    muon_ns_dtype: str = "bf16"
+    # coefficients: "quintic" (Jordan's, the same every iteration) or "polar_express" (a minimax quintic per
+    # iteration, fitted in train/muon.py; after Amsel et al. 2025); 5 polar_express steps halve the distance
+    muon_ns_schedule: str = "polar_express"
     engram_lr_mult: float = 5.0
     engram_weight_decay: float = 0.0
     engram_eps: float = 1e-8

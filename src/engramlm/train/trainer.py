@@ -61,6 +61,12 @@ RESUME_FREE = (
 )  # fmt: skip
 
 
+def _at(d: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
 def open_dataset(data_dir: Path, split: str) -> TokenDataset:
     if not (data_dir / "manifest.json").is_file():
         raise ConfigError(
@@ -325,9 +331,14 @@ class Trainer:
         # a checkpoint from before the engram section trained its tables in the model
         saved.setdefault("engram", {**dataclasses.asdict(EngramTableConfig()), **self.config.to_dict()["engram"],
                                     "table_tier": "model"})  # fmt: skip
-        diff = [p for p in config_diff(saved, self.config.to_dict()) if p not in free]
+        now = self.config.to_dict()
+        diff = [p for p in config_diff(saved, now) if p not in free]
         if diff:
-            raise ConfigError(f"resume: the config differs from checkpoint {ckpt.path} at {diff}")
+            was = ", ".join(f"{p}={_at(saved, p)!r} (now {_at(now, p)!r})" for p in diff)
+            raise ConfigError(
+                f"resume: the config differs from checkpoint {ckpt.path} at {diff}: it trained with {was}; set "
+                "those values to resume it exactly (a default may have changed since), or pass --allow-change KEY"
+            )
         if ckpt.state.get("tokenizer_sha256") != self.train_set.manifest.tokenizer.get("sha256"):
             raise ConfigError(f"data.dir: {self.data_dir} has a different tokenizer than checkpoint {ckpt.path}")
 
