@@ -15,6 +15,8 @@ of every Engram layer's rows before the forward) with the rows served by
 * ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows read into a registered buffer by
                   the store's batch get-into API (:class:`MooncakeTable` ``read="batch"``: replicas
                   queried once per session, one ``batch_get_into_multi_buffer_ranges`` per gather);
+* ``mooncake_wN`` ``mooncake`` with N prefetch threads (``--mooncake-workers``: the first value is
+                  ``mooncake``'s, default 1, so layer 1's read has the client to itself);
 * ``mooncake_R``  the same pool read another way, ``R`` in ``--mooncake-reads`` (``ranges``: one
                   ``get_into_ranges`` per gather, the path before issue 18's item 2; ``lookup``);
 * ``mooncake_cN`` ``mooncake`` behind a :class:`CachedTable` (LFU) of N% of the table bytes
@@ -157,6 +159,14 @@ def main() -> None:
         help="also time the pool read by these older paths (contenders mooncake_<read>)",
     )
     ap.add_argument(
+        "--mooncake-workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="prefetch threads of the batch-read mooncake contender(s): the first is `mooncake`, any other "
+        "`mooncake_wN` (one thread reads layer 1 before layer 5 starts; the client is itself multi-threaded)",
+    )
+    ap.add_argument(
         "--mooncake-cache-pcts",
         type=float,
         nargs="*",
@@ -234,7 +244,8 @@ def main() -> None:
             reads = sorted({getattr(t, "read", "?") for t in tables.values()})
             mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1, "read": reads}
             opened.append(tables)
-            engines["mooncake"] = Engine(model, tables, workers=args.workers)
+            for i, nw in enumerate(args.mooncake_workers):
+                engines["mooncake" if i == 0 else f"mooncake_w{nw}"] = Engine(model, tables, workers=nw)
             for read in args.mooncake_reads:  # the same objects, read another way
                 other = {
                     lid: MooncakeTable(client, lid, t.head_sizes, t.dim, fp, read=read)  # type: ignore[attr-defined]
@@ -247,7 +258,7 @@ def main() -> None:
                 cached = open_tables(store, Tier.MOONCAKE, cache_bytes=budget, fingerprint=fp, mooncake=client)
                 opened.append(cached)
                 caches[f"mooncake_c{pct:g}"] = cached  # type: ignore[assignment]
-                engines[f"mooncake_c{pct:g}"] = Engine(model, cached, workers=args.workers)
+                engines[f"mooncake_c{pct:g}"] = Engine(model, cached, workers=args.mooncake_workers[0])
         except Exception as exc:  # report, do not hide: the JSON says why it did not run
             mooncake_info = {"ran": False, "error": f"{type(exc).__name__}: {exc}"}
             print(f"mooncake tier skipped: {mooncake_info['error']}")

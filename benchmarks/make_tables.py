@@ -649,13 +649,19 @@ _MOONCAKE_READS = {
 
 def _mooncake_how(name: str, doc: dict[str, Any]) -> str:
     """How a ``mooncake*`` contender reads: ``mooncake`` by the run's default, ``mooncake_<read>``, ``mooncake_cN``."""
+    p = doc.get("params", {})
+    first = (p.get("mooncake_workers") or [None])[0]  # runs before issue 18 item 2: the common --workers
+    own = "" if first is None else f", {first} prefetch thread(s)"
     if name.startswith("mooncake_c") and name[10:].replace(".", "").isdigit():
-        return f"{_MOONCAKE_READS['batch']}, + LFU cache {name[10:]}% of table bytes"
+        return f"{_MOONCAKE_READS['batch']}, + LFU cache {name[10:]}% of table bytes{own}"
+    if name.startswith("mooncake_w") and name[10:].isdigit():
+        return f"{_MOONCAKE_READS['batch']}, {name[10:]} prefetch thread(s)"
     if name.startswith("mooncake_"):
         return _MOONCAKE_READS.get(name[9:], name[9:])
     read = doc.get("mooncake", {}).get("read", "lookup")  # runs before issue 18 used EngramStore.lookup
     read = read[0] if isinstance(read, list) and len(read) == 1 else read
-    return _MOONCAKE_READS.get(read, "one ranged read per gather") if isinstance(read, str) else str(read)
+    how = _MOONCAKE_READS.get(read, "one ranged read per gather") if isinstance(read, str) else str(read)
+    return how + own
 
 
 def _mooncake_headline(res: dict[str, Any]) -> str:
