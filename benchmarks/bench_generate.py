@@ -17,6 +17,8 @@ of every Engram layer's rows before the forward) with the rows served by
                   queried once per session, one ``batch_get_into_multi_buffer_ranges`` per gather);
 * ``mooncake_wN`` ``mooncake`` with N prefetch threads (``--mooncake-workers``: the first value is
                   ``mooncake``'s, default 1, so layer 1's read has the client to itself);
+* ``mooncake_niceN`` ``mooncake`` with the client's transport threads at niceness N during its calls
+                  (``--mooncake-nice``), so they stop preempting the decode thread;
 * ``mooncake_R``  the same pool read another way, ``R`` in ``--mooncake-reads`` (``ranges``: one
                   ``get_into_ranges`` per gather, the path before issue 18's item 2; ``lookup``);
 * ``mooncake_cN`` ``mooncake`` behind a :class:`CachedTable` (LFU) of N% of the table bytes
@@ -60,7 +62,7 @@ from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
-from engramlm.store.mooncake import MooncakeTable, connect, local_master
+from engramlm.store.mooncake import MooncakeTable, connect, local_master, set_transport_nice
 from engramlm.store.tiers import Tier
 
 
@@ -167,6 +169,14 @@ def main() -> None:
         "`mooncake_wN` (one thread reads layer 1 before layer 5 starts; the client is itself multi-threaded)",
     )
     ap.add_argument(
+        "--mooncake-nice",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time `mooncake` with the client's transport threads at these niceness values during its "
+        "calls (contenders mooncake_niceN; resetting to 0 afterwards needs root)",
+    )
+    ap.add_argument(
         "--mooncake-cache-pcts",
         type=float,
         nargs="*",
@@ -234,6 +244,7 @@ def main() -> None:
     direct_io = all(getattr(getattr(t, "inner", t), "direct_io", False) for tables in opened for t in tables.values())
     mooncake_ctx = contextlib.ExitStack()
     mooncake_info: dict[str, Any] = {"ran": False}
+    renice: dict[str, tuple[Any, int]] = {}
     if not args.no_mooncake:
         try:
             master = mooncake_ctx.enter_context(local_master(tmp / "mooncake_master.log"))
@@ -246,6 +257,9 @@ def main() -> None:
             opened.append(tables)
             for i, nw in enumerate(args.mooncake_workers):
                 engines["mooncake" if i == 0 else f"mooncake_w{nw}"] = Engine(model, tables, workers=nw)
+            for nv in args.mooncake_nice:  # the same engine; its calls run with the transport threads reniced
+                engines[f"mooncake_nice{nv}"] = Engine(model, tables, workers=args.mooncake_workers[0])
+                renice[f"mooncake_nice{nv}"] = (client, nv)
             for read in args.mooncake_reads:  # the same objects, read another way
                 other = {
                     lid: MooncakeTable(client, lid, t.head_sizes, t.dim, fp, read=read)  # type: ignore[attr-defined]
@@ -281,7 +295,13 @@ def main() -> None:
             for n in names[shift:] + names[:shift]:
                 prompts, force = work[c]
                 w0, (_, q0) = time.perf_counter(), sched_seconds()
-                gen = engines[n].generate(prompts, params, force=force)
+                if n in renice:
+                    set_transport_nice(*renice[n])
+                try:
+                    gen = engines[n].generate(prompts, params, force=force)
+                finally:
+                    if n in renice:
+                        set_transport_nice(renice[n][0], 0)
                 wall, (_, q1) = time.perf_counter() - w0, sched_seconds()
                 outputs[n].append(gen.tokens)
                 if c == 0:

@@ -654,6 +654,8 @@ def _mooncake_how(name: str, doc: dict[str, Any]) -> str:
     own = "" if first is None else f", {first} prefetch thread(s)"
     if name.startswith("mooncake_c") and name[10:].replace(".", "").isdigit():
         return f"{_MOONCAKE_READS['batch']}, + LFU cache {name[10:]}% of table bytes{own}"
+    if name.startswith("mooncake_nice") and name[13:].lstrip("-").isdigit():
+        return f"{_MOONCAKE_READS['batch']}{own}, transport threads at nice {name[13:]}"
     if name.startswith("mooncake_w") and name[10:].isdigit():
         return f"{_MOONCAKE_READS['batch']}, {name[10:]} prefetch thread(s)"
     if name.startswith("mooncake_"):

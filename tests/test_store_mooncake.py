@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,27 @@ def test_wait_slack_is_set_for_the_block_and_restored() -> None:
     with mc.wait_slack(300):
         assert prctl(mc._PR_GET_TIMERSLACK, 0, 0, 0, 0) == 300_000
     assert prctl(mc._PR_GET_TIMERSLACK, 0, 0, 0, 0) == before
+
+
+def test_transport_threads_can_be_reniced(tmp_path: Path) -> None:
+    """connect remembers the threads the client starts; set_transport_nice lowers their priority (Linux)."""
+    from engramlm.store import mooncake as mc
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("thread ids come from /proc (Linux)")
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    lower = min(own + 1, 19)  # raising niceness needs no privilege
+    with local_master(tmp_path / "master.log", timeout=15.0) as master:
+        client = connect(master, 16 << 20, 4 << 20, transport_nice=lower)
+        try:
+            _, tids = mc._TRANSPORT_THREADS[id(client)]
+            assert tids and threading_ids_disjoint(tids)
+            assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {lower}
+            assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller is untouched
+        finally:
+            client.close()
+
+
+def threading_ids_disjoint(tids: list[int]) -> bool:
+    """None of the reniced threads is a Python thread (the caller, the test runner's threads)."""
+    return not set(tids) & {t.native_id for t in threading.enumerate()}
