@@ -335,7 +335,9 @@ def store_io_table(doc: dict[str, Any]) -> list[str]:
         "direct": "`aio` engine: one Numba nogil call",
         "direct_threads": "`threads` engine, before issue 18",
         "cached_direct": "LFU cache in front of `aio`",
-        "mooncake": "batch get-into of a session into a registered buffer",
+        "mooncake": "batch get-into of a session into a registered buffer"
+        if "mooncake_ranges" in g
+        else "one `get_into_ranges` into a registered buffer",  # runs before issue 18 item 2
         "mooncake_ranges": "one `get_into_ranges` (master queried per head), before issue 18 item 2",
         "mooncake_lookup": "`EngramStore.lookup`, before issue 18",
     }

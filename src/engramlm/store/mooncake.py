@@ -196,7 +196,10 @@ def set_transport_nice(client: Any, nice: int) -> int:
     workers, RPC and metadata threads); returns how many. Linux only (elsewhere 0).
 
     Why: on a small machine those threads wake per row and preempt the decode thread; a positive
-    ``nice`` lets the decode thread keep its core. Lowering it again needs ``CAP_SYS_NICE``.
+    ``nice`` lets the decode thread keep its core. Measured in ``bench_generate --mooncake-nice`` on 2
+    cores it does not pay: the decode thread waited less for a CPU but layer 1's rows came late (rows
+    wait 1.1% -> 5.0% of decode at nice 10), so ``connect`` leaves it at 0. Lowering it again needs
+    ``CAP_SYS_NICE``.
     """
     _, tids = _TRANSPORT_THREADS.get(id(client), (None, []))
     done = 0
