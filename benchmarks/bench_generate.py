@@ -12,8 +12,17 @@ of every Engram layer's rows before the forward) with the rows served by
 * ``ssd_threads`` ``ssd_c0`` read by the direct tier's ``threads`` I/O engine (Python threads, one
                   ``preadv`` per run, a zlib CRC per page in Python: the engine before issue 18), timed
                   in the same run as the default ``aio`` engine (one Numba ``nogil`` call per gather);
-* ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows read in batches into a registered
-                  buffer (:class:`MooncakeTable`);
+* ``mooncake``    a real ``mooncake_master`` on 127.0.0.1 (TCP), rows read into a registered buffer by
+                  the store's batch get-into API (:class:`MooncakeTable` ``read="batch"``: replicas
+                  queried once per session, one ``batch_get_into_multi_buffer_ranges`` per gather);
+* ``mooncake_wN`` ``mooncake`` with N prefetch threads (``--mooncake-workers``: the first value is
+                  ``mooncake``'s, default 1, so layer 1's read has the client to itself);
+* ``mooncake_niceN`` ``mooncake`` with the client's transport threads at niceness N during its calls
+                  (``--mooncake-nice``), so they stop preempting the decode thread;
+* ``mooncake_R``  the same pool read another way, ``R`` in ``--mooncake-reads`` (``ranges``: one
+                  ``get_into_ranges`` per gather, the path before issue 18's item 2; ``lookup``);
+* ``mooncake_cN`` ``mooncake`` behind a :class:`CachedTable` (LFU) of N% of the table bytes
+                  (``--mooncake-cache-pcts``, none by default), warmed like the SSD caches;
 
 and reports each contender's decode tokens/s and its time ratio to ``model`` per repeat, all
 timed interleaved in one run. The workload is real text: a BPE trained on the Python standard
@@ -53,7 +62,7 @@ from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
-from engramlm.store.mooncake import connect, local_master
+from engramlm.store.mooncake import MooncakeTable, connect, local_master, set_transport_nice
 from engramlm.store.tiers import Tier
 
 
@@ -144,6 +153,36 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=int, default=8)
     ap.add_argument("--warm-tokens", type=int, default=100_000, help="other text streamed through the caches first")
     ap.add_argument("--no-mooncake", action="store_true")
+    ap.add_argument(
+        "--mooncake-reads",
+        nargs="*",
+        default=[],
+        choices=["ranges", "lookup"],
+        help="also time the pool read by these older paths (contenders mooncake_<read>)",
+    )
+    ap.add_argument(
+        "--mooncake-workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="prefetch threads of the batch-read mooncake contender(s): the first is `mooncake`, any other "
+        "`mooncake_wN` (one thread reads layer 1 before layer 5 starts; the client is itself multi-threaded)",
+    )
+    ap.add_argument(
+        "--mooncake-nice",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time `mooncake` with the client's transport threads at these niceness values during its "
+        "calls (contenders mooncake_niceN; resetting to 0 afterwards needs root)",
+    )
+    ap.add_argument(
+        "--mooncake-cache-pcts",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also time the batch reads behind an LFU cache of these %% of the table bytes",
+    )
     ap.add_argument("--no-threads-engine", action="store_true", help="skip the ssd_threads contender")
     ap.add_argument("--workdir", default=None, help="where the store file goes (must not be tmpfs for O_DIRECT)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny tables, 1 repeat")
@@ -203,9 +242,9 @@ def main() -> None:
     engine_of = {name: sorted({getattr(getattr(t, "inner", t), "io_engine", "?") for t in tables.values()})
                  for name, tables in zip([n for n in engines if n.startswith("ssd")], opened, strict=True)}  # fmt: skip
     direct_io = all(getattr(getattr(t, "inner", t), "direct_io", False) for tables in opened for t in tables.values())
-    warm_tokens = warm_caches(model, caches, torch.cat(streams[need:])[: args.warm_tokens], args.batch * args.prompt)
     mooncake_ctx = contextlib.ExitStack()
     mooncake_info: dict[str, Any] = {"ran": False}
+    renice: dict[str, tuple[Any, int]] = {}
     if not args.no_mooncake:
         try:
             master = mooncake_ctx.enter_context(local_master(tmp / "mooncake_master.log"))
@@ -213,12 +252,31 @@ def main() -> None:
             mooncake_ctx.callback(client.close)
             t1 = time.perf_counter()
             tables = open_tables(store, Tier.MOONCAKE, fingerprint=fp, mooncake=client)
-            mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1, "read": "ranges"}
+            reads = sorted({getattr(t, "read", "?") for t in tables.values()})
+            mooncake_info = {"ran": True, "upload_seconds": time.perf_counter() - t1, "read": reads}
             opened.append(tables)
-            engines["mooncake"] = Engine(model, tables, workers=args.workers)
+            for i, nw in enumerate(args.mooncake_workers):
+                engines["mooncake" if i == 0 else f"mooncake_w{nw}"] = Engine(model, tables, workers=nw)
+            for nv in args.mooncake_nice:  # the same engine; its calls run with the transport threads reniced
+                engines[f"mooncake_nice{nv}"] = Engine(model, tables, workers=args.mooncake_workers[0])
+                renice[f"mooncake_nice{nv}"] = (client, nv)
+            for read in args.mooncake_reads:  # the same objects, read another way
+                other = {
+                    lid: MooncakeTable(client, lid, t.head_sizes, t.dim, fp, read=read)  # type: ignore[attr-defined]
+                    for lid, t in tables.items()
+                }
+                opened.append(other)
+                engines[f"mooncake_{read}"] = Engine(model, other, workers=args.workers)
+            for pct in args.mooncake_cache_pcts:
+                budget = int(table_bytes * pct / 100)
+                cached = open_tables(store, Tier.MOONCAKE, cache_bytes=budget, fingerprint=fp, mooncake=client)
+                opened.append(cached)
+                caches[f"mooncake_c{pct:g}"] = cached  # type: ignore[assignment]
+                engines[f"mooncake_c{pct:g}"] = Engine(model, cached, workers=args.mooncake_workers[0])
         except Exception as exc:  # report, do not hide: the JSON says why it did not run
             mooncake_info = {"ran": False, "error": f"{type(exc).__name__}: {exc}"}
             print(f"mooncake tier skipped: {mooncake_info['error']}")
+    warm_tokens = warm_caches(model, caches, torch.cat(streams[need:])[: args.warm_tokens], args.batch * args.prompt)
 
     # Interleaved: within a repeat every contender decodes the same (new) texts; order rotates.
     names = list(engines)
@@ -237,7 +295,13 @@ def main() -> None:
             for n in names[shift:] + names[:shift]:
                 prompts, force = work[c]
                 w0, (_, q0) = time.perf_counter(), sched_seconds()
-                gen = engines[n].generate(prompts, params, force=force)
+                if n in renice:
+                    set_transport_nice(*renice[n])
+                try:
+                    gen = engines[n].generate(prompts, params, force=force)
+                finally:
+                    if n in renice:
+                        set_transport_nice(renice[n][0], 0)
                 wall, (_, q1) = time.perf_counter() - w0, sched_seconds()
                 outputs[n].append(gen.tokens)
                 if c == 0:

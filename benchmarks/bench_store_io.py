@@ -20,11 +20,13 @@ Ids are Zipf(1.2)-skewed like text, hot ids scattered over the table. Contenders
 (``MemoryTable``: a gather's Python alone), ``direct`` (the ``aio`` engine: one Numba ``nogil`` call per
 gather), ``direct_threads`` (the previous engine), ``cached_direct`` (an LFU ``CachedTable`` of
 ``--cache-fraction`` of the rows, warmed, in front of ``direct``: the cache's own Python), ``mooncake``
-(one ``get_into_ranges`` per gather into a registered buffer) and ``mooncake_lookup``
-(``EngramStore.lookup``, the previous path, counted as GIL-held throughout: a pybind call that does not
-say it releases it).
+(the store's batch get-into API: replicas queried once per session, one
+``batch_get_into_multi_buffer_ranges`` per gather into a registered buffer), ``mooncake_ranges`` (one
+``get_into_ranges`` per gather, which queries the master per head: the path before issue 18 item 2) and
+``mooncake_lookup`` (``EngramStore.lookup``, the first path, counted as GIL-held throughout: a pybind call
+that does not say it releases it).
 
-Mooncake against the wire: rows/s of both Mooncake paths at decode size and at ``--big-rows``, against two
+Mooncake against the wire: rows/s of the Mooncake paths at decode size and at ``--big-rows``, against two
 loopback TCP limits measured in the same run on 127.0.0.1: bulk throughput (one connection streaming 1 MiB
 writes) and request-response round trips/s (a request, then one row back; what a read per row costs).
 
@@ -156,11 +158,14 @@ class NogilClock:
 
 
 class _ClockedClient:
-    """A Mooncake client whose ``get_into_ranges`` is timed by a :class:`NogilClock`; all else passes through."""
+    """A Mooncake client whose reads (``get_into_ranges``, the session's batch get-into) are timed by a
+    :class:`NogilClock` (both release the GIL); all else passes through."""
 
     def __init__(self, client: Any, clock: NogilClock) -> None:
         self._client = client
         self.get_into_ranges = clock.wrap(client.get_into_ranges)
+        self.batch_get_into_multi_buffer_ranges = clock.wrap(client.batch_get_into_multi_buffer_ranges)
+        self.batch_get_session_start = clock.wrap(client.batch_get_session_start)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
             path = scratch / "table.engst"
             write_store(path, weights, "fp32", FP, progress=True)
             aio_clock = NogilClock()  # blocks run one at a time, so the aio tiers can share one clock
-            clocks = {"direct": aio_clock, "cached_direct": aio_clock, "mooncake": NogilClock()}
+            clocks = {"direct": aio_clock, "cached_direct": aio_clock, "mooncake": NogilClock(),
+                      "mooncake_ranges": NogilClock()}  # fmt: skip
             _aio.fetch = aio_clock.wrap(_aio.fetch)  # type: ignore[method-assign]  # the kernel call
             tables: dict[str, RowTable] = {
                 "memory": MemoryTable(weights, FP),
@@ -287,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                     heads = [args.head_rows] * args.heads
                     tables["mooncake"] = MooncakeTable.populate(client, 1, weights, heads, FP)
                     tables["mooncake"]._store = _ClockedClient(client, clocks["mooncake"])  # type: ignore[attr-defined]
+                    tables["mooncake_ranges"] = MooncakeTable(client, 1, heads, args.dim, FP, read="ranges")
+                    tables["mooncake_ranges"]._store = _ClockedClient(client, clocks["mooncake_ranges"])  # type: ignore[attr-defined]
                     tables["mooncake_lookup"] = MooncakeTable(client, 1, heads, args.dim, FP, read="lookup")
                     mooncake_info = {"ran": True}
                 except Exception as exc:  # report, do not hide: the JSON says why it did not run
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
                 "reply_bytes": row_bytes,
             }
             if mooncake_info["ran"]:
-                for name in ("mooncake", "mooncake_lookup"):
+                for name in ("mooncake", "mooncake_ranges", "mooncake_lookup"):
                     for size, key in (("decode_size", args.rows), ("big", args.big_rows)):
                         med = results[f"gather_seconds_{size}"][name]["median"]
                         mooncake_info[f"{name}_rows_per_s_{size}"] = key / med

@@ -335,7 +335,10 @@ def store_io_table(doc: dict[str, Any]) -> list[str]:
         "direct": "`aio` engine: one Numba nogil call",
         "direct_threads": "`threads` engine, before issue 18",
         "cached_direct": "LFU cache in front of `aio`",
-        "mooncake": "one `get_into_ranges` into a registered buffer",
+        "mooncake": "batch get-into of a session into a registered buffer"
+        if "mooncake_ranges" in g
+        else "one `get_into_ranges` into a registered buffer",  # runs before issue 18 item 2
+        "mooncake_ranges": "one `get_into_ranges` (master queried per head), before issue 18 item 2",
         "mooncake_lookup": "`EngramStore.lookup`, before issue 18",
     }
     lines = [
@@ -368,11 +371,18 @@ def store_io_table(doc: dict[str, Any]) -> list[str]:
         f"{lt['round_trips_per_s']:,.0f} request-response round trips/s."
     )
     if mc.get("ran"):
+        was = ""
+        if "mooncake_ranges_rows_per_s_big" in mc:
+            was = (
+                f" `get_into_ranges`: {mc['mooncake_ranges_rows_per_s_decode_size']:,.0f} and "
+                f"{mc['mooncake_ranges_rows_per_s_big']:,.0f};"
+            )
+        read = "batch get-into" if "mooncake_ranges" in g else "ranged read"
         tcp += (
-            f" Mooncake rows/s, ranged read: {mc['mooncake_rows_per_s_decode_size']:,.0f} ({p['rows']} ids), "
+            f" Mooncake rows/s, {read}: {mc['mooncake_rows_per_s_decode_size']:,.0f} ({p['rows']} ids), "
             f"{mc['mooncake_rows_per_s_big']:,.0f} ({p['big_rows']} ids) = "
             f"{mc['ranges_vs_bulk_limit_big']:.2%} of the bulk limit, "
-            f"{mc['ranges_vs_round_trip_limit_big']:.2f}× one round trip per row; `lookup`: "
+            f"{mc['ranges_vs_round_trip_limit_big']:.2f}× one round trip per row;{was} `lookup`: "
             f"{mc['mooncake_lookup_rows_per_s_decode_size']:,.0f} and {mc['mooncake_lookup_rows_per_s_big']:,.0f}."
         )
     else:
@@ -609,6 +619,12 @@ def _gen_order(name: str) -> tuple[int, float]:
         return (2, float(name[5:]))
     if name == "ssd_threads":
         return (2, 1e9)
+    if name.startswith("mooncake_c") and name[10:].replace(".", "").isdigit():
+        return (3, float(name[10:]))
+    if name.startswith("mooncake_"):
+        return (3, 1e9)
+    if name == "mooncake":
+        return (3, -1.0)
     return ({"model": 0, "memory": 1}.get(name, 3), 0.0)
 
 
@@ -622,6 +638,46 @@ def _generate_headline(res: dict[str, Any]) -> str:
     corrected = "" if lc is None else f" ({_x(lc)} load-corrected)"
     return (
         f" **SSD tier, {ssd[0][5:]}% cache: decode time {_x(r['time_ratio_vs_model'])}{corrected} of in-model, "
+        f"forward blocked on rows {r['wait_pct_of_decode']:.2f}% of decode.**"
+    )
+
+
+_MOONCAKE_READS = {
+    "lookup": "`EngramStore.lookup` per call",
+    "ranges": "one `get_into_ranges` per gather (master queried per head)",
+    "batch": "the batch get-into of a session, one call per gather",
+}
+
+
+def _mooncake_how(name: str, doc: dict[str, Any]) -> str:
+    """How a ``mooncake*`` contender reads: ``mooncake`` by the run's default, ``mooncake_<read>``, ``mooncake_cN``."""
+    p = doc.get("params", {})
+    first = (p.get("mooncake_workers") or [None])[0]  # runs before issue 18 item 2: the common --workers
+    own = "" if first is None else f", {first} prefetch thread(s)"
+    if name.startswith("mooncake_c") and name[10:].replace(".", "").isdigit():
+        return f"{_MOONCAKE_READS['batch']}, + LFU cache {name[10:]}% of table bytes{own}"
+    if name.startswith("mooncake_nice") and name[13:].lstrip("-").isdigit():
+        return f"{_MOONCAKE_READS['batch']}{own}, transport threads at nice {name[13:]}"
+    if name.startswith("mooncake_w") and name[10:].isdigit():
+        return f"{_MOONCAKE_READS['batch']}, {name[10:]} prefetch thread(s)"
+    if name.startswith("mooncake_"):
+        return _MOONCAKE_READS.get(name[9:], name[9:])
+    read = doc.get("mooncake", {}).get("read", "lookup")  # runs before issue 18 used EngramStore.lookup
+    read = read[0] if isinstance(read, list) and len(read) == 1 else read
+    how = _MOONCAKE_READS.get(read, "one ranged read per gather") if isinstance(read, str) else str(read)
+    return how + own
+
+
+def _mooncake_headline(res: dict[str, Any]) -> str:
+    """The Mooncake tier without a cache against the in-model baseline, when it ran with the batch reads."""
+    r = res.get("mooncake")
+    if r is None or "mooncake_ranges" not in res:
+        return ""
+    lc = r.get("load_corrected_time_ratio_vs_model")
+    corrected = "" if lc is None else f" ({_x(lc)} load-corrected)"
+    return (
+        f" **Mooncake tier, no cache: decode time {_x(r['time_ratio_vs_model'])}{corrected} of in-model "
+        f"(`get_into_ranges` in the same run: {_x(res['mooncake_ranges']['time_ratio_vs_model'])}), "
         f"forward blocked on rows {r['wait_pct_of_decode']:.2f}% of decode.**"
     )
 
@@ -640,7 +696,7 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         "ratio; 'load-corrected' is the same ratio for whole generate calls minus the time the decode thread "
         "was runnable but waiting for a CPU (Linux schedstat: the neighbours' share on a shared machine; "
         "blocking on the GIL or on rows stays in); 'rows wait' is the time the forward sat blocked on rows ÷ "
-        "decode time (prefetch not hidden)." + _generate_headline(res),
+        "decode time (prefetch not hidden)." + _generate_headline(res) + _mooncake_headline(res),
         "",
         "| contender | rows served from | tokens/s | time ÷ in-model | load-corrected time ÷ in-model | "
         "rows wait % of decode | cache hit rate | same tokens |",
@@ -654,10 +710,8 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
             where = "`MemoryTable` via the prefetcher"
         elif name.startswith("ssd_c"):
             where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
-        elif name == "mooncake":
-            read = doc.get("mooncake", {}).get("read", "lookup")  # runs before issue 18 used EngramStore.lookup
-            how = "`EngramStore.lookup` per call" if read == "lookup" else "one ranged read per gather"
-            where = f"Mooncake master on 127.0.0.1 (TCP), {how}"
+        elif name.startswith("mooncake"):
+            where = f"Mooncake master on 127.0.0.1 (TCP), {_mooncake_how(name, doc)}"
         elif name == "ssd_threads":
             where = "SSD (O_DIRECT), no cache, the `threads` I/O engine (before issue 18)"
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,15 +91,19 @@ def test_missing_master_names_the_store_extra(monkeypatch: pytest.MonkeyPatch, t
         pass
 
 
-def test_ranged_reads_equal_lookup_and_memory(mooncake_client: Any) -> None:
-    """The batched ranged read into a registered buffer returns exactly what EngramStore.lookup returns."""
+@pytest.mark.parametrize("read", ["batch", "ranges"])
+def test_ranged_reads_equal_lookup_and_memory(mooncake_client: Any, read: str) -> None:
+    """Both ranged reads into a registered buffer (the session's batch get-into, one ``get_into_ranges``)
+    return exactly what EngramStore.lookup returns; a removed table is a named failure."""
     import threading
 
     heads = [1009, 13, 2003]
     w = torch.randn(sum(heads), 48, generator=torch.Generator().manual_seed(4))
     ranges = MooncakeTable.populate(mooncake_client, 7, w, heads, FP)
+    assert ranges.read == "batch"  # the default
+    ranges = MooncakeTable(mooncake_client, 7, heads, 48, FP, read=read)
     lookup = MooncakeTable(mooncake_client, 7, heads, 48, FP, read="lookup")
-    assert ranges.read == "ranges"
+    assert ranges.read == read
     g = torch.Generator().manual_seed(5)
     for ids in (torch.randint(0, sum(heads), (700,), generator=g), torch.arange(sum(heads)), torch.tensor([1009])):
         got = ranges.gather(ids)  # arange: 3025 rows x 48 > the first buffer's 65536 floats: grown
@@ -129,3 +134,76 @@ def test_bad_read_mode_refused(mooncake_client: Any) -> None:
 
     with pytest.raises(ConfigError, match="mooncake read must be one of"):
         MooncakeTable(mooncake_client, 1, [3], 8, FP, read="get")
+
+
+def test_batch_read_renews_a_lost_session(mooncake_client: Any) -> None:
+    """The batch read survives its session being dropped behind its back (as an expired lease drops it):
+    the read reports the key as unknown, the table starts a new session and reads again, exactly."""
+    from engramlm.store import mooncake as mc
+
+    heads = [211, 307]
+    w = torch.randn(sum(heads), 16, generator=torch.Generator().manual_seed(8))
+    table = MooncakeTable.populate(mooncake_client, 11, w, heads, FP)
+    ids = torch.tensor([0, 5, 210, 211, 400, 517])
+    assert torch.equal(table.gather(ids), w[ids])
+    started = table._session_at
+    assert started is not None
+    mooncake_client.batch_get_session_end(table._keys)  # the client forgets the replicas; the table does not
+    assert torch.equal(table.gather(ids), w[ids])
+    assert table._session_at is not None and table._session_at > started  # renewed by the retry, not by age
+    table._session_at -= 2 * mc.SESSION_RENEW_S  # an old session is renewed before the read
+    renewed_before = table._session_at
+    assert torch.equal(table.gather(ids[:2]), w[ids[:2]])
+    assert table._session_at > renewed_before
+    table.close()
+    assert table._session_at is None
+    assert table.remove() == len(heads)
+
+
+def test_batch_read_of_missing_keys_is_a_named_error(mooncake_client: Any) -> None:
+    """Objects removed by another handle: the renewed session finds no replica and names layer, head and key."""
+    heads = [97, 89]
+    w = torch.randn(sum(heads), 8, generator=torch.Generator().manual_seed(9))
+    table = MooncakeTable.populate(mooncake_client, 12, w, heads, FP)
+    other = MooncakeTable(mooncake_client, 12, heads, 8, FP)
+    assert torch.equal(table.gather(torch.tensor([1, 100])), w[[1, 100]])
+    assert other.remove() == len(heads)
+    table._session_at = None  # renew now, as it would at the next SESSION_RENEW_S
+    with pytest.raises(EngramError, match=r"layer 12 head 0 \(.*\) failed: the session start returned error"):
+        table.gather(torch.tensor([3]))
+
+
+def test_wait_slack_is_set_for_the_block_and_restored() -> None:
+    from engramlm.store import mooncake as mc
+
+    prctl = mc._prctl()
+    if not prctl:
+        pytest.skip("prctl timer slack is Linux-only")
+    before = prctl(mc._PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    with mc.wait_slack(300):
+        assert prctl(mc._PR_GET_TIMERSLACK, 0, 0, 0, 0) == 300_000
+    assert prctl(mc._PR_GET_TIMERSLACK, 0, 0, 0, 0) == before
+
+
+def test_transport_threads_can_be_reniced(tmp_path: Path) -> None:
+    """connect remembers the threads the client starts; set_transport_nice lowers their priority (Linux)."""
+    from engramlm.store import mooncake as mc
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("thread ids come from /proc (Linux)")
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    lower = min(own + 1, 19)  # raising niceness needs no privilege
+    with local_master(tmp_path / "master.log", timeout=15.0) as master:
+        client = connect(master, 16 << 20, 4 << 20, transport_nice=lower)
+        try:
+            _, tids = mc._TRANSPORT_THREADS[id(client)]
+            assert tids and threading_ids_disjoint(tids)
+            assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {lower}
+            assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller is untouched
+        finally:
+            client.close()
+
+
+def threading_ids_disjoint(tids: list[int]) -> bool:
+    """None of the reniced threads is a Python thread (the caller, the test runner's threads)."""
+    return not set(tids) & {t.native_id for t in threading.enumerate()}
