@@ -43,6 +43,7 @@ from benchmarks.bench_generate import build_model, build_workload
 from benchmarks.bench_store_io import NogilClock
 from engramlm.infer.tables import export_model_tables, model_tables, open_tables
 from engramlm.store import _aio
+from engramlm.store import base as base_store
 from engramlm.store import cache as cache_mod
 from engramlm.store.base import RowTable
 from engramlm.store.direct import DirectFileTable
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         base_mod = None if args.baseline_rev == "none" else load_baseline(args.baseline_rev, tmp)
         clock = NogilClock()  # blocks run one at a time: one clock for every kernel
         wrap_nogil(_aio, ("fetch", "gather"), clock)  # the read kernel; gather: with dedupe and expansion
-        wrap_nogil(cache_mod, ("_probe", "_admit"), clock)  # called from Python; the rest run inside them
+        # called from Python; the rest run inside them (the names a revision lacks are skipped)
+        wrap_nogil(cache_mod, ("_probe", "_admit", "_probe_flat", "_expand"), clock)
+        wrap_nogil(base_store, ("unique_inverse",), clock)  # the gather's dedupe kernel
         if base_mod is not None:
             wrap_nogil(base_mod, ("_coldest_small",), clock)
 

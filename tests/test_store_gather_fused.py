@@ -18,6 +18,7 @@ from engramlm.hashing.batch import NgramHasher
 from engramlm.hashing.compression import CompressionMap
 from engramlm.hashing.spec import HashSpec, make_layout
 from engramlm.store import _aio
+from engramlm.store import cache as cache_mod
 from engramlm.store._dedup import unique_inverse
 from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
@@ -136,3 +137,45 @@ def test_cached_direct_on_real_text_ids(direct_dir: Path, dsv3_tokenizer_path: P
         assert torch.equal(direct.gather(row_ids), mem.gather(row_ids))
         assert direct.stats.rows_unique == mem.stats.rows_unique and direct.stats.rows_total == mem.stats.rows_total
         assert cached.stats.hits > 0 and cached.stats.misses > 0  # real text repeats n-grams
+
+
+@needs_aio
+@pytest.mark.parametrize("policy", ["lfu", "lru", "static"])
+def test_cached_fused_path_keeps_the_generic_paths_policy(
+    direct_dir: Path,  # noqa: F811
+    policy: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two equal caches over the same file, fed the same requests: one through the fused kernels (float32 out),
+    one through dedupe -> ``_fetch_unique`` -> expand (float64 out): same rows, hits, slots and scores."""
+    path = _store(direct_dir, "fp32")
+    ref = _reference("fp32")
+    budget = 300 * 64 * 4  # 300 of 3001 rows: eviction on every policy but static
+    fused = CachedTable(DirectFileTable(path, FP, io_engine="aio"), budget, policy)
+    generic = CachedTable(DirectFileTable(path, FP, io_engine="aio"), budget, policy)
+    expanded: list[int] = []
+    real_expand = cache_mod._expand
+    monkeypatch.setattr(
+        cache_mod, "_expand", lambda rows, inv, out: (expanded.append(inv.size), real_expand(rows, inv, out))
+    )
+    g = torch.Generator().manual_seed(5)
+    hot = torch.randint(0, ROWS, (40,), generator=g)
+    try:
+        for k in range(60):
+            ids = torch.cat([hot[torch.randint(0, 40, (30,), generator=g)], torch.randint(0, ROWS, (34,), generator=g)])
+            ids = ids.reshape(8, 8) if k % 2 else ids.flip(0)
+            a = fused.gather(ids, out=torch.empty(*ids.shape, 64))
+            b = generic.gather(ids, out=torch.empty(*ids.shape, 64, dtype=torch.float64))
+            want = ref.gather(ids)
+            assert torch.equal(a, want) and torch.equal(b, want.double())
+        assert expanded == [64] * 60  # the fused cache took the kernels' path every time, the other never
+        assert np.array_equal(fused._slot_of, generic._slot_of) and np.array_equal(fused._score, generic._score)
+        assert np.array_equal(fused._slot_id, generic._slot_id)
+        for key in ("hits", "misses", "rows_unique", "rows_total"):
+            assert getattr(fused.stats, key) == getattr(generic.stats, key), key
+        assert fused.stats.hits > 0 and fused.cached_rows == generic.cached_rows > 0
+        with pytest.raises(IndexError, match="row ids out of range: min -3"):
+            fused.gather(torch.tensor([5, -3]))
+    finally:
+        fused.close()
+        generic.close()
