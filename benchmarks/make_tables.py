@@ -1270,7 +1270,8 @@ def cache_cpu_table(doc: dict[str, Any]) -> list[str]:
         "the GIL-held estimate"
         + ("; all threads' CPU (the caller plus glibc's AIO helpers, which run no Python)" if has_proc else "")
         + f"; median (IQR) over {p['repeats']} interleaved blocks of {p['steps']} steps. `memory`: the rows in RAM "
-        "(a gather's Python alone)." + before,
+        "(a gather's Python alone); `*_before`: the same tables gathered by `RowTable.gather` as it was before the "
+        "fused path (`torch.unique`, the tier's `_fetch_unique`, `index_select`)." + before,
         "",
         "| contender | hit rate | GIL held ms / gather | caller CPU ms | of it nogil ms | "
         + ("all threads CPU ms | " if has_proc else "")
@@ -1281,7 +1282,7 @@ def cache_cpu_table(doc: dict[str, Any]) -> list[str]:
         g = r["gil_held_ms"]
         proc = f"{r['process_cpu_ms']['median']:.3f} | " if has_proc else ""
         lines.append(
-            f"| `{name}` | {'—' if name == 'memory' else format(r['hit_rate'], '.1%')} | "
+            f"| `{name}` | {'—' if name.startswith('memory') else format(r['hit_rate'], '.1%')} | "
             f"{g['median']:.3f} ({g['q1']:.3f}–{g['q3']:.3f}) | "
             f"{r['cpu_ms']['median']:.3f} | {r['nogil_cpu_ms']['median']:.3f} | {proc}"
             f"{r['gil_held_ms_ratio_to_c0']['median']:.2f} | {r['cpu_ms_ratio_to_c0']['median']:.2f} |"
