@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     out = write_result(args.out, payload, args.results_dir)
     print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; per gather, median over {args.repeats} blocks:")
     head = ("hit", "cpu ms", "gil ms", "nogil ms", "proc ms", "cpu/c0", "gil/c0")
-    print(f"{'':10s} " + " ".join(f"{h:>8s}" for h in head))
+    print(f"{'':14s} " + " ".join(f"{h:>8s}" for h in head))
     for name, r in results.items():
         cells = [r[k]["median"] for k in ("cpu_ms", "gil_held_ms", "nogil_cpu_ms", "process_cpu_ms")]
         ratios = [r[k]["median"] for k in ("cpu_ms_ratio_to_c0", "gil_held_ms_ratio_to_c0")]
