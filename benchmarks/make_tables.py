@@ -1278,7 +1278,13 @@ def cache_cpu_table(doc: dict[str, Any]) -> list[str]:
         + "GIL held / c0 | CPU / c0 |",
         "|---|---|---|---|---|---|---|" + ("---|" if has_proc else ""),
     ]
-    for name, r in res.items():
+
+    def order(name: str) -> tuple[float, str]:  # memory first, then by cache size, each before its before
+        head = name.split("_")[0]
+        return (-1.0 if head == "memory" else float(head[1:]) if head[1:].replace(".", "").isdigit() else 1e9, name)
+
+    for name in sorted(res, key=order):
+        r = res[name]
         g = r["gil_held_ms"]
         proc = f"{r['process_cpu_ms']['median']:.3f} | " if has_proc else ""
         lines.append(
