@@ -14,9 +14,11 @@ decode step for a batch of ``--batch`` held-out texts (the rows the prefetcher a
 on new texts. Caches are first warmed on other text as ``bench_generate.warm_caches`` does.
 
 Contenders, each its own ``DirectFileTable`` on the same files, timed in interleaved blocks of
-``--steps`` decode steps: ``c0`` (no cache), ``cN`` (this tree's ``CachedTable`` of N% of the table
-bytes) and ``cN_base`` (the ``CachedTable`` of git revision ``--baseline-rev``, loaded from that
-revision's source, on the same warm-up: the before).
+``--steps`` decode steps: ``memory`` (the rows in RAM: a gather's Python alone), ``c0`` (no cache),
+``cN`` (this tree's ``CachedTable`` of N% of the table bytes), each also as ``*_before`` (the same tables gathered
+by the gather before issue 18's fused path: ``gather_before``) and, with ``--baseline-rev``, ``cN_base``
+(the ``CachedTable`` of that git revision, loaded from its source, on the same warm-up: the before).
+``process_cpu_ms`` adds every thread's CPU (glibc's AIO helpers, which run no Python, do the reads).
 
 Run from the repository root: ``nice python -m benchmarks.bench_cache_cpu`` (a few minutes on 2 cores).
 """
@@ -42,6 +44,7 @@ from benchmarks.bench_generate import build_model, build_workload
 from benchmarks.bench_store_io import NogilClock
 from engramlm.infer.tables import export_model_tables, model_tables, open_tables
 from engramlm.store import _aio
+from engramlm.store import base as base_store
 from engramlm.store import cache as cache_mod
 from engramlm.store.base import RowTable
 from engramlm.store.direct import DirectFileTable
@@ -69,6 +72,35 @@ def load_baseline(rev: str, into: Path) -> Any:
     return mod
 
 
+def gather_before(table: RowTable, row_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``RowTable.gather`` as it was before the fused path (revision e6cc23b, verbatim but for ``table``): torch's
+    ``unique``, two item reads, the tier's own ``_fetch_unique`` (unchanged since), ``index_select``. The same
+    run's before, on tables of the same kind and state."""
+    start = time.perf_counter()
+    ids = torch.as_tensor(row_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"row ids must be an integer tensor, got {ids.dtype}")
+    flat = ids.reshape(-1).to("cpu", torch.int64)
+    unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    lo, hi = int(unique[0]), int(unique[-1])
+    if lo < 0 or hi >= table.num_rows:
+        raise IndexError(f"row ids out of range: min {lo}, max {hi}")
+    rows = table._fetch_unique(unique)
+    out2d = out.view(-1, table.dim)
+    if rows.dtype == out.dtype and out.is_contiguous():
+        torch.index_select(rows, 0, inverse, out=out2d)
+    else:
+        out2d.copy_(rows.index_select(0, inverse))
+    table.stats.add(
+        requests=1,
+        rows_total=flat.numel(),
+        rows_unique=unique.numel(),
+        bytes_used=unique.numel() * table.row_bytes,
+        time_s=time.perf_counter() - start,
+    )
+    return out
+
+
 def wrap_nogil(mod: Any, names: tuple[str, ...], clock: NogilClock) -> None:
     """Time the module's GIL-releasing kernels that exist (called through module globals, so this reaches them)."""
     for name in names:
@@ -82,9 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", type=int, default=32, help="tokens before the first timed step")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed block")
     ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--cache-pcts", type=float, nargs="+", default=[10, 50])
-    ap.add_argument("--baseline-rev", default="6654135", help="git revision whose CachedTable is the before")
+    ap.add_argument("--cache-pcts", type=float, nargs="+", default=[5, 10, 50])
+    ap.add_argument(
+        "--baseline-rev", default="none", help="git revision whose CachedTable is the before ('none': no _base rows)"
+    )
     ap.add_argument("--warm-tokens", type=int, default=100_000)
+    ap.add_argument(
+        "--no-before", action="store_true", help="skip the *_before contenders (the gather before the fused path)"
+    )
     # The model shape only decides the hashing and the table sizes: bench_generate's defaults.
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
@@ -130,10 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         fp = model.layout.fingerprint
         paths = {lid: t.header.path for lid, t in open_tables(store, Tier.DIRECT, fingerprint=fp).items()}
         mem = model_tables(model)
-        base_mod = load_baseline(args.baseline_rev, tmp)
+        base_mod = None if args.baseline_rev == "none" else load_baseline(args.baseline_rev, tmp)
         clock = NogilClock()  # blocks run one at a time: one clock for every kernel
-        _aio.fetch = clock.wrap(_aio.fetch)  # type: ignore[method-assign]
-        wrap_nogil(cache_mod, ("_probe", "_admit"), clock)  # called from Python; the rest run inside them
+        wrap_nogil(_aio, ("fetch", "gather"), clock)  # the read kernel; gather: with dedupe and expansion
+        # called from Python; the rest run inside them (the names a revision lacks are skipped)
+        wrap_nogil(cache_mod, ("_probe", "_admit", "_probe_flat", "_expand"), clock)
+        wrap_nogil(base_store, ("unique_inverse",), clock)  # the gather's dedupe kernel
         if base_mod is not None:
             wrap_nogil(base_mod, ("_coldest_small",), clock)
 
@@ -142,13 +181,19 @@ def main(argv: list[str] | None = None) -> None:
             opened.append(t)
             return t
 
-        contenders: dict[str, dict[int, RowTable]] = {"c0": {lid: direct(lid) for lid in paths}}
+        # memory: the same gather path with the rows in RAM (the cost of a gather's Python alone)
+        contenders: dict[str, dict[int, RowTable]] = {"c0": {lid: direct(lid) for lid in paths}, "memory": mem}
+        if not args.no_before:
+            contenders["c0_before"] = {lid: direct(lid) for lid in paths}
+            contenders["memory_before"] = model_tables(model)
         for pct in args.cache_pcts:
             for suffix, mod in (("", cache_mod), ("_base", base_mod)):
                 if mod is None:
                     continue
                 budget = {lid: int(mem[lid].num_rows * args.head_dim * 4 * pct / 100) for lid in paths}
                 contenders[f"c{pct:g}{suffix}"] = {lid: mod.CachedTable(direct(lid), budget[lid]) for lid in paths}
+            if not args.no_before:
+                contenders[f"c{pct:g}_before"] = {lid: cache_mod.CachedTable(direct(lid), budget[lid]) for lid in paths}
         if not all(t.direct_io for t in opened if isinstance(t, DirectFileTable)):
             raise SystemExit(f"{tmp}: O_DIRECT refused; pass --workdir on a filesystem that supports it")
         chunk = args.batch * args.prompt
@@ -171,12 +216,20 @@ def main(argv: list[str] | None = None) -> None:
                 tables = contenders[name]
                 n = 0
                 nogil0, cpu0, w0 = clock.seconds, time.thread_time(), time.perf_counter()
+                proc0 = time.process_time()
+                before = name.endswith("_before")
                 for step in steps[r]:
                     for lid, ids in step.items():
-                        tables[lid].gather(ids)
+                        out = torch.empty(*ids.shape, args.head_dim)  # the prefetcher's staging buffer
+                        if before:
+                            gather_before(tables[lid], ids, out)
+                        else:
+                            tables[lid].gather(ids, out=out)
                         n += 1
                 wall, cpu, nogil = time.perf_counter() - w0, time.thread_time() - cpu0, clock.seconds - nogil0
+                proc = time.process_time() - proc0  # every thread: the caller plus glibc's AIO helpers (no Python)
                 for key, v in (
+                    ("process_cpu_ms", proc),
                     ("wall_ms", wall),
                     ("cpu_ms", cpu),
                     ("nogil_cpu_ms", nogil),
@@ -208,13 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = write_result(args.out, payload, args.results_dir)
     print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; per gather, median over {args.repeats} blocks:")
-    print(f"{'':10s} {'hit':>6s} {'cpu ms':>8s} {'gil ms':>8s} {'nogil ms':>9s} {'cpu/c0':>7s} {'gil/c0':>7s}")
+    head = ("hit", "cpu ms", "gil ms", "nogil ms", "proc ms", "cpu/c0", "gil/c0")
+    print(f"{'':14s} " + " ".join(f"{h:>8s}" for h in head))
     for name, r in results.items():
-        print(
-            f"{name:10s} {r['hit_rate']:6.1%} {r['cpu_ms']['median']:8.3f} {r['gil_held_ms']['median']:8.3f} "
-            f"{r['nogil_cpu_ms']['median']:9.3f} {r['cpu_ms_ratio_to_c0']['median']:7.2f} "
-            f"{r['gil_held_ms_ratio_to_c0']['median']:7.2f}"
-        )
+        cells = [r[k]["median"] for k in ("cpu_ms", "gil_held_ms", "nogil_cpu_ms", "process_cpu_ms")]
+        ratios = [r[k]["median"] for k in ("cpu_ms_ratio_to_c0", "gil_held_ms_ratio_to_c0")]
+        print(f"{name:14s} {r['hit_rate']:8.1%} " + " ".join(f"{v:8.3f}" for v in cells + ratios))
     print(f"wrote {out}")
 
 

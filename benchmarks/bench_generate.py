@@ -286,6 +286,7 @@ def main() -> None:
     outputs: dict[str, list] = {n: [] for n in names}
     call_secs: dict[str, list[float]] = {n: [] for n in names}  # whole generate call (prefill + decode), wall
     runnable: dict[str, list[float]] = {n: [] for n in names}  # of it: the decode thread waiting for a CPU
+    rep_wait: dict[str, list[float]] = {n: [] for n in names}  # per repeat: the forward blocked on rows
     from tqdm import tqdm
 
     load_before = os.getloadavg()
@@ -312,6 +313,7 @@ def main() -> None:
                 toks[n].append(gen.stats.tokens_per_second)
                 for k, v in gen.stats.wait_seconds.items():
                     waits[n][str(k)] = waits[n].get(str(k), 0.0) + v
+                rep_wait[n].append(sum(gen.stats.wait_seconds.values()))
             if c == 0:
                 for e in engines.values():
                     if e.prefetcher is not None:
@@ -330,6 +332,9 @@ def main() -> None:
             "same_tokens_as_model": same[n],
         }
         r["overhead_pct_median"] = 100 * (r["time_ratio_vs_model"]["median"] - 1)
+        # Decode time lost per step that is NOT blocking on rows (GIL handoffs, the worker's CPU), paired per repeat.
+        lost = [(a - b - w) / args.steps for a, b, w in zip(secs[n], secs["model"], rep_wait[n], strict=True)]
+        r["lost_ms_per_step_not_waiting"] = stats([1e3 * v for v in lost])
         corrected = [w - q for w, q in zip(call_secs[n], runnable[n], strict=True)]
         base = [w - q for w, q in zip(call_secs["model"], runnable["model"], strict=True)]
         r["call_seconds"] = stats(call_secs[n])
@@ -394,7 +399,7 @@ def main() -> None:
             f"{n:<{width}}  {r['tokens_per_second']['median']:8.1f} tok/s  overhead {r['overhead_pct_median']:+6.1f}%"
             f"  (IQR {100 * (ratio['q1'] - 1):+.1f}..{100 * (ratio['q3'] - 1):+.1f}%)"
             f"  wait {r['wait_pct_of_decode']:.2f}%  load-corrected {r['load_corrected_overhead_pct_median']:+6.1f}%"
-            f"  same={r['same_tokens_as_model']}{hit}"
+            f"  lost/step {r['lost_ms_per_step_not_waiting']['median']:+.3f} ms  same={r['same_tokens_as_model']}{hit}"
         )
 
 

@@ -1306,25 +1306,45 @@ def h2h_trend_table(doc: dict[str, Any]) -> list[str]:
 
 
 def cache_cpu_table(doc: dict[str, Any]) -> list[str]:
-    """Per-gather CPU and GIL time of the SSD tier's hot-row cache, against no cache and the cache before."""
+    """Per-gather CPU and GIL time of the SSD tier's hot-row cache, against no cache, RAM, and the cache before."""
     p, w, res = doc["params"], doc["workload"], doc["results"]
     rows = ", ".join(f"layer {lid}: {n}" for lid, n in w["rows_per_gather"].items())
+    base = p.get("baseline_rev", "none")
+    before = (
+        f" `_base` is the `CachedTable` of revision `{base}`, loaded from git, same run."
+        if base != "none" and any(n.endswith("_base") for n in res)
+        else ""
+    )
+    has_proc = all("process_cpu_ms" in r for r in res.values())
     lines = [
         f"**Hot-row cache cost on the decode thread**: `bench_generate`'s workload (real text, batch {p['batch']}, "
         f"{w['gathers_per_step']} Engram layers gathered per decode step; ids per gather {rows}), O_DIRECT store "
         f"files, caches warmed on {p['warm_tokens']:,} other tokens. Per gather: the calling thread's CPU, of it "
-        "the CPU inside GIL-releasing calls (the aio read kernel, the cache's kernels), and the rest, the GIL-held "
-        f"estimate; median (IQR) over {p['repeats']} interleaved blocks of {p['steps']} steps. `_base` is the "
-        f"`CachedTable` of revision `{p['baseline_rev']}` (sorted keys, NumPy sketch), loaded from git, same run.",
+        "the CPU inside GIL-releasing calls (the aio read kernel, the cache's and the dedupe kernels), and the rest, "
+        "the GIL-held estimate"
+        + ("; all threads' CPU (the caller plus glibc's AIO helpers, which run no Python)" if has_proc else "")
+        + f"; median (IQR) over {p['repeats']} interleaved blocks of {p['steps']} steps. `memory`: the rows in RAM "
+        "(a gather's Python alone); `*_before`: the same tables gathered by `RowTable.gather` as it was before the "
+        "fused path (`torch.unique`, the tier's `_fetch_unique`, `index_select`)." + before,
         "",
-        "| contender | hit rate | GIL held ms / gather | caller CPU ms | of it nogil ms | GIL held / c0 | CPU / c0 |",
-        "|---|---|---|---|---|---|---|",
+        "| contender | hit rate | GIL held ms / gather | caller CPU ms | of it nogil ms | "
+        + ("all threads CPU ms | " if has_proc else "")
+        + "GIL held / c0 | CPU / c0 |",
+        "|---|---|---|---|---|---|---|" + ("---|" if has_proc else ""),
     ]
-    for name, r in res.items():
+
+    def order(name: str) -> tuple[float, str]:  # memory first, then by cache size, each before its before
+        head = name.split("_")[0]
+        return (-1.0 if head == "memory" else float(head[1:]) if head[1:].replace(".", "").isdigit() else 1e9, name)
+
+    for name in sorted(res, key=order):
+        r = res[name]
         g = r["gil_held_ms"]
+        proc = f"{r['process_cpu_ms']['median']:.3f} | " if has_proc else ""
         lines.append(
-            f"| `{name}` | {r['hit_rate']:.1%} | {g['median']:.3f} ({g['q1']:.3f}–{g['q3']:.3f}) | "
-            f"{r['cpu_ms']['median']:.3f} | {r['nogil_cpu_ms']['median']:.3f} | "
+            f"| `{name}` | {'—' if name.startswith('memory') else format(r['hit_rate'], '.1%')} | "
+            f"{g['median']:.3f} ({g['q1']:.3f}–{g['q3']:.3f}) | "
+            f"{r['cpu_ms']['median']:.3f} | {r['nogil_cpu_ms']['median']:.3f} | {proc}"
             f"{r['gil_held_ms_ratio_to_c0']['median']:.2f} | {r['cpu_ms_ratio_to_c0']['median']:.2f} |"
         )
     return lines + _footer(doc)

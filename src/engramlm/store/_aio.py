@@ -112,6 +112,8 @@ def _kernels() -> tuple:
     """Compile on first use (a few seconds), cached on disk by Numba afterwards."""
     import numba as nb
 
+    from engramlm.store._dedup import unique_inverse_kernel
+
     lio_listio, aio_error, aio_return, aio_suspend = _lio_listio, _aio_error, _aio_return, _aio_suspend
     pread, errno_loc, crc32 = _pread, _errno_loc, _crc32
 
@@ -243,7 +245,37 @@ def _kernels() -> tuple:
         copy_rows(buf, row_offset, out)
         return 0, pages.size, 0, -1
 
-    return plan, read, crcs_of, copy_rows, fetch
+    @nb.njit(nogil=True)
+    def gather(flat, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out):
+        """Dedupe + fetch + expand: rows of any int64 ids ``flat`` (duplicates, any order) into ``out`` [n, row_bytes].
+
+        Returns (status, pages, bad pages, first bad page, unique ids, min id, max id); status is 0, an
+        errno, -1 (``buf`` too small: pages says how many it needs) or -2 (an id out of [0, num_rows)).
+        """
+        unique, inverse = unique_inverse_kernel(flat)
+        nu = unique.size
+        lo, hi = unique[0], unique[nu - 1]
+        if lo < 0 or hi >= num_rows:
+            return -2, 0, 0, -1, nu, lo, hi
+        pages, run_slot, run_count, row_offset = plan(unique, row_bytes, data_offset, max_run_pages)
+        if pages.size * PAGE > buf.size:
+            return -1, pages.size, 0, -1, nu, lo, hi
+        addr = buf.ctypes.data
+        err = read(fds, addr, pages, run_slot, run_count)
+        if err:
+            return err, pages.size, 0, -1, nu, lo, hi
+        if verify:
+            bad, first = check(addr, pages, crcs, data_offset // PAGE)
+            if bad:
+                return 0, pages.size, bad, pages[first], nu, lo, hi
+        rb = out.shape[1]
+        for i in range(flat.size):  # expand straight into the caller's staging buffer: no second copy
+            o = row_offset[inverse[i]]
+            for j in range(rb):
+                out[i, j] = buf[o + j]
+        return 0, pages.size, 0, -1, nu, lo, hi
+
+    return plan, read, crcs_of, copy_rows, fetch, gather
 
 
 def plan(ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int) -> tuple[np.ndarray, ...]:
@@ -278,6 +310,22 @@ def fetch(
 ) -> tuple[int, int, int, int]:
     """One gather off the GIL: see the module docstring; returns (errno or 0, pages, bad pages, first bad page)."""
     return _kernels()[4](ids, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out)
+
+
+def gather(
+    flat: np.ndarray,
+    num_rows: int,
+    row_bytes: int,
+    data_offset: int,
+    max_run_pages: int,
+    fds: np.ndarray,
+    buf: np.ndarray,
+    crcs: np.ndarray,
+    verify: bool,
+    out: np.ndarray,
+) -> tuple[int, int, int, int, int, int, int]:
+    """A whole gather off the GIL, dedupe and expansion included: see the kernel's docstring."""
+    return _kernels()[5](flat, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out)
 
 
 def aligned_buffer(local: Any, nbytes: int) -> np.ndarray:

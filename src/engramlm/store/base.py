@@ -14,8 +14,10 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
+from engramlm.store._dedup import unique_inverse
 from engramlm.store.formats import RowFormat, get_format
 
 
@@ -150,41 +152,61 @@ class RowTable(ABC):
             return torch.empty(0, self.dim, dtype=torch.float32)
         return self._fetch_unique(ids)
 
+    def _gather_into(self, flat: np.ndarray, out2d: torch.Tensor) -> int | None:
+        """Optional fused path: fill ``out2d`` [n, dim] with the rows of int64 ids ``flat`` and return the
+        number of unique ids, or None to take the generic dedupe -> ``_fetch_unique`` -> expand path.
+
+        A tier that can do the whole gather in one GIL-free call (the direct tier's aio kernel) overrides
+        this, so the prefetch worker re-takes the GIL once per gather instead of at every step (issue 18).
+        It must raise :meth:`_out_of_range`'s error for ids outside the table."""
+        return None
+
+    def _out_of_range(self, lo: int, hi: int) -> IndexError:
+        return IndexError(
+            f"row ids out of range: min {lo}, max {hi}, table has {self.num_rows} rows "
+            f"(valid ids are 0..{self.num_rows - 1})"
+        )
+
     def gather(self, row_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows for ``row_ids`` (any shape) as ``[*row_ids.shape, dim]``, float32 or into ``out``.
 
         Ids are deduplicated and fetched once each in table order, then expanded back.
         """
         start = time.perf_counter()
-        ids = torch.as_tensor(row_ids)
+        ids = row_ids if isinstance(row_ids, torch.Tensor) else torch.as_tensor(row_ids)
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise TypeError(f"row ids must be an integer tensor, got {ids.dtype}")
         shape = (*ids.shape, self.dim)
-        flat = ids.reshape(-1).to("cpu", torch.int64)
+        flat = ids.reshape(-1)
+        if flat.dtype != torch.int64 or flat.device.type != "cpu":
+            flat = flat.to("cpu", torch.int64)
         if out is None:
             out = torch.empty(shape, dtype=torch.float32)
         elif tuple(out.shape) not in (shape, (flat.numel(), self.dim)):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
         if flat.numel() == 0:
             return out
-        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        lo, hi = int(unique[0]), int(unique[-1])
-        if lo < 0 or hi >= self.num_rows:
-            raise IndexError(
-                f"row ids out of range: min {lo}, max {hi}, table has {self.num_rows} rows "
-                f"(valid ids are 0..{self.num_rows - 1})"
-            )
-        rows = self._fetch_unique(unique)
+        flat_np = np.ascontiguousarray(flat.numpy())
         out2d = out.view(-1, self.dim)
-        if rows.dtype == out.dtype and out.is_contiguous():
-            torch.index_select(rows, 0, inverse, out=out2d)
-        else:
-            out2d.copy_(rows.index_select(0, inverse))
+        contiguous = out.is_contiguous()
+        n_unique = self._gather_into(flat_np, out2d) if contiguous and out.device.type == "cpu" else None
+        if n_unique is None:
+            unique_np, inverse_np = unique_inverse(flat_np)
+            lo, hi = int(unique_np[0]), int(unique_np[-1])
+            if lo < 0 or hi >= self.num_rows:
+                raise self._out_of_range(lo, hi)
+            rows = self._fetch_unique(torch.from_numpy(unique_np))
+            inverse = torch.from_numpy(inverse_np)
+            if rows.dtype == out.dtype and contiguous:
+                torch.index_select(rows, 0, inverse, out=out2d)
+            else:
+                out2d.copy_(rows.index_select(0, inverse))
+            n_unique = unique_np.size
         self.stats.add(
             requests=1,
-            rows_total=flat.numel(),
-            rows_unique=unique.numel(),
-            bytes_used=unique.numel() * self.row_bytes,
+            rows_total=flat_np.size,
+            rows_unique=n_unique,
+            bytes_used=n_unique * self.row_bytes,
             time_s=time.perf_counter() - start,
         )
         return out

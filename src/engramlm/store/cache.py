@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from engramlm.errors import ConfigError
+from engramlm.store._dedup import unique_inverse_kernel
 from engramlm.store.base import RowTable
 
 POLICIES = ("lfu", "lru", "static")
@@ -210,6 +211,41 @@ def _admit(
     return used
 
 
+@nb.njit(nogil=True, cache=True)
+def _probe_flat(
+    flat: np.ndarray,
+    num_rows: int,
+    slot_of: np.ndarray,
+    score: np.ndarray,
+    slots: np.ndarray,
+    policy: int,
+    tick: int,
+    table: np.ndarray,
+    bits: int,
+    sample: int,
+    added: int,
+) -> tuple:  # pragma: no cover - compiled
+    """Dedupe any ids ``flat``, range-check, then :func:`_probe` the unique ids into a fresh [u, dim] buffer.
+
+    Returns (ok, unique, inverse, rows of the unique ids (hits filled), miss positions, miss ids, sketch
+    count); ``ok`` is False when an id lies outside [0, num_rows) (then only ``unique`` is meaningful).
+    """
+    unique, inverse = unique_inverse_kernel(flat)
+    rows = np.empty((unique.size, slots.shape[1]), slots.dtype)
+    if unique[0] < 0 or unique[unique.size - 1] >= num_rows:
+        none = np.empty(0, np.int64)
+        return False, unique, inverse, rows, none, none, added
+    pos, miss_ids, added = _probe(unique, slot_of, score, slots, rows, policy, tick, table, bits, sample, added)
+    return True, unique, inverse, rows, pos, miss_ids, added
+
+
+@nb.njit(nogil=True, cache=True)
+def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out[i] = rows[inverse[i]]``: the unique rows back to request order."""
+    for i in range(inverse.size):
+        out[i, :] = rows[inverse[i], :]
+
+
 _BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -296,6 +332,40 @@ class CachedTable(RowTable):
                 )  # fmt: skip
         self.stats.add(hits=int(idx.size - pos.size), misses=int(pos.size))
         return out
+
+    def _gather_into(self, flat: np.ndarray, out2d: torch.Tensor) -> int | None:
+        """The whole cached gather in three ``nogil`` kernel calls when ``out2d`` has the cache's dtype:
+        dedupe + probe (hits copied), the inner tier's read of the misses (one call on the aio direct tier),
+        admit + expand into ``out2d``. Same policy steps as ``_fetch_unique``; no torch op between them."""
+        if out2d.dtype != self.dtype:
+            return None
+        if self.capacity == 0:
+            n = self.inner._gather_into(flat, out2d)
+            if n is not None:
+                self.stats.add(misses=n)
+            return n
+        out_bits = _bits(out2d)
+        with self._lock:
+            self._tick += 1
+            ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
+                flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
+                self._sk_table, self._sk_bits, self._sk_sample, self._sk_added,
+            )  # fmt: skip
+        if not ok:
+            raise self._out_of_range(int(unique[0]), int(unique[-1]))
+        if pos.size:
+            miss = torch.empty(pos.size, self.dim, dtype=self.dtype)
+            if self.inner._gather_into(miss_ids, miss) is None:
+                got = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids))
+                miss.copy_(got)  # a decoding tier: its float rows into the cache's dtype
+            with self._lock:  # misses copied into rows and admitted in one nogil call
+                self._used = _admit(
+                    miss_ids, _bits(miss), rows, pos, self._slot_of, self._slot_id, self._score,
+                    self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
+                )  # fmt: skip
+        _expand(rows, inverse, out_bits)
+        self.stats.add(hits=int(unique.size - pos.size), misses=int(pos.size))
+        return int(unique.size)
 
     def preload(self, row_ids: torch.Tensor) -> None:
         """Warm the cache with known-hot rows (e.g. from a profile); the static policy's setup."""

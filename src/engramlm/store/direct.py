@@ -219,6 +219,34 @@ class DirectFileTable(RowTable):
             view.release()
         return raw, plan.nbytes
 
+    def _gather_into(self, flat: np.ndarray, out2d: torch.Tensor) -> int | None:
+        """The aio engine on a plain format (fp32/bf16) whose dtype is ``out2d``'s: the whole gather, dedupe,
+        read, verification and expansion into ``out2d``, is one ``nogil`` kernel call (see ``_aio.gather``)."""
+        h = self.header
+        if self.io_engine != "aio" or getattr(self._format, "dtype", None) != out2d.dtype:
+            return None
+        out = out2d.view(torch.uint8).numpy()
+        if out.shape[1] != h.row_bytes:
+            return None
+        crcs = self._crcs if self._crcs is not None else self._no_crcs
+        buf = self._aligned(_aio.max_pages(min(flat.size, 64), h.row_bytes) * PAGE)
+        while True:
+            err, n_pages, bad, first, n_unique, lo, hi = _aio.gather(
+                flat, h.num_rows, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs,
+                self._crcs is not None, out,
+            )  # fmt: skip
+            if err != -1:
+                break
+            buf = self._aligned(n_pages * PAGE)  # the plan needs more pages than the buffer holds
+        if err == -2:
+            raise self._out_of_range(int(lo), int(hi))
+        if err:
+            raise OSError(err, os.strerror(err), h.path)
+        if bad:
+            raise page_mismatch(h, first - h.data_offset // PAGE, bad)
+        self.stats.add(bytes_read=n_pages * PAGE)
+        return int(n_unique)
+
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         idx = ids.numpy()
         if self.io_engine == "aio":
