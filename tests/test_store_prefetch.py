@@ -96,6 +96,20 @@ def test_each_layer_waits_only_for_its_own() -> None:
         assert torch.equal(handle[1], MemoryTable(_weights(1), FP).gather(ids[1]))
 
 
+def test_ids_are_snapshotted_when_queued() -> None:
+    """A caller may refill its int64 CPU id tensor as soon as ``start`` returns (no copy would alias it)."""
+    gated = _GatedTable(_weights(1))
+    plain = MemoryTable(_weights(2), FP)
+    ids = {1: torch.randint(0, ROWS, (1, 8, HEADS)), 2: torch.randint(0, ROWS, (1, 8, HEADS))}
+    want = plain.gather(ids[2].clone())
+    with Prefetcher({1: gated, 2: plain}, workers=1) as pf:
+        handle = pf.start(ids)  # the one worker blocks in layer 1, layer 2 waits in the queue
+        assert gated.entered.wait(10)
+        ids[2].fill_(0)  # the caller reuses its buffer for the next step
+        gated.gate.set()
+        assert torch.equal(handle[2], want)
+
+
 def test_bounded_queue_applies_backpressure() -> None:
     gated = _GatedTable(_weights(3))
     ids = {0: torch.randint(0, ROWS, (1, 4, HEADS))}

@@ -194,7 +194,7 @@ class Prefetcher:
             ids = torch.as_tensor(row_ids[layer])
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise TypeError(f"layer {layer}: row ids must be an integer tensor, got {ids.dtype}")
-            ids = ids.detach().to("cpu", torch.int64)  # snapshot: the caller may reuse its tensor
+            ids = ids.detach().to("cpu", torch.int64, copy=True)  # a snapshot: the caller may reuse its tensor
             event = torch.cuda.Event() if self._cuda else None
             fut: Future = Future()
             self._queue.put((fut, self._job(self.tables[layer], ids, event)))
