@@ -110,6 +110,22 @@ def test_ids_are_snapshotted_when_queued() -> None:
         assert torch.equal(handle[2], want)
 
 
+def test_default_worker_count_is_the_tiers_choice() -> None:
+    """``workers=None``: the most cautious tier's ``prefetch_workers`` (Mooncake's client brings its own threads),
+    seen through a cache in front of it; an explicit count wins."""
+
+    class _OneThreadTier(MemoryTable):
+        prefetch_workers = 1
+
+    plain, single = MemoryTable(_weights(1), FP), _OneThreadTier(_weights(2), FP)
+    assert MemoryTable.prefetch_workers == 2 and CachedTable(single, 1 << 16).prefetch_workers == 1
+    for tables, want in (({1: plain}, 2), ({1: plain, 2: CachedTable(single, 1 << 16)}, 1), ({1: single}, 1)):
+        with Prefetcher(tables) as pf:
+            assert pf.workers == want
+    with Prefetcher({1: single}, workers=3) as pf:
+        assert pf.workers == 3
+
+
 def test_bounded_queue_applies_backpressure() -> None:
     gated = _GatedTable(_weights(3))
     ids = {0: torch.randint(0, ROWS, (1, 4, HEADS))}

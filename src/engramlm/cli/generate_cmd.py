@@ -49,7 +49,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
     p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
     p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this client lends to the pool")
-    p.add_argument("--workers", type=int, default=2, help="prefetch worker threads")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="prefetch worker threads (default: the tier's choice, 1 for mooncake, else 2)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

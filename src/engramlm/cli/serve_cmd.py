@@ -38,7 +38,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefill-tokens", type=int, default=1024, help="prompt tokens admitted per scheduler step")
     p.add_argument("--max-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests in flight")
-    p.add_argument("--workers", type=int, default=2, help="prefetch worker threads")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="prefetch worker threads (default: the tier's choice, 1 for mooncake, else 2)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=run)

@@ -102,7 +102,7 @@ class Engine:
         model: EngramLM,
         tables: Mapping[int, RowTable] | None = None,
         *,
-        workers: int = 2,
+        workers: int | None = None,
         pad_id: int = 0,
         vocab_size: int | None = None,
         compile: bool = False,

@@ -73,7 +73,7 @@ def load_served(
     verify_store: bool = True,
     mooncake: Any = None,
     device: str = "cpu",
-    workers: int = 2,
+    workers: int | None = None,
 ) -> Served:
     """Load ``checkpoint`` (saved model, training checkpoint or run dir) with the tokenizer it was trained
     with; with ``store`` the Engram rows come from that store directory on ``tier``."""

@@ -107,6 +107,10 @@ class RowTable(ABC):
     A tier passes its :class:`TableHeader` to ``__init__``; the properties below read it.
     """
 
+    # Prefetch threads that suit this tier when the caller does not choose (``Prefetcher(workers=None)``):
+    # two let one layer's read overlap another's; a tier whose client is itself multi-threaded may want one.
+    prefetch_workers: int = 2
+
     def __init__(self, header: TableHeader) -> None:
         if not isinstance(header, TableHeader):
             raise TypeError(f"header must be a TableHeader, got {type(header).__name__}")

@@ -257,6 +257,10 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 class CachedTable(RowTable):
     """``inner`` behind a fixed-budget cache of decoded rows (capacity = budget // row size)."""
 
+    @property
+    def prefetch_workers(self) -> int:  # misses go to the inner tier, so its choice holds
+        return self.inner.prefetch_workers
+
     def __init__(
         self,
         inner: RowTable,

@@ -332,6 +332,11 @@ class MooncakeTable(RowTable):
     ``store`` is a set-up ``mooncake.store.MooncakeDistributedStore``.
     """
 
+    # The client runs its own transport threads: a second prefetch thread only competes with them, and one
+    # thread reads layer 1 before layer 5 starts (bench_generate: rows wait 0.8% vs 1.4% of decode, 1.08x vs
+    # 1.10x of in-model time with two).
+    prefetch_workers = 1
+
     def __init__(
         self,
         store: Any,

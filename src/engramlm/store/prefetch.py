@@ -97,13 +97,15 @@ class Prefetcher:
         self,
         tables: Mapping[int, RowTable],
         *,
-        workers: int = 2,
+        workers: int | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         queue_size: int | None = None,
     ) -> None:
         if not tables:
             raise ConfigError("tables: need at least one layer's RowTable")
+        if workers is None:  # the tiers' own choice (RowTable.prefetch_workers), the most cautious one
+            workers = min(int(t.prefetch_workers) for t in tables.values())
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         if not dtype.is_floating_point:
