@@ -27,6 +27,7 @@ from engramlm.errors import ConfigError, HashSpecMismatch
 from engramlm.infer.sampling import SamplingParams, sample
 from engramlm.models.decode import DecodeCache
 from engramlm.models.model import EngramLM
+from engramlm.nn.packed import packed_inference
 from engramlm.store.base import RowTable
 
 
@@ -95,6 +96,9 @@ class Engine:
     (:mod:`engramlm.infer.compiled`: one graph per batch size, eager fallback with one warning);
     the prefill, :meth:`forward_chunk` (the serving scheduler) and sampling stay eager. With a
     prefetcher, a compiled step waits for all its layers' rows before the forward.
+
+    ``packed=True`` (default) runs the eager forwards' matmuls on prepacked oneDNN weights, q/k/v and
+    gate/up fused (:mod:`engramlm.nn.packed`; CPU fp32 only, a second copy of the weights in memory).
     """
 
     def __init__(
@@ -106,9 +110,13 @@ class Engine:
         pad_id: int = 0,
         vocab_size: int | None = None,
         compile: bool = False,
+        packed: bool = True,
     ) -> None:
         if not isinstance(compile, bool):
             raise ConfigError(f"compile: must be True or False, got {compile!r}")
+        if not isinstance(packed, bool):
+            raise ConfigError(f"packed: must be True or False, got {packed!r}")
+        self.packed = packed
         self.model = model.eval()
         # ids the sampler may produce: the tokenizer's (a model's vocabulary is often padded past it, and an id
         # the tokenizer lacks has no compressed id, so it could be neither hashed nor decoded)
@@ -182,7 +190,7 @@ class Engine:
                 engram = engram.with_rows({lid: handle[lid] for lid in handle})
             logits = self.compiled(x, engram, cache)
         if logits is None:
-            with torch.no_grad():
+            with torch.no_grad(), packed_inference(self.packed):
                 logits = self.model(x, engram=engram, kv=cache.kv).logits
         cache.commit(plan)
         waits = dict(handle.wait_seconds) if handle is not None else {}

@@ -26,6 +26,7 @@ from engramlm.nn.hyper import BranchReadout, MultiBranchResidual, expand_stream
 from engramlm.nn.mlp import SwiGLU
 from engramlm.nn.moe import MoE
 from engramlm.nn.norm import RMSNorm
+from engramlm.nn.packed import linear
 
 __all__ = ["Block", "EngramInputs", "EngramLM", "LMOutput", "engram_block"]
 
@@ -135,7 +136,7 @@ class EngramLM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from a residual stream [B, T, M, d] (the final readout; also LogitLens' early exit)."""
-        return self.lm_head(self.norm(self.readout(h)))
+        return linear(self.norm(self.readout(h)), self.lm_head)
 
     def hash(self, input_ids: torch.Tensor, doc_start=None, dead=None) -> torch.Tensor:
         """Row ids [L, B, T, H_e] for every Engram layer (what the data pipeline precomputes)."""

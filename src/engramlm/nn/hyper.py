@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engramlm.nn.norm import RMSNorm
+from engramlm.nn.packed import linear
 
 
 def _sinkhorn_rows_py(z: np.ndarray, n_iters: int) -> np.ndarray:
@@ -170,7 +171,7 @@ class MultiBranchResidual(nn.Module):
         if self.dynamic and not torch.is_grad_enabled():  # inference: 4 ops instead of ~12
             m = self.n_branches
             base, scale = self._static_and_scale()
-            logits = torch.addcmul(base, scale, self.proj(self.norm(h.flatten(-2))).float())
+            logits = torch.addcmul(base, scale, linear(self.norm(h.flatten(-2)), self.proj).float())
             gates = logits[..., : 2 * m].sigmoid()
             return (
                 gates[..., :m],
