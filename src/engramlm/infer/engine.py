@@ -188,7 +188,8 @@ class Engine:
         if compiled and self.compiled is not None:
             if handle is not None:  # a graph cannot block on a thread pool: take every layer's rows first
                 engram = engram.with_rows({lid: handle[lid] for lid in handle})
-            logits = self.compiled(x, engram, cache)
+            with packed_inference(self.packed):
+                logits = self.compiled(x, engram, cache)
         if logits is None:
             with torch.no_grad(), packed_inference(self.packed):
                 logits = self.model(x, engram=engram, kv=cache.kv).logits
