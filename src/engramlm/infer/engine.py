@@ -176,7 +176,13 @@ class Engine:
         return self._forward(x, cache, lengths, compiled=False)
 
     def _forward(
-        self, x: torch.Tensor, cache: DecodeCache, lengths: torch.Tensor | None, *, compiled: bool
+        self,
+        x: torch.Tensor,
+        cache: DecodeCache,
+        lengths: torch.Tensor | None,
+        *,
+        compiled: bool,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, float]]:
         plan = cache.begin(x, lengths=lengths)
         engram, handle = plan.engram, None
@@ -192,7 +198,7 @@ class Engine:
                 logits = self.compiled(x, engram, cache)
         if logits is None:
             with torch.no_grad(), packed_inference(self.packed):
-                logits = self.model(x, engram=engram, kv=cache.kv).logits
+                logits = self.model(x, engram=engram, kv=cache.kv, logits_at=logits_at).logits
         cache.commit(plan)
         waits = dict(handle.wait_seconds) if handle is not None else {}
         return logits, waits
@@ -225,9 +231,10 @@ class Engine:
         x, lengths = ids, (None if bool((lens == lens[0]).all()) else lens)
         for step in range(params.max_new_tokens):
             t0 = time.perf_counter()
-            logits, waits = self._forward(x, cache, lengths, compiled=step > 0)
-            last = logits[:, -1] if lengths is None else logits[torch.arange(b, device=logits.device), lengths - 1]
-            last = last[:, : self.vocab_size]
+            # the prefill's LM head runs on each prompt's last token only
+            at = (lens - 1) if step == 0 and x.shape[1] > 1 else None
+            logits, waits = self._forward(x, cache, lengths, compiled=step > 0, logits_at=at)
+            last = logits[:, -1, : self.vocab_size]
             tok = sample(last, params, gen).cpu() if force is None else force[:, step].to(torch.long)
             is_stop = torch.isin(tok, stops)
             emitted = ~finished & ~is_stop

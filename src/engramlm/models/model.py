@@ -180,13 +180,19 @@ class EngramLM(nn.Module):
         *,
         engram: EngramInputs | None = None,
         kv: Mapping[int, KVCache] | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> LMOutput:
         """Logits (and the mean cross-entropy against ``targets``, -100 ignored) of ``input_ids`` [B, T].
 
         ``kv`` (layer index -> KVCache) continues cached sequences: ``engram`` must then come from the
         same decode cache (its windows and conv state are relative to the cached history).
+        ``logits_at`` [B] (no ``targets``): the logits of one position per row only, [B, 1, V] (a
+        prefill needs just each prompt's last token; the LM head over every position would cost more
+        than a decode step).
         """
-        return self._run(input_ids, targets, engram, kv, keep_hidden=False)
+        if logits_at is not None and targets is not None:
+            raise ConfigError("logits_at: the loss needs the logits of every position; pass one or the other")
+        return self._run(input_ids, targets, engram, kv, keep_hidden=False, logits_at=logits_at)
 
     def forward_with_hidden_states(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, engram: EngramInputs | None = None
@@ -201,6 +207,7 @@ class EngramLM(nn.Module):
         engram: EngramInputs | None,
         kv: Mapping[int, KVCache] | None,
         keep_hidden: bool,
+        logits_at: torch.Tensor | None = None,
     ) -> LMOutput:
         if engram is None and self.layout is not None:
             if kv is not None:
@@ -215,6 +222,8 @@ class EngramLM(nn.Module):
                 gates[blk.index] = alpha
             if hidden is not None:
                 hidden.append(h)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at.to(h.device)].unsqueeze(1)
         logits = self.head(h)
         loss = None
         if targets is not None:
