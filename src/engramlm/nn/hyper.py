@@ -222,6 +222,8 @@ class MultiBranchResidual(nn.Module):
         if ctx is None:
             return h + y.unsqueeze(2)
         mixed = ctx.res.to(h.dtype) @ h
+        if not torch.is_grad_enabled():  # inference: accumulate into the matmul's output, no [B, T, M, d] temporary
+            return mixed.addcmul_(ctx.post.to(h.dtype).unsqueeze(-1), y.unsqueeze(-2))
         return mixed + ctx.post.to(h.dtype).unsqueeze(-1) * y.unsqueeze(-2)
 
     def extra_repr(self) -> str:
