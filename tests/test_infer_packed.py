@@ -34,6 +34,20 @@ def test_fused_packed_linear_equals_the_separate_projections() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_one_row_products_equal_f_linear() -> None:
+    """Batch-1 decode: one row through the transposed copy (fused groups and a bias too), fp32 rounding apart."""
+    torch.manual_seed(2)
+    layers = [nn.Linear(64, n, bias=True) for n in (64, 32)]
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad(), packed_inference():
+        got = packed_linear(x, *layers)
+        many = packed_linear(x.expand(3, 1, 64), *layers)  # the same weights through the several-row kernel
+    want = torch.cat([layer(x) for layer in layers], -1).detach()
+    assert got.shape == (1, 1, 96)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(many[:1], want, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_copy_is_rebuilt_after_an_in_place_weight_change_and_dropped_with_the_weight() -> None:
     torch.manual_seed(1)
     layer = nn.Linear(32, 24, bias=False)
@@ -43,7 +57,7 @@ def test_packed_copy_is_rebuilt_after_an_in_place_weight_change_and_dropped_with
         layer.weight.mul_(-2.0)  # an optimiser step or load_state_dict writes in place
         after = packed_linear(x, layer)
     torch.testing.assert_close(after, -2.0 * before, rtol=1e-5, atol=1e-5)
-    ptrs = (layer.weight.data_ptr(),)
+    ptrs = (False, layer.weight.data_ptr())
     assert ptrs in packed._CACHE
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     assert set(state) == {"weight"}  # the packed copy is no part of the module's state
@@ -59,7 +73,6 @@ def test_packed_path_only_inside_the_context_without_gradients_and_for_several_r
         assert not packable(x)  # gradients on: never packed
         with torch.no_grad():
             assert packable(x)
-            assert not packable(torch.randn(1, 1, 8))  # one row: a gemv through F.linear
             assert not packable(x.double())
         with packed_inference(False), torch.no_grad():
             assert not packable(x)
@@ -73,7 +86,7 @@ def test_engine_packed_greedy_tokens_equal_the_plain_engine() -> None:
     with Engine(model) as eng:
         assert eng.packed
         assert eng.generate(PROMPTS, GREEDY).tokens == want
-        # a batch of one: the prefill takes the packed path, the one-row steps F.linear
+        # a batch of one: the one-row steps read the transposed copies
         assert eng.generate(PROMPTS[2:3], GREEDY).tokens == want_one
 
 

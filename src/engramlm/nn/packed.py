@@ -5,8 +5,11 @@ re-laying the weight out into the GEMM's blocked format, on every call: measured
 a 512x1344 projection of 8 rows runs at ~10 GB/s of weight, a quarter of the core's memory
 bandwidth. oneDNN's ``_reorder_linear_weight`` does that layout once; ``_linear_pointwise`` then
 reads the packed copy (2-3x faster at 8 rows, ~1.2x at 256, the same maths to fp32 rounding).
-Several projections of the same input are packed as ONE weight (q/k/v, gate/up): one call and one
-pass over the activations instead of three or two.
+One-row products (batch-1 decode) are matrix-vector products, where oneDNN has no fast path and
+``F.linear`` reads the [out, in] weight at ~10 GB/s (cold cache, one thread): they read a transposed
+[in, out] copy instead, which one GEMM streams at the ~18 GB/s the core's memory delivers (1.3-1.9x
+for the wide projections and the LM head). Several projections of the same input are packed
+as ONE weight (q/k/v, gate/up): one call and one pass over the activations instead of three or two.
 
 The packed copy lives in a side table keyed by the weights' storage, never in the state dict, so the
 saved-weight format is unchanged and ``deepcopy``/``state_dict`` never see an opaque tensor. It is
@@ -53,16 +56,8 @@ def packed_inference(enabled: bool = True) -> Iterator[None]:
 
 
 def packable(x: torch.Tensor) -> bool:
-    """Whether the packed path applies to activations ``x`` here: CPU fp32, no gradients, and more than
-    one row (one row is a matrix-vector product, which ``F.linear`` streams without repacking: measured
-    ~1.5 ms per decode step faster at batch 1 than the packed kernel)."""
-    return (
-        _ACTIVE
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and x.numel() > x.shape[-1]
-    )
+    """Whether the packed path applies to activations ``x`` here: CPU fp32, no gradients."""
+    return _ACTIVE and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
 def _version_key(params: list[torch.Tensor]) -> tuple:
@@ -75,8 +70,8 @@ def _version_key(params: list[torch.Tensor]) -> tuple:
     return tuple(key)
 
 
-def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple:
-    ptrs = tuple(w.data_ptr() for w in weights + biases)
+def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], one_row: bool) -> tuple:
+    ptrs = (one_row, *(w.data_ptr() for w in weights + biases))
     key = _version_key(weights + biases)
     entry = _CACHE.get(ptrs)
     if entry is None or entry[0] != key:
@@ -84,7 +79,10 @@ def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple:
             w = torch.cat(weights) if len(weights) > 1 else weights[0]
             w = w.detach().float().contiguous()
             b = (torch.cat(biases) if len(biases) > 1 else biases[0]).detach().float().contiguous() if biases else None
-            entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS), b)
+            if one_row:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
+                entry = (key, w.t().contiguous(), b)
+            else:
+                entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS), b)
         if ptrs not in _CACHE:
             weakref.finalize(weights[0], _CACHE.pop, ptrs, None)
         _CACHE[ptrs] = entry
@@ -94,7 +92,12 @@ def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple:
 @torch.library.custom_op("engramlm::packed_linear", mutates_args=())
 def _packed_linear_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """``x @ cat(weights).T + cat(biases)`` on the cached packed weight (one opaque op for torch.compile)."""
-    _, w, b = _packed(weights, biases)
+    if x.numel() == x.shape[-1]:  # one row (batch-1 decode)
+        _, wt, b = _packed(weights, biases, True)
+        x2 = x.reshape(1, x.shape[-1])
+        y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
+        return y.view(*x.shape[:-1], wt.shape[1])
+    _, w, b = _packed(weights, biases, False)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
