@@ -2,8 +2,8 @@
 
 Why: at decode batch sizes (1..8 rows) an fp32 ``F.linear`` on the CPU spends most of its time
 re-laying the weight out into the GEMM's blocked format, on every call: measured at one thread,
-a 512x1344 projection of 8 rows runs at ~10 GB/s of weight, a quarter of the core's memory
-bandwidth. oneDNN's ``_reorder_linear_weight`` does that layout once; ``_linear_pointwise`` then
+a 512x1344 projection of 8 rows runs at ~10 GB/s of weight, about half of what one core streams
+(18.5 GB/s). oneDNN's ``_reorder_linear_weight`` does that layout once; ``_linear_pointwise`` then
 reads the packed copy (2-3x faster at 8 rows, ~1.2x at 256, the same maths to fp32 rounding).
 One-row products (batch-1 decode) are matrix-vector products, where oneDNN has no fast path and
 ``F.linear`` reads the [out, in] weight at ~10 GB/s (cold cache, one thread): they read a transposed
