@@ -102,17 +102,15 @@ def test_engine_packed_logits_match_the_plain_forward() -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_logits_at_gives_the_full_forwards_logits_at_those_positions() -> None:
+def test_forward_at_gives_the_full_forwards_logits_at_those_positions() -> None:
     model = build()
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(3))
     at = torch.tensor([8, 2, 5])
     with torch.no_grad():
         full = model(ids).logits
-        one = model(ids, logits_at=at).logits
+        one = model.forward_at(ids, at).logits
     assert one.shape == (3, 1, full.shape[-1])
     torch.testing.assert_close(one[:, 0], full[torch.arange(3), at])
-    with pytest.raises(Exception, match="logits_at"):
-        model(ids, targets=ids, logits_at=at)
 
 
 def test_engine_rejects_a_non_bool_packed() -> None:

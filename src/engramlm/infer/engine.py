@@ -198,7 +198,10 @@ class Engine:
                 logits = self.compiled(x, engram, cache)
         if logits is None:
             with torch.no_grad(), packed_inference(self.packed):
-                logits = self.model(x, engram=engram, kv=cache.kv, logits_at=logits_at).logits
+                if logits_at is None:
+                    logits = self.model(x, engram=engram, kv=cache.kv).logits
+                else:
+                    logits = self.model.forward_at(x, logits_at, engram=engram, kv=cache.kv).logits
         cache.commit(plan)
         waits = dict(handle.wait_seconds) if handle is not None else {}
         return logits, waits

@@ -180,19 +180,27 @@ class EngramLM(nn.Module):
         *,
         engram: EngramInputs | None = None,
         kv: Mapping[int, KVCache] | None = None,
-        logits_at: torch.Tensor | None = None,
     ) -> LMOutput:
         """Logits (and the mean cross-entropy against ``targets``, -100 ignored) of ``input_ids`` [B, T].
 
         ``kv`` (layer index -> KVCache) continues cached sequences: ``engram`` must then come from the
         same decode cache (its windows and conv state are relative to the cached history).
-        ``logits_at`` [B] (no ``targets``): the logits of one position per row only, [B, 1, V] (a
-        prefill needs just each prompt's last token; the LM head over every position would cost more
-        than a decode step).
         """
-        if logits_at is not None and targets is not None:
-            raise ConfigError("logits_at: the loss needs the logits of every position; pass one or the other")
-        return self._run(input_ids, targets, engram, kv, keep_hidden=False, logits_at=logits_at)
+        return self._run(input_ids, targets, engram, kv, keep_hidden=False)
+
+    def forward_at(
+        self,
+        input_ids: torch.Tensor,
+        at: torch.Tensor,
+        *,
+        engram: EngramInputs | None = None,
+        kv: Mapping[int, KVCache] | None = None,
+    ) -> LMOutput:
+        """:meth:`forward` with the logits of one position per row only: ``at`` [B] -> logits [B, 1, V].
+
+        A prefill needs just each prompt's last token; the LM head over every position costs more than
+        a decode step (HF's ``logits_to_keep``)."""
+        return self._run(input_ids, None, engram, kv, keep_hidden=False, logits_at=at)
 
     def forward_with_hidden_states(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, engram: EngramInputs | None = None
