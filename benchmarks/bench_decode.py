@@ -12,6 +12,8 @@ text) and the same number of new tokens, greedy. Contenders, timed interleaved p
 * ``engramlm_no_engram``: the same weights without the Engram layers (hashing and blocks gone), so
   ``1 - t(no_engram) / t(engramlm)`` is the Engram layers' share;
 * ``hf_llama``: the HF Llama;
+* ``engramlm_unpacked`` (``--unpacked on``, the default): the eager engine with ``packed=False``, its
+  matmuls through plain ``F.linear`` instead of prepacked oneDNN weights (the before of that change);
 * ``engramlm_compiled`` / ``engramlm_no_engram_compiled`` (``--compile on``, the default): the same
   two engines with ``Engine(compile=True)``, the one-token decode steps run by ``torch.compile``
   (prefill eager). Their graphs are built in the warm-up call (call 0, untimed); that call's wall
@@ -38,7 +40,7 @@ from engramlm.infer import Engine, SamplingParams
 from engramlm.models.model import EngramLM
 
 # Bumped whenever the decode path's code changes what is measured, so old and new results never mix.
-BENCH_VERSION = 3
+BENCH_VERSION = 4
 
 
 def hf_llama(model: EngramLM) -> torch.nn.Module:
@@ -81,12 +83,18 @@ def run_batch(
     prompts = [torch.stack([streams[c * b + i][:p] for i in range(b)]) for c in range(calls)]
     params = SamplingParams(max_new_tokens=s)
     engines = {"engramlm": Engine(model), "engramlm_no_engram": Engine(plain)}
+    if args.unpacked == "on":  # before/after of the prepacked matmuls (engramlm.nn.packed)
+        engines["engramlm_unpacked"] = Engine(model, packed=False)
     if args.compile == "on":
         engines["engramlm_compiled"] = Engine(model, compile=True)
         engines["engramlm_no_engram_compiled"] = Engine(plain, compile=True)
 
+    split: dict[str, dict[str, list[float]]] = {n: {"prefill_s": [], "decode_step_s": []} for n in engines}
+
     def ours(name: str, ids: torch.Tensor) -> int:
         gen = engines[name].generate(ids.tolist(), params)
+        split[name]["prefill_s"].append(gen.stats.prefill_seconds)
+        split[name]["decode_step_s"].append(gen.stats.decode_seconds / max(1, len(gen.stats.step_seconds)))
         return sum(len(t) for t in gen.tokens)
 
     def theirs(ids: torch.Tensor) -> int:
@@ -134,7 +142,14 @@ def run_batch(
         "speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm"])),
         "no_engram_speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm_no_engram"])),
         "engram_share": share("engramlm_no_engram", "engramlm"),
+        **(
+            {"unpacked_speedup_vs_hf": stats(paired_ratios(secs["hf_llama"], secs["engramlm_unpacked"]))}
+            if "engramlm_unpacked" in secs
+            else {}
+        ),
         "warmup_call_seconds": warmup,
+        # engramlm's prefill and mean decode step per call (the warm-up call excluded)
+        "prefill_and_step_seconds": {n: {k: stats(v[1:]) for k, v in d.items()} for n, d in split.items()},
         "raw_s": secs,
     }
     compiled = {n: e for n, e in engines.items() if e.compiled is not None}
@@ -172,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=["on", "none"],
         default="on",
         help="add torch.compile'd contenders (Engine(compile=True)); none: eager only",
+    )
+    ap.add_argument(
+        "--unpacked",
+        choices=["on", "none"],
+        default="on",
+        help="add engramlm_unpacked: the eager engine without prepacked weights (Engine(packed=False))",
     )
     ap.add_argument("--out", default="decode_vs_hf")
     args = ap.parse_args(argv)
@@ -212,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             f"batch {r['batch']}: engramlm {r['tokens_per_second']['engramlm']['median']:.1f} tok/s, "
             f"HF {r['tokens_per_second']['hf_llama']['median']:.1f} tok/s: {sp['median']:.2f}x "
             f"(IQR {sp['q1']:.2f}-{sp['q3']:.2f}); Engram share {sh['median']:.1%}"
+            + (f"; unpacked {r['unpacked_speedup_vs_hf']['median']:.2f}x" if "unpacked_speedup_vs_hf" in r else "")
         )
         if "compiled" in r:
             c = r["compiled"]

@@ -1207,14 +1207,24 @@ def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
         f"{p['threads']} torch thread(s). × HF = paired per-repeat time ratio HF ÷ engramlm (above 1: faster "
         "than HF); Engram share = 1 − t(no Engram) ÷ t(engramlm).",
         "",
-        "| batch | engramlm tok/s | HF Llama tok/s | **× HF** | without Engram × HF | Engram share |",
-        "|---|---|---|---|---|---|",
+    ]
+    unpacked = all("unpacked_speedup_vs_hf" in r for r in doc["runs"])
+    if unpacked:
+        lines[0] += (
+            " Unpacked × HF: the eager engine with `packed=False` (plain `F.linear`, no prepacked oneDNN weights,"
+            " no fused q/k/v and gate/up: the matmuls before this change), same run."
+        )
+    lines += [
+        "| batch | engramlm tok/s | HF Llama tok/s | **× HF** | without Engram × HF | Engram share |"
+        + (" unpacked × HF |" if unpacked else ""),
+        "|---|---|---|---|---|---|" + ("---|" if unpacked else ""),
     ]
     for r in doc["runs"]:
         t, sh = r["tokens_per_second"], r["engram_share"]
         lines.append(
             f"| {r['batch']} | {_med_iqr(t['engramlm'])} | {_med_iqr(t['hf_llama'])} | **{_x(r['speedup_vs_hf'])}** | "
             f"{_x(r['no_engram_speedup_vs_hf'])} | {sh['median']:.0%} ({sh['q1']:.0%}–{sh['q3']:.0%}) |"
+            + (f" {_x(r['unpacked_speedup_vs_hf'])} |" if unpacked else "")
         )
     compiled = [r for r in doc["runs"] if "compiled" in r]
     if compiled:
@@ -1237,6 +1247,21 @@ def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
                 f"{sh['median']:.0%} ({sh['q1']:.0%}–{sh['q3']:.0%}) | "
                 f"{cs.get('engramlm_compiled', 0):.0f} / {cs.get('engramlm_no_engram_compiled', 0):.0f} |"
             )
+    split = [r for r in doc["runs"] if "prefill_and_step_seconds" in r]
+    if split:
+        names = [n for n in split[0]["prefill_and_step_seconds"] if "no_engram" not in n]
+        lines += [
+            "",
+            "Where engramlm's time goes (median ms per call): the prefill, then the mean one-token decode step.",
+            "",
+            "| batch | " + " | ".join(f"{n} prefill / step" for n in names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for r in split:
+            ps = r["prefill_and_step_seconds"]
+            med = {n: (ps[n]["prefill_s"]["median"] * 1e3, ps[n]["decode_step_s"]["median"] * 1e3) for n in names}
+            cells = [f"{med[n][0]:.0f} / {med[n][1]:.1f}" for n in names]
+            lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
     return lines + _footer(doc)
 
 

@@ -27,6 +27,7 @@ from engramlm.errors import ConfigError, HashSpecMismatch
 from engramlm.infer.sampling import SamplingParams, sample
 from engramlm.models.decode import DecodeCache
 from engramlm.models.model import EngramLM
+from engramlm.nn.packed import packed_inference
 from engramlm.store.base import RowTable
 
 
@@ -95,6 +96,9 @@ class Engine:
     (:mod:`engramlm.infer.compiled`: one graph per batch size, eager fallback with one warning);
     the prefill, :meth:`forward_chunk` (the serving scheduler) and sampling stay eager. With a
     prefetcher, a compiled step waits for all its layers' rows before the forward.
+
+    ``packed=True`` (default) runs the eager forwards' matmuls on prepacked oneDNN weights, q/k/v and
+    gate/up fused (:mod:`engramlm.nn.packed`; CPU fp32 only, a second copy of the weights in memory).
     """
 
     def __init__(
@@ -106,9 +110,13 @@ class Engine:
         pad_id: int = 0,
         vocab_size: int | None = None,
         compile: bool = False,
+        packed: bool = True,
     ) -> None:
         if not isinstance(compile, bool):
             raise ConfigError(f"compile: must be True or False, got {compile!r}")
+        if not isinstance(packed, bool):
+            raise ConfigError(f"packed: must be True or False, got {packed!r}")
+        self.packed = packed
         self.model = model.eval()
         # ids the sampler may produce: the tokenizer's (a model's vocabulary is often padded past it, and an id
         # the tokenizer lacks has no compressed id, so it could be neither hashed nor decoded)
@@ -168,7 +176,13 @@ class Engine:
         return self._forward(x, cache, lengths, compiled=False)
 
     def _forward(
-        self, x: torch.Tensor, cache: DecodeCache, lengths: torch.Tensor | None, *, compiled: bool
+        self,
+        x: torch.Tensor,
+        cache: DecodeCache,
+        lengths: torch.Tensor | None,
+        *,
+        compiled: bool,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, float]]:
         plan = cache.begin(x, lengths=lengths)
         engram, handle = plan.engram, None
@@ -180,10 +194,14 @@ class Engine:
         if compiled and self.compiled is not None:
             if handle is not None:  # a graph cannot block on a thread pool: take every layer's rows first
                 engram = engram.with_rows({lid: handle[lid] for lid in handle})
-            logits = self.compiled(x, engram, cache)
+            with packed_inference(self.packed):
+                logits = self.compiled(x, engram, cache)
         if logits is None:
-            with torch.no_grad():
-                logits = self.model(x, engram=engram, kv=cache.kv).logits
+            with torch.no_grad(), packed_inference(self.packed):
+                if logits_at is None:
+                    logits = self.model(x, engram=engram, kv=cache.kv).logits
+                else:
+                    logits = self.model.forward_at(x, logits_at, engram=engram, kv=cache.kv).logits
         cache.commit(plan)
         waits = dict(handle.wait_seconds) if handle is not None else {}
         return logits, waits
@@ -216,9 +234,10 @@ class Engine:
         x, lengths = ids, (None if bool((lens == lens[0]).all()) else lens)
         for step in range(params.max_new_tokens):
             t0 = time.perf_counter()
-            logits, waits = self._forward(x, cache, lengths, compiled=step > 0)
-            last = logits[:, -1] if lengths is None else logits[torch.arange(b, device=logits.device), lengths - 1]
-            last = last[:, : self.vocab_size]
+            # the prefill's LM head runs on each prompt's last token only
+            at = (lens - 1) if step == 0 and x.shape[1] > 1 else None
+            logits, waits = self._forward(x, cache, lengths, compiled=step > 0, logits_at=at)
+            last = logits[:, -1, : self.vocab_size]
             tok = sample(last, params, gen).cpu() if force is None else force[:, step].to(torch.long)
             is_stop = torch.isin(tok, stops)
             emitted = ~finished & ~is_stop

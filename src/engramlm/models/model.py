@@ -26,6 +26,7 @@ from engramlm.nn.hyper import BranchReadout, MultiBranchResidual, expand_stream
 from engramlm.nn.mlp import SwiGLU
 from engramlm.nn.moe import MoE
 from engramlm.nn.norm import RMSNorm
+from engramlm.nn.packed import linear
 
 __all__ = ["Block", "EngramInputs", "EngramLM", "LMOutput", "engram_block"]
 
@@ -135,7 +136,7 @@ class EngramLM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from a residual stream [B, T, M, d] (the final readout; also LogitLens' early exit)."""
-        return self.lm_head(self.norm(self.readout(h)))
+        return linear(self.norm(self.readout(h)), self.lm_head)
 
     def hash(self, input_ids: torch.Tensor, doc_start=None, dead=None) -> torch.Tensor:
         """Row ids [L, B, T, H_e] for every Engram layer (what the data pipeline precomputes)."""
@@ -187,6 +188,20 @@ class EngramLM(nn.Module):
         """
         return self._run(input_ids, targets, engram, kv, keep_hidden=False)
 
+    def forward_at(
+        self,
+        input_ids: torch.Tensor,
+        at: torch.Tensor,
+        *,
+        engram: EngramInputs | None = None,
+        kv: Mapping[int, KVCache] | None = None,
+    ) -> LMOutput:
+        """:meth:`forward` with the logits of one position per row only: ``at`` [B] -> logits [B, 1, V].
+
+        A prefill needs just each prompt's last token; the LM head over every position costs more than
+        a decode step (HF's ``logits_to_keep``)."""
+        return self._run(input_ids, None, engram, kv, keep_hidden=False, logits_at=at)
+
     def forward_with_hidden_states(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, engram: EngramInputs | None = None
     ) -> LMOutput:
@@ -200,6 +215,7 @@ class EngramLM(nn.Module):
         engram: EngramInputs | None,
         kv: Mapping[int, KVCache] | None,
         keep_hidden: bool,
+        logits_at: torch.Tensor | None = None,
     ) -> LMOutput:
         if engram is None and self.layout is not None:
             if kv is not None:
@@ -214,6 +230,8 @@ class EngramLM(nn.Module):
                 gates[blk.index] = alpha
             if hidden is not None:
                 hidden.append(h)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at.to(h.device)].unsqueeze(1)
         logits = self.head(h)
         loss = None
         if targets is not None:

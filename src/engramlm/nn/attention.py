@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engramlm.nn.packed import linear, packable, packed_linear
 from engramlm.nn.rope import RotaryEmbedding
 
 
@@ -137,9 +138,14 @@ class Attention(nn.Module):
         appended after each sequence's cached length and attend to every cached slot <= their own.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if packable(x):  # inference: q, k, v from one prepacked matmul
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = packed_linear(x, self.q_proj, self.k_proj, self.v_proj).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is None:
             max_len = t if positions is None else None
             if positions is None:
@@ -158,4 +164,4 @@ class Attention(nn.Module):
             keys = torch.arange(k_all.shape[2], device=x.device)
             mask = keys[None, None, None, :] <= slots[:, None, :, None]  # [B, 1, T, L]
             y = F.scaled_dot_product_attention(q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return linear(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), self.o_proj)

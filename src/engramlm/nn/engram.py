@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engramlm.errors import ConfigError
+from engramlm.nn.packed import linear
 
 # Output blocks of the fused projection, in order (spec §11.2, A16).
 WKV_SPLIT_ORDER = ("keys", "value")
@@ -378,7 +379,7 @@ class EngramBlock(nn.Module):
         without full-size [B, T, M, d] temporaries beyond the output (the projection's own output aside)."""
         b, t, m, d = hidden.shape
         n = b * t
-        kv = F.linear(e.reshape(n, self.memory_dim), self.wkv.weight, self.wkv.bias)  # [N, (M+1) d]
+        kv = linear(e.reshape(n, self.memory_dim), self.wkv)  # [N, (M+1) d]
         if self.use_gate:
             alpha = self._gate_fused(hidden.reshape(n, m, d), kv[:, : m * d].view(n, m, d))
         else:

@@ -31,42 +31,80 @@ import torch.nn.functional as F
 from torch import nn
 
 from engramlm.nn.norm import RMSNorm
+from engramlm.nn.packed import linear
 
 
 def _sinkhorn_rows_py(z: np.ndarray, n_iters: int) -> np.ndarray:
-    """:func:`sinkhorn` on z [K, M, M] float32, one small matrix at a time in float64 (compiled by Numba)."""
+    """:func:`sinkhorn` on z [K, M, M] float32, one small matrix at a time in float64 (compiled by Numba).
+
+    Scaling form: K = exp(z - max z), then rows and columns divided by their sums, which is the
+    log-domain iteration (subtract each row's / column's logsumexp) exponentiated: the same matrix to
+    float64 rounding, with M^2 exponentials per matrix instead of 2 * M * (M + 1) per iteration
+    (~10x less work; the prefill of 8 x 32 tokens spent ~1.4 ms per hyper-connection here). A matrix
+    whose logits spread over more than 700 (a row could underflow to zeros) takes the log-domain loop.
+    """
     k_, m, _ = z.shape
     out = np.empty_like(z)
     w = np.empty((m, m), dtype=np.float64)
     for k in range(k_):
+        mx = -np.inf
+        mn = np.inf
         for i in range(m):
             for j in range(m):
                 w[i, j] = z[k, i, j]
-        for _ in range(n_iters):
-            for i in range(m):  # rows: w -= logsumexp over the row
-                mx = w[i, 0]
-                for j in range(1, m):
-                    mx = max(mx, w[i, j])
-                acc = 0.0
+                mx = max(mx, w[i, j])
+            rmx = w[i, 0]
+            for j in range(1, m):
+                rmx = max(rmx, w[i, j])
+            mn = min(mn, rmx)
+        scaled = mx - mn < 700.0  # every row keeps an entry >= e^-700: no zero row, no zero column sum
+        if scaled:
+            for i in range(m):
                 for j in range(m):
-                    acc += math.exp(w[i, j] - mx)
-                lse = mx + math.log(acc)
+                    w[i, j] = math.exp(w[i, j] - mx)
+            for _ in range(n_iters):
+                for i in range(m):  # rows
+                    acc = 0.0
+                    for j in range(m):
+                        acc += w[i, j]
+                    inv = 1.0 / acc
+                    for j in range(m):
+                        w[i, j] *= inv
+                for j in range(m):  # columns
+                    acc = 0.0
+                    for i in range(m):
+                        acc += w[i, j]
+                    inv = 1.0 / acc
+                    for i in range(m):
+                        w[i, j] *= inv
+        else:
+            for _ in range(n_iters):
+                for i in range(m):  # rows: w -= logsumexp over the row
+                    rmx = w[i, 0]
+                    for j in range(1, m):
+                        rmx = max(rmx, w[i, j])
+                    acc = 0.0
+                    for j in range(m):
+                        acc += math.exp(w[i, j] - rmx)
+                    lse = rmx + math.log(acc)
+                    for j in range(m):
+                        w[i, j] -= lse
+                for j in range(m):  # columns
+                    cmx = w[0, j]
+                    for i in range(1, m):
+                        cmx = max(cmx, w[i, j])
+                    acc = 0.0
+                    for i in range(m):
+                        acc += math.exp(w[i, j] - cmx)
+                    lse = cmx + math.log(acc)
+                    for i in range(m):
+                        w[i, j] -= lse
+            for i in range(m):
                 for j in range(m):
-                    w[i, j] -= lse
-            for j in range(m):  # columns
-                mx = w[0, j]
-                for i in range(1, m):
-                    mx = max(mx, w[i, j])
-                acc = 0.0
-                for i in range(m):
-                    acc += math.exp(w[i, j] - mx)
-                lse = mx + math.log(acc)
-                for i in range(m):
-                    w[i, j] -= lse
+                    w[i, j] = math.exp(w[i, j])
         for i in range(m):
             row = 0.0
             for j in range(m):
-                w[i, j] = math.exp(w[i, j])
                 row += w[i, j]
             for j in range(m):
                 out[k, i, j] = max(w[i, j] + (1.0 - row) / m, 0.0)
@@ -170,7 +208,7 @@ class MultiBranchResidual(nn.Module):
         if self.dynamic and not torch.is_grad_enabled():  # inference: 4 ops instead of ~12
             m = self.n_branches
             base, scale = self._static_and_scale()
-            logits = torch.addcmul(base, scale, self.proj(self.norm(h.flatten(-2))).float())
+            logits = torch.addcmul(base, scale, linear(self.norm(h.flatten(-2)), self.proj).float())
             gates = logits[..., : 2 * m].sigmoid()
             return (
                 gates[..., :m],
@@ -221,6 +259,8 @@ class MultiBranchResidual(nn.Module):
         if ctx is None:
             return h + y.unsqueeze(2)
         mixed = ctx.res.to(h.dtype) @ h
+        if not torch.is_grad_enabled():  # inference: accumulate into the matmul's output, no [B, T, M, d] temporary
+            return mixed.addcmul_(ctx.post.to(h.dtype).unsqueeze(-1), y.unsqueeze(-2))
         return mixed + ctx.post.to(h.dtype).unsqueeze(-1) * y.unsqueeze(-2)
 
     def extra_repr(self) -> str:

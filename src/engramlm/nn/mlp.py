@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engramlm.nn.packed import packable, packed_linear
+
 
 class SwiGLU(nn.Module):
     """down_proj(silu(gate_proj x) * up_proj x) (Shazeer 2020), as in Llama and DeepSeek."""
@@ -17,4 +19,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if packable(x):  # inference: gate and up from one prepacked matmul
+            g, u = packed_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)
+            return packed_linear(F.silu(g).mul_(u), self.down_proj)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
