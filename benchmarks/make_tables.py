@@ -686,8 +686,9 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
     """Decode tokens/s with the tables in the model, in RAM, on SSD behind a cache, and in Mooncake."""
     p, m, res = doc["params"], doc["model"], doc["results"]
     w = doc.get("workload", {})
+    label = f" (*{doc['label']}*)" if doc.get("label") else ""
     lines = [
-        f"**End-to-end generation**: {m['parameters'] / 1e6:.0f}M-parameter model ({p['layers']} layers, "
+        f"**End-to-end generation**{label}: {m['parameters'] / 1e6:.0f}M-parameter model ({p['layers']} layers, "
         f"d={p['hidden']}), Engram at layers {', '.join(map(str, m['engram_layers']))}, tables "
         f"{m['table_bytes'] / 2**20:,.0f} MiB ({sum(m['table_rows']):,} rows); batch {p['batch']}, prompt "
         f"{p['prompt']}, {p['steps']} decode steps ({w.get('decode', 'real text')}, {w.get('corpus', '')}), "
