@@ -89,10 +89,12 @@ def _params() -> list[torch.nn.Parameter]:
 
 
 def _run_steps(
-    params: list[torch.nn.Parameter], group: dist.ProcessGroup | None, schedule: str = "quintic"
+    params: list[torch.nn.Parameter], group: dist.ProcessGroup | None, schedule: str = "quintic", dtype: str = "fp32"
 ) -> list[torch.Tensor]:
     steps = 4 if schedule == "polar_express" else 5
-    opt = Muon(params, lr=0.02, weight_decay=0.1, process_group=group, ns_schedule=schedule, ns_steps=steps)
+    opt = Muon(
+        params, lr=0.02, weight_decay=0.1, process_group=group, ns_schedule=schedule, ns_steps=steps, ns_dtype=dtype
+    )
     for step in range(3):
         for i, p in enumerate(params):  # identical gradients on every rank, as after DDP's all-reduce
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
@@ -100,12 +102,12 @@ def _run_steps(
     return [p.detach() for p in params]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, schedule: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, schedule: str, dtype: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        res = {f"p{i}": t for i, t in enumerate(_run_steps(_params(), dist.group.WORLD, schedule))}
+        res = {f"p{i}": t for i, t in enumerate(_run_steps(_params(), dist.group.WORLD, schedule, dtype))}
         save_file({k: v.contiguous() for k, v in res.items()}, f"{out_dir}/rank{rank}.safetensors")
         dist.barrier()
     finally:
@@ -119,13 +121,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    ("world", "schedule"),
-    [(2, "quintic"), (2, "polar_express"), pytest.param(3, "quintic", marks=pytest.mark.slow)],
+    ("world", "schedule", "dtype"),
+    [
+        (2, "quintic", "fp32"),
+        (2, "polar_express", "bf16"),  # the default since issue 18
+        pytest.param(3, "quintic", "fp32", marks=pytest.mark.slow),
+    ],
 )
-def test_distributed_newton_schulz_equals_one_process(world: int, schedule: str, tmp_path: Path) -> None:
+def test_distributed_newton_schulz_equals_one_process(world: int, schedule: str, dtype: str, tmp_path: Path) -> None:
+    """Given the same gradients, sharing the iteration over ranks changes nothing, in fp32 and in bf16."""
     torch.set_num_threads(1)
-    want = _run_steps(_params(), None, schedule)
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), schedule), nprocs=world, join=True)
+    want = _run_steps(_params(), None, schedule, dtype)
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), schedule, dtype), nprocs=world, join=True)
     got = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(world)]
     for i, w in enumerate(want):
         for r in range(world):
