@@ -46,10 +46,12 @@ class KVCache:
         a shape or a host int that changed every step would recompile the graph every step."""
         t = k.shape[2]
         if torch.compiler.is_compiling():
+            # An indexed write (index_put_), not scatter_: inductor re-inplaces it into the input buffer,
+            # whereas a functionalised scatter_ copied the whole cache twice per layer and step.
             slots = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
-            idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            self.k.scatter_(2, idx, k.to(self.k.dtype))
-            self.v.scatter_(2, idx, v.to(self.v.dtype))
+            rows = torch.arange(k.shape[0], device=self.lengths.device)[:, None]
+            self.k[rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, n_kv, Dh] at (b, :, slot)
+            self.v[rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
             self.lengths += t
             return self.k, self.v, slots
         if self.bound + t > self.max_len:

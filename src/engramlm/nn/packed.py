@@ -60,6 +60,20 @@ def packable(x: torch.Tensor) -> bool:
     return _ACTIVE and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
+def _transposed(rows: int, out: int) -> bool:
+    """Whether a product of ``rows`` activation rows and an ``out``-wide weight reads the transposed
+    [in, out] copy through one ``mm`` rather than oneDNN's packed layout.
+
+    Measured at one thread with the weights cold (``benchmarks``-sized projections, d = 512): one row
+    against a wide weight (q/k/v, gate/up, Engram ``wkv``, LM head; >= 1024 outputs) streams 1.2-1.8x
+    faster transposed, but one row against a 512-wide weight (``o_proj``, ``down``) 1.6-1.8x slower; at
+    a few rows oneDNN wins everywhere except the narrow mHC projections (24 outputs: 1.6x).
+    """
+    if rows == 1:
+        return out >= 1024
+    return rows <= 16 and out <= 64
+
+
 def _version_key(params: list[torch.Tensor]) -> tuple:
     key = []
     for p in params:
@@ -70,8 +84,8 @@ def _version_key(params: list[torch.Tensor]) -> tuple:
     return tuple(key)
 
 
-def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], one_row: bool) -> tuple:
-    ptrs = (one_row, *(w.data_ptr() for w in weights + biases))
+def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], transposed: bool) -> tuple:
+    ptrs = (transposed, *(w.data_ptr() for w in weights + biases))
     key = _version_key(weights + biases)
     entry = _CACHE.get(ptrs)
     if entry is None or entry[0] != key:
@@ -79,7 +93,7 @@ def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], one_row: bo
             w = torch.cat(weights) if len(weights) > 1 else weights[0]
             w = w.detach().float().contiguous()
             b = (torch.cat(biases) if len(biases) > 1 else biases[0]).detach().float().contiguous() if biases else None
-            if one_row:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
+            if transposed:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
                 entry = (key, w.t().contiguous(), b)
             else:
                 entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS), b)
@@ -89,21 +103,35 @@ def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], one_row: bo
     return entry
 
 
-@torch.library.custom_op("engramlm::packed_linear", mutates_args=())
-def _packed_linear_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+# The op is registered through the low-level ``torch.library.Library`` API rather than
+# ``torch.library.custom_op``: the latter wraps every call in Python autograd/dispatch layers (~10 µs
+# per call, measured at one thread), and a decode step makes ~50 of these calls. Inference only, so no
+# autograd formula is needed (the callers take this path only with gradients off).
+_LIB = torch.library.Library("engramlm", "FRAGMENT")
+_LIB.define("packed_linear(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor")
+
+
+def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """``x @ cat(weights).T + cat(biases)`` on the cached packed weight (one opaque op for torch.compile)."""
-    if x.numel() == x.shape[-1]:  # one row (batch-1 decode)
+    rows = x.numel() // x.shape[-1]
+    if _transposed(rows, sum(w.shape[0] for w in weights)):
         _, wt, b = _packed(weights, biases, True)
-        x2 = x.reshape(1, x.shape[-1])
+        x2 = x.reshape(rows, x.shape[-1])
         y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
         return y.view(*x.shape[:-1], wt.shape[1])
     _, w, b = _packed(weights, biases, False)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
-@_packed_linear_op.register_fake
+_LIB.impl("packed_linear", _packed_linear_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("engramlm::packed_linear", lib=_LIB)
 def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+_packed_linear_op = torch.ops.engramlm.packed_linear.default
 
 
 def packed_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
