@@ -8,7 +8,9 @@ reads the packed copy (2-3x faster at 8 rows, ~1.2x at 256, the same maths to fp
 One-row products (batch-1 decode) are matrix-vector products, where oneDNN has no fast path and
 ``F.linear`` reads the [out, in] weight at ~10 GB/s (cold cache, one thread): they read a transposed
 [in, out] copy instead, which one GEMM streams at the ~18 GB/s the core's memory delivers (1.3-1.9x
-for the wide projections and the LM head). Several projections of the same input are packed
+for the wide projections and the LM head), except narrowing products such as ``down``, which read
+oneDNN's layout tuned for one row; at a few rows the 24-wide mHC projections read the transposed copy
+too (per-shape choice in :func:`_layout`). Several projections of the same input are packed
 as ONE weight (q/k/v, gate/up): one call and one pass over the activations instead of three or two.
 
 The packed copy lives in a side table keyed by the weights' storage, never in the state dict, so the
@@ -60,18 +62,19 @@ def packable(x: torch.Tensor) -> bool:
     return _ACTIVE and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
-def _transposed(rows: int, out: int) -> bool:
-    """Whether a product of ``rows`` activation rows and an ``out``-wide weight reads the transposed
-    [in, out] copy through one ``mm`` rather than oneDNN's packed layout.
+def _layout(rows: int, n_in: int, n_out: int) -> int:
+    """The weight layout for ``rows`` activation rows against an [n_out, n_in] weight: 0 = the transposed
+    [in, out] copy through one ``mm``; k > 0 = oneDNN's packed layout tuned for k rows.
 
-    Measured at one thread with the weights cold (``benchmarks``-sized projections, d = 512): one row
-    against a wide weight (q/k/v, gate/up, Engram ``wkv``, LM head; >= 1024 outputs) streams 1.2-1.8x
-    faster transposed, but one row against a 512-wide weight (``o_proj``, ``down``) 1.6-1.8x slower; at
-    a few rows oneDNN wins everywhere except the narrow mHC projections (24 outputs: 1.6x).
+    Measured at one thread with the weights cold (the benchmark's d = 512 projections, weights cycled
+    through ~96 MB): one row streams fastest transposed (13-25 GB/s; q/k/v, gate/up, ``o_proj``, the
+    Engram ``wkv``, the LM head and the 24-wide mHC projections), except a narrowing product such as
+    ``down`` (1344 -> 512: 16.8 GB/s oneDNN tuned for one row, 11.3 GB/s transposed); from a few rows
+    on oneDNN wins everywhere (12-15 GB/s against 7-8) except the narrow mHC projections (1.6x transposed).
     """
     if rows == 1:
-        return out >= 1024
-    return rows <= 16 and out <= 64
+        return 1 if n_in > n_out >= 256 else 0
+    return 0 if rows <= 16 and n_out <= 64 else PACK_HINT_ROWS
 
 
 def _version_key(params: list[torch.Tensor]) -> tuple:
@@ -84,8 +87,8 @@ def _version_key(params: list[torch.Tensor]) -> tuple:
     return tuple(key)
 
 
-def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], transposed: bool) -> tuple:
-    ptrs = (transposed, *(w.data_ptr() for w in weights + biases))
+def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], layout: int) -> tuple:
+    ptrs = (layout, *(w.data_ptr() for w in weights + biases))
     key = _version_key(weights + biases)
     entry = _CACHE.get(ptrs)
     if entry is None or entry[0] != key:
@@ -93,10 +96,10 @@ def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], transposed:
             w = torch.cat(weights) if len(weights) > 1 else weights[0]
             w = w.detach().float().contiguous()
             b = (torch.cat(biases) if len(biases) > 1 else biases[0]).detach().float().contiguous() if biases else None
-            if transposed:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
+            if not layout:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
                 entry = (key, w.t().contiguous(), b)
             else:
-                entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS), b)
+                entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, layout), b)
         if ptrs not in _CACHE:
             weakref.finalize(weights[0], _CACHE.pop, ptrs, None)
         _CACHE[ptrs] = entry
@@ -114,12 +117,13 @@ _LIB.define("packed_linear(Tensor x, Tensor[] weights, Tensor[] biases) -> Tenso
 def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """``x @ cat(weights).T + cat(biases)`` on the cached packed weight (one opaque op for torch.compile)."""
     rows = x.numel() // x.shape[-1]
-    if _transposed(rows, sum(w.shape[0] for w in weights)):
-        _, wt, b = _packed(weights, biases, True)
+    layout = _layout(rows, x.shape[-1], sum(w.shape[0] for w in weights))
+    if not layout:
+        _, wt, b = _packed(weights, biases, 0)
         x2 = x.reshape(rows, x.shape[-1])
         y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
         return y.view(*x.shape[:-1], wt.shape[1])
-    _, w, b = _packed(weights, biases, False)
+    _, w, b = _packed(weights, biases, layout)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
