@@ -127,6 +127,19 @@ class Attention(nn.Module):
         b, n, length, d = x.shape
         return x[:, :, None].expand(b, n, rep, length, d).reshape(b, n * rep, length, d)
 
+    def _one_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row over the cache, as product-sums inductor fuses into two loops
+        (compiled decode step): at one query the SDPA kernel's setup costs more than the arithmetic.
+        q [B, H, 1, Dh], k/v [B, n_kv, L, Dh], mask [B, 1, 1, L] -> [B, H, 1, Dh]."""
+        b, h, _, dh = q.shape
+        g = h // self.n_kv_heads
+        qg = q.reshape(b, self.n_kv_heads, g, 1, dh) * dh**-0.5  # GQA: the query heads of one kv head together
+        scores = (qg * k[:, :, None]).sum(-1)  # [B, n_kv, g, L]
+        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))  # mask [B, 1, 1, L] -> [B, 1, 1, L]
+        p = scores.softmax(-1)
+        y = (p[..., None] * v[:, :, None]).sum(-2)  # [B, n_kv, g, Dh]
+        return y.reshape(b, h, 1, dh)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -165,5 +178,8 @@ class Attention(nn.Module):
             k_all, v_all, slots = kv_cache.update(k, v)
             keys = torch.arange(k_all.shape[2], device=x.device)
             mask = keys[None, None, None, :] <= slots[:, None, :, None]  # [B, 1, T, L]
-            y = F.scaled_dot_product_attention(q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask)
+            if t == 1 and torch.compiler.is_compiling():
+                y = self._one_token(q, k_all, v_all, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask)
         return linear(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), self.o_proj)
