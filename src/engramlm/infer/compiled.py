@@ -12,6 +12,11 @@ steps of a batch (no recompilation per step):
   as eager), the static logits are recomputed in-graph instead of cached by version counters;
 * MoE layers (their expert loop reads the routing back to the host) run eagerly between graphs.
 
+What keeps a step cheap: each engine compiles its own copy of the step function (dynamo caches graphs
+per code object, so two engines never check each other's guards); inside the graph the KV write is an
+indexed ``index_put_`` that inductor does in place, and the one-query attention, the mHC mix and the
+Engram gate are reductions inductor fuses rather than extern calls.
+
 The prefill (variable length) stays eager. Inductor needs a C++ compiler: without one, or on any
 error while compiling, the engine warns once and decodes eagerly; the step it was running is
 rolled back (KV lengths, conv history) and re-run eagerly, so the output is unaffected.
