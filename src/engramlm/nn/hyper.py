@@ -134,7 +134,15 @@ _LIB.define("sinkhorn(Tensor logits, int n_iters) -> Tensor")
 def _sinkhorn_impl(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
     """:func:`sinkhorn` as one opaque op for ``torch.compile``: the compiled decode step calls the same
     Numba loop as eager inference (bit-identical H_res) instead of tracing 2 * n_iters tiny reductions,
-    which would multiply the generated kernels and the compile time. Inference only (no autograd)."""
+    which would multiply the generated kernels and the compile time. Inference only (no autograd).
+    Host fp32 goes straight to the Numba loop (the same call :func:`sinkhorn` makes, without its checks and
+    copies: ~8 µs less per call, 16 calls per decode step)."""
+    m = logits.shape[-1]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() >= 2 and logits.shape[-2] == m:
+        kernel = _sinkhorn_kernel()
+        if kernel is not None:
+            flat = logits.detach().contiguous().numpy().reshape(-1, m, m)
+            return torch.from_numpy(kernel(flat, n_iters)).view(logits.shape)
     return sinkhorn(logits, n_iters)
 
 
