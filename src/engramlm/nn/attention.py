@@ -135,7 +135,7 @@ class Attention(nn.Module):
         g = h // self.n_kv_heads
         qg = q.reshape(b, self.n_kv_heads, g, 1, dh) * dh**-0.5  # GQA: the query heads of one kv head together
         scores = (qg * k[:, :, None]).sum(-1)  # [B, n_kv, g, L]
-        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))  # mask [B, 1, 1, L] -> [B, 1, 1, L]
+        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))  # [B, 1, 1, L], over (n_kv, g)
         p = scores.softmax(-1)
         y = (p[..., None] * v[:, :, None]).sum(-2)  # [B, n_kv, g, Dh]
         return y.reshape(b, h, 1, dh)
