@@ -80,3 +80,20 @@ def test_rope_table_and_norm() -> None:
     assert cos.shape == (5, 4)  # cached table reused: at least the requested length
     rope.apply_rotary(x, torch.tensor([0, 1, 2, 3, 40]))  # grows the cache on demand
     assert rope.tables(3, x.device, torch.float32)[0].shape[0] >= 41
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_one_token_attention_equals_sdpa_over_a_masked_cache(n_kv: int) -> None:
+    """The compiled decode step's one-query attention (product-sums) equals SDPA with the cache mask,
+    GQA included, rows at different lengths (unwritten slots masked)."""
+    torch.manual_seed(3)
+    a = Attention(32, 4, n_kv)
+    b, length, dh = 3, 9, 8
+    q = torch.randn(b, 4, 1, dh)
+    k, v = torch.randn(b, n_kv, length, dh), torch.randn(b, n_kv, length, dh)
+    slots = torch.tensor([[0], [4], [8]])  # each row's new token sits at its own length
+    mask = torch.arange(length)[None, None, None, :] <= slots[:, None, :, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, a._repeat_kv(k), a._repeat_kv(v), attn_mask=mask)
+    torch.testing.assert_close(a._one_token(q, k, v, mask), want, rtol=1e-5, atol=1e-6)
+    k[0, :, 1:] = 1e4  # what row 0 must not see: its masked slots
+    torch.testing.assert_close(a._one_token(q, k, v, mask)[0], want[0], rtol=1e-5, atol=1e-6)

@@ -150,3 +150,15 @@ def test_inference_coefficients_equal_autograd_and_follow_weight_updates() -> No
         with torch.no_grad():  # an optimiser-like in-place step: the cache must notice
             hc.res_logits.add_(torch.randn(4, 4))
             hc.alpha_post.mul_(2)
+
+
+def test_sinkhorn_op_is_the_eager_host_sinkhorn_bit_for_bit() -> None:
+    """The compiled step's ``engramlm::sinkhorn`` takes a shortcut to the Numba loop: same matrices as
+    :func:`sinkhorn` (batched, unbatched, non-contiguous, wide logits that take the log-domain loop)."""
+    from engramlm.nn.hyper import _sinkhorn_op
+
+    torch.manual_seed(4)
+    wide = torch.randn(2, 4, 4)
+    wide[:, 0] += 800.0  # row maxima 800 apart: the log-domain loop
+    for z in (torch.randn(8, 1, 4, 4) * 3, torch.randn(3, 5, 4, 4), torch.randn(4, 4).t(), wide):
+        assert torch.equal(_sinkhorn_op(z, 20), sinkhorn(z, 20))

@@ -82,6 +82,30 @@ def test_compiled_greedy_equals_eager_one_graph_per_batch_size() -> None:
 
 @needs_cxx
 @pytest.mark.slow
+def test_two_engines_keep_their_graphs_apart() -> None:
+    """Each engine's graphs sit on its own code object, so one engine's steps never evaluate the other
+    model's guards first; interleaved, both still give eager's tokens and nothing recompiles."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+
+    models = [build(), build(hidden=48)]
+    want = []
+    for m in models:
+        with Engine(m) as eager:
+            want.append(eager.generate(PROMPTS, GREEDY).tokens)
+    engines = [Engine(m, compile=True) for m in models]
+    try:
+        assert engines[0].compiled.code is not engines[1].compiled.code
+        for _ in range(2):  # interleaved, as the benchmark runs them
+            for eng, w in zip(engines, want, strict=True):
+                assert eng.generate(PROMPTS, GREEDY).tokens == w
+        assert [len(entries(e.compiled.code)) for e in engines] == [1, 1]  # each: its own one graph
+    finally:
+        for e in engines:
+            e.close()
+
+
+@needs_cxx
+@pytest.mark.slow
 def test_compiled_with_moe_layers_and_a_table_tier_equals_eager() -> None:
     """MoE layers run eagerly between graphs; rows from a prefetcher are taken before the compiled step."""
     model = build(moe=True)

@@ -35,15 +35,22 @@ def test_fused_packed_linear_equals_the_separate_projections() -> None:
 
 
 def test_one_row_products_equal_f_linear() -> None:
-    """Batch-1 decode: one row through the transposed copy (fused groups and a bias too), fp32 rounding apart."""
+    """Batch-1 decode: one row through the transposed copy (fused groups and a bias too), fp32 rounding apart;
+    a narrowing weight (down-like) at one row and a 24-wide one (mHC-like) at a few rows take the other layouts."""
     torch.manual_seed(2)
-    layers = [nn.Linear(64, n, bias=True) for n in (64, 32)]
+    layers = [nn.Linear(64, n, bias=True) for n in (1024, 32)]
+    assert packed._layout(1, 64, 1056) == 0 and packed._layout(3, 64, 1056) > 0
     x = torch.randn(1, 1, 64)
     with torch.no_grad(), packed_inference():
         got = packed_linear(x, *layers)
         many = packed_linear(x.expand(3, 1, 64), *layers)  # the same weights through the several-row kernel
+        for rows, n_in, n in ((1, 640, 256), (4, 64, 24)):  # one narrowing row: oneDNN; a few rows, 24 wide: transposed
+            narrow = nn.Linear(n_in, n, bias=False)
+            xs = torch.randn(rows, n_in)
+            assert (packed._layout(rows, n_in, n) == 0) == (rows == 4)
+            torch.testing.assert_close(packed_linear(xs, narrow), narrow(xs), rtol=1e-5, atol=1e-5)
     want = torch.cat([layer(x) for layer in layers], -1).detach()
-    assert got.shape == (1, 1, 96)
+    assert got.shape == (1, 1, 1056)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(many[:1], want, rtol=1e-5, atol=1e-5)
 
@@ -57,7 +64,7 @@ def test_packed_copy_is_rebuilt_after_an_in_place_weight_change_and_dropped_with
         layer.weight.mul_(-2.0)  # an optimiser step or load_state_dict writes in place
         after = packed_linear(x, layer)
     torch.testing.assert_close(after, -2.0 * before, rtol=1e-5, atol=1e-5)
-    ptrs = (False, layer.weight.data_ptr())
+    ptrs = (packed._layout(4, 32, 24), layer.weight.data_ptr())
     assert ptrs in packed._CACHE
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     assert set(state) == {"weight"}  # the packed copy is no part of the module's state

@@ -46,10 +46,12 @@ class KVCache:
         a shape or a host int that changed every step would recompile the graph every step."""
         t = k.shape[2]
         if torch.compiler.is_compiling():
+            # An indexed write (index_put_), not scatter_: inductor re-inplaces it into the input buffer,
+            # whereas a functionalised scatter_ copied the whole cache twice per layer and step.
             slots = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
-            idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            self.k.scatter_(2, idx, k.to(self.k.dtype))
-            self.v.scatter_(2, idx, v.to(self.v.dtype))
+            rows = torch.arange(k.shape[0], device=self.lengths.device)[:, None]
+            self.k[rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, n_kv, Dh] at (b, :, slot)
+            self.v[rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
             self.lengths += t
             return self.k, self.v, slots
         if self.bound + t > self.max_len:
@@ -125,6 +127,19 @@ class Attention(nn.Module):
         b, n, length, d = x.shape
         return x[:, :, None].expand(b, n, rep, length, d).reshape(b, n * rep, length, d)
 
+    def _one_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row over the cache, as product-sums inductor fuses into two loops
+        (compiled decode step): at one query the SDPA kernel's setup costs more than the arithmetic.
+        q [B, H, 1, Dh], k/v [B, n_kv, L, Dh], mask [B, 1, 1, L] -> [B, H, 1, Dh]."""
+        b, h, _, dh = q.shape
+        g = h // self.n_kv_heads
+        qg = q.reshape(b, self.n_kv_heads, g, 1, dh) * dh**-0.5  # GQA: the query heads of one kv head together
+        scores = (qg * k[:, :, None]).sum(-1)  # [B, n_kv, g, L]
+        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))  # [B, 1, 1, L], over (n_kv, g)
+        p = scores.softmax(-1)
+        y = (p[..., None] * v[:, :, None]).sum(-2)  # [B, n_kv, g, Dh]
+        return y.reshape(b, h, 1, dh)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -163,5 +178,8 @@ class Attention(nn.Module):
             k_all, v_all, slots = kv_cache.update(k, v)
             keys = torch.arange(k_all.shape[2], device=x.device)
             mask = keys[None, None, None, :] <= slots[:, None, :, None]  # [B, 1, T, L]
-            y = F.scaled_dot_product_attention(q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask)
+            if t == 1 and torch.compiler.is_compiling():
+                y = self._one_token(q, k_all, v_all, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, self._repeat_kv(k_all), self._repeat_kv(v_all), attn_mask=mask)
         return linear(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), self.o_proj)

@@ -359,6 +359,11 @@ class EngramBlock(nn.Module):
         """
         d = self.hidden_size
         eps = torch.finfo(torch.float32).eps if self.gate_norm_eps is None else self.gate_norm_eps
+        if torch.compiler.is_compiling():  # compiled decode: plain reductions, fused by inductor into one loop
+            ssq_h, ssq_k = (hid * hid).sum(-1), (keys * keys).sum(-1)
+            dot = (hid * keys * (self.q_weight * self.k_weight)).sum(-1)
+            score = dot * torch.rsqrt(ssq_h / d + eps) * torch.rsqrt(ssq_k / d + eps) / math.sqrt(d)
+            return signed_sqrt_gate(score, self.gate_signed_sqrt)
         ssq_h = torch.bmm(hid, hid.transpose(1, 2)).diagonal(dim1=1, dim2=2)
         ssq_k = torch.bmm(keys, keys.transpose(1, 2)).diagonal(dim1=1, dim2=2)
         keys.mul_(self.q_weight * self.k_weight)

@@ -8,7 +8,9 @@ reads the packed copy (2-3x faster at 8 rows, ~1.2x at 256, the same maths to fp
 One-row products (batch-1 decode) are matrix-vector products, where oneDNN has no fast path and
 ``F.linear`` reads the [out, in] weight at ~10 GB/s (cold cache, one thread): they read a transposed
 [in, out] copy instead, which one GEMM streams at the ~18 GB/s the core's memory delivers (1.3-1.9x
-for the wide projections and the LM head). Several projections of the same input are packed
+for the wide projections and the LM head), except narrowing products such as ``down``, which read
+oneDNN's layout tuned for one row; at a few rows the 24-wide mHC projections read the transposed copy
+too (per-shape choice in :func:`_layout`). Several projections of the same input are packed
 as ONE weight (q/k/v, gate/up): one call and one pass over the activations instead of three or two.
 
 The packed copy lives in a side table keyed by the weights' storage, never in the state dict, so the
@@ -60,6 +62,21 @@ def packable(x: torch.Tensor) -> bool:
     return _ACTIVE and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
+def _layout(rows: int, n_in: int, n_out: int) -> int:
+    """The weight layout for ``rows`` activation rows against an [n_out, n_in] weight: 0 = the transposed
+    [in, out] copy through one ``mm``; k > 0 = oneDNN's packed layout tuned for k rows.
+
+    Measured at one thread with the weights cold (the benchmark's d = 512 projections, weights cycled
+    through ~96 MB): one row streams fastest transposed (13-25 GB/s; q/k/v, gate/up, ``o_proj``, the
+    Engram ``wkv``, the LM head and the 24-wide mHC projections), except a narrowing product such as
+    ``down`` (1344 -> 512: 16.8 GB/s oneDNN tuned for one row, 11.3 GB/s transposed); from a few rows
+    on oneDNN wins everywhere (12-15 GB/s against 7-8) except the narrow mHC projections (1.6x transposed).
+    """
+    if rows == 1:
+        return 1 if n_in > n_out >= 256 else 0
+    return 0 if rows <= 16 and n_out <= 64 else PACK_HINT_ROWS
+
+
 def _version_key(params: list[torch.Tensor]) -> tuple:
     key = []
     for p in params:
@@ -70,8 +87,8 @@ def _version_key(params: list[torch.Tensor]) -> tuple:
     return tuple(key)
 
 
-def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], one_row: bool) -> tuple:
-    ptrs = (one_row, *(w.data_ptr() for w in weights + biases))
+def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], layout: int) -> tuple:
+    ptrs = (layout, *(w.data_ptr() for w in weights + biases))
     key = _version_key(weights + biases)
     entry = _CACHE.get(ptrs)
     if entry is None or entry[0] != key:
@@ -79,31 +96,46 @@ def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], one_row: bo
             w = torch.cat(weights) if len(weights) > 1 else weights[0]
             w = w.detach().float().contiguous()
             b = (torch.cat(biases) if len(biases) > 1 else biases[0]).detach().float().contiguous() if biases else None
-            if one_row:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
+            if not layout:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
                 entry = (key, w.t().contiguous(), b)
             else:
-                entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT_ROWS), b)
+                entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, layout), b)
         if ptrs not in _CACHE:
             weakref.finalize(weights[0], _CACHE.pop, ptrs, None)
         _CACHE[ptrs] = entry
     return entry
 
 
-@torch.library.custom_op("engramlm::packed_linear", mutates_args=())
-def _packed_linear_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+# The op is registered through the low-level ``torch.library.Library`` API rather than
+# ``torch.library.custom_op``: the latter wraps every call in Python autograd/dispatch layers (~10 µs
+# per call, measured at one thread), and a decode step makes ~50 of these calls. Inference only, so no
+# autograd formula is needed (the callers take this path only with gradients off).
+_LIB = torch.library.Library("engramlm", "FRAGMENT")
+_LIB.define("packed_linear(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor")
+
+
+def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """``x @ cat(weights).T + cat(biases)`` on the cached packed weight (one opaque op for torch.compile)."""
-    if x.numel() == x.shape[-1]:  # one row (batch-1 decode)
-        _, wt, b = _packed(weights, biases, True)
-        x2 = x.reshape(1, x.shape[-1])
+    rows = x.numel() // x.shape[-1]
+    layout = _layout(rows, x.shape[-1], sum(w.shape[0] for w in weights))
+    if not layout:
+        _, wt, b = _packed(weights, biases, 0)
+        x2 = x.reshape(rows, x.shape[-1])
         y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
         return y.view(*x.shape[:-1], wt.shape[1])
-    _, w, b = _packed(weights, biases, False)
+    _, w, b = _packed(weights, biases, layout)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
-@_packed_linear_op.register_fake
+_LIB.impl("packed_linear", _packed_linear_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("engramlm::packed_linear", lib=_LIB)
 def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+_packed_linear_op = torch.ops.engramlm.packed_linear.default
 
 
 def packed_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
