@@ -162,3 +162,17 @@ def test_sinkhorn_op_is_the_eager_host_sinkhorn_bit_for_bit() -> None:
     wide[:, 0] += 800.0  # row maxima 800 apart: the log-domain loop
     for z in (torch.randn(8, 1, 4, 4) * 3, torch.randn(3, 5, 4, 4), torch.randn(4, 4).t(), wide):
         assert torch.equal(_sinkhorn_op(z, 20), sinkhorn(z, 20))
+
+
+def test_host_sinkhorn_handles_widely_spread_logits() -> None:
+    """Logits spread over hundreds (a column far below the rest) must not divide by an underflowed zero sum:
+    the host loop takes the log-domain path there and agrees with the autograd Sinkhorn."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (10.0, 100.0, 200.0, 400.0, 800.0):
+        logits = torch.randn(500, 4, 4, generator=g) * scale
+        logits[:3, :, 1] -= 1000.0  # a whole column far below: the case a row-only check missed
+        with torch.no_grad():
+            fast = sinkhorn(logits, 20)
+        slow = sinkhorn(logits.clone().requires_grad_(), 20).detach()
+        assert torch.isfinite(fast).all(), scale
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4, msg=f"scale {scale}")
