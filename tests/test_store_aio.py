@@ -156,8 +156,8 @@ def test_probe_disagreement_falls_back_to_threads(direct_dir: Path, monkeypatch:
     path = _store(direct_dir, "fp32")
     real = _aio.fetch
 
-    def corrupting(*args: object) -> tuple[int, int, int, int]:
-        res = real(*args)  # type: ignore[arg-type]
+    def corrupting(*args: object, **kw: object) -> tuple[int, int, int, int]:
+        res = real(*args, **kw)  # type: ignore[arg-type]
         args[-1][:] ^= 0xFF  # type: ignore[index]
         return res
 

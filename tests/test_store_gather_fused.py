@@ -61,9 +61,9 @@ def test_fused_gather_equals_generic_path(direct_dir: Path, fmt: str, dtype: tor
     calls = 0
     real_gather = _aio.gather
 
-    def counting(*args: object) -> tuple[int, ...]:
+    def counting(*args: object, **kw: object) -> tuple[int, ...]:
         nonlocal calls
-        result = real_gather(*args)
+        result = real_gather(*args, **kw)
         calls += result[0] != -1  # -1: the buffer was too small, the table grows it and calls again
         return result
 

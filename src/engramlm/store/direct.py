@@ -121,10 +121,14 @@ class DirectFileTable(RowTable):
         self._local = threading.local()
         self._fds = np.zeros(0, np.int64)
         self._no_crcs = np.zeros(0, np.uint32)
+        self._kctx = _aio.KernelContexts()
         self.io_engine, self.engine_reason = "threads", _aio.why_unavailable()
         if io_engine != "threads" and self.engine_reason is None:
             self._fds = _aio.dup_fds(self._fd, min(queue_depth, AIO_MAX_FDS))
             self.io_engine, self.engine_reason = "aio", self._probe_aio()
+            if self.engine_reason is not None and self._kctx.reason is None:  # retry with glibc's POSIX AIO
+                self._kctx.disable(f"kernel AIO: {self.engine_reason}")
+                self.engine_reason = self._probe_aio()
             if self.engine_reason is not None:
                 self._close_dups()
                 self.io_engine = "threads"
@@ -133,6 +137,11 @@ class DirectFileTable(RowTable):
             raise ConfigError(f"io_engine 'aio' cannot run here: {self.engine_reason}")
         if self.io_engine == "threads":
             self._pool = ThreadPoolExecutor(queue_depth, thread_name_prefix="engram-direct")
+
+    @property
+    def aio_submit(self) -> str:
+        """How the aio engine submits: ``kernel`` (Linux AIO, no helper threads) or ``glibc`` (POSIX AIO's threads)."""
+        return "glibc" if self._kctx.reason is not None else "kernel"
 
     def _probe_aio(self) -> str | None:
         """None if the aio engine reads the same bytes as ``os.preadv`` (first and last rows), else why not."""
@@ -185,8 +194,9 @@ class DirectFileTable(RowTable):
         buf = self._aligned(_aio.max_pages(min(idx.size, 64), h.row_bytes) * PAGE)
         while True:
             err, n_pages, bad, first = _aio.fetch(
-                idx, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs, self._crcs is not None, out
-            )
+                idx, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs, self._crcs is not None, out,
+                ctx=self._kctx.get(),
+            )  # fmt: skip
             if err != -1:
                 break
             buf = self._aligned(n_pages * PAGE)  # the plan needs more pages than the buffer holds
@@ -233,7 +243,7 @@ class DirectFileTable(RowTable):
         while True:
             err, n_pages, bad, first, n_unique, lo, hi = _aio.gather(
                 flat, h.num_rows, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs,
-                self._crcs is not None, out,
+                self._crcs is not None, out, ctx=self._kctx.get(),
             )  # fmt: skip
             if err != -1:
                 break
@@ -267,6 +277,7 @@ class DirectFileTable(RowTable):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._kctx.close()
         self._close_dups()
         if self._fd >= 0:
             os.close(self._fd)
