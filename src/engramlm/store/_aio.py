@@ -168,7 +168,7 @@ def _kernels() -> tuple:
         """``err``, after a read of ``cbs``: Numba frees an array after its last use in the code, and the kernel
         (or glibc) reads and writes the control blocks by address until the last request completes, so without
         this use the block array could be freed and reused by another thread's allocation mid-read."""
-        return err if cbs[0, 0] != -1 else err
+        return err | (cbs[0, 1] & 0)
 
     @nb.njit(nogil=True)
     def read(fds, buf_addr, pages, run_slot, run_count):
