@@ -26,14 +26,12 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 import torch
 
 from engramlm.errors import ConfigError
 from engramlm.store.base import RowTable
 
 _STOP = object()
-_NUMPY_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
 class PrefetchHandle(Mapping[int, torch.Tensor]):
@@ -162,18 +160,13 @@ class Prefetcher:
             self._streams[tid] = stream
         return stream
 
-    def _job(self, table: RowTable, ids: np.ndarray, event: Any) -> Callable[[], tuple[torch.Tensor, float]]:
+    def _job(self, table: RowTable, ids: torch.Tensor, event: Any) -> Callable[[], tuple[torch.Tensor, float]]:
         shape = (*ids.shape, table.dim)
-        np_dtype = _NUMPY_OF.get(self.dtype) if self.device.type == "cpu" else None
 
         def run() -> tuple[torch.Tensor, float]:
             t0 = time.perf_counter()
-            if np_dtype is not None:  # NumPy up to the tier's nogil call: no torch op, so no GIL hand-off before it
-                staging_np = np.empty(shape, np_dtype)
-                if table.gather_numpy(ids.reshape(-1), staging_np):
-                    return torch.from_numpy(staging_np), time.perf_counter() - t0
             staging = torch.empty(shape, dtype=self.dtype, pin_memory=self._cuda)
-            table.gather(torch.from_numpy(ids), out=staging)
+            table.gather(ids, out=staging)
             if self._cuda:
                 stream = self._side_stream()
                 with torch.cuda.stream(stream):
@@ -203,13 +196,10 @@ class Prefetcher:
             ids = torch.as_tensor(row_ids[layer])
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise TypeError(f"layer {layer}: row ids must be an integer tensor, got {ids.dtype}")
-            if ids.device.type == "cpu" and ids.dtype == torch.int64:  # a snapshot: the caller may reuse its tensor
-                snap = ids.numpy().copy()  # NumPy: the copy keeps the GIL (a torch op would hand it to a worker)
-            else:
-                snap = ids.detach().to("cpu", torch.int64).numpy().copy()
+            ids = ids.detach().to("cpu", torch.int64, copy=True)  # a snapshot: the caller may reuse its tensor
             event = torch.cuda.Event() if self._cuda else None
             fut: Future = Future()
-            self._queue.put((fut, self._job(self.tables[layer], snap, event)))
+            self._queue.put((fut, self._job(self.tables[layer], ids, event)))
             futures[layer] = fut
             if event is not None:
                 events[layer] = event
