@@ -20,8 +20,6 @@ import torch
 from engramlm.store._dedup import unique_inverse
 from engramlm.store.formats import RowFormat, get_format
 
-_TORCH_OF = {np.float32: torch.float32, np.float16: torch.float16, np.float64: torch.float64}
-
 
 @dataclass
 class StoreStats:
@@ -164,24 +162,9 @@ class RowTable(ABC):
         dedupe -> ``_fetch_unique`` -> expand path.
 
         A tier that can do the whole gather in one GIL-free call (the direct tier's aio kernel, the cache in
-        front of it) overrides this. It takes NumPy arrays, not tensors, so the prefetch worker reaches that call
-        without a torch op (each of which lets the GIL go and costs a hand-off with the decode thread: issue 18).
+        front of it) overrides this, on NumPy arrays (no torch op between the tier's Python and its kernel).
         It must raise :meth:`_out_of_range`'s error for ids outside the table."""
         return None
-
-    def gather_numpy(self, flat: np.ndarray, out: np.ndarray) -> bool:
-        """The fused path on NumPy arrays: rows of int64 ids ``flat`` (C-contiguous, 1-D) into ``out``, a
-        C-contiguous float array whose rows are ``dim`` wide. False (``out`` untouched) when this tier has no
-        fused path for ``out``'s dtype: the caller then uses :meth:`gather`. Counts the request like ``gather``."""
-        dtype = _TORCH_OF.get(out.dtype.type)
-        if dtype is None or flat.size == 0 or out.size != flat.size * self.dim or not out.flags.c_contiguous:
-            return False
-        start = time.perf_counter()
-        n_unique = self._gather_bytes(flat, out.reshape(flat.size, -1).view(np.uint8), dtype)
-        if n_unique is None:
-            return False
-        self._count(flat.size, n_unique, start)
-        return True
 
     def _count(self, n: int, n_unique: int, start: float) -> None:
         self.stats.add(
