@@ -241,6 +241,8 @@ def main() -> None:
         engines["ssd_threads"] = Engine(model, tables, workers=args.workers)
     engine_of = {name: sorted({getattr(getattr(t, "inner", t), "io_engine", "?") for t in tables.values()})
                  for name, tables in zip([n for n in engines if n.startswith("ssd")], opened, strict=True)}  # fmt: skip
+    inners = [getattr(t, "inner", t) for tables in opened for t in tables.values()]
+    aio_submit = sorted({getattr(t, "aio_submit", "-") for t in inners})
     direct_io = all(getattr(getattr(t, "inner", t), "direct_io", False) for tables in opened for t in tables.values())
     mooncake_ctx = contextlib.ExitStack()
     mooncake_info: dict[str, Any] = {"ran": False}
@@ -380,6 +382,7 @@ def main() -> None:
         },
         "direct_io": direct_io,
         "io_engine": engine_of,
+        "aio_submit": aio_submit,  # kernel: Linux AIO (no helper threads); glibc: POSIX AIO's helper threads
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "mooncake": mooncake_info,
         "workload": {"corpus": "stdlib (held-out val+test files)", "tokenizer": "BPE 8k trained on stdlib train",

@@ -156,8 +156,8 @@ def test_probe_disagreement_falls_back_to_threads(direct_dir: Path, monkeypatch:
     path = _store(direct_dir, "fp32")
     real = _aio.fetch
 
-    def corrupting(*args: object) -> tuple[int, int, int, int]:
-        res = real(*args)  # type: ignore[arg-type]
+    def corrupting(*args: object, **kw: object) -> tuple[int, int, int, int]:
+        res = real(*args, **kw)  # type: ignore[arg-type]
         args[-1][:] ^= 0xFF  # type: ignore[index]
         return res
 
@@ -169,3 +169,41 @@ def test_probe_disagreement_falls_back_to_threads(direct_dir: Path, monkeypatch:
         assert torch.equal(table.gather(ids), _reference("fp32").gather(ids))
     with pytest.raises(ConfigError, match="io_engine 'aio' cannot run here: aio probe read different bytes"):
         DirectFileTable(path, FP, io_engine="aio")
+
+
+@pytest.mark.parametrize("submit", ["kernel", "glibc"])
+def test_kernel_and_glibc_submission_under_concurrent_gathers(direct_dir: Path, submit: str) -> None:  # noqa: F811
+    """Linux AIO (one context per thread) and glibc's POSIX AIO read the same rows while four threads gather at once,
+    one page per request (hundreds in flight): the control blocks must outlive the reads, whoever allocates next."""
+    rows = 60_000  # 3,750 pages: a gather is up to ~1,500 one-page requests
+    weights = torch.randn(rows, 64, generator=torch.Generator().manual_seed(1))
+    path = direct_dir / "big.engst"
+    write_store(path, weights, "fp32", FP)
+    table = DirectFileTable(path, FP, max_run_pages=1, io_engine="aio")
+    if submit == "glibc":
+        table._kctx.disable("test: glibc's POSIX AIO")
+    elif table._kctx.reason is not None:
+        pytest.skip(f"Linux AIO unavailable here: {table._kctx.reason}")
+    assert table.aio_submit == submit
+    errors: list[int] = []
+
+    def worker(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(40):
+            ids = torch.randint(0, rows, (int(torch.randint(1, 1500, (1,), generator=g)),), generator=g)
+            try:
+                if not torch.equal(table.gather(ids), weights[ids]):
+                    errors.append(seed)
+            except (OSError, CorruptFileError):  # garbage control blocks: EBADF, EINVAL, a CRC mismatch
+                errors.append(seed)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    contexts = list(table._kctx._all)
+    table.close()
+    assert not errors
+    assert len(set(contexts)) == len(contexts) and (len(contexts) >= 4 if submit == "kernel" else not contexts)
+    assert table._kctx._all == []  # destroyed at close

@@ -19,6 +19,7 @@ from engramlm.hashing.compression import CompressionMap
 from engramlm.hashing.spec import HashSpec, make_layout
 from engramlm.store import _aio
 from engramlm.store import cache as cache_mod
+from engramlm.store import direct as direct_mod
 from engramlm.store._dedup import unique_inverse
 from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
@@ -61,9 +62,9 @@ def test_fused_gather_equals_generic_path(direct_dir: Path, fmt: str, dtype: tor
     calls = 0
     real_gather = _aio.gather
 
-    def counting(*args: object) -> tuple[int, ...]:
+    def counting(*args: object, **kw: object) -> tuple[int, ...]:
         nonlocal calls
-        result = real_gather(*args)
+        result = real_gather(*args, **kw)
         calls += result[0] != -1  # -1: the buffer was too small, the table grows it and calls again
         return result
 
@@ -140,24 +141,32 @@ def test_cached_direct_on_real_text_ids(direct_dir: Path, dsv3_tokenizer_path: P
 
 
 @needs_aio
+@pytest.mark.parametrize("path", ["one-call", "split"])
 @pytest.mark.parametrize("policy", ["lfu", "lru", "static"])
 def test_cached_fused_path_keeps_the_generic_paths_policy(
     direct_dir: Path,  # noqa: F811
     policy: str,
+    path: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two equal caches over the same file, fed the same requests: one through the fused kernels (float32 out),
-    one through dedupe -> ``_fetch_unique`` -> expand (float64 out): same rows, hits, slots and scores."""
-    path = _store(direct_dir, "fp32")
+    one through dedupe -> ``_fetch_unique`` -> expand (float64 out): same rows, hits, slots and scores. The fused
+    cache runs as one kernel call per gather (``one-call``), or, above ``FUSED_MAX_IDS`` ids, as three (``split``)."""
+    file = _store(direct_dir, "fp32")
     ref = _reference("fp32")
     budget = 300 * 64 * 4  # 300 of 3001 rows: eviction on every policy but static
-    fused = CachedTable(DirectFileTable(path, FP, io_engine="aio"), budget, policy)
-    generic = CachedTable(DirectFileTable(path, FP, io_engine="aio"), budget, policy)
+    fused = CachedTable(DirectFileTable(file, FP, io_engine="aio"), budget, policy)
+    generic = CachedTable(DirectFileTable(file, FP, io_engine="aio"), budget, policy)
     expanded: list[int] = []
-    real_expand = cache_mod._expand
-    monkeypatch.setattr(
-        cache_mod, "_expand", lambda rows, inv, out: (expanded.append(inv.size), real_expand(rows, inv, out))
-    )
+    if path == "split":
+        monkeypatch.setattr(direct_mod, "FUSED_MAX_IDS", 63)
+        real_expand = cache_mod._expand
+        monkeypatch.setattr(
+            cache_mod, "_expand", lambda rows, inv, out: (expanded.append(inv.size), real_expand(rows, inv, out))
+        )
+    else:
+        kernel = cache_mod._fused_kernel()
+        monkeypatch.setattr(cache_mod, "_fused_kernel", lambda: lambda *a: (expanded.append(a[0].size), kernel(*a))[1])
     g = torch.Generator().manual_seed(5)
     hot = torch.randint(0, ROWS, (40,), generator=g)
     try:

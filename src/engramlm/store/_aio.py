@@ -28,6 +28,7 @@ import ctypes.util
 import os
 import platform
 import sys
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -94,8 +95,17 @@ if _why_not is None:
         _pread = _fn(_libc, "pread", _c_ssize, _c_int, _c_vp, _c_size, ctypes.c_int64)
         _errno_loc = _fn(_libc, "__errno_location", ctypes.POINTER(ctypes.c_int))
         _crc32 = _fn(_libz, "crc32", ctypes.c_ulong, ctypes.c_ulong, _c_vp, ctypes.c_uint)
+        _c_long = ctypes.c_long  # syscall(2) is variadic; integer arguments pass alike on x86-64 and aarch64 Linux
+        _syscall = _fn(_libc, "syscall", _c_long, _c_long, _c_long, _c_long, _c_long, _c_long, _c_long)
     except AttributeError as exc:  # a libc without POSIX AIO
         _why_not = f"missing symbol: {exc}"
+
+
+# Linux native AIO (io_setup/io_submit/io_getevents): syscall numbers per architecture.
+_SYS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}  # setup, destroy, getevents, submit
+_SYS_SETUP, _SYS_DESTROY, _SYS_GETEVENTS, _SYS_SUBMIT = _SYS.get(platform.machine(), (-1, -1, -1, -1))
+KAIO_EVENTS = 256  # requests in flight per context
+_EAGAIN = 11
 
 
 def why_unavailable() -> str | None:
@@ -115,7 +125,8 @@ def _kernels() -> tuple:
     from engramlm.store._dedup import unique_inverse_kernel
 
     lio_listio, aio_error, aio_return, aio_suspend = _lio_listio, _aio_error, _aio_return, _aio_suspend
-    pread, errno_loc, crc32 = _pread, _errno_loc, _crc32
+    pread, errno_loc, crc32, syscall = _pread, _errno_loc, _crc32, _syscall
+    sys_getevents, sys_submit, n_events = _SYS_GETEVENTS, _SYS_SUBMIT, KAIO_EVENTS
 
     @nb.njit(nogil=True, cache=True)
     def plan(ids, row_bytes, data_offset, max_run_pages):
@@ -151,6 +162,13 @@ def _kernels() -> tuple:
             r += 1
             i = j
         return pages, run_slot[:r], run_count[:r], row_offset
+
+    @nb.njit(nogil=True)
+    def keep_alive(cbs, err):
+        """``err``, after a read of ``cbs``: Numba frees an array after its last use in the code, and the kernel
+        (or glibc) reads and writes the control blocks by address until the last request completes, so without
+        this use the block array could be freed and reused by another thread's allocation mid-read."""
+        return err | (cbs[0, 1] & 0)
 
     @nb.njit(nogil=True)
     def read(fds, buf_addr, pages, run_slot, run_count):
@@ -197,7 +215,91 @@ def _kernels() -> tuple:
                     err = code if code > 0 else 5  # EIO when errno cannot be read
                     break
                 done += k
-        return err
+        return keep_alive(cbs, err)
+
+    @nb.njit(nogil=True)
+    def kread(ctx, fd, buf_addr, pages, run_slot, run_count):
+        """``read`` through the kernel's own AIO context ``ctx``: no helper thread. glibc's POSIX AIO runs each
+        request in one of up to 20 helper threads, which, woken together, preempt the decode thread on the
+        other core (issue 18: ~14 involuntary switches per decode step); here the block layer completes the
+        O_DIRECT reads and only the calling thread wakes. Anything the kernel refuses is read with ``pread``."""
+        n = run_slot.size
+        if n == 0:
+            return 0
+        cbs = np.zeros((n, 8), np.int64)  # struct iocb, 64 bytes (LE): data, key|rw_flags, opcode|prio|fd, buf,
+        ptrs = np.empty(n, np.int64)  # nbytes, offset, reserved, flags|resfd
+        base = cbs.ctypes.data
+        for i in range(n):
+            cbs[i, 0] = i
+            cbs[i, 2] = fd << 32  # aio_lio_opcode 0 = IOCB_CMD_PREAD, aio_reqprio 0, aio_fildes
+            cbs[i, 3] = buf_addr + run_slot[i] * PAGE
+            cbs[i, 4] = run_count[i] * PAGE
+            cbs[i, 5] = pages[run_slot[i]] * PAGE
+            ptrs[i] = base + i * 64
+        got = np.zeros(n, np.int64)
+        status = np.zeros(n, np.int64)  # errno of a request; EAGAIN: finish it with pread
+        events = np.zeros((n_events, 4), np.int64)  # struct io_event: data, obj, res, res2
+        submitted = 0
+        inflight = 0
+        while submitted < n or inflight:
+            if submitted < n and inflight < n_events:
+                k = min(n - submitted, n_events - inflight)
+                r = syscall(sys_submit, ctx, k, ptrs.ctypes.data + submitted * 8, 0, 0)
+                if r > 0:
+                    submitted += r
+                    inflight += r
+                else:
+                    code = nb.carray(errno_loc(), 1)[0] if r < 0 else _EAGAIN
+                    if code == _EINTR:
+                        continue
+                    if not (code == _EAGAIN and inflight):  # refused: the rest is read synchronously below
+                        for i in range(submitted, n):
+                            status[i] = _EAGAIN
+                        submitted = n
+            if inflight:
+                r = syscall(sys_getevents, ctx, 1, min(inflight, n_events), events.ctypes.data, 0)
+                if r < 0:
+                    code = nb.carray(errno_loc(), 1)[0]
+                    if code == _EINTR:
+                        continue
+                    return code if code > 0 else 5  # unreachable with a valid context and buffer
+                for j in range(r):
+                    i = events[j, 0]
+                    res = events[j, 2]
+                    if res < 0:
+                        status[i] = -res
+                    else:
+                        got[i] = res
+                inflight -= r
+        err = 0
+        for i in range(n):
+            e = status[i]
+            if e != 0 and e != _EINTR and e != _EAGAIN:
+                err = e
+                continue
+            done = got[i]
+            want = run_count[i] * PAGE
+            off = pages[run_slot[i]] * PAGE
+            dst = buf_addr + run_slot[i] * PAGE
+            while done < want:  # a short read or a refused request: finish it synchronously
+                k = pread(fd, dst + done, want - done, off + done)
+                if k == 0:
+                    break  # EOF: the last page of the file is partial
+                if k < 0:
+                    code = nb.carray(errno_loc(), 1)[0]
+                    if code == _EINTR:
+                        continue
+                    err = code if code > 0 else 5
+                    break
+                done += k
+        return keep_alive(cbs, err)
+
+    @nb.njit(nogil=True)
+    def read_any(ctx, fds, buf_addr, pages, run_slot, run_count):
+        """Kernel AIO when the thread has a context (``ctx`` != 0), else glibc's POSIX AIO."""
+        if ctx != 0:
+            return kread(ctx, fds[0], buf_addr, pages, run_slot, run_count)
+        return read(fds, buf_addr, pages, run_slot, run_count)
 
     @nb.njit(nogil=True)
     def crcs_of(buf_addr, n, out):
@@ -228,13 +330,13 @@ def _kernels() -> tuple:
                 out[i, j] = buf[o + j]
 
     @nb.njit(nogil=True)
-    def fetch(ids, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out):
+    def fetch(ids, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx):
         """The whole gather: (errno or 0, pages read, bad pages, first bad page or -1)."""
         pages, run_slot, run_count, row_offset = plan(ids, row_bytes, data_offset, max_run_pages)
         if pages.size * PAGE > buf.size:
             return -1, pages.size, 0, -1
         addr = buf.ctypes.data
-        err = read(fds, addr, pages, run_slot, run_count)
+        err = read_any(ctx, fds, addr, pages, run_slot, run_count)
         if err:
             return err, pages.size, 0, -1
         bad, first = 0, -1
@@ -246,7 +348,7 @@ def _kernels() -> tuple:
         return 0, pages.size, 0, -1
 
     @nb.njit(nogil=True)
-    def gather(flat, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out):
+    def gather(flat, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx):
         """Dedupe + fetch + expand: rows of any int64 ids ``flat`` (duplicates, any order) into ``out`` [n, row_bytes].
 
         Returns (status, pages, bad pages, first bad page, unique ids, min id, max id); status is 0, an
@@ -261,7 +363,7 @@ def _kernels() -> tuple:
         if pages.size * PAGE > buf.size:
             return -1, pages.size, 0, -1, nu, lo, hi
         addr = buf.ctypes.data
-        err = read(fds, addr, pages, run_slot, run_count)
+        err = read_any(ctx, fds, addr, pages, run_slot, run_count)
         if err:
             return err, pages.size, 0, -1, nu, lo, hi
         if verify:
@@ -307,9 +409,11 @@ def fetch(
     crcs: np.ndarray,
     verify: bool,
     out: np.ndarray,
+    ctx: int = 0,
 ) -> tuple[int, int, int, int]:
-    """One gather off the GIL: see the module docstring; returns (errno or 0, pages, bad pages, first bad page)."""
-    return _kernels()[4](ids, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out)
+    """One gather off the GIL: see the module docstring; returns (errno or 0, pages, bad pages, first bad page).
+    ``ctx``: the calling thread's kernel AIO context (:class:`KernelContexts`), 0 for glibc's POSIX AIO."""
+    return _kernels()[4](ids, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx)
 
 
 def gather(
@@ -323,9 +427,51 @@ def gather(
     crcs: np.ndarray,
     verify: bool,
     out: np.ndarray,
+    ctx: int = 0,
 ) -> tuple[int, int, int, int, int, int, int]:
-    """A whole gather off the GIL, dedupe and expansion included: see the kernel's docstring."""
-    return _kernels()[5](flat, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out)
+    """A whole gather off the GIL, dedupe and expansion included: see the kernel's docstring (``ctx``: as in fetch)."""
+    return _kernels()[5](flat, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx)
+
+
+class KernelContexts:
+    """One Linux AIO context per thread that reads (``io_getevents`` reaps whatever its context completed, so
+    two threads never share one), created on a thread's first read and destroyed by :meth:`close`.
+
+    ``get()`` is 0, meaning glibc's POSIX AIO, where the syscalls are refused (seccomp, ``fs.aio-max-nr``
+    reached) or after :meth:`disable`; ``reason`` then says why."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[int] = []
+        self.reason: str | None = why_unavailable() or (None if _SYS_SETUP >= 0 else "no AIO syscalls known")
+
+    def get(self) -> int:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = 0
+            if self.reason is None:
+                box = ctypes.c_ulong(0)
+                if _syscall(_SYS_SETUP, KAIO_EVENTS, ctypes.addressof(box), 0, 0, 0) == 0:
+                    ctx = int(box.value)
+                    with self._lock:
+                        self._all.append(ctx)
+                else:
+                    self.reason = f"io_setup failed: {os.strerror(ctypes.get_errno())}"
+            self._local.ctx = ctx
+        return ctx
+
+    def disable(self, reason: str) -> None:
+        """Every thread reads through glibc's POSIX AIO from now on."""
+        self.reason = reason
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            ctxs, self._all = self._all, []
+        for ctx in ctxs:
+            _syscall(_SYS_DESTROY, ctx, 0, 0, 0, 0)
+        self._local = threading.local()  # a thread's next read makes a fresh context (or none, once disabled)
 
 
 def aligned_buffer(local: Any, nbytes: int) -> np.ndarray:

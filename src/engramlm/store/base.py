@@ -156,14 +156,24 @@ class RowTable(ABC):
             return torch.empty(0, self.dim, dtype=torch.float32)
         return self._fetch_unique(ids)
 
-    def _gather_into(self, flat: np.ndarray, out2d: torch.Tensor) -> int | None:
-        """Optional fused path: fill ``out2d`` [n, dim] with the rows of int64 ids ``flat`` and return the
-        number of unique ids, or None to take the generic dedupe -> ``_fetch_unique`` -> expand path.
+    def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
+        """Optional fused path: fill ``out`` (uint8 [n, dim * itemsize], the bytes of C-contiguous ``dtype`` rows)
+        with the rows of int64 ids ``flat`` and return the number of unique ids, or None to take the generic
+        dedupe -> ``_fetch_unique`` -> expand path.
 
-        A tier that can do the whole gather in one GIL-free call (the direct tier's aio kernel) overrides
-        this, so the prefetch worker re-takes the GIL once per gather instead of at every step (issue 18).
+        A tier that can do the whole gather in one GIL-free call (the direct tier's aio kernel, the cache in
+        front of it) overrides this, on NumPy arrays (no torch op between the tier's Python and its kernel).
         It must raise :meth:`_out_of_range`'s error for ids outside the table."""
         return None
+
+    def _count(self, n: int, n_unique: int, start: float) -> None:
+        self.stats.add(
+            requests=1,
+            rows_total=n,
+            rows_unique=n_unique,
+            bytes_used=n_unique * self.row_bytes,
+            time_s=time.perf_counter() - start,
+        )
 
     def _out_of_range(self, lo: int, hi: int) -> IndexError:
         return IndexError(
@@ -193,7 +203,9 @@ class RowTable(ABC):
         flat_np = np.ascontiguousarray(flat.numpy())
         out2d = out.view(-1, self.dim)
         contiguous = out.is_contiguous()
-        n_unique = self._gather_into(flat_np, out2d) if contiguous and out.device.type == "cpu" else None
+        n_unique = None
+        if contiguous and out.device.type == "cpu":
+            n_unique = self._gather_bytes(flat_np, out2d.view(torch.uint8).numpy(), out.dtype)
         if n_unique is None:
             unique_np, inverse_np = unique_inverse(flat_np)
             lo, hi = int(unique_np[0]), int(unique_np[-1])
@@ -206,11 +218,5 @@ class RowTable(ABC):
             else:
                 out2d.copy_(rows.index_select(0, inverse))
             n_unique = unique_np.size
-        self.stats.add(
-            requests=1,
-            rows_total=flat_np.size,
-            rows_unique=n_unique,
-            bytes_used=n_unique * self.row_bytes,
-            time_s=time.perf_counter() - start,
-        )
+        self._count(flat_np.size, n_unique, start)
         return out

@@ -21,12 +21,15 @@ inserts anything, misses come from the inner tier, and slot writes happen under 
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
+from typing import Any
 
 import numba as nb
 import numpy as np
 import torch
 
 from engramlm.errors import ConfigError
+from engramlm.store import _aio
 from engramlm.store._dedup import unique_inverse_kernel
 from engramlm.store.base import RowTable
 
@@ -247,6 +250,43 @@ def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # 
 
 
 _BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+PAGE = 4096
+
+
+@lru_cache(maxsize=1)
+def _fused_kernel() -> Any:
+    """The cached gather in front of the aio direct tier as one ``nogil`` kernel (built on first use: it calls the
+    aio engine's compiled ``fetch``). The worker enters and leaves it once per gather, instead of re-taking the GIL
+    between four calls, each hand-off delaying the decode thread (issue 18)."""
+    fetch = _aio._kernels()[4]
+
+    @nb.njit(nogil=True)
+    def cached_read(
+        flat, num_rows, slot_of, score, slots, policy, tick, table, bits, sample, added, slot_id, used,
+        row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, ctx, out,
+    ):  # fmt: skip  # pragma: no cover - compiled
+        """(status, pages read, bad pages, first bad page, unique ids, misses, sketch count, slots used); status 0,
+        an errno, -1 (``buf`` too small: never, the caller sizes it for every id) or -2 (an id out of range: pages
+        and bad then hold the lowest and highest id). Nothing is admitted unless every page read and verified."""
+        ok, unique, inverse, rows, pos, miss_ids, added = _probe_flat(
+            flat, num_rows, slot_of, score, slots, policy, tick, table, bits, sample, added
+        )
+        nu = unique.size
+        if not ok:
+            return -2, unique[0], unique[nu - 1], -1, nu, 0, added, used
+        n_pages = 0
+        if pos.size:
+            miss = np.empty((pos.size, slots.shape[1]), slots.dtype)
+            err, n_pages, bad, first = fetch(
+                miss_ids, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, miss.view(np.uint8), ctx
+            )
+            if err != 0 or bad:
+                return err, n_pages, bad, first, nu, pos.size, added, used
+            used = _admit(miss_ids, miss, rows, pos, slot_of, slot_id, score, slots, used, policy, tick, table, bits)
+        _expand(rows, inverse, out)
+        return 0, n_pages, 0, -1, nu, pos.size, added, used
+
+    return cached_read
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -337,18 +377,38 @@ class CachedTable(RowTable):
         self.stats.add(hits=int(idx.size - pos.size), misses=int(pos.size))
         return out
 
-    def _gather_into(self, flat: np.ndarray, out2d: torch.Tensor) -> int | None:
-        """The whole cached gather in three ``nogil`` kernel calls when ``out2d`` has the cache's dtype:
-        dedupe + probe (hits copied), the inner tier's read of the misses (one call on the aio direct tier),
-        admit + expand into ``out2d``. Same policy steps as ``_fetch_unique``; no torch op between them."""
-        if out2d.dtype != self.dtype:
+    def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
+        """The whole cached gather off the GIL when ``dtype`` is the cache's: in front of the aio direct tier ONE
+        ``nogil`` call (:func:`_cached_read`: dedupe + probe, the read of the misses, admit + expand), under the
+        lock; in front of any other tier with a fused path, three (probe, the inner tier's read, admit + expand).
+        Same policy steps as ``_fetch_unique``; no torch op between them."""
+        if dtype != self.dtype:
             return None
         if self.capacity == 0:
-            n = self.inner._gather_into(flat, out2d)
+            n = self.inner._gather_bytes(flat, out, dtype)
             if n is not None:
                 self.stats.add(misses=n)
             return n
-        out_bits = _bits(out2d)
+        out_bits = out.view(self._slots_np.dtype)
+        fused = getattr(self.inner, "_fused_read_args", None)
+        args = fused(flat.size, dtype) if fused is not None else None
+        if args is not None:
+            with self._lock:
+                self._tick += 1
+                status, n_pages, bad, first, n_unique, n_miss, self._sk_added, self._used = _fused_kernel()(
+                    flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
+                    self._sk_table, self._sk_bits, self._sk_sample, self._sk_added, self._slot_id, self._used,
+                    *args, out_bits,
+                )  # fmt: skip
+            if status == -2:
+                raise self._out_of_range(int(n_pages), int(bad))
+            if status == -1:
+                raise RuntimeError("page buffer smaller than the plan; _fused_read_args sizes it for every id")
+            if status or bad:
+                self.inner._raise_read_error(int(status), int(bad), int(first))
+            self.inner.stats.add(bytes_read=n_pages * PAGE)
+            self.stats.add(hits=n_unique - n_miss, misses=n_miss)
+            return n_unique
         with self._lock:
             self._tick += 1
             ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
@@ -359,7 +419,7 @@ class CachedTable(RowTable):
             raise self._out_of_range(int(unique[0]), int(unique[-1]))
         if pos.size:
             miss = torch.empty(pos.size, self.dim, dtype=self.dtype)
-            if self.inner._gather_into(miss_ids, miss) is None:
+            if self.inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), dtype) is None:
                 got = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids))
                 miss.copy_(got)  # a decoding tier: its float rows into the cache's dtype
             with self._lock:  # misses copied into rows and admitted in one nogil call

@@ -49,6 +49,7 @@ from engramlm.store.formats import FP32
 from engramlm.store.pages import PAGE, PagePlan, plan_pages
 
 IO_ENGINES = ("auto", "aio", "threads")
+FUSED_MAX_IDS = 1024  # a decode step's ids per layer (B x H_e) stay far below; a prefill takes the split path
 AIO_MAX_FDS = 16  # reads in flight per table with aio; this VM's virtio disk saturates at ~16 (bench_store)
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -121,10 +122,14 @@ class DirectFileTable(RowTable):
         self._local = threading.local()
         self._fds = np.zeros(0, np.int64)
         self._no_crcs = np.zeros(0, np.uint32)
+        self._kctx = _aio.KernelContexts()
         self.io_engine, self.engine_reason = "threads", _aio.why_unavailable()
         if io_engine != "threads" and self.engine_reason is None:
             self._fds = _aio.dup_fds(self._fd, min(queue_depth, AIO_MAX_FDS))
             self.io_engine, self.engine_reason = "aio", self._probe_aio()
+            if self.engine_reason is not None and self._kctx.reason is None:  # retry with glibc's POSIX AIO
+                self._kctx.disable(f"kernel AIO: {self.engine_reason}")
+                self.engine_reason = self._probe_aio()
             if self.engine_reason is not None:
                 self._close_dups()
                 self.io_engine = "threads"
@@ -133,6 +138,11 @@ class DirectFileTable(RowTable):
             raise ConfigError(f"io_engine 'aio' cannot run here: {self.engine_reason}")
         if self.io_engine == "threads":
             self._pool = ThreadPoolExecutor(queue_depth, thread_name_prefix="engram-direct")
+
+    @property
+    def aio_submit(self) -> str:
+        """How the aio engine submits: ``kernel`` (Linux AIO, no helper threads) or ``glibc`` (POSIX AIO's threads)."""
+        return "glibc" if self._kctx.reason is not None else "kernel"
 
     def _probe_aio(self) -> str | None:
         """None if the aio engine reads the same bytes as ``os.preadv`` (first and last rows), else why not."""
@@ -185,8 +195,9 @@ class DirectFileTable(RowTable):
         buf = self._aligned(_aio.max_pages(min(idx.size, 64), h.row_bytes) * PAGE)
         while True:
             err, n_pages, bad, first = _aio.fetch(
-                idx, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs, self._crcs is not None, out
-            )
+                idx, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs, self._crcs is not None, out,
+                ctx=self._kctx.get(),
+            )  # fmt: skip
             if err != -1:
                 break
             buf = self._aligned(n_pages * PAGE)  # the plan needs more pages than the buffer holds
@@ -219,33 +230,48 @@ class DirectFileTable(RowTable):
             view.release()
         return raw, plan.nbytes
 
-    def _gather_into(self, flat: np.ndarray, out2d: torch.Tensor) -> int | None:
-        """The aio engine on a plain format (fp32/bf16) whose dtype is ``out2d``'s: the whole gather, dedupe,
-        read, verification and expansion into ``out2d``, is one ``nogil`` kernel call (see ``_aio.gather``)."""
+    def _fused_read_args(self, n_ids: int, dtype: torch.dtype) -> tuple | None:
+        """What a caller's own ``nogil`` kernel needs to read rows of this table with ``_aio.fetch`` (the cache
+        fuses its probe, this read and its admission into one call), or None where that cannot run: not the aio
+        engine, a format that is not ``dtype`` on disk, or more than ``FUSED_MAX_IDS`` ids (a prefill: the page
+        buffer must be sized before the call for the worst case, every id on its own pages)."""
         h = self.header
-        if self.io_engine != "aio" or getattr(self._format, "dtype", None) != out2d.dtype:
+        if self.io_engine != "aio" or getattr(self._format, "dtype", None) != dtype or n_ids > FUSED_MAX_IDS:
             return None
-        out = out2d.view(torch.uint8).numpy()
-        if out.shape[1] != h.row_bytes:
+        crcs = self._crcs if self._crcs is not None else self._no_crcs
+        buf = self._aligned(_aio.max_pages(n_ids, h.row_bytes) * PAGE)
+        verify = self._crcs is not None
+        return h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs, verify, self._kctx.get()
+
+    def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
+        """The aio engine on a plain format (fp32/bf16) whose dtype is ``dtype``: the whole gather, dedupe,
+        read, verification and expansion into ``out``, is one ``nogil`` kernel call (see ``_aio.gather``)."""
+        h = self.header
+        if self.io_engine != "aio" or getattr(self._format, "dtype", None) != dtype or out.shape[1] != h.row_bytes:
             return None
         crcs = self._crcs if self._crcs is not None else self._no_crcs
         buf = self._aligned(_aio.max_pages(min(flat.size, 64), h.row_bytes) * PAGE)
         while True:
             err, n_pages, bad, first, n_unique, lo, hi = _aio.gather(
                 flat, h.num_rows, h.row_bytes, h.data_offset, self.max_run_pages, self._fds, buf, crcs,
-                self._crcs is not None, out,
+                self._crcs is not None, out, ctx=self._kctx.get(),
             )  # fmt: skip
             if err != -1:
                 break
             buf = self._aligned(n_pages * PAGE)  # the plan needs more pages than the buffer holds
         if err == -2:
             raise self._out_of_range(int(lo), int(hi))
-        if err:
-            raise OSError(err, os.strerror(err), h.path)
-        if bad:
-            raise page_mismatch(h, first - h.data_offset // PAGE, bad)
+        if err or bad:
+            self._raise_read_error(err, bad, first)
         self.stats.add(bytes_read=n_pages * PAGE)
         return int(n_unique)
+
+    def _raise_read_error(self, err: int, bad: int, first: int) -> None:
+        """The aio kernels' failure as the error the threaded engine raises: an errno, or a page CRC mismatch."""
+        h = self.header
+        if err:
+            raise OSError(err, os.strerror(err), h.path)
+        raise page_mismatch(h, first - h.data_offset // PAGE, bad)
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         idx = ids.numpy()
@@ -267,6 +293,7 @@ class DirectFileTable(RowTable):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._kctx.close()
         self._close_dups()
         if self._fd >= 0:
             os.close(self._fd)
