@@ -331,14 +331,7 @@ ADDED_LATER: dict[str, Any] = {
 
 def complete_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's stored config with the fields it predates set to the values it trained with."""
-    out = json.loads(json.dumps(saved))
-    for path, value in ADDED_LATER.items():
-        *parents, leaf = path.split(".")
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})
-        node.setdefault(leaf, value)
-    return out
+    return deep_merge(undot(ADDED_LATER), saved)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
