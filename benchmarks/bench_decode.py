@@ -43,18 +43,25 @@ from engramlm.models.model import EngramLM
 BENCH_VERSION = 5
 
 
+def hf_backbone_shape(c: Any) -> dict[str, int]:
+    """The HF config fields of a ``ModelConfig``'s backbone shape, shared by every same-shape HF peer."""
+    return {
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.mlp_hidden,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads or c.n_heads,
+    }
+
+
 def hf_llama(model: EngramLM) -> torch.nn.Module:
     """A LlamaForCausalLM with the EngramLM's backbone shape, random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
     cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.mlp_hidden,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads or c.n_heads,
+        **hf_backbone_shape(c),
         rope_theta=c.rope_theta,
         max_position_embeddings=4096,
         tie_word_embeddings=c.tie_embeddings,

@@ -196,17 +196,14 @@ def hf_qwen2_moe(trainer: Trainer) -> torch.nn.Module:
     """A Qwen2MoeForCausalLM of the MoE arm's shape (see the module docstring for what differs)."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+    from benchmarks.bench_decode import hf_backbone_shape
+
     c = trainer.model_config
     m = c.moe
     if m is None or m.n_shared > 1:
         raise SystemExit(f"hf qwen2_moe needs a MoE arm with at most one shared expert; got {m}")
     cfg = Qwen2MoeConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.mlp_hidden,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads or c.n_heads,
+        **hf_backbone_shape(c),
         moe_intermediate_size=m.expert_hidden,
         shared_expert_intermediate_size=m.expert_hidden * m.n_shared,
         num_experts=m.n_routed,

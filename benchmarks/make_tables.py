@@ -682,13 +682,17 @@ def _mooncake_headline(res: dict[str, Any]) -> str:
     )
 
 
+def _label(doc: dict[str, Any]) -> str:
+    """A result's own label (e.g. "before this change"), set off after a table's title; empty when it has none."""
+    return f" — *{doc['label']}*" if doc.get("label") else ""
+
+
 def generate_table(doc: dict[str, Any]) -> list[str]:
     """Decode tokens/s with the tables in the model, in RAM, on SSD behind a cache, and in Mooncake."""
     p, m, res = doc["params"], doc["model"], doc["results"]
     w = doc.get("workload", {})
-    label = f" (*{doc['label']}*)" if doc.get("label") else ""
     lines = [
-        f"**End-to-end generation**{label}: {m['parameters'] / 1e6:.0f}M-parameter model ({p['layers']} layers, "
+        f"**End-to-end generation**{_label(doc)}: {m['parameters'] / 1e6:.0f}M-parameter model ({p['layers']} layers, "
         f"d={p['hidden']}), Engram at layers {', '.join(map(str, m['engram_layers']))}, tables "
         f"{m['table_bytes'] / 2**20:,.0f} MiB ({sum(m['table_rows']):,} rows); batch {p['batch']}, prompt "
         f"{p['prompt']}, {p['steps']} decode steps ({w.get('decode', 'real text')}, {w.get('corpus', '')}), "
@@ -1198,9 +1202,9 @@ def _med_iqr(s: dict[str, Any]) -> str:
 def decode_vs_hf_table(doc: dict[str, Any]) -> list[str]:
     """Greedy generate: engramlm vs HF transformers on a same-shape Llama, and the Engram layers' share."""
     m, p = doc["model"], doc["params"]
-    label = f" — *{doc['label']}*" if doc.get("label") else ""
     lines = [
-        f"**Decode vs HF transformers {doc['transformers']}** (v{doc['version']}{label}): same shape (d={m['hidden']}, "
+        f"**Decode vs HF transformers {doc['transformers']}** (v{doc['version']}{_label(doc)}): same shape "
+        f"(d={m['hidden']}, "
         f"{m['layers']} layers, {m['heads']} heads, MLP {m['mlp_hidden']}, vocab {m['vocab']:,}; engramlm adds "
         f"M={m['hc_mult']} hyper-connection branches and Engram at layers {m['engram_layers']}, tables in the "
         f"model); prompt {p['prompt']} real-text tokens, {p['steps']} new tokens per sequence, greedy, one "
@@ -1417,9 +1421,9 @@ def train_step_table(doc: dict[str, Any]) -> list[str]:
     moe = m.get("moe")
     moe_s = (f"; MoE arm: layer 0 dense, then {moe['n_routed']} routed experts of width {moe['expert_hidden']}, "
              f"top {moe['top_k']}, {moe['n_shared']} shared") if moe else ""  # fmt: skip
-    label = f" — *{doc['label']}*" if doc.get("label") else ""
     lines = [
-        f"**Training step vs HF transformers {doc['transformers']}** (v{doc['version']}{label}): configs/sotu_*.toml "
+        f"**Training step vs HF transformers {doc['transformers']}** (v{doc['version']}{_label(doc)}): "
+        "configs/sotu_*.toml "
         f"(d={m['hidden']}, {m['layers']} layers, {m['heads']} heads, MLP {m['mlp_hidden']}, vocab {m['vocab']:,}"
         f"{moe_s}); one step = forward + backward + clip + optimizer + zero_grad on the same real batch of "
         f"`{Path(p['data']).name}` "
