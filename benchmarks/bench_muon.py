@@ -66,7 +66,8 @@ def _orthogonalize_many_v2(mats: list[torch.Tensor], steps: int) -> list[torch.T
     for (rows, cols), idx in buckets.items():
         stack = torch.cat([mats[i].reshape(-1, rows, cols) for i in idx]) if len(idx) > 1 else mats[idx[0]]
         stack = stack.reshape(-1, rows, cols)
-        per = max(1, muon_mod.CPU_CHUNK_BYTES // (rows * cols * 4)) if stack.device.type == "cpu" else 1 << 62
+        v2_bytes = muon_mod.CPU_CHUNK_BYTES[torch.float32]  # version 2's one chunk size (fp32 only)
+        per = max(1, v2_bytes // (rows * cols * 4)) if stack.device.type == "cpu" else 1 << 62
         res = []
         for chunk in stack.split(per):
             x = chunk.float()
