@@ -26,7 +26,6 @@ from engramlm.models.evaluate import evaluate
 from engramlm.models.locate import list_checkpoints
 from engramlm.train import TrainConfig, Trainer, read_metrics
 from engramlm.train.muon import MUON_NUMERICS_VERSION
-from engramlm.train.optim import ADAMW_NUMERICS_VERSION
 from engramlm.utils.io import atomic_open
 
 RESULT_FILE = "arm_result.json"
@@ -88,8 +87,6 @@ def _result_key(cfg: TrainConfig, size: dict[str, Any]) -> dict[str, Any]:
     key = {"train_config": cfg.to_dict(), "eval_tokens": size["eval_tokens"]}
     if cfg.optim.use_muon:  # Muon's numerics changed in version 2 (fused, batched Newton-Schulz)
         key["muon_numerics"] = MUON_NUMERICS_VERSION
-    if ADAMW_NUMERICS_VERSION > 1:  # every arm's embedding, LM head and norms (version 2: fused AdamW)
-        key["adamw_numerics"] = ADAMW_NUMERICS_VERSION
     for drop in ("threads", "checkpoint_every", "keep_checkpoints", "progress", "out_dir"):
         key["train_config"].pop(drop, None)
     return json.loads(json.dumps(key))

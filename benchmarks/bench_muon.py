@@ -51,7 +51,6 @@ from benchmarks._common import gemm_rate, paired_ratios, stats, write_result
 from engramlm.models.accounting import count_parameters
 from engramlm.train import Trainer, load_train_config
 from engramlm.train.muon import MUON_NUMERICS_VERSION, NS_COEFFS, NS_DTYPES, Muon, ns_coefficients, orthogonalize
-from engramlm.train.optim import ADAMW_NUMERICS_VERSION
 
 CONFIG = "configs/sotu_engram_moe.toml"
 BEFORE = "v2 fp32 (before)"
@@ -316,7 +315,6 @@ def main() -> None:
             **vars(args),
             "tokens_per_step": tokens,
             "muon_numerics_version": MUON_NUMERICS_VERSION,
-            "adamw_numerics_version": ADAMW_NUMERICS_VERSION,
         },
         "load_average_before_after": [list(load_before), list(load_after)],
         "flops": {"backbone_6_p_act_per_step": backbone_flops, "p_act": counts.p_act},

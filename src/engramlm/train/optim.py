@@ -28,10 +28,6 @@ from engramlm.train.config import OptimConfig
 from engramlm.train.muon import Muon
 from engramlm.train.sparse_adam import SparseRowAdam
 
-# Bumped whenever the dense AdamW's numerics change (benchmarks/_arms.py keys cached arm results on it):
-# 1 = torch's single-tensor AdamW; 2 = the fused kernel.
-ADAMW_NUMERICS_VERSION = 2
-
 
 def split_parameters(model: EngramLM) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter], dict[int, Any]]:
     """(muon params, adamw params, engram tables), each keyed by a stable name."""
@@ -87,9 +83,10 @@ class OptimizerSet:
         no_decay = [p for p in adamw.values() if p.dim() < 2]
         groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]  # fmt: skip
-        # fused: one kernel per tensor (measured on the CPU head-to-head's embedding, LM head and norms: 3 ms a
-        # step against 22 ms single-tensor and 18 ms foreach); the same update, rounded differently in the last bits
-        self.adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+        # Not fused=True (3 ms a step here against ~12-22 ms): torch's fused kernel updates the weights without
+        # bumping their version counters, which the packed-weight caches (nn.packed, nn.hyper) key on, so an eval
+        # after it ran on stale weights (tests/test_train_cli.py's resume check caught it).
+        self.adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
         self.adamw_order = [n for n, p in adamw.items() if p.dim() >= 2] + [n for n, p in adamw.items() if p.dim() < 2]
         outside = dict(table_backends or {})
         in_ram = {lid: t for lid, t in tables.items() if lid not in outside}
@@ -197,8 +194,7 @@ class OptimizerSet:
             params = [p for g in opt.param_groups for p in g["params"]]
             for name, p in zip(names, params, strict=True):
                 head = f"{prefix}/{name}/"
-                # on the parameter's device: the fused AdamW keeps its step count there too
-                entry = {k[len(head) :]: v.to(p.device, copy=True) for k, v in tensors.items() if k.startswith(head)}
+                entry = {k[len(head) :]: v.clone() for k, v in tensors.items() if k.startswith(head)}
                 if entry:
                     opt.state[p] = entry
         if self.sparse is not None:
