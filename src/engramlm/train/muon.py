@@ -311,8 +311,10 @@ class Muon(torch.optim.Optimizer):
 
         The same operations in the same order per element as :meth:`_step_whole` (bitwise equal: a
         matrix's GEMMs do not depend on its batch, and adding a bf16 update to an fp32 weight computes in
-        fp32 as adding its fp32 copy does); what it saves is memory traffic (no model-sized Nesterov
-        input, fp32 result or separate decay pass) and chains of one matrix where a shape has many.
+        fp32 as adding its fp32 copy does, and writing the Nesterov input into a bf16 tensor rounds it as
+        casting it does); what it saves is memory traffic (no model-sized Nesterov input, fp32 result or
+        separate decay pass; the input is written in the iteration's dtype) and chains of one matrix where a
+        shape has many.
         """
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         coeffs = ns_coefficients(self.ns_schedule, group["ns_steps"])
@@ -324,12 +326,18 @@ class Muon(torch.optim.Optimizer):
                      self.state[p]["momentum_buffer"].view(-1, rows, cols)) for p in ps]  # fmt: skip
             alpha = -lr * _scale(ps[0])
             for chunk in _pieces([f[0].shape[0] for f in flat], _chunk(rows, cols, device, self.ns_dtype)):
-                inputs = []
+                # the chain's input, cast as it is written (no fp32 copy, no cat)
+                x = torch.empty(sum(e - s for _, s, e in chunk), rows, cols, dtype=self.ns_dtype, device=device)
+                at = 0
                 for i, s, e in chunk:
                     _w, g, buf = (t[s:e] for t in flat[i])
                     buf.mul_(mom).add_(g)
-                    inputs.append(torch.add(g, buf, alpha=mom) if self.nesterov else buf)
-                x = _iterate(inputs[0] if len(inputs) == 1 else torch.cat(inputs), coeffs, self.ns_dtype)
+                    if self.nesterov:
+                        torch.add(g, buf, alpha=mom, out=x[at : at + e - s])
+                    else:
+                        x[at : at + e - s].copy_(buf)
+                    at += e - s
+                x = _iterate(x, coeffs, self.ns_dtype)
                 at = 0
                 for i, s, e in chunk:
                     w = flat[i][0][s:e]
