@@ -302,6 +302,7 @@ def main() -> None:
             "tokens_per_s": tokens / med,
             "matmul_rate_fraction": (backbone_flops + nsf) / med / rate,
             "muon_speedup_over_before": stats(paired_ratios(muon_s[BEFORE], muon_s[n])),
+            "muon_speedup_over_v3_stage_by_stage": stats(paired_ratios(muon_s[V3_BEFORE], muon_s[n])),
         }
     tr.close()
     qual = None
@@ -329,7 +330,8 @@ def main() -> None:
     print(f"backbone {backbone_flops / 1e9:.1f} GFLOP/step; fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s; "
           f"load {load_before[0]:.1f} -> {load_after[0]:.1f}")  # fmt: skip
     for n, a in arms.items():
-        print(f"{n}: Muon {a['muon_s']['median']:.2f} s ({a['muon_speedup_over_before']['median']:.2f}x before), "
+        print(f"{n}: Muon {a['muon_s']['median']:.2f} s ({a['muon_speedup_over_before']['median']:.2f}x v2, "
+              f"{a['muon_speedup_over_v3_stage_by_stage']['median']:.2f}x v3 stage by stage), "
               f"step {a['step_s']['median']:.2f} s, optimizer {a['optimizer_share']['median']:.0%} of the step, "
               f"{a['tokens_per_s']:,.0f} tokens/s, {a['matmul_rate_fraction']:.0%} of the matmul rate")  # fmt: skip
     if qual:
