@@ -285,7 +285,8 @@ class Muon(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-            if world == 1:
+            contiguous = all(p.is_contiguous() and self.state[p]["momentum_buffer"].is_contiguous() for p in params)
+            if world == 1 and contiguous:  # (the chunked step writes through views of the weights and buffers)
                 self._step_chunked(group, params)
             else:
                 self._step_whole(group, params)
@@ -322,7 +323,7 @@ class Muon(torch.optim.Optimizer):
         for p in params:
             buckets.setdefault((p.shape[-2], p.shape[-1], p.device), []).append(p)
         for (rows, cols, device), ps in buckets.items():
-            flat = [(p.view(-1, rows, cols), p.grad.view(-1, rows, cols),
+            flat = [(p.view(-1, rows, cols), p.grad.reshape(-1, rows, cols),
                      self.state[p]["momentum_buffer"].view(-1, rows, cols)) for p in ps]  # fmt: skip
             alpha = -lr * _scale(ps[0])
             for chunk in _pieces([f[0].shape[0] for f in flat], _chunk(rows, cols, device, self.ns_dtype)):
