@@ -54,6 +54,11 @@ from engramlm.train.muon import MUON_NUMERICS_VERSION, NS_COEFFS, NS_DTYPES, Muo
 
 CONFIG = "configs/sotu_engram_moe.toml"
 BEFORE = "v2 fp32 (before)"
+# The default's step as of numerics version 3 (same numerics): every stage over all parameters in turn (foreach
+# momentum, a model-sized Nesterov input and fp32 result) with 256 KiB chunks in every dtype, the before of the
+# one-process chunked step (Muon._step_chunked, the default's own row).
+V3_BEFORE = "default, v3 stage by stage (before)"
+V3_CHUNK_BYTES = {torch.float32: 256 << 10, torch.bfloat16: 256 << 10}
 
 
 def _orthogonalize_many_v2(mats: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
@@ -66,7 +71,8 @@ def _orthogonalize_many_v2(mats: list[torch.Tensor], steps: int) -> list[torch.T
     for (rows, cols), idx in buckets.items():
         stack = torch.cat([mats[i].reshape(-1, rows, cols) for i in idx]) if len(idx) > 1 else mats[idx[0]]
         stack = stack.reshape(-1, rows, cols)
-        per = max(1, muon_mod.CPU_CHUNK_BYTES // (rows * cols * 4)) if stack.device.type == "cpu" else 1 << 62
+        v2_bytes = muon_mod.CPU_CHUNK_BYTES[torch.float32]  # version 2's one chunk size (fp32 only)
+        per = max(1, v2_bytes // (rows * cols * 4)) if stack.device.type == "cpu" else 1 << 62
         res = []
         for chunk in stack.split(per):
             x = chunk.float()
@@ -120,8 +126,11 @@ def ns_flops(opt: Muon, steps: int) -> float:
     return total
 
 
-def variants(muon: Muon, pe_steps: list[int]) -> dict[str, tuple[Callable[[], None], str, str, int]]:
-    """name -> (step function, dtype, schedule, steps); each sets the optimizer's options, then steps."""
+def variants(
+    muon: Muon, pe_steps: list[int], default: tuple[str, str, int]
+) -> dict[str, tuple[Callable[[], None], str, str, int]]:
+    """name -> (step function, dtype, schedule, steps); each sets the optimizer's options, then steps.
+    ``default``: the config's (dtype, schedule, steps), also timed as :data:`V3_BEFORE`."""
 
     def run(dtype: str, schedule: str, steps: int) -> Callable[[], None]:
         def fn() -> None:
@@ -132,7 +141,22 @@ def variants(muon: Muon, pe_steps: list[int]) -> dict[str, tuple[Callable[[], No
 
         return fn
 
+    def stage_by_stage(dtype: str, schedule: str, steps: int) -> Callable[[], None]:
+        def fn() -> None:
+            saved = dict(muon_mod.CPU_CHUNK_BYTES)
+            muon_mod.CPU_CHUNK_BYTES.update(V3_CHUNK_BYTES)
+            muon._step_chunked = muon._step_whole  # type: ignore[method-assign]
+            try:
+                run(dtype, schedule, steps)()
+            finally:
+                del muon._step_chunked
+                muon_mod.CPU_CHUNK_BYTES.update(saved)
+
+        return fn
+
     out = {BEFORE: (lambda: _step_v2(muon), "fp32", "quintic", 5)}
+    d = default
+    out[V3_BEFORE] = (stage_by_stage(*d), *d)
     for dtype in ("fp32", "bf16"):
         out[f"quintic 5 {dtype}"] = (run(dtype, "quintic", 5), dtype, "quintic", 5)
         for n in pe_steps:
@@ -153,6 +177,7 @@ def quality(config: str, overrides: list[str], at: list[int], specs: dict[str, t
         return real(mats, *args, **kwargs)
 
     muon_mod.orthogonalize_many = spy
+    tr.optim.muon._step_chunked = tr.optim.muon._step_whole  # type: ignore[method-assign]  # (bitwise equal) calls it
     try:
         for s in range(max(at) + 1):
             raw = tr.loader.batch_at(s)
@@ -204,6 +229,7 @@ def main() -> None:
     p.add_argument("--quality-steps", type=int, nargs="*", default=[1, 4, 10, 20],
                    help="training steps whose Muon inputs score each variant against U V^T (none: skip)")  # fmt: skip
     p.add_argument("--out", default="muon")
+    p.add_argument("--label", default=None, help="a note shown in the README table's title")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -212,7 +238,8 @@ def main() -> None:
           f"threads={args.threads}"]  # fmt: skip
     tr = Trainer(load_train_config(args.config, ov))
     muon, optim = tr.optim.muon, tr.optim
-    table = variants(muon, args.pe_steps)
+    o = tr.config.optim
+    table = variants(muon, args.pe_steps, (o.muon_ns_dtype, o.muon_ns_schedule, o.muon_ns_steps))
     names = list(table)
     muon_s: dict[str, list[float]] = {n: [] for n in names}
     rest_s: list[float] = []
@@ -275,15 +302,21 @@ def main() -> None:
             "tokens_per_s": tokens / med,
             "matmul_rate_fraction": (backbone_flops + nsf) / med / rate,
             "muon_speedup_over_before": stats(paired_ratios(muon_s[BEFORE], muon_s[n])),
+            "muon_speedup_over_v3_stage_by_stage": stats(paired_ratios(muon_s[V3_BEFORE], muon_s[n])),
         }
     tr.close()
     qual = None
     if args.quality_steps:
-        specs = {n: table[n][1:] for n in names if n != BEFORE}
+        specs = {n: table[n][1:] for n in names if n not in (BEFORE, V3_BEFORE)}
         specs.setdefault("polar_express 5 fp32", ("fp32", "polar_express", 5))  # same cost as the default: scored only
         qual = quality(args.config, [*ov[:1], f"out_dir={tmp / 'quality'}", *ov[2:]], args.quality_steps, specs)
     result = {
-        "params": {**vars(args), "tokens_per_step": tokens, "muon_numerics_version": MUON_NUMERICS_VERSION},
+        "label": args.label,
+        "params": {
+            **vars(args),
+            "tokens_per_step": tokens,
+            "muon_numerics_version": MUON_NUMERICS_VERSION,
+        },
         "load_average_before_after": [list(load_before), list(load_after)],
         "flops": {"backbone_6_p_act_per_step": backbone_flops, "p_act": counts.p_act},
         "gemm_fp32_flops_per_s": rate,
@@ -297,7 +330,8 @@ def main() -> None:
     print(f"backbone {backbone_flops / 1e9:.1f} GFLOP/step; fp32 GEMM rate {rate / 1e9:.1f} GFLOP/s; "
           f"load {load_before[0]:.1f} -> {load_after[0]:.1f}")  # fmt: skip
     for n, a in arms.items():
-        print(f"{n}: Muon {a['muon_s']['median']:.2f} s ({a['muon_speedup_over_before']['median']:.2f}x before), "
+        print(f"{n}: Muon {a['muon_s']['median']:.2f} s ({a['muon_speedup_over_before']['median']:.2f}x v2, "
+              f"{a['muon_speedup_over_v3_stage_by_stage']['median']:.2f}x v3 stage by stage), "
               f"step {a['step_s']['median']:.2f} s, optimizer {a['optimizer_share']['median']:.0%} of the step, "
               f"{a['tokens_per_s']:,.0f} tokens/s, {a['matmul_rate_fraction']:.0%} of the matmul rate")  # fmt: skip
     if qual:

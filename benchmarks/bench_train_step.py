@@ -48,10 +48,11 @@ import torch
 from benchmarks._common import gemm_rate, paired_ratios, stats, write_result
 from engramlm.models.accounting import count_parameters
 from engramlm.train import Trainer, load_train_config
+from engramlm.train.muon import MUON_NUMERICS_VERSION
 from engramlm.train.schedule import lr_multiplier
 
 # Bumped whenever what a step contains changes, so old and new results never mix.
-BENCH_VERSION = 2  # 2: the ratio without the optimizer, raw optimizer seconds
+BENCH_VERSION = 3  # 2: the ratio without the optimizer, raw optimizer seconds; 3: Muon's one-process chunked step
 
 ARMS = {  # name -> (config, extra overrides)
     "engramlm dense": ("configs/sotu_dense.toml", []),
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         "label": args.label,
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "transformers": transformers.__version__,
+        "muon_numerics_version": MUON_NUMERICS_VERSION,
         "flops": "6 P_act per token (P_act without embedding and LM head; with_head adds V d); vs best fp32 "
         "1024^3 matmul",
         "load_average_before_after": [list(load_before), list(os.getloadavg())],

@@ -947,7 +947,7 @@ def muon_table(doc: dict[str, Any]) -> list[str]:
     load = doc.get("load_average_before_after")
     load_s = f", load average {load[0][0]:.1f} → {load[1][0]:.1f}" if load else ""
     lines = [
-        f"**Muon on the Engram + MoE arm** (`{p['config']}`, {p['tokens_per_step']:,} tokens/step, "
+        f"**Muon on the Engram + MoE arm**{_label(doc)} (`{p['config']}`, {p['tokens_per_step']:,} tokens/step, "
         f"{p['threads']} thread(s), {p['repeats']} steps, every variant on the same gradients, interleaved"
         f"{load_s}): the backbone is {f['backbone_6_p_act_per_step'] / 1e9:.1f} GFLOP/step (6 P_act per token). "
         f"The rest of the step: {_ms(doc['compute_s'])} ms. Muon numerics version {p['muon_numerics_version']}.",
@@ -956,7 +956,7 @@ def muon_table(doc: dict[str, Any]) -> list[str]:
         "| tokens/s | fraction of the fp32 matmul rate |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in _ordered(arms, ("v2 fp32 (before)", "quintic 5 fp32", "quintic 5 bf16")):
+    for name in _ordered(arms, ("v2 fp32 (before)", "default, v3 stage by stage (before)", "quintic 5 fp32")):
         a = arms[name]
         lines.append(
             f"| {name} | {a['newton_schulz_flops_per_step'] / 1e9:.1f} | {_ms(a['muon_s'])} | "

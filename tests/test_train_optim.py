@@ -133,3 +133,19 @@ def test_training_step_never_makes_a_dense_table_grad() -> None:
     tensors, meta = opts.state_tensors()
     assert any(k.startswith("muon/") for k in tensors) and any(k.startswith("sparse/") for k in tensors)
     assert meta["sparse"] == [1]
+
+
+def test_a_step_moves_every_dense_weights_version_counter() -> None:
+    """The packed-weight caches (nn.packed, nn.hyper) are keyed on ``Tensor._version``: an optimiser that writes
+    weights without bumping it (torch's fused AdamW does) would serve the next forward stale weights. Muon's
+    chunked step writes through views, which share their base's counter."""
+    model = _model()
+    opt = OptimizerSet(model, OptimConfig(lr=1e-2, weight_decay=0.1))
+    for p in opt.dense_params:
+        p.grad = torch.randn_like(p)
+    before = {id(p): (p._version, p.detach().clone()) for p in opt.dense_params}
+    opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in opt.dense_params:
+        version, value = before[id(p)]
+        assert p._version > version and not torch.equal(p.detach(), value), names[id(p)]
