@@ -298,6 +298,36 @@ def test_streaming_equals_batch(data, n: int, mode: str, length: int) -> None:
         assert torch.equal(torch.stack(rest, dim=2), batch[:, :, cut:])
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(2, 4),
+    mode=st.sampled_from(["none", "reset"]),
+    length=st.integers(1, 20),
+    row_dtype=st.sampled_from(["int64", "int32"]),
+)
+def test_streaming_host_steps_equal_batch(data, n: int, mode: str, length: int, row_dtype: str) -> None:
+    """Steps without resets take the host (NumPy) path; mixed with masked steps, the ids stay the batch's."""
+    layout = _layout(mode, n, row_dtype=row_dtype)
+    ids = torch.tensor(
+        data.draw(st.lists(st.lists(st.integers(0, 399), min_size=length, max_size=length), min_size=3, max_size=3))
+    )
+    masked = data.draw(st.lists(st.booleans(), min_size=length, max_size=length))  # per step: masks given or None
+    doc = torch.zeros_like(ids, dtype=torch.bool)
+    dead = torch.zeros_like(ids, dtype=torch.bool)
+    for t in range(length):
+        if masked[t]:
+            doc[:, t] = torch.tensor(data.draw(st.lists(st.booleans(), min_size=3, max_size=3)))
+            dead[:, t] = torch.tensor(data.draw(st.lists(st.booleans(), min_size=3, max_size=3)))
+    batch = NgramHasher(layout, backend="torch")(ids, doc, dead)
+    stream = StreamingHasher(layout, batch_size=3)
+    steps = [
+        stream.step(ids[:, t], doc[:, t], dead[:, t]) if masked[t] else stream.step(ids[:, t]) for t in range(length)
+    ]
+    assert all(s.dtype == batch.dtype for s in steps)
+    assert torch.equal(torch.stack(steps, dim=2), batch)
+
+
 def test_hashing_never_in_python_per_token_loop_on_large_input() -> None:
     """A 8 x 4096 batch for two layers hashes fast (the kernel path); guards against regressions."""
     import time

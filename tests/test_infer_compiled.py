@@ -106,6 +106,52 @@ def test_two_engines_keep_their_graphs_apart() -> None:
 
 @needs_cxx
 @pytest.mark.slow
+def test_changed_weights_are_noticed_once_per_batch_and_recompiled() -> None:
+    """The graphs carry no per-step guards on the model's own tensors; the engine checks them once per
+    batch instead. A replaced weight (same layout, other values) and a model moved to float64 are both
+    noticed before the next batch, the graphs are dropped and rebuilt, and the tokens are eager's."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+
+    model = build()
+    with Engine(model) as eager:
+        want = eager.generate(PROMPTS, GREEDY).tokens
+    with Engine(model, compile=True) as eng:
+        assert eng.generate(PROMPTS, GREEDY).tokens == want
+        assert eng.compiled.resets == 0 and len(entries(eng.compiled.code)) == 1
+        before = graphs()
+        assert eng.generate(PROMPTS, GREEDY).tokens == want
+        assert eng.compiled.resets == 0 and graphs() == before  # unchanged model: same graph, no check fails
+
+        blk = model.layers[1]  # replace one weight by another tensor of the same layout, other values
+        old = blk.attn.q_proj.weight
+        blk.attn.q_proj.weight = torch.nn.Parameter(old.detach().flip(0).clone(), requires_grad=old.requires_grad)
+        with Engine(model) as eager:
+            want_new = eager.generate(PROMPTS, GREEDY).tokens
+        assert want_new != want  # the change matters for the argmax
+        assert eng.generate(PROMPTS, GREEDY).tokens == want_new
+        assert eng.compiled.resets == 1 and len(entries(eng.compiled.code)) == 1  # a fresh code object
+
+        # the final norm's weight, same values, as a strided view: only its strides differ, which no input
+        # of the step shows; a graph that read it with the old strides would compute garbage
+        w = model.norm.weight
+        wide = torch.zeros(w.shape[0], 2, dtype=w.dtype)
+        wide[:, 0] = w.detach()
+        model.norm.weight = torch.nn.Parameter(wide[:, 0], requires_grad=w.requires_grad)
+        assert model.norm.weight.stride() == (2,)
+        assert eng.generate(PROMPTS, GREEDY).tokens == want_new
+        assert eng.compiled.resets == 2
+
+        model.to(torch.float64)  # same tensors (``param.data`` swapped in place), another dtype
+        with Engine(model) as eager:
+            want64 = eager.generate(PROMPTS, GREEDY).tokens
+        calls = eng.compiled.calls
+        assert eng.generate(PROMPTS, GREEDY).tokens == want64
+        assert eng.compiled.resets == 3 and eng.compiled.error is None
+        assert eng.compiled.calls - calls == GREEDY.max_new_tokens - 1  # compiled again, not fallen back
+
+
+@needs_cxx
+@pytest.mark.slow
 def test_compiled_with_moe_layers_and_a_table_tier_equals_eager() -> None:
     """MoE layers run eagerly between graphs; rows from a prefetcher are taken before the compiled step."""
     model = build(moe=True)

@@ -7,6 +7,7 @@ rollbacks and prefix-cache hits are handled by recomputing it with :meth:`load_h
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engramlm.hashing.spec import HashLayout
@@ -25,6 +26,14 @@ class StreamingHasher:
         self.offs = torch.from_numpy(layout.offsets).to(self.device)
         self.state = torch.full((batch_size, n_max - 1), self.pad, dtype=torch.long, device=self.device)
         self.out_dtype = torch.int32 if layout.spec.row_id_dtype == "int32" else torch.int64
+        # the same arithmetic in NumPy for the host step without resets: one decode token per row is a few
+        # dozen numbers, where a torch op's dispatch (~5 µs) costs far more than the work (int64 wraps alike)
+        self._np = (
+            layout.multipliers[:, None, :].astype(np.int64),  # [L, 1, N]
+            layout.primes[:, None].astype(np.int64),  # [L, 1, N-1, K]
+            layout.offsets[:, None].astype(np.int64),
+            np.int32 if self.out_dtype == torch.int32 else np.int64,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +61,8 @@ class StreamingHasher:
         ids = ids.to(self.device).reshape(-1)
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"ids must have shape [{self.batch_size}], got {tuple(ids.shape)}")
+        if doc_start is None and dead is None and self.device.type == "cpu":
+            return self._step_host(ids)
         if doc_start is not None and self.layout.spec.boundary_mode == "reset":
             self.state[doc_start.to(self.device).reshape(-1).bool()] = self.pad
         x = self.layout.compression.compress(ids)
@@ -68,6 +79,22 @@ class StreamingHasher:
         if dead is not None:
             self.state[dead.to(self.device).reshape(-1).bool()] = self.pad
         return rows.reshape(rows.shape[0], rows.shape[1], -1).to(self.out_dtype)
+
+    def _step_host(self, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` without resets, on the host in NumPy (bit-identical: the golden tests cover both)."""
+        mult, primes, offs, out = self._np
+        x = self.layout.compression.compress(ids.numpy())
+        window = np.concatenate([x[:, None], self.state.numpy()], axis=1)  # [B, N]: lookback k = column k
+        products = window[None] * mult  # [L, B, N]
+        mix = products[..., 0]
+        mixes = []
+        for k in range(1, products.shape[-1]):
+            mix = mix ^ products[..., k]
+            mixes.append(mix)
+        mu = np.stack(mixes, axis=-1)  # [L, B, N-1]
+        rows = np.remainder(mu[..., None], primes) + offs  # [L, B, N-1, K]
+        self.state = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))
+        return torch.from_numpy(rows.reshape(rows.shape[0], rows.shape[1], -1).astype(out))
 
     def load_history(
         self,

@@ -17,6 +17,16 @@ per code object, so two engines never check each other's guards); inside the gra
 indexed ``index_put_`` that inductor does in place, and the one-query attention, the mHC mix and the
 Engram gate are reductions inductor fuses rather than extern calls.
 
+Loop-invariant checks are hoisted out of the step. The model's parameters and buffers are graph inputs
+(read fresh on every call), and dynamo guards each of them on every step (~220 tensor guards: identity,
+dtype, device, shape, strides), as inductor asserts their sizes and strides; yet nothing changes them
+during a batch. The graphs are compiled without those guards and asserts (``guard_filter_fn``,
+``size_asserts``; every guard on the step's own inputs stays: x, KV buffers, Engram inputs, conv
+history, batch size) and :meth:`CompiledDecode.check_model` compares each parameter's and buffer's
+identity and metadata with what the graphs were compiled for, once per batch (``Engine.stream`` calls it
+before the first step): on any difference it drops the graphs (a fresh code object) and the next step
+compiles anew. The model must therefore not be changed while a batch is being decoded.
+
 The prefill (variable length) stays eager. Inductor needs a C++ compiler: without one, or on any
 error while compiling, the engine warns once and decodes eagerly; the step it was running is
 rolled back (KV lengths, conv history) and re-run eagerly, so the output is unaffected.
@@ -30,7 +40,8 @@ import shutil
 import time
 import types
 import warnings
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -79,11 +90,41 @@ def cxx_compiler() -> str | None:
     return None
 
 
+def model_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``model`` by name (tied ones under each of their names)."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    return named + [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None]
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return (type(t), t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
+
+
+class ModelSignature:
+    """What a compiled graph assumed of the model's tensors: per name, the tensor itself (weakly held) and
+    its type, dtype, device, shape, strides and ``requires_grad``. :meth:`matches` is one pass of tuple
+    compares (~0.5 ms for the benchmark's 216 tensors, once per batch instead of their guards on every step)."""
+
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.names = tuple(n for n, _ in named)
+        self.refs = tuple(weakref.ref(t) for _, t in named)
+        self.meta = tuple(_meta(t) for _, t in named)
+
+    def matches(self, named: Sequence[tuple[str, torch.Tensor]]) -> bool:
+        if len(named) != len(self.names):
+            return False
+        for (name, t), want, ref, meta in zip(named, self.names, self.refs, self.meta, strict=True):
+            if name != want or ref() is not t or _meta(t) != meta:
+                return False
+        return True
+
+
 class CompiledDecode:
     """The compiled one-token step of ``model``; ``__call__`` returns the logits or None (run eagerly).
 
     ``compile_seconds`` sums the wall time of the calls that compiled a graph (first step per batch
-    size), ``calls`` counts compiled steps; after a failure ``error`` says why and every later call
+    size), ``calls`` counts compiled steps, ``resets`` the times :meth:`check_model` found the model's
+    tensors changed and dropped the graphs; after a failure ``error`` says why and every later call
     returns None.
     """
 
@@ -92,14 +133,40 @@ class CompiledDecode:
         self.error: str | None = None
         self.compile_seconds = 0.0
         self.calls = 0
-        self._seen: set[tuple] = set()
-        step = _own_code(_decode_logits, f"{id(self):x}")
-        self.code = step.__code__  # where dynamo keeps this engine's graphs (one per batch size)
-        self._fn = torch.compile(step, dynamic=False)
+        self.resets = 0
+        self._reset()
         if model.training:
             self._fail("the model is in training mode")
         elif next(model.parameters()).device.type == "cpu" and cxx_compiler() is None:
             self._fail("no C++ compiler found (inductor needs one on the CPU)")
+
+    def _reset(self) -> None:
+        """Start over with a fresh code object (no graphs) compiled for the model's tensors as they are now."""
+        self._seen: set[tuple] = set()
+        named = model_tensors(self.model)
+        self.signature = ModelSignature(named)
+        own = {id(t) for _, t in named}
+
+        def keep(entries: list) -> list[bool]:
+            # drop the guards whose value is one of the model's own tensors (check_model checks those once
+            # per batch); keep the rest: module structure, globals and every input of the step itself
+            return [not (e.has_value and id(e.value) in own) for e in entries]
+
+        step = _own_code(_decode_logits, f"{id(self):x}_{self.resets}")
+        self.code = step.__code__  # where dynamo keeps this engine's graphs (one per batch size)
+        self._fn = torch.compile(step, dynamic=False, options={"guard_filter_fn": keep, "size_asserts": False})
+
+    def check_model(self) -> bool:
+        """Whether the model's parameters and buffers are still the tensors (and layouts) the graphs were
+        compiled for; if not, drop the graphs so that the next step compiles for the model as it is.
+
+        Called once per batch (``Engine.stream``), never per step: the hoisted form of the per-step tensor
+        guards the graphs are compiled without. Returns False when it dropped the graphs."""
+        if self.signature.matches(model_tensors(self.model)):
+            return True
+        self.resets += 1
+        self._reset()
+        return False
 
     def _fail(self, why: str) -> None:
         self.error = why

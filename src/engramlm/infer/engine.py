@@ -230,6 +230,8 @@ class Engine:
         stops = torch.tensor(params.stop_tokens, dtype=torch.long)
         if force is not None and tuple(force.shape) != (b, params.max_new_tokens):
             raise ConfigError(f"force: must be [{b}, {params.max_new_tokens}], got {tuple(force.shape)}")
+        if self.compiled is not None and self.compiled.error is None:
+            self.compiled.check_model()  # once per batch: the graphs skip the per-step guards on the weights
         finished = torch.zeros(b, dtype=torch.bool)
         x, lengths = ids, (None if bool((lens == lens[0]).all()) else lens)
         for step in range(params.max_new_tokens):

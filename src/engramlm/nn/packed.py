@@ -78,18 +78,23 @@ def _layout(rows: int, n_in: int, n_out: int) -> int:
 
 
 def _version_key(params: list[torch.Tensor]) -> tuple:
-    key = []
-    for p in params:
-        try:
-            key.append((p._version, p.dtype, tuple(p.shape)))
-        except RuntimeError:  # an inference tensor has no version counter: its pointer must do
-            key.append((-1, p.dtype, tuple(p.shape)))
-    return tuple(key)
+    try:  # (torch.Size compares as a tuple; this runs ~50 times per decode step, so no per-tensor try)
+        return tuple((p._version, p.dtype, p.shape) for p in params)
+    except RuntimeError:  # an inference tensor has no version counter: its pointer must do
+        return tuple((_version_or_none(p), p.dtype, p.shape) for p in params)
+
+
+def _version_or_none(p: torch.Tensor) -> int:
+    try:
+        return p._version
+    except RuntimeError:
+        return -1
 
 
 def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], layout: int) -> tuple:
-    ptrs = (layout, *(w.data_ptr() for w in weights + biases))
-    key = _version_key(weights + biases)
+    tensors = weights + biases if biases else weights
+    ptrs = (layout, *[t.data_ptr() for t in tensors])
+    key = _version_key(tensors)
     entry = _CACHE.get(ptrs)
     if entry is None or entry[0] != key:
         with torch.no_grad():
@@ -116,8 +121,9 @@ _LIB.define("packed_linear(Tensor x, Tensor[] weights, Tensor[] biases) -> Tenso
 
 def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """``x @ cat(weights).T + cat(biases)`` on the cached packed weight (one opaque op for torch.compile)."""
-    rows = x.numel() // x.shape[-1]
-    layout = _layout(rows, x.shape[-1], sum(w.shape[0] for w in weights))
+    n_in = x.shape[-1]
+    rows = x.numel() // n_in
+    layout = _layout(rows, n_in, weights[0].shape[0] if len(weights) == 1 else sum(w.shape[0] for w in weights))
     if not layout:
         _, wt, b = _packed(weights, biases, 0)
         x2 = x.reshape(rows, x.shape[-1])
