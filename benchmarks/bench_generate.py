@@ -237,6 +237,7 @@ def main() -> None:
     engines: dict[str, Engine] = {"model": Engine(model)}
     caches: dict[str, dict[int, CachedTable]] = {}
     opened: list[dict] = []
+
     def suffix(nw: int) -> str:
         return "_inline" if nw == 0 else f"_w{nw}"
 

@@ -591,7 +591,7 @@ class IoSlot:
     """One gather in flight: a kernel AIO context of its own (``io_getevents`` reaps whatever the context
     completed, so two gathers never share one) and the page-aligned buffer its reads write."""
 
-    __slots__ = ("ctx", "arr")
+    __slots__ = ("arr", "ctx")
 
     def __init__(self, ctx: int) -> None:
         self.ctx = ctx

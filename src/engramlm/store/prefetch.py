@@ -46,7 +46,7 @@ class _Inline:
     """One layer's gather started on the caller's thread: ``result()`` completes it, as ``Future.result``
     does for a worker's job, returning (rows on the prefetcher's device, host seconds spent on it)."""
 
-    __slots__ = ("_pending", "_start_s", "_device", "_done")
+    __slots__ = ("_device", "_done", "_pending", "_start_s")
 
     def __init__(self, pending: PendingGather, start_s: float, device: torch.device | None) -> None:
         self._pending, self._start_s, self._device, self._done = pending, start_s, device, False
