@@ -66,9 +66,10 @@ def test_inline_rows_equal_the_worker_pools(direct_dir: Path, fmt: str) -> None:
     inline_t, pool_t = tables(), tables()
     _split(inline_t[1])  # type: ignore[arg-type]
     assert all(t.split_phase for k, t in inline_t.items() if k)  # type: ignore[attr-defined]
-    assert Prefetcher(inline_t).workers == 0  # type: ignore[arg-type]  # the tiers' own choice
+    with Prefetcher(inline_t) as default:  # type: ignore[arg-type]  # the tiers' own choice: the pool (see split_phase)
+        assert default.workers == 2
     rng = np.random.default_rng(7)
-    with Prefetcher(inline_t, dtype=dtype) as inline, Prefetcher(pool_t, workers=2, dtype=dtype) as pool:  # type: ignore[arg-type]
+    with Prefetcher(inline_t, workers=0, dtype=dtype) as inline, Prefetcher(pool_t, workers=2, dtype=dtype) as pool:  # type: ignore[arg-type]
         assert inline.workers == 0
         for step in range(25):
             shape = (2, 40, 6) if step % 5 == 0 else (8, 1, 8)  # a prefill-sized step now and then
@@ -99,7 +100,7 @@ def test_start_returns_with_reads_in_flight_and_each_layer_waits_for_its_own(dir
     _split(direct)
     mem = MemoryTable(ref._format.decode(ref._weights), FP)
     ids = {1: _decode_ids(np.random.default_rng(1)), 2: _decode_ids(np.random.default_rng(2))}
-    with Prefetcher({1: direct, 2: mem}) as pf:
+    with Prefetcher({1: direct, 2: mem}, workers=0) as pf:
         assert pf.workers == 0 and not pf._threads
         handle = pf.start(ids)
         assert len(direct._inflight) == 1  # submitted, not reaped
@@ -169,7 +170,7 @@ def test_dropped_or_closed_with_reads_in_flight_is_safe(direct_dir: Path) -> Non
     _split(direct)
     cached = CachedTable(DirectFileTable(path, FP), 100 * 64 * 4)
     rng = np.random.default_rng(3)
-    with Prefetcher({1: direct, 2: cached}) as pf:
+    with Prefetcher({1: direct, 2: cached}, workers=0) as pf:
         for _ in range(20):  # dropped handles: garbage-collected with reads in flight
             handle = pf.start({1: _decode_ids(rng, 4, 40, 6), 2: _decode_ids(rng, 4, 4, 6)})
             assert len(direct._inflight) == 1 and len(cached.inner._inflight) == 1
@@ -210,3 +211,20 @@ def test_start_gather_of_every_tier_matches_gather(direct_dir: Path) -> None:  #
     assert fp32.start_gather(torch.zeros(0, dtype=torch.int64)).result().shape == (0, 64)
     fp8.close()
     fp32.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the lead's GPU check)")
+def test_inline_on_cuda_gives_the_host_rows(direct_dir: Path) -> None:  # noqa: F811
+    """Inline on CUDA: pinned staging, the copy on the consumer's stream; rows equal the host reference."""
+    ref = _reference("fp32")
+    direct = DirectFileTable(_store(direct_dir, "fp32"), FP)
+    mem = MemoryTable(ref._format.decode(ref._weights), FP)
+    rng = np.random.default_rng(5)
+    with Prefetcher({1: direct, 2: mem}, workers=0, device="cuda") as pf:
+        for _ in range(10):
+            ids = {1: _decode_ids(rng), 2: _decode_ids(rng)}
+            handle = pf.start(ids)
+            for k in (2, 1):
+                rows = handle[k]
+                assert rows.device.type == "cuda" and torch.equal(rows.cpu(), ref.gather(ids[k]))
+    direct.close()

@@ -180,7 +180,8 @@ class RowTable(ABC):
     """
 
     # Prefetch threads that suit this tier when the caller does not choose (``Prefetcher(workers=None)``):
-    # two let one layer's read overlap another's; a tier whose client is itself multi-threaded may want one.
+    # two let one layer's read overlap another's; a tier whose client is itself multi-threaded may want one;
+    # 0 (inline, no thread) suits a gather cheaper than the GIL hand-offs to and from a worker (the memory tier).
     prefetch_workers: int = 2
 
     def __init__(self, header: TableHeader) -> None:
