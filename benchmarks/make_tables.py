@@ -753,7 +753,7 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         tps, ratio = r["tokens_per_second"], r["time_ratio_vs_model"]
         hit, lc = r.get("cache_hit_rate"), r.get("load_corrected_time_ratio_vs_model")
         corrected = "—" if lc is None else "1×" if name == "model" else _x(lc)
-        nw = r.get("prefetch_workers")
+        nw = r.get("prefetch_workers", None if name in ("model",) or name.startswith("mooncake") else p.get("workers"))
         pf = "—" if nw is None else "inline" + (" (split)" if r.get("split_phase") else "") if nw == 0 else str(nw)
         lines.append(
             f"| {name} | {where} | {pf} | {tps['median']:.1f} ({tps['q1']:.1f}–{tps['q3']:.1f}) | "
