@@ -634,8 +634,10 @@ class IoSlots:
             self._free.append(slot)
 
     def close(self) -> None:
+        """Destroy every context; later ``acquire`` calls return None (the table is closed)."""
         with self._lock:
             slots, self._all, self._free = self._all, [], []
+            self.reason = self.reason or "closed"
         for slot in slots:
             _syscall(_SYS_DESTROY, slot.ctx, 0, 0, 0, 0)
 

@@ -572,8 +572,10 @@ class _CachedPending(PendingGather):
                     c._slot_of, c._slot_id, c._score, c._slots_np, c._used, c._policy, self._tick, c._sk_table,
                     c._sk_bits, self._out_bits,
                 )  # fmt: skip
-        finally:
-            self._done()
+        except BaseException:  # the kernel never ran (or was interrupted): reap before the slot is reused
+            self._reap()
+            raise
+        self._done()
         if err or bad:
             inner._raise_read_error(int(err), int(bad), int(first))
         inner.stats.add(bytes_read=int(pages.size) * PAGE)

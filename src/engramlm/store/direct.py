@@ -369,8 +369,10 @@ class _DirectPending(PendingGather):
                 slot.ctx, t._fd, slot.arr, pages, run_slot, run_count, row_offset, inverse, cbs, ptrs, got, rstatus,
                 st, crcs, t._crcs is not None, h.data_offset // PAGE, self._out_bytes,
             )  # fmt: skip
-        finally:
-            self._done()
+        except BaseException:  # the kernel never ran (or was interrupted): reap before the slot is reused
+            self._reap()
+            raise
+        self._done()
         if err or bad:
             t._raise_read_error(int(err), int(bad), int(first))
         t.stats.add(bytes_read=int(pages.size) * PAGE)
