@@ -5,7 +5,11 @@ the same batch decode (``engramlm.infer.Engine``: KV cache, streaming hasher, pe
 of every Engram layer's rows before the forward) with the rows served by
 
 * ``model``       each block's own ``embed.weight`` (the baseline);
-* ``memory``      a :class:`MemoryTable` per layer through the prefetcher (prefetch overhead alone);
+* ``memory``      a :class:`MemoryTable` per layer through the prefetcher (prefetch overhead alone; the tier's
+                  choice: inline, no thread);
+* ``memory_wN``, ``ssd_c0_wN`` the same tables with N prefetch threads (``--pool-workers``, default 2; N = 0 is
+                  named ``_inline``: the direct tier then runs split-phase, ``io_submit`` at start, reap at
+                  wait): the worker pool against inline, paired in one run;
 * ``ssd_cN``      the store file read with O_DIRECT (:class:`DirectFileTable`, page cache out of
                   play) behind a :class:`CachedTable` (LFU) of N% of the table bytes, N in 0..50,
                   so the file is always at least twice the cache budget;
