@@ -8,8 +8,10 @@ of every Engram layer's rows before the forward) with the rows served by
 * ``memory``      a :class:`MemoryTable` per layer through the prefetcher (prefetch overhead alone; the tier's
                   choice: inline, no thread);
 * ``memory_wN``, ``ssd_c0_wN`` the same tables with N prefetch threads (``--pool-workers``, default 2; N = 0 is
-                  named ``_inline``: the direct tier then runs split-phase, ``io_submit`` at start, reap at
-                  wait): the worker pool against inline, paired in one run;
+                  named ``_inline``): the worker pool against the tiers' choice, paired in one run (the direct
+                  tier's choice: inline, its GIL-free I/O thread reading);
+* ``ssd_c0_split`` inline without the I/O thread (``io_thread=False``): ``io_submit`` on the decode thread at
+                  start, reap + CRC + copy at wait;
 * ``ssd_cN``      the store file read with O_DIRECT (:class:`DirectFileTable`, page cache out of
                   play) behind a :class:`CachedTable` (LFU) of N% of the table bytes, N in 0..50,
                   so the file is always at least twice the cache budget;
@@ -260,6 +262,11 @@ def main() -> None:
         if pct == 0:  # the same tables through a worker pool / inline: the prefetch path's own cost, paired
             for nw in args.pool_workers:
                 engines[name + suffix(nw)] = Engine(model, tables, workers=nw)
+            # inline without the I/O thread: io_submit on the decode thread, reaped at wait (the split phase alone)
+            split = {lid: DirectFileTable(getattr(t, "inner", t).header.path, fp, io_thread=False)
+                     for lid, t in tables.items()}  # fmt: skip
+            opened.append(split)
+            engines[name + "_split"] = Engine(model, split, workers=0)
     if not args.no_threads_engine:  # the old I/O engine on the same files, no cache: the before of issue 18
         base = open_tables(store, Tier.DIRECT, fingerprint=fp)
         tables = {lid: DirectFileTable(t.header.path, fp, io_engine="threads") for lid, t in base.items()}
@@ -377,6 +384,9 @@ def main() -> None:
         if pf is not None:
             r["prefetch_workers"] = pf.workers  # 0: inline (started and completed on the decode thread)
             r["split_phase"] = all(t.split_phase for t in engines[n].tables.values())
+            r["io_thread"] = all(
+                getattr(getattr(t, "inner", t), "io_thread", False) for t in engines[n].tables.values()
+            )
         if pf is not None:  # gather time in the workers (prefill + decode): work hidden behind compute
             r["fetch_seconds_per_layer"] = {str(k): m["fetch_s"] for k, m in pf.metrics.items()}
             r["max_wait_seconds_per_layer"] = {str(k): m["max_wait_s"] for k, m in pf.metrics.items()}

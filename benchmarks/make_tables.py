@@ -630,6 +630,8 @@ def _prefetch_how(suffix: str) -> str:
 
 
 def _gen_order(name: str) -> tuple[int, float]:
+    if name == "ssd_c0_split":
+        return (2, 0.0001)
     base, suffix = _pool_suffix(name)
     if suffix and not name.startswith("mooncake"):
         o = _gen_order(base)
@@ -742,6 +744,8 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
             where = "`MemoryTable` via the prefetcher" + _prefetch_how(suffix)
         elif base == "ssd_c0" and suffix:
             where = "SSD (O_DIRECT), no cache" + _prefetch_how(suffix)
+        elif name == "ssd_c0_split":
+            where = "SSD (O_DIRECT), no cache, inline without the I/O thread (`io_submit` on the decode thread)"
         elif name.startswith("ssd_c"):
             where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
         elif name.startswith("mooncake"):
@@ -754,7 +758,8 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         hit, lc = r.get("cache_hit_rate"), r.get("load_corrected_time_ratio_vs_model")
         corrected = "—" if lc is None else "1×" if name == "model" else _x(lc)
         nw = r.get("prefetch_workers", None if name in ("model",) or name.startswith("mooncake") else p.get("workers"))
-        pf = "—" if nw is None else "inline" + (" (split)" if r.get("split_phase") else "") if nw == 0 else str(nw)
+        how = " (I/O thread)" if r.get("io_thread") else " (split)" if r.get("split_phase") else ""
+        pf = "—" if nw is None else "inline" + how if nw == 0 else str(nw)
         lines.append(
             f"| {name} | {where} | {pf} | {tps['median']:.1f} ({tps['q1']:.1f}–{tps['q3']:.1f}) | "
             f"{'1×' if name == 'model' else _x(ratio)} | {corrected} | "

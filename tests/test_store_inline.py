@@ -44,8 +44,8 @@ def _split(table: DirectFileTable) -> None:
         pytest.skip(f"split phase unavailable: {table._slots.reason or table._kctx.reason}")
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
-def test_inline_rows_equal_the_worker_pools(direct_dir: Path, fmt: str) -> None:  # noqa: F811
+@pytest.mark.parametrize(("fmt", "io_thread"), [("fp32", True), ("fp32", False), ("bf16", True), ("bf16", False)])
+def test_inline_rows_equal_the_worker_pools(direct_dir: Path, fmt: str, io_thread: bool) -> None:  # noqa: F811
     """Memory, direct and cached-direct tables (three cache policies) through an inline prefetcher and a worker
     pool, step after step: identical rows, identical cache contents and counters."""
     path = _store(direct_dir, fmt)
@@ -53,21 +53,24 @@ def test_inline_rows_equal_the_worker_pools(direct_dir: Path, fmt: str) -> None:
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
 
     def tables() -> dict[int, object]:
-        direct = DirectFileTable(path, FP)
+        def d() -> DirectFileTable:
+            return DirectFileTable(path, FP, io_thread=io_thread)
+
         return {
             0: MemoryTable(ref._format.decode(ref._weights).to(dtype), FP),
-            1: direct,
-            2: CachedTable(DirectFileTable(path, FP), 40 * 64 * 4, "lfu", dtype=dtype),
-            3: CachedTable(DirectFileTable(path, FP), 40 * 64 * 4, "lru", dtype=dtype),
-            4: CachedTable(DirectFileTable(path, FP), 40 * 64 * 4, "static", dtype=dtype),
-            5: CachedTable(DirectFileTable(path, FP), 0, dtype=dtype),
+            1: d(),
+            2: CachedTable(d(), 40 * 64 * 4, "lfu", dtype=dtype),
+            3: CachedTable(d(), 40 * 64 * 4, "lru", dtype=dtype),
+            4: CachedTable(d(), 40 * 64 * 4, "static", dtype=dtype),
+            5: CachedTable(d(), 0, dtype=dtype),
         }
 
     inline_t, pool_t = tables(), tables()
     _split(inline_t[1])  # type: ignore[arg-type]
     assert all(t.split_phase for k, t in inline_t.items() if k)  # type: ignore[attr-defined]
-    with Prefetcher(inline_t) as default:  # type: ignore[arg-type]  # the tiers' own choice: the pool (see split_phase)
-        assert default.workers == 2
+    assert inline_t[1].io_thread == io_thread  # type: ignore[attr-defined]
+    with Prefetcher(inline_t) as default:  # type: ignore[arg-type]  # the tiers' choice: inline with the I/O thread
+        assert default.workers == (0 if io_thread else 2)
     rng = np.random.default_rng(7)
     with Prefetcher(inline_t, workers=0, dtype=dtype) as inline, Prefetcher(pool_t, workers=2, dtype=dtype) as pool:  # type: ignore[arg-type]
         assert inline.workers == 0
@@ -96,7 +99,7 @@ def test_start_returns_with_reads_in_flight_and_each_layer_waits_for_its_own(dir
     another layer leaves it open; its own wait completes it."""
     path = _store(direct_dir, "fp32")
     ref = _reference("fp32")
-    direct = DirectFileTable(path, FP)
+    direct = DirectFileTable(path, FP, io_thread=False)
     _split(direct)
     mem = MemoryTable(ref._format.decode(ref._weights), FP)
     ids = {1: _decode_ids(np.random.default_rng(1)), 2: _decode_ids(np.random.default_rng(2))}
@@ -112,13 +115,18 @@ def test_start_returns_with_reads_in_flight_and_each_layer_waits_for_its_own(dir
     direct.close()
 
 
+@pytest.mark.parametrize("io_thread", [True, False])
 @pytest.mark.parametrize("cached", [False, True])
-def test_out_of_range_raised_at_wait_with_the_worker_paths_message(direct_dir: Path, cached: bool) -> None:  # noqa: F811
+def test_out_of_range_raised_at_wait_with_the_worker_paths_message(
+    direct_dir: Path,  # noqa: F811
+    cached: bool,
+    io_thread: bool,
+) -> None:
     path = _store(direct_dir, "fp32")
     bad = torch.tensor([[[3, ROWS + 5, 3]]])
     messages = []
     for workers in (0, 2):
-        table = DirectFileTable(path, FP)
+        table = DirectFileTable(path, FP, io_thread=io_thread)
         t = CachedTable(table, 64 * 64 * 4) if cached else table
         with Prefetcher({1: t}, workers=workers) as pf:
             handle = pf.start({1: bad})  # never raises here
@@ -132,8 +140,9 @@ def test_out_of_range_raised_at_wait_with_the_worker_paths_message(direct_dir: P
     assert messages[0] == messages[1]
 
 
+@pytest.mark.parametrize("io_thread", [True, False])
 @pytest.mark.parametrize("cached", [False, True])
-def test_crc_corruption_detected_at_wait(direct_dir: Path, cached: bool) -> None:  # noqa: F811
+def test_crc_corruption_detected_at_wait(direct_dir: Path, cached: bool, io_thread: bool) -> None:  # noqa: F811
     """A flipped byte fails the page's CRC on the split path with the worker path's message; nothing corrupt is
     admitted to the cache, and pages elsewhere still read."""
     path = _store(direct_dir, "fp32")
@@ -146,7 +155,7 @@ def test_crc_corruption_detected_at_wait(direct_dir: Path, cached: bool) -> None
     ref = _reference("fp32")
     messages = []
     for workers in (0, 2):
-        table = DirectFileTable(path, FP)
+        table = DirectFileTable(path, FP, io_thread=io_thread)
         t = CachedTable(table, 64 * 64 * 4) if cached else table
         with Prefetcher({1: t}, workers=workers) as pf:
             handle = pf.start({1: torch.tensor([[[3, row, ROWS - 1, row]]])})
@@ -166,9 +175,9 @@ def test_dropped_or_closed_with_reads_in_flight_is_safe(direct_dir: Path) -> Non
     can be reused; the slots go back to the pool and later gathers read correct rows through them."""
     path = _store(direct_dir, "fp32")
     ref = _reference("fp32")
-    direct = DirectFileTable(path, FP)
+    direct = DirectFileTable(path, FP, io_thread=False)
     _split(direct)
-    cached = CachedTable(DirectFileTable(path, FP), 100 * 64 * 4)
+    cached = CachedTable(DirectFileTable(path, FP, io_thread=False), 100 * 64 * 4)
     rng = np.random.default_rng(3)
     with Prefetcher({1: direct, 2: cached}, workers=0) as pf:
         for _ in range(20):  # dropped handles: garbage-collected with reads in flight
@@ -204,7 +213,7 @@ def test_start_gather_of_every_tier_matches_gather(direct_dir: Path) -> None:  #
     ids = _decode_ids(np.random.default_rng(4), 2, 40, 6)
     for t in (fp8, ref):
         assert torch.equal(t.start_gather(ids).result(), ref.gather(ids))
-    fp32 = DirectFileTable(_store(direct_dir, "fp32"), FP)
+    fp32 = DirectFileTable(_store(direct_dir, "fp32"), FP, io_thread=False)
     _split(fp32)
     big = torch.arange(ROWS - 1, -1, -1).repeat(2)  # every page of the file, descending, twice
     assert torch.equal(fp32.start_gather(big).result(), _reference("fp32").gather(big))
@@ -228,3 +237,37 @@ def test_inline_on_cuda_gives_the_host_rows(direct_dir: Path) -> None:  # noqa: 
                 rows = handle[k]
                 assert rows.device.type == "cuda" and torch.equal(rows.cpu(), ref.gather(ids[k]))
     direct.close()
+
+
+def test_io_thread_jobs_dropped_closed_and_a_full_ring(direct_dir: Path) -> None:  # noqa: F811
+    """The I/O thread: gathers dropped unwaited and a table closed with a job posted are safe; more gathers in
+    flight than the ring holds fall back to the split phase; the thread stops on close; rows always exact."""
+    path = _store(direct_dir, "fp32")
+    ref = _reference("fp32")
+    direct = DirectFileTable(path, FP)
+    cached = CachedTable(DirectFileTable(path, FP), 100 * 64 * 4)
+    if not direct.io_thread:
+        if os.environ.get("CI"):
+            pytest.fail(f"I/O thread unavailable: {_aio.IoThread.why_unavailable()}")
+        pytest.skip(f"I/O thread unavailable: {_aio.IoThread.why_unavailable()}")
+    rng = np.random.default_rng(9)
+    with Prefetcher({1: direct, 2: cached}) as pf:
+        assert pf.workers == 0
+        for _ in range(20):
+            pf.start({1: _decode_ids(rng, 4, 40, 6), 2: _decode_ids(rng)})  # dropped at once
+            gc.collect()
+        many = [_decode_ids(rng) for _ in range(12)]  # more gathers in flight than the ring's 8 slots
+        pending = [direct.start_gather(i) for i in many]
+        for _ in range(5):
+            ids = {1: _decode_ids(rng), 2: _decode_ids(rng)}
+            handle = pf.start(ids)
+            assert torch.equal(handle[1], ref.gather(ids[1])) and torch.equal(handle[2], ref.gather(ids[2]))
+        for i, p in zip(many, pending, strict=True):
+            assert torch.equal(p.result(), ref.gather(i))
+    thread = direct._io._thread  # type: ignore[union-attr]
+    ids = _decode_ids(rng)
+    late = direct.start_gather(ids)
+    direct.close()  # the posted job finishes before the thread stops
+    assert thread is not None and not thread.is_alive() and not direct.io_thread
+    assert torch.equal(late.result(), ref.gather(ids))
+    cached.close()

@@ -105,6 +105,8 @@ if _why_not is None:
 _SYS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}  # setup, destroy, getevents, submit
 _SYS_SETUP, _SYS_DESTROY, _SYS_GETEVENTS, _SYS_SUBMIT = _SYS.get(platform.machine(), (-1, -1, -1, -1))
 KAIO_EVENTS = 256  # requests in flight per context
+_SYS_FUTEX = 202 if platform.machine() == "x86_64" else -1  # the I/O thread relies on x86's store order (TSO)
+_FUTEX_WAIT, _FUTEX_WAKE = 128, 129  # FUTEX_WAIT / FUTEX_WAKE | FUTEX_PRIVATE_FLAG
 _EAGAIN = 11
 
 
@@ -530,8 +532,85 @@ def _kernels() -> tuple:
                 out[i, j] = buf[o + j]
         return 0, 0, -1
 
+    # ---- the I/O thread: a Python thread that enters io_loop once and never takes the GIL again -------------
+    sys_futex, f_wait, f_wake = _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE
+
+    @nb.njit(nogil=True)
+    def barrier():
+        """An opaque call: the compiler keeps the stores before it before it and the loads after it after it
+        (x86 keeps stores in order in hardware, so a flag written after the data is seen after the data)."""
+        return errno_loc()
+
+    @nb.njit(nogil=True)
+    def io_loop(ctl, jobs_ids, jobs_n, jobs_out, jobs_status, done, num_rows, row_bytes, data_offset, max_run_pages,
+                fds, buf, crcs, verify, ctx):  # fmt: skip
+        """Serve posted jobs in order until a job with ``n < 0``: the whole gather (dedupe, plan, submit, reap,
+        CRC, expand into the job's out rows), then ``done[k] = 1`` and a futex wake. ``ctl[0]``: jobs posted."""
+        n_slots = done.size
+        seq = np.int32(0)
+        count = 0
+        ctl_addr = ctl.ctypes.data
+        while True:
+            while ctl[0] == seq:
+                syscall(sys_futex, ctl_addr, f_wait, seq, 0, 0)
+                barrier()
+            k = count % n_slots
+            count += 1
+            n = jobs_n[k]
+            if n < 0:
+                return 0
+            out = jobs_out[k, : n * row_bytes].reshape((n, row_bytes))
+            st, pages, bad, first, nu, lo, hi = gather(
+                jobs_ids[k, :n], num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx
+            )
+            jobs_status[k, 0] = st
+            jobs_status[k, 1] = pages
+            jobs_status[k, 2] = bad
+            jobs_status[k, 3] = first
+            jobs_status[k, 4] = nu
+            jobs_status[k, 5] = lo
+            jobs_status[k, 6] = hi
+            barrier()
+            done[k] = 1
+            barrier()
+            syscall(sys_futex, done.ctypes.data + 4 * k, f_wake, 1, 0, 0)
+            seq = np.int32(seq + 1)
+
+    @nb.njit(nogil=True)
+    def post(ctl, jobs_ids, jobs_n, done, k, ids):
+        """Write job ``k`` (``ids``; an empty array with ``n = -1`` stops the loop), publish it, wake the thread."""
+        n = ids.size
+        for i in range(n):
+            jobs_ids[k, i] = ids[i]
+        jobs_n[k] = n
+        done[k] = 0
+        barrier()
+        ctl[0] = np.int32(ctl[0] + 1)
+        barrier()
+        syscall(sys_futex, ctl.ctypes.data, f_wake, 1, 0, 0)
+        return 0
+
+    @nb.njit(nogil=True)
+    def post_stop(ctl, jobs_n, done, k):
+        jobs_n[k] = -1
+        done[k] = 0
+        barrier()
+        ctl[0] = np.int32(ctl[0] + 1)
+        barrier()
+        syscall(sys_futex, ctl.ctypes.data, f_wake, 1, 0, 0)
+        return 0
+
+    @nb.njit(nogil=True)
+    def wait_done(done, k):
+        addr = done.ctypes.data + 4 * k
+        while done[k] == 0:
+            syscall(sys_futex, addr, f_wait, 0, 0, 0)
+            barrier()
+        barrier()
+        return 0
+
     return (plan, read, crcs_of, copy_rows, fetch, gather, start_read, finish_read, reap, gather_start,
-            gather_finish)  # fmt: skip
+            gather_finish, io_loop, post, post_stop, wait_done)  # fmt: skip
 
 
 def plan(ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int) -> tuple[np.ndarray, ...]:
@@ -668,6 +747,95 @@ def gather_start(flat: np.ndarray, num_rows: int, row_bytes: int, data_offset: i
 def gather_finish(*args: Any) -> tuple[int, int, int]:
     """Complete a :func:`gather_start`: reap, verify, expand into ``out`` (see the kernel)."""
     return _kernels()[10](*args)
+
+
+class IoThread:
+    """One thread per table that reads for the decode thread without ever taking the GIL: it enters
+    ``io_loop`` (a ``nogil`` kernel) once and serves a ring of ``slots`` jobs, signalled by futexes.
+
+    The decode thread posts a gather (ids copied into the ring, one futex wake: ~2 µs) and later waits on the
+    job's futex and copies its rows out; the planning, ``io_submit``, reaping, CRCs and expansion run on the
+    other core, and no GIL changes hands (a worker pool's thread takes the GIL 3-8 times a step; issue 18).
+    x86-64 only (the flags rely on its store order); ``reason`` says why not elsewhere."""
+
+    @staticmethod
+    def why_unavailable() -> str | None:
+        return why_unavailable() or (None if _SYS_FUTEX >= 0 else "I/O thread: x86-64 only")
+
+    def __init__(self, table: Any, max_ids: int, slots: int = 8) -> None:
+        self.reason: str | None = IoThread.why_unavailable()
+        h = table.header
+        self.max_ids, self.row_bytes = max_ids, h.row_bytes
+        self._ctl = np.zeros(2, np.int32)
+        self._ids = np.zeros((slots, max_ids), np.int64)
+        self._n = np.zeros(slots, np.int64)
+        self._out = np.zeros((slots, max_ids * h.row_bytes), np.uint8)
+        self._status = np.zeros((slots, 7), np.int64)
+        self._done = np.ones(slots, np.int32)
+        self._busy = [False] * slots
+        self._posted = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if self.reason is not None:
+            return
+        box = ctypes.c_ulong(0)
+        if _syscall(_SYS_SETUP, KAIO_EVENTS, ctypes.addressof(box), 0, 0, 0) != 0:
+            self.reason = f"io_setup failed: {os.strerror(ctypes.get_errno())}"
+            return
+        self._ctx = int(box.value)
+        self._buf = aligned_buffer(threading.local(), max_pages(max_ids, h.row_bytes) * PAGE)
+        crcs = table._crcs if table._crcs is not None else table._no_crcs
+        verify = table._crcs is not None
+        args = (self._ctl, self._ids, self._n, self._out, self._status, self._done, h.num_rows, h.row_bytes,
+                h.data_offset, table.max_run_pages, table._fds, self._buf, crcs, verify, self._ctx)  # fmt: skip
+        loop = _kernels()[11]
+        self._thread = threading.Thread(target=loop, args=args, name="engram-io", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def post(self, ids: np.ndarray) -> int | None:
+        """Post a gather of int64 ``ids`` (any order, duplicates); the job's slot, or None (ring full, too many ids)."""
+        if self._thread is None or ids.size > self.max_ids:
+            return None
+        with self._lock:
+            k = self._posted % self._done.size
+            if self._busy[k]:
+                return None
+            self._busy[k] = True
+            self._posted += 1
+            _kernels()[12](self._ctl, self._ids, self._n, self._done, k, ids)
+        return k
+
+    def can_post(self, n: int) -> bool:
+        return self._thread is not None and n <= self.max_ids and not self._busy[self._posted % self._done.size]
+
+    def wait(self, k: int) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Block (off the GIL) until job ``k`` is done: (its rows [n, row_bytes], a view into the ring, valid until
+        :meth:`release`; its status: gather's seven numbers)."""
+        _kernels()[14](self._done, k)
+        n = int(self._n[k])
+        return self._out[k, : n * self.row_bytes].reshape(n, self.row_bytes), tuple(int(v) for v in self._status[k])
+
+    def release(self, k: int) -> None:
+        with self._lock:
+            self._busy[k] = False
+
+    def close(self) -> None:
+        """Let the thread finish the jobs posted, stop it, free its context. Idempotent."""
+        if self._thread is None:
+            return
+        for k in range(self._done.size):  # jobs never waited for: finished before the stop job takes a slot
+            _kernels()[14](self._done, k)
+        with self._lock:
+            k = self._posted % self._done.size
+            self._posted += 1
+            _kernels()[13](self._ctl, self._n, self._done, k)
+        self._thread.join()
+        self._thread = None
+        _syscall(_SYS_DESTROY, self._ctx, 0, 0, 0, 0)
 
 
 class KernelContexts:

@@ -501,6 +501,19 @@ class CachedTable(RowTable):
         h = inner.header  # type: ignore[attr-defined]
         if getattr(inner._format, "dtype", None) != dtype:  # type: ignore[attr-defined]
             return None
+        io = inner._io_thread() if hasattr(inner, "_io_thread") else None
+        if io is not None and io.can_post(flat.size):  # the inner tier's GIL-free I/O thread reads the misses
+            with self._lock:
+                self._tick += 1
+                ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
+                    flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
+                    self._sk_table, self._sk_bits, self._sk_sample, self._sk_added,
+                )  # fmt: skip
+            if not ok:
+                raise self._out_of_range(int(unique[0]), int(unique[-1]))
+            k = io.post(miss_ids) if pos.size else None
+            state = (unique.size, inverse, rows, pos, miss_ids)
+            return _CachedThreadPending(self, io, k, state, out.view(self._slots_np.dtype), self._tick)
         slot = inner._slots.acquire(_aio.max_pages(flat.size, h.row_bytes) * PAGE)  # type: ignore[attr-defined]
         if slot is None:
             return None
@@ -594,3 +607,48 @@ class _CachedPending(PendingGather):
         inner._inflight.discard(self)
         inner._slots.release(self._slot)
         self._state = ()
+
+
+class _CachedThreadPending(PendingGather):
+    """A cached gather whose misses the inner direct tier's I/O thread reads (job ``k``; None: no misses, or the
+    ring was full, then the misses are read here); hits were copied at start. Admission and expansion at wait."""
+
+    def __init__(self, cache: CachedTable, io: Any, k: int | None, state: tuple, out: np.ndarray, tick: int) -> None:
+        super().__init__()
+        self._cache, self._io, self._k, self._state, self._out_bits, self._tick = cache, io, k, state, out, tick
+
+    def _finish(self) -> int:
+        c = self._cache
+        inner: Any = c.inner
+        nu, inverse, rows, pos, miss_ids = self._state
+        if pos.size:
+            if self._k is not None:
+                got, (st, pages, bad, first, _, _, _) = self._io.wait(self._k)
+                try:
+                    if st or bad:
+                        inner._raise_read_error(st, bad, first)
+                    with c._lock:
+                        c._used = _admit(
+                            miss_ids, got.view(c._slots_np.dtype), rows, pos, c._slot_of, c._slot_id, c._score,
+                            c._slots_np, c._used, c._policy, self._tick, c._sk_table, c._sk_bits,
+                        )  # fmt: skip
+                finally:
+                    self._io.release(self._k)
+                inner.stats.add(bytes_read=pages * PAGE)
+            else:
+                miss = torch.empty(pos.size, c.dim, dtype=c.dtype)
+                if inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), c.dtype) is None:
+                    miss.copy_(inner.fetch_sorted_unique(torch.from_numpy(miss_ids)))
+                with c._lock:
+                    c._used = _admit(
+                        miss_ids, _bits(miss), rows, pos, c._slot_of, c._slot_id, c._score,
+                        c._slots_np, c._used, c._policy, self._tick, c._sk_table, c._sk_bits,
+                    )  # fmt: skip
+        _expand(rows, inverse, self._out_bits)
+        c.stats.add(hits=int(nu - pos.size), misses=int(pos.size))
+        return int(nu)
+
+    def _reap(self) -> None:
+        if self._k is not None:
+            self._io.wait(self._k)
+            self._io.release(self._k)

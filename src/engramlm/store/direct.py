@@ -95,6 +95,7 @@ class DirectFileTable(RowTable):
         direct: bool = True,
         verify: bool = True,
         io_engine: str = "auto",
+        io_thread: bool = True,
     ) -> None:
         if queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
@@ -141,22 +142,46 @@ class DirectFileTable(RowTable):
             raise ConfigError(f"io_engine 'aio' cannot run here: {self.engine_reason}")
         if self.io_engine == "threads":
             self._pool = ThreadPoolExecutor(queue_depth, thread_name_prefix="engram-direct")
+        self._io: _aio.IoThread | None = None
+        self._want_io = bool(io_thread) and self.split_phase and _aio.IoThread.why_unavailable() is None
+
+    @property
+    def io_thread(self) -> bool:
+        """Whether gathers started inline (``start_gather``, ``Prefetcher(workers=0)``) are read by this table's
+        GIL-free I/O thread (:class:`_aio.IoThread`, started on the first such gather)."""
+        return self._want_io
+
+    def _io_thread(self) -> _aio.IoThread | None:
+        if self._io is None and self._want_io:
+            io = _aio.IoThread(self, FUSED_MAX_IDS)
+            if not io.running:
+                self._want_io = False
+                return None
+            self._io = io
+            weakref.finalize(self, io.close)  # a table dropped unclosed still stops its thread
+        return self._io
 
     @property
     def split_phase(self) -> bool:
         """Whether a gather can be started and completed on the caller's thread with no worker (:meth:`start_gather`,
         ``Prefetcher(workers=0)``): the aio engine on kernel AIO, a plain format (fp32/bf16) on disk.
 
-        Not the default (``prefetch_workers`` stays 2): on this project's 2-core VM the synchronous part of an
-        O_DIRECT ``io_submit`` (~3.7 µs per request, ~235 µs per 64-row gather) and the reap + CRC + copy
-        (~115 µs) on the decode thread cost as much as the worker pool's GIL hand-offs they remove
-        (``bench_generate``, ``generate_t1_inline*``: +5.6% inline vs +4.5% pooled at no cache, paired)."""
+        By default (``io_thread=True``) the gathers started inline are read by the table's GIL-free I/O thread
+        (``prefetch_workers`` is then 0): the decode thread only posts (~30 µs) and collects (~35 µs). Without
+        it (``io_thread=False``, ``prefetch_workers`` 2) ``workers=0`` submits on the decode thread itself: on
+        this project's 2-core VM the synchronous part of an O_DIRECT ``io_submit`` (~3.7 µs per request, ~235 µs
+        per 64-row gather) and the reap + CRC + copy (~115 µs) then cost as much as the worker pool's GIL
+        hand-offs they remove (``generate_t1_inline_ab``: +5.6% vs +4.5% pooled at no cache, paired)."""
         return (
             self.io_engine == "aio"
             and self._kctx.reason is None
             and self._slots.reason is None
             and getattr(self._format, "dtype", None) is not None
         )
+
+    @property
+    def prefetch_workers(self) -> int:  # type: ignore[override]
+        return 0 if self._want_io else RowTable.prefetch_workers
 
     @property
     def aio_submit(self) -> str:
@@ -291,6 +316,11 @@ class DirectFileTable(RowTable):
         h = self.header
         if not self.split_phase or getattr(self._format, "dtype", None) != dtype or out.shape[1] != h.row_bytes:
             return None
+        io = self._io_thread()
+        if io is not None:
+            k = io.post(flat)
+            if k is not None:
+                return _ThreadPending(self, k, out)
         slot = self._slots.acquire(_aio.max_pages(min(flat.size, 64), h.row_bytes) * PAGE)
         if slot is None:
             return None
@@ -337,6 +367,10 @@ class DirectFileTable(RowTable):
         self._fds = np.zeros(0, np.int64)
 
     def close(self) -> None:
+        self._want_io = False
+        if getattr(self, "_io", None) is not None:
+            self._io.close()  # type: ignore[union-attr]
+            self._io = None
         for pending in list(self._inflight):  # reads in flight finish before their contexts and buffers go
             pending.close()
         self._slots.close()
@@ -389,3 +423,33 @@ class _DirectPending(PendingGather):
         self._tbl._inflight.discard(self)
         self._tbl._slots.release(self._slot)
         self._state = ()
+
+
+class _ThreadPending(PendingGather):
+    """A direct-tier gather posted to the table's I/O thread (job ``k`` of its ring)."""
+
+    def __init__(self, table: DirectFileTable, k: int, out: np.ndarray) -> None:
+        super().__init__()
+        self._tbl, self._k, self._out_bytes = table, k, out
+        self._io = table._io
+
+    def _finish(self) -> int:
+        t, io = self._tbl, self._io
+        assert io is not None
+        try:
+            rows, (st, pages, bad, first, nu, lo, hi) = io.wait(self._k)
+            if st == 0 and not bad:
+                np.copyto(self._out_bytes, rows)
+        finally:
+            io.release(self._k)
+        if st == -2:
+            raise t._out_of_range(lo, hi)
+        if st or bad:
+            t._raise_read_error(st, bad, first)
+        t.stats.add(bytes_read=pages * PAGE)
+        return nu
+
+    def _reap(self) -> None:
+        assert self._io is not None
+        self._io.wait(self._k)
+        self._io.release(self._k)
