@@ -563,6 +563,13 @@ def _kernels() -> tuple:
             st, pages, bad, first, nu, lo, hi = gather(
                 jobs_ids[k, :n], num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx
             )
+            if st == -1:  # a large gather (a prefill): a page-aligned buffer of the size the plan needs
+                raw = np.empty((pages + 1) * PAGE, np.uint8)
+                off = (PAGE - raw.ctypes.data % PAGE) % PAGE
+                big = raw[off : off + pages * PAGE]
+                st, pages, bad, first, nu, lo, hi = gather(
+                    jobs_ids[k, :n], num_rows, row_bytes, data_offset, max_run_pages, fds, big, crcs, verify, out, ctx
+                )
             jobs_status[k, 0] = st
             jobs_status[k, 1] = pages
             jobs_status[k, 2] = bad
@@ -783,7 +790,7 @@ class IoThread:
             self.reason = f"io_setup failed: {os.strerror(ctypes.get_errno())}"
             return
         self._ctx = int(box.value)
-        self._buf = aligned_buffer(threading.local(), max_pages(max_ids, h.row_bytes) * PAGE)
+        self._buf = aligned_buffer(threading.local(), max_pages(min(max_ids, 1024), h.row_bytes) * PAGE)
         crcs = table._crcs if table._crcs is not None else table._no_crcs
         verify = table._crcs is not None
         args = (self._ctl, self._ids, self._n, self._out, self._status, self._done, h.num_rows, h.row_bytes,

@@ -491,7 +491,7 @@ class CachedTable(RowTable):
         submit the misses (under the lock), ``result()`` = reap + admit + expand (under the lock). Same policy
         steps and stats as ``_gather_bytes``; a miss another gather admitted meanwhile is skipped by ``_admit``."""
         inner = self.inner
-        if dtype != self.dtype or not self.split_phase or flat.size > _FUSED_MAX_IDS:
+        if dtype != self.dtype or not self.split_phase:
             return None
         if self.capacity == 0:
             pending = inner._start_bytes(flat, out, dtype)
@@ -502,7 +502,10 @@ class CachedTable(RowTable):
         if getattr(inner._format, "dtype", None) != dtype:  # type: ignore[attr-defined]
             return None
         io = inner._io_thread() if hasattr(inner, "_io_thread") else None
-        if io is not None and io.can_post(flat.size):  # the inner tier's GIL-free I/O thread reads the misses
+        if io is None or not io.can_post(flat.size):
+            if flat.size > _FUSED_MAX_IDS:  # the split phase sizes its page buffer for every id: a prefill waits
+                return None
+        else:  # the inner tier's GIL-free I/O thread reads the misses
             with self._lock:
                 self._tick += 1
                 ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
