@@ -51,6 +51,7 @@ from engramlm.store.pages import PAGE, PagePlan, plan_pages
 
 IO_ENGINES = ("auto", "aio", "threads")
 IO_THREAD_MAX_IDS = 4096  # the I/O thread's ring takes a batch-8 prefill of 32 tokens (2,048 ids a layer)
+IO_THREAD_RING_BYTES = 16 << 20  # ...within this many bytes of rows for its 8 jobs (wide rows: fewer ids)
 FUSED_MAX_IDS = 1024  # a decode step's ids per layer (B x H_e) stay far below; a prefill takes the split path
 AIO_MAX_FDS = 16  # reads in flight per table with aio; this VM's virtio disk saturates at ~16 (bench_store)
 
@@ -154,7 +155,8 @@ class DirectFileTable(RowTable):
 
     def _io_thread(self) -> _aio.IoThread | None:
         if self._io is None and self._want_io:
-            io = _aio.IoThread(self, IO_THREAD_MAX_IDS)
+            ring = (IO_THREAD_RING_BYTES // (8 * self.header.row_bytes)) if self.header.row_bytes else IO_THREAD_MAX_IDS
+            io = _aio.IoThread(self, max(64, min(IO_THREAD_MAX_IDS, ring)))
             if not io.running:
                 self._want_io = False
                 return None
