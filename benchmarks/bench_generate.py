@@ -5,7 +5,13 @@ the same batch decode (``engramlm.infer.Engine``: KV cache, streaming hasher, pe
 of every Engram layer's rows before the forward) with the rows served by
 
 * ``model``       each block's own ``embed.weight`` (the baseline);
-* ``memory``      a :class:`MemoryTable` per layer through the prefetcher (prefetch overhead alone);
+* ``memory``      a :class:`MemoryTable` per layer through the prefetcher (prefetch overhead alone; the tier's
+                  choice: inline, no thread);
+* ``memory_wN``, ``ssd_c0_wN`` the same tables with N prefetch threads (``--pool-workers``, default 2; N = 0 is
+                  named ``_inline``): the worker pool against the tiers' choice, paired in one run (the direct
+                  tier's choice: inline, its GIL-free I/O thread reading);
+* ``ssd_c0_split`` inline without the I/O thread (``io_thread=False``): ``io_submit`` on the decode thread at
+                  start, reap + CRC + copy at wait;
 * ``ssd_cN``      the store file read with O_DIRECT (:class:`DirectFileTable`, page cache out of
                   play) behind a :class:`CachedTable` (LFU) of N% of the table bytes, N in 0..50,
                   so the file is always at least twice the cache budget;
@@ -148,7 +154,21 @@ def main() -> None:
     ap.add_argument("--head-rows", type=int, default=100_003, help="rows per head (prime-ish target)")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--cache-pcts", type=float, nargs="+", default=[0, 5, 10, 25, 50])
-    ap.add_argument("--workers", type=int, default=2, help="prefetch threads")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="prefetch threads of `memory` and `ssd_cN` (default: the tiers' choice, RowTable.prefetch_workers; "
+        "0 = inline: gathers started and completed on the decode thread, no worker)",
+    )
+    ap.add_argument(
+        "--pool-workers",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="also time `memory` and `ssd_c0` with these prefetch thread counts (contenders memory_wN, "
+        "ssd_c0_wN; N = 0 is named memory_inline, ssd_c0_inline), same tables, same run",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--corpus-mb", type=int, default=8)
     ap.add_argument("--warm-tokens", type=int, default=100_000, help="other text streamed through the caches first")
@@ -223,7 +243,14 @@ def main() -> None:
     engines: dict[str, Engine] = {"model": Engine(model)}
     caches: dict[str, dict[int, CachedTable]] = {}
     opened: list[dict] = []
-    engines["memory"] = Engine(model, model_tables(model), workers=args.workers)
+
+    def suffix(nw: int) -> str:
+        return "_inline" if nw == 0 else f"_w{nw}"
+
+    mem = model_tables(model)
+    engines["memory"] = Engine(model, mem, workers=args.workers)
+    for nw in args.pool_workers:
+        engines["memory" + suffix(nw)] = Engine(model, mem, workers=nw)
     for pct in args.cache_pcts:
         budget = int(table_bytes * pct / 100)
         tables = open_tables(store, Tier.DIRECT, cache_bytes=budget, fingerprint=fp)
@@ -232,6 +259,14 @@ def main() -> None:
         if budget:
             caches[name] = tables  # type: ignore[assignment]
         engines[name] = Engine(model, tables, workers=args.workers)
+        if pct == 0:  # the same tables through a worker pool / inline: the prefetch path's own cost, paired
+            for nw in args.pool_workers:
+                engines[name + suffix(nw)] = Engine(model, tables, workers=nw)
+            # inline without the I/O thread: io_submit on the decode thread, reaped at wait (the split phase alone)
+            split = {lid: DirectFileTable(getattr(t, "inner", t).header.path, fp, io_thread=False)
+                     for lid, t in tables.items()}  # fmt: skip
+            opened.append(split)
+            engines[name + "_split"] = Engine(model, split, workers=0)
     if not args.no_threads_engine:  # the old I/O engine on the same files, no cache: the before of issue 18
         base = open_tables(store, Tier.DIRECT, fingerprint=fp)
         tables = {lid: DirectFileTable(t.header.path, fp, io_engine="threads") for lid, t in base.items()}
@@ -239,8 +274,8 @@ def main() -> None:
             t.close()
         opened.append(tables)
         engines["ssd_threads"] = Engine(model, tables, workers=args.workers)
-    engine_of = {name: sorted({getattr(getattr(t, "inner", t), "io_engine", "?") for t in tables.values()})
-                 for name, tables in zip([n for n in engines if n.startswith("ssd")], opened, strict=True)}  # fmt: skip
+    engine_of = {name: sorted({getattr(getattr(t, "inner", t), "io_engine", "?") for t in e.tables.values()})
+                 for name, e in engines.items() if name.startswith("ssd")}  # fmt: skip
     inners = [getattr(t, "inner", t) for tables in opened for t in tables.values()]
     aio_submit = sorted({getattr(t, "aio_submit", "-") for t in inners})
     direct_io = all(getattr(getattr(t, "inner", t), "direct_io", False) for tables in opened for t in tables.values())
@@ -346,6 +381,12 @@ def main() -> None:
         # Time the forward sat blocked on rows, over the decode time: immune to the machine's noise.
         r["wait_pct_of_decode"] = 100 * sum(waits[n].values()) / max(sum(secs[n]), 1e-12)
         pf = engines[n].prefetcher
+        if pf is not None:
+            r["prefetch_workers"] = pf.workers  # 0: inline (started and completed on the decode thread)
+            r["split_phase"] = all(t.split_phase for t in engines[n].tables.values())
+            r["io_thread"] = all(
+                getattr(getattr(t, "inner", t), "io_thread", False) for t in engines[n].tables.values()
+            )
         if pf is not None:  # gather time in the workers (prefill + decode): work hidden behind compute
             r["fetch_seconds_per_layer"] = {str(k): m["fetch_s"] for k, m in pf.metrics.items()}
             r["max_wait_seconds_per_layer"] = {str(k): m["max_wait_s"] for k, m in pf.metrics.items()}

@@ -614,7 +614,28 @@ def head_to_head_why_table(doc: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------- generate
 
 
+def _pool_suffix(name: str) -> tuple[str, str]:
+    """(contender, prefetch suffix) for the paired pool/inline contenders: ``ssd_c0_w2`` -> ("ssd_c0", "_w2")."""
+    for suffix in ("_inline", "_w"):
+        i = name.rfind(suffix)
+        if i > 0 and (suffix == "_inline" or name[i + 2 :].isdigit()):
+            return name[:i], name[i:]
+    return name, ""
+
+
+def _prefetch_how(suffix: str) -> str:
+    if suffix == "_inline":
+        return ", inline prefetch (no worker thread)"
+    return f", {suffix[2:]} prefetch thread(s)" if suffix else ""
+
+
 def _gen_order(name: str) -> tuple[int, float]:
+    if name == "ssd_c0_split":
+        return (2, 0.0001)
+    base, suffix = _pool_suffix(name)
+    if suffix and not name.startswith("mooncake"):
+        o = _gen_order(base)
+        return (o[0], o[1] + 0.001 * (1 + len(suffix)))
     if name.startswith("ssd_c"):
         return (2, float(name[5:]))
     if name == "ssd_threads":
@@ -628,9 +649,12 @@ def _gen_order(name: str) -> tuple[int, float]:
     return ({"model": 0, "memory": 1}.get(name, 3), 0.0)
 
 
+_TIERS_CHOICE = "the tiers' own choice of"
+
+
 def _generate_headline(res: dict[str, Any]) -> str:
     """The SSD tier with the smallest cache (the hardest case) against the in-model baseline."""
-    ssd = sorted((n for n in res if n.startswith("ssd_c")), key=_gen_order)
+    ssd = sorted((n for n in res if n.startswith("ssd_c") and not _pool_suffix(n)[1]), key=_gen_order)
     if not ssd:
         return ""
     r = res[ssd[0]]
@@ -696,23 +720,32 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         f"d={p['hidden']}), Engram at layers {', '.join(map(str, m['engram_layers']))}, tables "
         f"{m['table_bytes'] / 2**20:,.0f} MiB ({sum(m['table_rows']):,} rows); batch {p['batch']}, prompt "
         f"{p['prompt']}, {p['steps']} decode steps ({w.get('decode', 'real text')}, {w.get('corpus', '')}), "
-        f"{p['repeats']} interleaved repeats, {p['threads']} torch thread(s), {p['workers']} prefetch worker(s); "
+        f"{p['repeats']} interleaved repeats, {p['threads']} torch thread(s), "
+        f"{_TIERS_CHOICE if p['workers'] is None else p['workers']} prefetch worker(s) (column "
+        "'prefetch': 0 = inline, gathers started and completed on the decode thread); "
         f"O_DIRECT {'on' if doc.get('direct_io') else '**off**'}. Time ÷ in-model is the paired per-repeat "
         "ratio; 'load-corrected' is the same ratio for whole generate calls minus the time the decode thread "
         "was runnable but waiting for a CPU (Linux schedstat: the neighbours' share on a shared machine; "
         "blocking on the GIL or on rows stays in); 'rows wait' is the time the forward sat blocked on rows ÷ "
         "decode time (prefetch not hidden)." + _generate_headline(res) + _mooncake_headline(res),
         "",
-        "| contender | rows served from | tokens/s | time ÷ in-model | load-corrected time ÷ in-model | "
+        "| contender | rows served from | prefetch | tokens/s | time ÷ in-model | load-corrected time ÷ in-model | "
         "rows wait % of decode | cache hit rate | same tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(res, key=_gen_order):
         r = res[name]
+        base, suffix = _pool_suffix(name)
+        if name.startswith("mooncake"):
+            base, suffix = name, ""
         if name == "model":
             where = "the model's own `embed.weight`"
-        elif name == "memory":
-            where = "`MemoryTable` via the prefetcher"
+        elif base == "memory":
+            where = "`MemoryTable` via the prefetcher" + _prefetch_how(suffix)
+        elif base == "ssd_c0" and suffix:
+            where = "SSD (O_DIRECT), no cache" + _prefetch_how(suffix)
+        elif name == "ssd_c0_split":
+            where = "SSD (O_DIRECT), no cache, inline without the I/O thread (`io_submit` on the decode thread)"
         elif name.startswith("ssd_c"):
             where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
         elif name.startswith("mooncake"):
@@ -724,8 +757,11 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         tps, ratio = r["tokens_per_second"], r["time_ratio_vs_model"]
         hit, lc = r.get("cache_hit_rate"), r.get("load_corrected_time_ratio_vs_model")
         corrected = "—" if lc is None else "1×" if name == "model" else _x(lc)
+        nw = r.get("prefetch_workers", None if name in ("model",) or name.startswith("mooncake") else p.get("workers"))
+        how = " (I/O thread)" if r.get("io_thread") else " (split)" if r.get("split_phase") else ""
+        pf = "—" if nw is None else "inline" + how if nw == 0 else str(nw)
         lines.append(
-            f"| {name} | {where} | {tps['median']:.1f} ({tps['q1']:.1f}–{tps['q3']:.1f}) | "
+            f"| {name} | {where} | {pf} | {tps['median']:.1f} ({tps['q1']:.1f}–{tps['q3']:.1f}) | "
             f"{'1×' if name == 'model' else _x(ratio)} | {corrected} | "
             f"{r['wait_pct_of_decode']:.2f}% | "
             f"{'—' if hit is None else f'{hit:.0%}'} | {'yes' if r['same_tokens_as_model'] else '**NO**'} |"

@@ -60,12 +60,13 @@ class _GatedTable(MemoryTable):
         return super()._fetch_unique(ids)
 
 
-def test_prefetch_matches_reference_and_reports_waits() -> None:
+@pytest.mark.parametrize("workers", [2, 0])
+def test_prefetch_matches_reference_and_reports_waits(workers: int) -> None:
     w1, w14 = _weights(1), _weights(14)
     ref = {1: MemoryTable(w1, FP), 14: MemoryTable(w14, FP)}
     tables: dict[int, RowTable] = {1: CachedTable(MemoryTable(w1, FP), 40 * DIM * 4, "lfu"), 14: MemoryTable(w14, FP)}
     rng = np.random.default_rng(0)
-    with Prefetcher(tables, workers=2, dtype=torch.bfloat16) as pf:
+    with Prefetcher(tables, workers=workers, dtype=torch.bfloat16) as pf:
         for _ in range(5):
             ids = {1: _zipf_ids(rng), 14: _zipf_ids(rng)}
             handle = pf.start(ids)
@@ -111,15 +112,26 @@ def test_ids_are_snapshotted_when_queued() -> None:
 
 
 def test_default_worker_count_is_the_tiers_choice() -> None:
-    """``workers=None``: the most cautious tier's ``prefetch_workers`` (Mooncake's client brings its own threads),
-    seen through a cache in front of it; an explicit count wins."""
+    """``workers=None``: inline (0) when every tier wants it (the memory tier does), else the most cautious pool
+    among the tiers that want one (Mooncake's client brings its own threads), seen through a cache in front of
+    it; an explicit count wins."""
 
     class _OneThreadTier(MemoryTable):
         prefetch_workers = 1
 
-    plain, single = MemoryTable(_weights(1), FP), _OneThreadTier(_weights(2), FP)
-    assert MemoryTable.prefetch_workers == 2 and CachedTable(single, 1 << 16).prefetch_workers == 1
-    for tables, want in (({1: plain}, 2), ({1: plain, 2: CachedTable(single, 1 << 16)}, 1), ({1: single}, 1)):
+    class _TwoThreadTier(MemoryTable):
+        prefetch_workers = 2
+
+    plain, single, two = MemoryTable(_weights(1), FP), _OneThreadTier(_weights(2), FP), _TwoThreadTier(_weights(3), FP)
+    assert MemoryTable.prefetch_workers == 0 and CachedTable(single, 1 << 16).prefetch_workers == 1
+    cases = (
+        ({1: plain}, 0),
+        ({1: plain, 2: CachedTable(single, 1 << 16)}, 1),
+        ({1: single}, 1),
+        ({1: plain, 2: two}, 2),
+        ({1: two, 2: single}, 1),
+    )
+    for tables, want in cases:
         with Prefetcher(tables) as pf:
             assert pf.workers == want
     with Prefetcher({1: single}, workers=3) as pf:
@@ -155,9 +167,10 @@ def test_bounded_queue_applies_backpressure() -> None:
         pf.start(ids)
 
 
-def test_exceptions_propagate_to_wait() -> None:
+@pytest.mark.parametrize("workers", [2, 0])
+def test_exceptions_propagate_to_wait(workers: int) -> None:
     good = MemoryTable(_weights(4), FP)
-    with Prefetcher({0: MemoryTable(_weights(5), FP), 1: good}, workers=2) as pf:
+    with Prefetcher({0: MemoryTable(_weights(5), FP), 1: good}, workers=workers) as pf:
         bad = torch.tensor([[[0, ROWS + 7]]])
         handle = pf.start({0: bad, 1: torch.tensor([[[1, 2]]])})
         with pytest.raises(IndexError, match=rf"max {ROWS + 7}, table has {ROWS} rows"):
@@ -173,8 +186,8 @@ def test_exceptions_propagate_to_wait() -> None:
 
 def test_bad_configuration() -> None:
     t = {0: MemoryTable(_weights(6), FP)}
-    with pytest.raises(ConfigError, match="workers must be >= 1"):
-        Prefetcher(t, workers=0)
+    with pytest.raises(ConfigError, match=r"workers must be >= 0 \(0: inline, no thread\), got -1"):
+        Prefetcher(t, workers=-1)
     with pytest.raises(ConfigError, match="floating-point"):
         Prefetcher(t, dtype=torch.int32)
     with pytest.raises(ConfigError, match="at least one"):

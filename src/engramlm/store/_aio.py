@@ -105,6 +105,8 @@ if _why_not is None:
 _SYS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}  # setup, destroy, getevents, submit
 _SYS_SETUP, _SYS_DESTROY, _SYS_GETEVENTS, _SYS_SUBMIT = _SYS.get(platform.machine(), (-1, -1, -1, -1))
 KAIO_EVENTS = 256  # requests in flight per context
+_SYS_FUTEX = 202 if platform.machine() == "x86_64" else -1  # the I/O thread relies on x86's store order (TSO)
+_FUTEX_WAIT, _FUTEX_WAKE = 128, 129  # FUTEX_WAIT / FUTEX_WAKE | FUTEX_PRIVATE_FLAG
 _EAGAIN = 11
 
 
@@ -377,7 +379,245 @@ def _kernels() -> tuple:
                 out[i, j] = buf[o + j]
         return 0, pages.size, 0, -1, nu, lo, hi
 
-    return plan, read, crcs_of, copy_rows, fetch, gather
+    # ---- split phase: submit now (start), reap + verify + copy later (finish), on the caller's thread ----------
+    @nb.njit(nogil=True)
+    def pump(ctx, ptrs, got, status, events, st, submit, finish):
+        """Submit what ``ctx`` has room for (``submit``), then with ``finish`` reap until nothing is in flight.
+
+        ``st`` = [submitted, in flight]. A request the kernel refuses is marked EAGAIN (read by ``pread`` later).
+        Returns 0 or io_getevents' errno (unreachable with a valid context)."""
+        n = ptrs.size
+        while True:
+            if submit and st[0] < n and st[1] < n_events:
+                k = min(n - st[0], n_events - st[1])
+                r = syscall(sys_submit, ctx, k, ptrs.ctypes.data + st[0] * 8, 0, 0)
+                if r > 0:
+                    st[0] += r
+                    st[1] += r
+                    continue
+                code = nb.carray(errno_loc(), 1)[0] if r < 0 else _EAGAIN
+                if code == _EINTR:
+                    continue
+                if not (code == _EAGAIN and st[1]):  # refused: the rest is read synchronously at the end
+                    for i in range(st[0], n):
+                        status[i] = _EAGAIN
+                    st[0] = n
+                    continue
+            if not finish or st[1] == 0:
+                return 0
+            r = syscall(sys_getevents, ctx, 1, min(st[1], n_events), events.ctypes.data, 0)
+            if r < 0:
+                code = nb.carray(errno_loc(), 1)[0]
+                if code == _EINTR:
+                    continue
+                return code if code > 0 else 5
+            for j in range(r):
+                i = events[j, 0]
+                res = events[j, 2]
+                if res < 0:
+                    status[i] = -res
+                else:
+                    got[i] = res
+            st[1] -= r
+
+    @nb.njit(nogil=True)
+    def complete(fd, buf_addr, pages, run_slot, run_count, got, status):
+        """After every request was reaped: finish short reads and refused requests with ``pread``; 0 or an errno."""
+        err = 0
+        for i in range(run_slot.size):
+            e = status[i]
+            if e != 0 and e != _EINTR and e != _EAGAIN:
+                err = e
+                continue
+            done = got[i]
+            want = run_count[i] * PAGE
+            off = pages[run_slot[i]] * PAGE
+            dst = buf_addr + run_slot[i] * PAGE
+            while done < want:
+                k = pread(fd, dst + done, want - done, off + done)
+                if k == 0:
+                    break  # EOF: the last page of the file is partial
+                if k < 0:
+                    code = nb.carray(errno_loc(), 1)[0]
+                    if code == _EINTR:
+                        continue
+                    err = code if code > 0 else 5
+                    break
+                done += k
+        return err
+
+    @nb.njit(nogil=True)
+    def start_read(ctx, fd, ids, row_bytes, data_offset, max_run_pages, buf):
+        """Plan the pages of sorted unique ``ids`` and submit their reads into ``buf``; returns at once.
+
+        (status, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st): status 0, or -1 when
+        ``buf`` is too small (nothing submitted; ``pages`` says how many it needs). The caller keeps every array
+        and ``buf`` alive until :func:`finish_read` or :func:`reap` ran: the kernel reads the control blocks
+        and writes ``buf`` by address."""
+        pages, run_slot, run_count, row_offset = plan(ids, row_bytes, data_offset, max_run_pages)
+        n = run_slot.size
+        cbs = np.zeros((n, 8), np.int64)  # struct iocb, as in kread
+        ptrs = np.empty(n, np.int64)
+        got = np.zeros(n, np.int64)
+        rstatus = np.zeros(n, np.int64)
+        st = np.zeros(2, np.int64)
+        if pages.size * PAGE > buf.size:
+            return -1, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st
+        buf_addr = buf.ctypes.data
+        base = cbs.ctypes.data
+        for i in range(n):
+            cbs[i, 0] = i
+            cbs[i, 2] = fd << 32
+            cbs[i, 3] = buf_addr + run_slot[i] * PAGE
+            cbs[i, 4] = run_count[i] * PAGE
+            cbs[i, 5] = pages[run_slot[i]] * PAGE
+            ptrs[i] = base + i * 64
+        pump(ctx, ptrs, got, rstatus, np.zeros((0, 4), np.int64), st, True, False)
+        return 0, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st
+
+    @nb.njit(nogil=True)
+    def finish_read(ctx, fd, buf, pages, run_slot, run_count, cbs, ptrs, got, rstatus, st, crcs, verify, page0):
+        """Submit the rest, reap everything, finish short reads, verify: (errno or 0, bad pages, first bad page)."""
+        events = np.zeros((n_events, 4), np.int64)
+        addr = buf.ctypes.data
+        err = pump(ctx, ptrs, got, rstatus, events, st, True, True)
+        if err == 0:
+            err = complete(fd, addr, pages, run_slot, run_count, got, rstatus)
+        err = keep_alive(cbs, err)
+        if err:
+            return err, 0, -1
+        if verify:
+            bad, first = check(addr, pages, crcs, page0)
+            if bad:
+                return 0, bad, pages[first]
+        return 0, 0, -1
+
+    @nb.njit(nogil=True)
+    def reap(ctx, cbs, ptrs, got, rstatus, st):
+        """Wait for the reads in flight and submit nothing more: after it the buffers may be freed."""
+        events = np.zeros((n_events, 4), np.int64)
+        err = pump(ctx, ptrs, got, rstatus, events, st, False, True)
+        return keep_alive(cbs, err)
+
+    @nb.njit(nogil=True)
+    def gather_start(flat, num_rows, row_bytes, data_offset, max_run_pages, buf, ctx, fd):
+        """Dedupe ``flat``, range-check, :func:`start_read` the unique ids: (status, lo, hi, unique count,
+        inverse, then start_read's arrays); status -2 when an id is outside [0, num_rows) (nothing submitted)."""
+        unique, inverse = unique_inverse_kernel(flat)
+        nu = unique.size
+        lo, hi = unique[0], unique[nu - 1]
+        if lo < 0 or hi >= num_rows:
+            unique = unique[:0]
+        status, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st = start_read(
+            ctx, fd, unique, row_bytes, data_offset, max_run_pages, buf
+        )
+        if unique.size == 0:
+            status = -2
+        return status, lo, hi, nu, inverse, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st
+
+    @nb.njit(nogil=True)
+    def gather_finish(
+        ctx, fd, buf, pages, run_slot, run_count, row_offset, inverse, cbs, ptrs, got, rstatus, st, crcs, verify,
+        page0, out,
+    ):  # fmt: skip
+        """:func:`finish_read`, then expand the rows into ``out`` [n, row_bytes] in request order."""
+        err, bad, first = finish_read(ctx, fd, buf, pages, run_slot, run_count, cbs, ptrs, got, rstatus, st, crcs,
+                                      verify, page0)  # fmt: skip
+        if err or bad:
+            return err, bad, first
+        rb = out.shape[1]
+        for i in range(inverse.size):
+            o = row_offset[inverse[i]]
+            for j in range(rb):
+                out[i, j] = buf[o + j]
+        return 0, 0, -1
+
+    # ---- the I/O thread: a Python thread that enters io_loop once and never takes the GIL again -------------
+    sys_futex, f_wait, f_wake = _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE
+
+    @nb.njit(nogil=True)
+    def barrier():
+        """An opaque call: the compiler keeps the stores before it before it and the loads after it after it
+        (x86 keeps stores in order in hardware, so a flag written after the data is seen after the data)."""
+        return errno_loc()
+
+    @nb.njit(nogil=True)
+    def io_loop(ctl, jobs_ids, jobs_n, jobs_out, jobs_status, done, num_rows, row_bytes, data_offset, max_run_pages,
+                fds, buf, crcs, verify, ctx):  # fmt: skip
+        """Serve posted jobs in order until a job with ``n < 0``: the whole gather (dedupe, plan, submit, reap,
+        CRC, expand into the job's out rows), then ``done[k] = 1`` and a futex wake. ``ctl[0]``: jobs posted."""
+        n_slots = done.size
+        seq = np.int32(0)
+        count = 0
+        ctl_addr = ctl.ctypes.data
+        while True:
+            while ctl[0] == seq:
+                syscall(sys_futex, ctl_addr, f_wait, seq, 0, 0)
+                barrier()
+            k = count % n_slots
+            count += 1
+            n = jobs_n[k]
+            if n < 0:
+                return 0
+            out = jobs_out[k, : n * row_bytes].reshape((n, row_bytes))
+            st, pages, bad, first, nu, lo, hi = gather(
+                jobs_ids[k, :n], num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx
+            )
+            if st == -1:  # a large gather (a prefill): a page-aligned buffer of the size the plan needs
+                raw = np.empty((pages + 1) * PAGE, np.uint8)
+                off = (PAGE - raw.ctypes.data % PAGE) % PAGE
+                big = raw[off : off + pages * PAGE]
+                st, pages, bad, first, nu, lo, hi = gather(
+                    jobs_ids[k, :n], num_rows, row_bytes, data_offset, max_run_pages, fds, big, crcs, verify, out, ctx
+                )
+            jobs_status[k, 0] = st
+            jobs_status[k, 1] = pages
+            jobs_status[k, 2] = bad
+            jobs_status[k, 3] = first
+            jobs_status[k, 4] = nu
+            jobs_status[k, 5] = lo
+            jobs_status[k, 6] = hi
+            barrier()
+            done[k] = 1
+            barrier()
+            syscall(sys_futex, done.ctypes.data + 4 * k, f_wake, 1, 0, 0)
+            seq = np.int32(seq + 1)
+
+    @nb.njit(nogil=True)
+    def post(ctl, jobs_ids, jobs_n, done, k, ids):
+        """Write job ``k`` (``ids``; an empty array with ``n = -1`` stops the loop), publish it, wake the thread."""
+        n = ids.size
+        for i in range(n):
+            jobs_ids[k, i] = ids[i]
+        jobs_n[k] = n
+        done[k] = 0
+        barrier()
+        ctl[0] = np.int32(ctl[0] + 1)
+        barrier()
+        syscall(sys_futex, ctl.ctypes.data, f_wake, 1, 0, 0)
+        return 0
+
+    @nb.njit(nogil=True)
+    def post_stop(ctl, jobs_n, done, k):
+        jobs_n[k] = -1
+        done[k] = 0
+        barrier()
+        ctl[0] = np.int32(ctl[0] + 1)
+        barrier()
+        syscall(sys_futex, ctl.ctypes.data, f_wake, 1, 0, 0)
+        return 0
+
+    @nb.njit(nogil=True)
+    def wait_done(done, k):
+        addr = done.ctypes.data + 4 * k
+        while done[k] == 0:
+            syscall(sys_futex, addr, f_wait, 0, 0, 0)
+            barrier()
+        barrier()
+        return 0
+
+    return (plan, read, crcs_of, copy_rows, fetch, gather, start_read, finish_read, reap, gather_start,
+            gather_finish, io_loop, post, post_stop, wait_done)  # fmt: skip
 
 
 def plan(ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int) -> tuple[np.ndarray, ...]:
@@ -431,6 +671,178 @@ def gather(
 ) -> tuple[int, int, int, int, int, int, int]:
     """A whole gather off the GIL, dedupe and expansion included: see the kernel's docstring (``ctx``: as in fetch)."""
     return _kernels()[5](flat, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx)
+
+
+class IoSlot:
+    """One gather in flight: a kernel AIO context of its own (``io_getevents`` reaps whatever the context
+    completed, so two gathers never share one) and the page-aligned buffer its reads write."""
+
+    __slots__ = ("arr", "ctx")
+
+    def __init__(self, ctx: int) -> None:
+        self.ctx = ctx
+        self.arr: np.ndarray | None = None
+
+    def buffer(self, nbytes: int) -> np.ndarray:
+        return aligned_buffer(self, nbytes)
+
+
+class IoSlots:
+    """A pool of :class:`IoSlot`, as many as gathers were ever in flight at once (a decode step: one per table).
+
+    ``acquire`` is None where kernel AIO cannot run (``reason`` says why): the caller then reads synchronously.
+    ``close`` destroys the contexts; the caller first reaps every slot still in flight."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        self._free: list[IoSlot] = []
+        self._all: list[IoSlot] = []
+        self._lock = threading.Lock()
+        self.reason = reason or why_unavailable() or (None if _SYS_SETUP >= 0 else "no AIO syscalls known")
+
+    def acquire(self, nbytes: int) -> IoSlot | None:
+        with self._lock:
+            slot = self._free.pop() if self._free else None
+        if slot is None:
+            if self.reason is not None:
+                return None
+            box = ctypes.c_ulong(0)
+            if _syscall(_SYS_SETUP, KAIO_EVENTS, ctypes.addressof(box), 0, 0, 0) != 0:
+                self.reason = f"io_setup failed: {os.strerror(ctypes.get_errno())}"
+                return None
+            slot = IoSlot(int(box.value))
+            with self._lock:
+                self._all.append(slot)
+        slot.buffer(nbytes)
+        return slot
+
+    def release(self, slot: IoSlot) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def close(self) -> None:
+        """Destroy every context; later ``acquire`` calls return None (the table is closed)."""
+        with self._lock:
+            slots, self._all, self._free = self._all, [], []
+            self.reason = self.reason or "closed"
+        for slot in slots:
+            _syscall(_SYS_DESTROY, slot.ctx, 0, 0, 0, 0)
+
+
+def start_read(ctx: int, fd: int, ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int,
+               buf: np.ndarray) -> tuple:  # fmt: skip
+    """Submit the page reads of sorted unique int64 ``ids`` into ``buf`` through ``ctx`` (see the kernel)."""
+    return _kernels()[6](ctx, fd, ids, row_bytes, data_offset, max_run_pages, buf)
+
+
+def finish_read(ctx: int, fd: int, buf: np.ndarray, state: tuple, crcs: np.ndarray, verify: bool,
+                page0: int) -> tuple[int, int, int]:  # fmt: skip
+    """Complete a :func:`start_read`; ``state`` = its (pages, run_slot, run_count, cbs, ptrs, got, rstatus, st)."""
+    return _kernels()[7](ctx, fd, buf, *state, crcs, verify, page0)
+
+
+def reap(ctx: int, cbs: np.ndarray, ptrs: np.ndarray, got: np.ndarray, rstatus: np.ndarray, st: np.ndarray) -> int:
+    """Wait for a started read's requests in flight, submit nothing more: its buffers may be freed after."""
+    return _kernels()[8](ctx, cbs, ptrs, got, rstatus, st)
+
+
+def gather_start(flat: np.ndarray, num_rows: int, row_bytes: int, data_offset: int, max_run_pages: int,
+                 buf: np.ndarray, ctx: int, fd: int) -> tuple:  # fmt: skip
+    """Dedupe, range-check and submit a gather of any int64 ids ``flat`` (see the kernel)."""
+    return _kernels()[9](flat, num_rows, row_bytes, data_offset, max_run_pages, buf, ctx, fd)
+
+
+def gather_finish(*args: Any) -> tuple[int, int, int]:
+    """Complete a :func:`gather_start`: reap, verify, expand into ``out`` (see the kernel)."""
+    return _kernels()[10](*args)
+
+
+class IoThread:
+    """One thread per table that reads for the decode thread without ever taking the GIL: it enters
+    ``io_loop`` (a ``nogil`` kernel) once and serves a ring of ``slots`` jobs, signalled by futexes.
+
+    The decode thread posts a gather (ids copied into the ring, one futex wake: ~2 µs) and later waits on the
+    job's futex and copies its rows out; the planning, ``io_submit``, reaping, CRCs and expansion run on the
+    other core, and no GIL changes hands (a worker pool's thread takes the GIL 3-8 times a step; issue 18).
+    x86-64 only (the flags rely on its store order); ``reason`` says why not elsewhere."""
+
+    @staticmethod
+    def why_unavailable() -> str | None:
+        return why_unavailable() or (None if _SYS_FUTEX >= 0 else "I/O thread: x86-64 only")
+
+    def __init__(self, table: Any, max_ids: int, slots: int = 8) -> None:
+        self.reason: str | None = IoThread.why_unavailable()
+        h = table.header
+        self.max_ids, self.row_bytes = max_ids, h.row_bytes
+        self._ctl = np.zeros(2, np.int32)
+        self._ids = np.zeros((slots, max_ids), np.int64)
+        self._n = np.zeros(slots, np.int64)
+        self._out = np.zeros((slots, max_ids * h.row_bytes), np.uint8)
+        self._status = np.zeros((slots, 7), np.int64)
+        self._done = np.ones(slots, np.int32)
+        self._busy = [False] * slots
+        self._posted = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if self.reason is not None:
+            return
+        box = ctypes.c_ulong(0)
+        if _syscall(_SYS_SETUP, KAIO_EVENTS, ctypes.addressof(box), 0, 0, 0) != 0:
+            self.reason = f"io_setup failed: {os.strerror(ctypes.get_errno())}"
+            return
+        self._ctx = int(box.value)
+        self._buf = aligned_buffer(threading.local(), max_pages(min(max_ids, 1024), h.row_bytes) * PAGE)
+        crcs = table._crcs if table._crcs is not None else table._no_crcs
+        verify = table._crcs is not None
+        args = (self._ctl, self._ids, self._n, self._out, self._status, self._done, h.num_rows, h.row_bytes,
+                h.data_offset, table.max_run_pages, table._fds, self._buf, crcs, verify, self._ctx)  # fmt: skip
+        loop = _kernels()[11]
+        self._thread = threading.Thread(target=loop, args=args, name="engram-io", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def post(self, ids: np.ndarray) -> int | None:
+        """Post a gather of int64 ``ids`` (any order, duplicates); the job's slot, or None (ring full, too many ids)."""
+        if self._thread is None or ids.size > self.max_ids:
+            return None
+        with self._lock:
+            k = self._posted % self._done.size
+            if self._busy[k]:
+                return None
+            self._busy[k] = True
+            self._posted += 1
+            _kernels()[12](self._ctl, self._ids, self._n, self._done, k, ids)
+        return k
+
+    def can_post(self, n: int) -> bool:
+        return self._thread is not None and n <= self.max_ids and not self._busy[self._posted % self._done.size]
+
+    def wait(self, k: int) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Block (off the GIL) until job ``k`` is done: (its rows [n, row_bytes], a view into the ring, valid until
+        :meth:`release`; its status: gather's seven numbers)."""
+        _kernels()[14](self._done, k)
+        n = int(self._n[k])
+        return self._out[k, : n * self.row_bytes].reshape(n, self.row_bytes), tuple(int(v) for v in self._status[k])
+
+    def release(self, k: int) -> None:
+        with self._lock:
+            self._busy[k] = False
+
+    def close(self) -> None:
+        """Let the thread finish the jobs posted, stop it, free its context. Idempotent."""
+        if self._thread is None:
+            return
+        for k in range(self._done.size):  # jobs never waited for: finished before the stop job takes a slot
+            _kernels()[14](self._done, k)
+        with self._lock:
+            k = self._posted % self._done.size
+            self._posted += 1
+            _kernels()[13](self._ctl, self._n, self._done, k)
+        self._thread.join()
+        self._thread = None
+        _syscall(_SYS_DESTROY, self._ctx, 0, 0, 0, 0)
 
 
 class KernelContexts:

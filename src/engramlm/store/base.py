@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -101,6 +102,77 @@ class TableHeader:
         object.__setattr__(self, "row_bytes", self.row_format.row_bytes(self.dim))
 
 
+class PendingGather:
+    """A gather started by :meth:`RowTable.start_gather`; ``result()`` completes it once and returns the rows.
+
+    The base holds a finished result (or its exception); a tier's split phase subclasses it, overriding
+    ``_finish`` (reap the reads, verify, expand; returns the number of unique ids) and ``_reap`` (wait for
+    the reads in flight and release their buffers without using them). ``close`` (also run when it is
+    garbage-collected) reaps a gather never completed, so no buffer is freed while the kernel writes it.
+    """
+
+    def __init__(self) -> None:
+        self._rows: torch.Tensor | None = None
+        self._exc: BaseException | None = None
+        self._open = False  # reads in flight: _finish or _reap must run
+        self._table: RowTable | None = None
+        self._out: torch.Tensor | None = None
+        self._n = 0
+        self._start = 0.0
+        self.after: Callable[[int], None] | None = None  # called with the unique ids once the rows are in
+
+    @classmethod
+    def ready(cls, rows: torch.Tensor) -> PendingGather:
+        p = cls()
+        p._rows = rows
+        return p
+
+    @classmethod
+    def failed(cls, exc: BaseException) -> PendingGather:
+        p = cls()
+        p._exc = exc
+        return p
+
+    def bind(self, table: RowTable, out: torch.Tensor, n: int, start: float) -> None:
+        """Called by ``start_gather`` on a split-phase gather: where its rows go and what to count."""
+        self._table, self._out, self._n, self._start, self._open = table, out, n, start, True
+
+    def _finish(self) -> int:  # pragma: no cover - overridden by every split-phase tier
+        raise NotImplementedError
+
+    def _reap(self) -> None:  # pragma: no cover - overridden by every split-phase tier
+        raise NotImplementedError
+
+    def result(self) -> torch.Tensor:
+        if self._open:
+            self._open = False
+            try:
+                n_unique = self._finish()
+            except BaseException as exc:
+                self._exc = exc
+            else:
+                assert self._table is not None and self._out is not None
+                self._table._count(self._n, n_unique, self._start)
+                if self.after is not None:
+                    self.after(n_unique)
+                self._rows = self._out
+        if self._exc is not None:
+            raise self._exc
+        assert self._rows is not None
+        return self._rows
+
+    def close(self) -> None:
+        """Reap reads still in flight (their rows are dropped). Idempotent."""
+        if self._open:
+            self._open = False
+            self._exc = RuntimeError("this gather was closed (its reads reaped) before its rows were taken")
+            self._reap()
+
+    def __del__(self) -> None:
+        if getattr(self, "_open", False):
+            self.close()
+
+
 class RowTable(ABC):
     """A read-only [num_rows, dim] table gathered by int64 offset-applied row ids.
 
@@ -108,7 +180,8 @@ class RowTable(ABC):
     """
 
     # Prefetch threads that suit this tier when the caller does not choose (``Prefetcher(workers=None)``):
-    # two let one layer's read overlap another's; a tier whose client is itself multi-threaded may want one.
+    # two let one layer's read overlap another's; a tier whose client is itself multi-threaded may want one;
+    # 0 (inline, no thread) suits a gather cheaper than the GIL hand-offs to and from a worker (the memory tier).
     prefetch_workers: int = 2
 
     def __init__(self, header: TableHeader) -> None:
@@ -181,12 +254,8 @@ class RowTable(ABC):
             f"(valid ids are 0..{self.num_rows - 1})"
         )
 
-    def gather(self, row_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows for ``row_ids`` (any shape) as ``[*row_ids.shape, dim]``, float32 or into ``out``.
-
-        Ids are deduplicated and fetched once each in table order, then expanded back.
-        """
-        start = time.perf_counter()
+    def _prepare(self, row_ids: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat int64 CPU ids, output tensor): the checks every gather makes first."""
         ids = row_ids if isinstance(row_ids, torch.Tensor) else torch.as_tensor(row_ids)
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise TypeError(f"row ids must be an integer tensor, got {ids.dtype}")
@@ -198,6 +267,49 @@ class RowTable(ABC):
             out = torch.empty(shape, dtype=torch.float32)
         elif tuple(out.shape) not in (shape, (flat.numel(), self.dim)):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+        return flat, out
+
+    def _start_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> PendingGather | None:
+        """Optional split phase: start reading the rows of int64 ids ``flat`` into ``out`` (as ``_gather_bytes``)
+        and return at once with a :class:`PendingGather` whose ``result()`` completes it, or None where this
+        tier has no split phase (the caller then gathers synchronously). ``out``, ``flat`` and every buffer the
+        reads write must stay alive until the pending gather is completed or reaped (its ``result``/``close``)."""
+        return None
+
+    @property
+    def split_phase(self) -> bool:
+        """Whether :meth:`start_gather` can return before the rows are read (see ``_start_bytes``)."""
+        return False
+
+    def start_gather(self, row_ids: torch.Tensor, out: torch.Tensor | None = None) -> PendingGather:
+        """:meth:`gather` in two halves on the calling thread, no worker: submit now, collect with ``result()``.
+
+        A tier with a split phase (the direct tier's kernel AIO, a cache in front of it) dedupes, plans and
+        submits its reads here and returns while the kernel reads; the others gather here, synchronously.
+        Errors (ids out of range, I/O, CRC) are raised by ``result()``, with :meth:`gather`'s messages."""
+        start = time.perf_counter()
+        try:
+            flat, out = self._prepare(row_ids, out)
+            if flat.numel() and out.is_contiguous() and out.device.type == "cpu":
+                flat_np = np.ascontiguousarray(flat.numpy())
+                pending = self._start_bytes(flat_np, out.view(-1, self.dim).view(torch.uint8).numpy(), out.dtype)
+                if pending is not None:
+                    pending.bind(self, out, flat_np.size, start)
+                    return pending
+            return PendingGather.ready(self._gather_prepared(flat, out, start))
+        except Exception as exc:  # delivered by result(), as the worker path delivers it by wait()
+            return PendingGather.failed(exc)
+
+    def gather(self, row_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows for ``row_ids`` (any shape) as ``[*row_ids.shape, dim]``, float32 or into ``out``.
+
+        Ids are deduplicated and fetched once each in table order, then expanded back.
+        """
+        start = time.perf_counter()
+        flat, out = self._prepare(row_ids, out)
+        return self._gather_prepared(flat, out, start)
+
+    def _gather_prepared(self, flat: torch.Tensor, out: torch.Tensor, start: float) -> torch.Tensor:
         if flat.numel() == 0:
             return out
         flat_np = np.ascontiguousarray(flat.numpy())

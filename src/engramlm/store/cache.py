@@ -31,7 +31,7 @@ import torch
 from engramlm.errors import ConfigError
 from engramlm.store import _aio
 from engramlm.store._dedup import unique_inverse_kernel
-from engramlm.store.base import RowTable
+from engramlm.store.base import PendingGather, RowTable
 
 POLICIES = ("lfu", "lru", "static")
 _SKETCH_DEPTH = 4
@@ -251,6 +251,7 @@ def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # 
 
 _BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 PAGE = 4096
+_FUSED_MAX_IDS = 1024  # as the direct tier's FUSED_MAX_IDS: a prefill gathers synchronously
 
 
 @lru_cache(maxsize=1)
@@ -287,6 +288,56 @@ def _fused_kernel() -> Any:
         return 0, n_pages, 0, -1, nu, pos.size, added, used
 
     return cached_read
+
+
+@lru_cache(maxsize=1)
+def _split_kernels() -> tuple[Any, Any]:
+    """The cached gather in front of the direct tier's kernel AIO in two ``nogil`` halves (split phase): ``start``
+    dedupes, probes (hits copied out) and submits the misses' page reads; ``finish`` reaps them, verifies,
+    admits the misses and expands. No thread between the halves: the kernel reads while the forward runs."""
+    k = _aio._kernels()
+    start_read, finish_read, copy_rows = k[6], k[7], k[3]
+
+    @nb.njit(nogil=True)
+    def start(
+        flat, num_rows, slot_of, score, slots, policy, tick, table, bits, sample, added,
+        row_bytes, data_offset, max_run_pages, buf, ctx, fd,
+    ):  # fmt: skip  # pragma: no cover - compiled
+        """(status, lo, hi, sketch count, unique count, inverse, rows, miss positions, miss ids, then start_read's
+        (pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st)); status 0, -1 (``buf`` too small:
+        never, the caller sizes it for every id) or -2 (an id out of range: nothing probed or submitted)."""
+        ok, unique, inverse, rows, pos, miss_ids, added = _probe_flat(
+            flat, num_rows, slot_of, score, slots, policy, tick, table, bits, sample, added
+        )
+        nu = unique.size
+        lo, hi = unique[0], unique[nu - 1]
+        status, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st = start_read(
+            ctx, fd, miss_ids, row_bytes, data_offset, max_run_pages, buf
+        )
+        if not ok:
+            status = -2
+        return (status, lo, hi, added, nu, inverse, rows, pos, miss_ids, pages, run_slot, run_count, row_offset,
+                cbs, ptrs, got, rstatus, st)  # fmt: skip
+
+    @nb.njit(nogil=True)
+    def finish(
+        ctx, fd, buf, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st, crcs, verify, page0,
+        miss_ids, pos, rows, inverse, slot_of, slot_id, score, slots, used, policy, tick, table, bits, out,
+    ):  # fmt: skip  # pragma: no cover - compiled
+        """(errno or 0, bad pages, first bad page, slots used): reap + verify the misses, admit them, expand.
+        Nothing is admitted unless every page read and verified."""
+        if pos.size:
+            err, bad, first = finish_read(ctx, fd, buf, pages, run_slot, run_count, cbs, ptrs, got, rstatus, st,
+                                          crcs, verify, page0)  # fmt: skip
+            if err or bad:
+                return err, bad, first, used
+            miss = np.empty((pos.size, slots.shape[1]), slots.dtype)
+            copy_rows(buf, row_offset, miss.view(np.uint8))
+            used = _admit(miss_ids, miss, rows, pos, slot_of, slot_id, score, slots, used, policy, tick, table, bits)
+        _expand(rows, inverse, out)
+        return 0, 0, -1, used
+
+    return start, finish
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -431,6 +482,66 @@ class CachedTable(RowTable):
         self.stats.add(hits=int(unique.size - pos.size), misses=int(pos.size))
         return int(unique.size)
 
+    @property
+    def split_phase(self) -> bool:
+        return bool(self.inner.split_phase)
+
+    def _start_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> PendingGather | None:
+        """Split phase in front of a split-phase direct tier (see :func:`_split_kernels`): start = dedupe + probe +
+        submit the misses (under the lock), ``result()`` = reap + admit + expand (under the lock). Same policy
+        steps and stats as ``_gather_bytes``; a miss another gather admitted meanwhile is skipped by ``_admit``."""
+        inner = self.inner
+        if dtype != self.dtype or not self.split_phase:
+            return None
+        if self.capacity == 0:
+            pending = inner._start_bytes(flat, out, dtype)
+            if pending is not None:
+                pending.after = lambda n: self.stats.add(misses=n)
+            return pending
+        h = inner.header  # type: ignore[attr-defined]
+        if getattr(inner._format, "dtype", None) != dtype:  # type: ignore[attr-defined]
+            return None
+        io = inner._io_thread() if hasattr(inner, "_io_thread") else None
+        if io is None or not io.can_post(flat.size):
+            if flat.size > _FUSED_MAX_IDS:  # the split phase sizes its page buffer for every id: a prefill waits
+                return None
+        else:  # the inner tier's GIL-free I/O thread reads the misses
+            with self._lock:
+                self._tick += 1
+                ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
+                    flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
+                    self._sk_table, self._sk_bits, self._sk_sample, self._sk_added,
+                )  # fmt: skip
+            if not ok:
+                raise self._out_of_range(int(unique[0]), int(unique[-1]))
+            k = io.post(miss_ids) if pos.size else None
+            state = (unique.size, inverse, rows, pos, miss_ids)
+            return _CachedThreadPending(self, io, k, state, out.view(self._slots_np.dtype), self._tick)
+        slot = inner._slots.acquire(_aio.max_pages(flat.size, h.row_bytes) * PAGE)  # type: ignore[attr-defined]
+        if slot is None:
+            return None
+        try:
+            with self._lock:
+                self._tick += 1
+                state = _split_kernels()[0](
+                    flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
+                    self._sk_table, self._sk_bits, self._sk_sample, self._sk_added, h.row_bytes, h.data_offset,
+                    inner.max_run_pages, slot.arr, slot.ctx, inner._fd,  # type: ignore[attr-defined]
+                )  # fmt: skip
+                if state[0] != -2:
+                    self._sk_added = state[3]
+        except BaseException:
+            inner._slots.release(slot)  # type: ignore[attr-defined]
+            raise
+        if state[0] != 0:
+            inner._slots.release(slot)  # type: ignore[attr-defined]
+            if state[0] == -2:
+                raise self._out_of_range(int(state[1]), int(state[2]))
+            raise RuntimeError("page buffer smaller than the plan; the slot is sized for every id")
+        pending = _CachedPending(self, slot, state, out.view(self._slots_np.dtype), self._tick)
+        inner._inflight.add(pending)  # type: ignore[attr-defined]
+        return pending
+
     def preload(self, row_ids: torch.Tensor) -> None:
         """Warm the cache with known-hot rows (e.g. from a profile); the static policy's setup."""
         ids = torch.unique(torch.as_tensor(row_ids).reshape(-1).to(torch.int64))
@@ -453,3 +564,94 @@ class CachedTable(RowTable):
                     miss_ids, _bits(rows), self._slots_np, none, self._slot_of, self._slot_id, self._score,
                     self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
                 )  # fmt: skip
+
+
+class _CachedPending(PendingGather):
+    """A cached gather whose misses' page reads are in flight in the direct tier's :class:`~engramlm.store._aio.IoSlot`
+    (hits already copied at start). Registered with the inner table, so closing it reaps these reads too."""
+
+    def __init__(self, cache: CachedTable, slot: _aio.IoSlot, state: tuple, out: np.ndarray, tick: int) -> None:
+        super().__init__()
+        self._cache, self._slot, self._state, self._out_bits, self._tick = cache, slot, state, out, tick
+
+    def _finish(self) -> int:
+        c, slot = self._cache, self._slot
+        inner: Any = c.inner
+        (_, _, _, _, nu, inverse, rows, pos, miss_ids, pages, run_slot, run_count, row_offset, cbs, ptrs, got,
+         rstatus, st) = self._state  # fmt: skip
+        crcs = inner._crcs if inner._crcs is not None else inner._no_crcs
+        try:
+            with c._lock:
+                err, bad, first, c._used = _split_kernels()[1](
+                    slot.ctx, inner._fd, slot.arr, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus,
+                    st, crcs, inner._crcs is not None, inner.header.data_offset // PAGE, miss_ids, pos, rows, inverse,
+                    c._slot_of, c._slot_id, c._score, c._slots_np, c._used, c._policy, self._tick, c._sk_table,
+                    c._sk_bits, self._out_bits,
+                )  # fmt: skip
+        except BaseException:  # the kernel never ran (or was interrupted): reap before the slot is reused
+            self._reap()
+            raise
+        self._done()
+        if err or bad:
+            inner._raise_read_error(int(err), int(bad), int(first))
+        inner.stats.add(bytes_read=int(pages.size) * PAGE)
+        c.stats.add(hits=int(nu - pos.size), misses=int(pos.size))
+        return int(nu)
+
+    def _reap(self) -> None:
+        cbs, ptrs, got, rstatus, st = self._state[13:18]
+        try:
+            _aio.reap(self._slot.ctx, cbs, ptrs, got, rstatus, st)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        inner: Any = self._cache.inner
+        inner._inflight.discard(self)
+        inner._slots.release(self._slot)
+        self._state = ()
+
+
+class _CachedThreadPending(PendingGather):
+    """A cached gather whose misses the inner direct tier's I/O thread reads (job ``k``; None: no misses, or the
+    ring was full, then the misses are read here); hits were copied at start. Admission and expansion at wait."""
+
+    def __init__(self, cache: CachedTable, io: Any, k: int | None, state: tuple, out: np.ndarray, tick: int) -> None:
+        super().__init__()
+        self._cache, self._io, self._k, self._state, self._out_bits, self._tick = cache, io, k, state, out, tick
+
+    def _finish(self) -> int:
+        c = self._cache
+        inner: Any = c.inner
+        nu, inverse, rows, pos, miss_ids = self._state
+        if pos.size:
+            if self._k is not None:
+                got, (st, pages, bad, first, _, _, _) = self._io.wait(self._k)
+                try:
+                    if st or bad:
+                        inner._raise_read_error(st, bad, first)
+                    with c._lock:
+                        c._used = _admit(
+                            miss_ids, got.view(c._slots_np.dtype), rows, pos, c._slot_of, c._slot_id, c._score,
+                            c._slots_np, c._used, c._policy, self._tick, c._sk_table, c._sk_bits,
+                        )  # fmt: skip
+                finally:
+                    self._io.release(self._k)
+                inner.stats.add(bytes_read=pages * PAGE)
+            else:
+                miss = torch.empty(pos.size, c.dim, dtype=c.dtype)
+                if inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), c.dtype) is None:
+                    miss.copy_(inner.fetch_sorted_unique(torch.from_numpy(miss_ids)))
+                with c._lock:
+                    c._used = _admit(
+                        miss_ids, _bits(miss), rows, pos, c._slot_of, c._slot_id, c._score,
+                        c._slots_np, c._used, c._policy, self._tick, c._sk_table, c._sk_bits,
+                    )  # fmt: skip
+        _expand(rows, inverse, self._out_bits)
+        c.stats.add(hits=int(nu - pos.size), misses=int(pos.size))
+        return int(nu)
+
+    def _reap(self) -> None:
+        if self._k is not None:
+            self._io.wait(self._k)
+            self._io.release(self._k)

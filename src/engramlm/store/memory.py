@@ -17,6 +17,10 @@ _DENSE_FORMATS = {torch.float32: FP32, torch.bfloat16: BF16}
 class MemoryTable(RowTable):
     """A table held in a tensor: float32/bf16 rows, or uint8 records with ``row_format``."""
 
+    # A gather is an index_select of tens of µs: the Prefetcher runs it inline on the decode thread, which
+    # costs less than handing it to a worker thread and back (a GIL switch each way; issue 18).
+    prefetch_workers = 0
+
     def __init__(
         self,
         weights: torch.Tensor,

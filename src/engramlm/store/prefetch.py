@@ -12,6 +12,14 @@ Row ids depend on token ids alone, so all layers' lookups can start before block
   an event; ``wait`` makes the consumer's current stream wait on that event (no host sync) and
   marks the device tensor as used by that stream so the caching allocator never recycles it early.
 * Other devices: the worker gathers on the host and copies synchronously in its own thread.
+* **Inline** (``workers=0``): no thread at all. ``start`` calls each table's
+  :meth:`~engramlm.store.base.RowTable.start_gather` on the calling thread: a tier with a split phase
+  (the direct tier's kernel AIO, a cache in front of it) dedupes, plans and submits its reads and
+  returns while the kernel reads; any other tier gathers right there (the memory tier: tens of µs).
+  ``wait`` completes the layer's gather (reap, verify, expand). Why: each hand-off to a worker thread
+  costs the decode thread a GIL switch, 3-8 per step, which cost more than the memory tier's gathers
+  themselves (issue 18). The tiers choose it (``RowTable.prefetch_workers = 0``) where the gather is
+  cheap or split-phase.
 
 Correctness never depends on timing: each job writes only its own fresh staging buffer, and
 the tiers (including :class:`~engramlm.store.cache.CachedTable`) are safe under concurrent gathers.
@@ -29,15 +37,43 @@ from typing import Any
 import torch
 
 from engramlm.errors import ConfigError
-from engramlm.store.base import RowTable
+from engramlm.store.base import PendingGather, RowTable
 
 _STOP = object()
 
 
-class PrefetchHandle(Mapping[int, torch.Tensor]):
-    """The in-flight rows of one forward pass; ``handle[layer]`` blocks until that layer is ready."""
+class _Inline:
+    """One layer's gather started on the caller's thread: ``result()`` completes it, as ``Future.result``
+    does for a worker's job, returning (rows on the prefetcher's device, host seconds spent on it)."""
 
-    def __init__(self, futures: dict[int, Future], events: dict[int, Any], owner: Prefetcher) -> None:
+    __slots__ = ("_device", "_done", "_pending", "_start_s")
+
+    def __init__(self, pending: PendingGather, start_s: float, device: torch.device | None) -> None:
+        self._pending, self._start_s, self._device, self._done = pending, start_s, device, False
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        try:
+            rows = self._pending.result()
+        finally:
+            self._done = True
+        if self._device is not None:  # pinned staging on CUDA: an async copy on the consumer's stream
+            rows = rows.to(self._device, non_blocking=True)
+        return rows, self._start_s + time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._pending.close()
+
+
+class PrefetchHandle(Mapping[int, torch.Tensor]):
+    """The in-flight rows of one forward pass; ``handle[layer]`` blocks until that layer is ready.
+
+    Dropping a handle (or calling :meth:`close`) whose inline gathers were never waited for reaps their reads."""
+
+    def __init__(self, futures: dict[int, Any], events: dict[int, Any], owner: Prefetcher) -> None:
         self._futures = futures
         self._events = events
         self._owner = owner
@@ -89,6 +125,12 @@ class PrefetchHandle(Mapping[int, torch.Tensor]):
         self._ready[key] = rows
         return rows
 
+    def close(self) -> None:
+        """Reap the inline gathers never waited for (their rows are dropped); worker jobs finish on their own."""
+        for key, job in self._futures.items():
+            if key not in self._ready and isinstance(job, _Inline):
+                job.close()
+
 
 class Prefetcher:
     """Asynchronous per-layer gathers from ``tables`` (layer id -> RowTable) into staging buffers."""
@@ -104,10 +146,11 @@ class Prefetcher:
     ) -> None:
         if not tables:
             raise ConfigError("tables: need at least one layer's RowTable")
-        if workers is None:  # the tiers' own choice (RowTable.prefetch_workers), the most cautious one
-            workers = min(int(t.prefetch_workers) for t in tables.values())
-        if workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {workers}")
+        if workers is None:  # the tiers' own choice (RowTable.prefetch_workers): inline (0) only if every tier
+            choices = [int(t.prefetch_workers) for t in tables.values()]  # wants it, else the most cautious pool
+            workers = min((c for c in choices if c > 0), default=0)
+        if isinstance(workers, bool) or workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0: inline, no thread), got {workers}")
         if not dtype.is_floating_point:
             raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype}")
         self.tables = {int(k): v for k, v in tables.items()}
@@ -118,7 +161,7 @@ class Prefetcher:
         self.workers = workers
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         # Room for a few forward passes' worth of jobs; beyond that, start() blocks (backpressure).
-        self.queue_size = queue_size if queue_size is not None else max(2 * len(self.tables), workers)
+        self.queue_size = queue_size if queue_size is not None else max(2 * len(self.tables), workers, 1)
         if self.queue_size < 1:
             raise ConfigError(f"queue_size must be >= 1, got {self.queue_size}")
         self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
@@ -190,12 +233,15 @@ class Prefetcher:
         unknown = sorted(set(row_ids) - set(self.tables))
         if unknown:
             raise KeyError(f"no table for layer(s) {unknown}; tables exist for layers {sorted(self.tables)}")
-        futures: dict[int, Future] = {}
+        futures: dict[int, Any] = {}
         events: dict[int, Any] = {}
         for layer in sorted(row_ids):
             ids = torch.as_tensor(row_ids[layer])
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise TypeError(f"layer {layer}: row ids must be an integer tensor, got {ids.dtype}")
+            if not self.workers:  # inline: the ids are read (or copied by the tier) before start returns
+                futures[layer] = self._start_inline(self.tables[layer], ids)
+                continue
             ids = ids.detach().to("cpu", torch.int64, copy=True)  # a snapshot: the caller may reuse its tensor
             event = torch.cuda.Event() if self._cuda else None
             fut: Future = Future()
@@ -204,6 +250,17 @@ class Prefetcher:
             if event is not None:
                 events[layer] = event
         return PrefetchHandle(futures, events, self)
+
+    def _start_inline(self, table: RowTable, ids: torch.Tensor) -> _Inline:
+        """Start one layer's gather on this thread (see the module docstring, **Inline**)."""
+        t0 = time.perf_counter()
+        ids = ids.detach()
+        if ids.device.type != "cpu" or ids.dtype != torch.int64:
+            ids = ids.to("cpu", torch.int64)
+        staging = torch.empty((*ids.shape, table.dim), dtype=self.dtype, pin_memory=self._cuda)
+        pending = table.start_gather(ids, out=staging)  # the tier snapshots what it keeps of ids
+        device = None if self.device.type == "cpu" else self.device
+        return _Inline(pending, time.perf_counter() - t0, device)
 
     def fetch(self, row_ids: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Synchronous convenience: start and wait for every layer."""
