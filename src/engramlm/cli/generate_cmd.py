@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
         "--workers",
         type=int,
         default=None,
-        help="prefetch worker threads (default: the tier's choice, 1 for mooncake, else 2)",
+        help="prefetch worker threads, 0 = gather on the decode thread (default: the tiers' choice: 0 for memory "
+        "and for the direct tier with its I/O thread, 1 for mooncake, else 2)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
