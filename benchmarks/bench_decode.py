@@ -40,7 +40,7 @@ from engramlm.infer import Engine, SamplingParams
 from engramlm.models.model import EngramLM
 
 # Bumped whenever the decode path's code changes what is measured, so old and new results never mix.
-BENCH_VERSION = 6
+BENCH_VERSION = 7
 
 
 def hf_backbone_shape(c: Any) -> dict[str, int]:

@@ -55,6 +55,27 @@ def test_one_row_products_equal_f_linear() -> None:
     torch.testing.assert_close(many[:1], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64), (4, 64), (64,), (2, 2, 1, 64), "strided"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_transposed_layout_is_exactly_addmm_on_the_copy(shape, bias: bool) -> None:
+    """The transposed layout (a few rows, or one row into a wide weight) runs ``F.linear`` on the copy's [out, in]
+    view: bit for bit the ``addmm(b, x2d, copy)`` (``mm`` without a bias) it stands for, whatever x's rank and
+    strides (F.linear folds only a contiguous 2-3 dim x into that call; any other x is reshaped first)."""
+    torch.manual_seed(3)
+    layer = nn.Linear(64, 48, bias=bias)
+    x = torch.randn(64, 3).t() if shape == "strided" else torch.randn(*shape)
+    rows = x.numel() // 64
+    with torch.no_grad(), packed_inference():
+        assert packed._layout(rows, 64, 48) == 0
+        got = packed_linear(x, layer)
+        _, view, b = packed._packed([layer.weight], [layer.bias] if bias else [], 0)
+        copy_ = view.t()
+        assert copy_.is_contiguous() and copy_.shape == (64, 48)
+        x2 = x.reshape(rows, 64)
+        want = (torch.addmm(b, x2, copy_) if bias else torch.mm(x2, copy_)).view(*x.shape[:-1], 48)
+    assert torch.equal(got, want)
+
+
 def test_packed_copy_is_rebuilt_after_an_in_place_weight_change_and_dropped_with_the_weight() -> None:
     torch.manual_seed(1)
     layer = nn.Linear(32, 24, bias=False)

@@ -154,7 +154,9 @@ class CompiledDecode:
 
         step = _own_code(_decode_logits, f"{id(self):x}_{self.resets}")
         self.code = step.__code__  # where dynamo keeps this engine's graphs (one per batch size)
-        self._fn = torch.compile(step, dynamic=False, options={"guard_filter_fn": keep, "size_asserts": False})
+        self._fn = torch.compile(
+            step, dynamic=False, options={"guard_filter_fn": keep, "size_asserts": False, "cpp_wrapper": True}
+        )
 
     def check_model(self) -> bool:
         """Whether the model's parameters and buffers are still the tensors (and layouts) the graphs were

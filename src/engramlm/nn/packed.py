@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -102,7 +103,7 @@ def _packed(weights: list[torch.Tensor], biases: list[torch.Tensor], layout: int
             w = w.detach().float().contiguous()
             b = (torch.cat(biases) if len(biases) > 1 else biases[0]).detach().float().contiguous() if biases else None
             if not layout:  # the weight transposed, [in, out] row-major: a plain GEMM streams it at full bandwidth
-                entry = (key, w.t().contiguous(), b)
+                entry = (key, w.t().contiguous().t(), b)  # kept as its [out, in] view: F.linear takes it as is
             else:
                 entry = (key, torch.ops.mkldnn._reorder_linear_weight(w, layout), b)
         if ptrs not in _CACHE:
@@ -124,12 +125,11 @@ def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor], biases: li
     n_in = x.shape[-1]
     rows = x.numel() // n_in
     layout = _layout(rows, n_in, weights[0].shape[0] if len(weights) == 1 else sum(w.shape[0] for w in weights))
-    if not layout:
-        _, wt, b = _packed(weights, biases, 0)
-        x2 = x.reshape(rows, x.shape[-1])
-        y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
-        return y.view(*x.shape[:-1], wt.shape[1])
     _, w, b = _packed(weights, biases, layout)
+    if not layout:  # w: an [out, in] view of the [in, out] copy, which addmm(b, x2d, copy) (mm without a bias) reads
+        if 2 <= x.dim() <= 3 and x.is_contiguous():
+            return F.linear(x, w, b)  # that very call, the reshapes included, in one C++ call (~1.5 µs less)
+        return F.linear(x.reshape(rows, n_in), w, b).view(*x.shape[:-1], w.shape[0])
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
@@ -151,7 +151,10 @@ def packed_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
     biases = [layer.bias for layer in layers if layer.bias is not None]
     if biases and len(biases) != len(layers):
         raise ValueError("packed_linear: the fused layers must all have a bias or none")
-    return _packed_linear_op(x, [layer.weight for layer in layers], biases)
+    weights = [layer.weight for layer in layers]
+    if torch.compiler.is_compiling():  # the traced step calls the opaque op
+        return _packed_linear_op(x, weights, biases)
+    return _packed_linear_impl(x, weights, biases)  # eager: the same function, without the dispatcher (~4 µs a call)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
