@@ -1489,7 +1489,8 @@ def train_step_table(doc: dict[str, Any]) -> list[str]:
             vs += f" | {_x(rest)}" if rest else " | —"
             lines.append(
                 f"| {name} | {_s_iqr(a['step_s'])} | {tps['median']:,.0f} ({tps['q1']:,.0f}–{tps['q3']:,.0f}) | "
-                f"{sh['median']:.0%} | {a['matmul_rate_fraction']:.0%} / {a['matmul_rate_fraction_with_head']:.0%} | "
+                f"{sh['median']:.1%} ({sh['q1']:.1%}–{sh['q3']:.1%}) | "
+                f"{a['matmul_rate_fraction']:.0%} / {a['matmul_rate_fraction_with_head']:.0%} | "
                 f"{vs} |"
             )
     return lines + _footer(doc)
