@@ -154,6 +154,8 @@ class CompiledDecode:
 
         step = _own_code(_decode_logits, f"{id(self):x}_{self.resets}")
         self.code = step.__code__  # where dynamo keeps this engine's graphs (one per batch size)
+        # cpp_wrapper: the graph's wrapper in C++ rather than Python (~0.45 ms a step of wrapper code and ~210
+        # reinterpret_tensor calls at batch 1; 1.6-5% less per step measured, for a longer cold compile)
         self._fn = torch.compile(
             step, dynamic=False, options={"guard_filter_fn": keep, "size_asserts": False, "cpp_wrapper": True}
         )
