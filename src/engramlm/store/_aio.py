@@ -220,90 +220,6 @@ def _kernels() -> tuple:
         return keep_alive(cbs, err)
 
     @nb.njit(nogil=True)
-    def kread(ctx, fd, buf_addr, pages, run_slot, run_count):
-        """``read`` through the kernel's own AIO context ``ctx``: no helper thread. glibc's POSIX AIO runs each
-        request in one of up to 20 helper threads, which, woken together, preempt the decode thread on the
-        other core (issue 18: ~14 involuntary switches per decode step); here the block layer completes the
-        O_DIRECT reads and only the calling thread wakes. Anything the kernel refuses is read with ``pread``."""
-        n = run_slot.size
-        if n == 0:
-            return 0
-        cbs = np.zeros((n, 8), np.int64)  # struct iocb, 64 bytes (LE): data, key|rw_flags, opcode|prio|fd, buf,
-        ptrs = np.empty(n, np.int64)  # nbytes, offset, reserved, flags|resfd
-        base = cbs.ctypes.data
-        for i in range(n):
-            cbs[i, 0] = i
-            cbs[i, 2] = fd << 32  # aio_lio_opcode 0 = IOCB_CMD_PREAD, aio_reqprio 0, aio_fildes
-            cbs[i, 3] = buf_addr + run_slot[i] * PAGE
-            cbs[i, 4] = run_count[i] * PAGE
-            cbs[i, 5] = pages[run_slot[i]] * PAGE
-            ptrs[i] = base + i * 64
-        got = np.zeros(n, np.int64)
-        status = np.zeros(n, np.int64)  # errno of a request; EAGAIN: finish it with pread
-        events = np.zeros((n_events, 4), np.int64)  # struct io_event: data, obj, res, res2
-        submitted = 0
-        inflight = 0
-        while submitted < n or inflight:
-            if submitted < n and inflight < n_events:
-                k = min(n - submitted, n_events - inflight)
-                r = syscall(sys_submit, ctx, k, ptrs.ctypes.data + submitted * 8, 0, 0)
-                if r > 0:
-                    submitted += r
-                    inflight += r
-                else:
-                    code = nb.carray(errno_loc(), 1)[0] if r < 0 else _EAGAIN
-                    if code == _EINTR:
-                        continue
-                    if not (code == _EAGAIN and inflight):  # refused: the rest is read synchronously below
-                        for i in range(submitted, n):
-                            status[i] = _EAGAIN
-                        submitted = n
-            if inflight:
-                r = syscall(sys_getevents, ctx, 1, min(inflight, n_events), events.ctypes.data, 0)
-                if r < 0:
-                    code = nb.carray(errno_loc(), 1)[0]
-                    if code == _EINTR:
-                        continue
-                    return code if code > 0 else 5  # unreachable with a valid context and buffer
-                for j in range(r):
-                    i = events[j, 0]
-                    res = events[j, 2]
-                    if res < 0:
-                        status[i] = -res
-                    else:
-                        got[i] = res
-                inflight -= r
-        err = 0
-        for i in range(n):
-            e = status[i]
-            if e != 0 and e != _EINTR and e != _EAGAIN:
-                err = e
-                continue
-            done = got[i]
-            want = run_count[i] * PAGE
-            off = pages[run_slot[i]] * PAGE
-            dst = buf_addr + run_slot[i] * PAGE
-            while done < want:  # a short read or a refused request: finish it synchronously
-                k = pread(fd, dst + done, want - done, off + done)
-                if k == 0:
-                    break  # EOF: the last page of the file is partial
-                if k < 0:
-                    code = nb.carray(errno_loc(), 1)[0]
-                    if code == _EINTR:
-                        continue
-                    err = code if code > 0 else 5
-                    break
-                done += k
-        return keep_alive(cbs, err)
-
-    @nb.njit(nogil=True)
-    def read_any(ctx, fds, buf_addr, pages, run_slot, run_count):
-        """Kernel AIO when the thread has a context (``ctx`` != 0), else glibc's POSIX AIO."""
-        if ctx != 0:
-            return kread(ctx, fds[0], buf_addr, pages, run_slot, run_count)
-        return read(fds, buf_addr, pages, run_slot, run_count)
-
-    @nb.njit(nogil=True)
     def crcs_of(buf_addr, n, out):
         """zlib CRC32 of ``n`` consecutive pages at ``buf_addr``."""
         for i in range(n):
@@ -381,6 +297,22 @@ def _kernels() -> tuple:
 
     # ---- split phase: submit now (start), reap + verify + copy later (finish), on the caller's thread ----------
     @nb.njit(nogil=True)
+    def iocbs(fd, buf_addr, pages, run_slot, run_count):
+        """The control blocks of the page runs' reads into ``buf_addr``, and their addresses for io_submit."""
+        n = run_slot.size
+        cbs = np.zeros((n, 8), np.int64)  # struct iocb, 64 bytes (LE): data, key|rw_flags, opcode|prio|fd, buf,
+        ptrs = np.empty(n, np.int64)  # nbytes, offset, reserved, flags|resfd
+        base = cbs.ctypes.data
+        for i in range(n):
+            cbs[i, 0] = i
+            cbs[i, 2] = fd << 32  # aio_lio_opcode 0 = IOCB_CMD_PREAD, aio_reqprio 0, aio_fildes
+            cbs[i, 3] = buf_addr + run_slot[i] * PAGE
+            cbs[i, 4] = run_count[i] * PAGE
+            cbs[i, 5] = pages[run_slot[i]] * PAGE
+            ptrs[i] = base + i * 64
+        return cbs, ptrs
+
+    @nb.njit(nogil=True)
     def pump(ctx, ptrs, got, status, events, st, submit, finish):
         """Submit what ``ctx`` has room for (``submit``), then with ``finish`` reap until nothing is in flight.
 
@@ -447,6 +379,31 @@ def _kernels() -> tuple:
         return err
 
     @nb.njit(nogil=True)
+    def kread(ctx, fd, buf_addr, pages, run_slot, run_count):
+        """``read`` through the kernel's own AIO context ``ctx``: no helper thread. glibc's POSIX AIO runs each
+        request in one of up to 20 helper threads, which, woken together, preempt the decode thread on the
+        other core (issue 18: ~14 involuntary switches per decode step); here the block layer completes the
+        O_DIRECT reads and only the calling thread wakes. Anything the kernel refuses is read with ``pread``."""
+        n = run_slot.size
+        if n == 0:
+            return 0
+        cbs, ptrs = iocbs(fd, buf_addr, pages, run_slot, run_count)
+        got = np.zeros(n, np.int64)
+        status = np.zeros(n, np.int64)  # errno of a request; EAGAIN: finish it with pread
+        events = np.zeros((n_events, 4), np.int64)
+        err = pump(ctx, ptrs, got, status, events, np.zeros(2, np.int64), True, True)
+        if err == 0:
+            err = complete(fd, buf_addr, pages, run_slot, run_count, got, status)
+        return keep_alive(cbs, err)
+
+    @nb.njit(nogil=True)
+    def read_any(ctx, fds, buf_addr, pages, run_slot, run_count):
+        """Kernel AIO when the thread has a context (``ctx`` != 0), else glibc's POSIX AIO."""
+        if ctx != 0:
+            return kread(ctx, fds[0], buf_addr, pages, run_slot, run_count)
+        return read(fds, buf_addr, pages, run_slot, run_count)
+
+    @nb.njit(nogil=True)
     def start_read(ctx, fd, ids, row_bytes, data_offset, max_run_pages, buf):
         """Plan the pages of sorted unique ``ids`` and submit their reads into ``buf``; returns at once.
 
@@ -456,22 +413,13 @@ def _kernels() -> tuple:
         and writes ``buf`` by address."""
         pages, run_slot, run_count, row_offset = plan(ids, row_bytes, data_offset, max_run_pages)
         n = run_slot.size
-        cbs = np.zeros((n, 8), np.int64)  # struct iocb, as in kread
-        ptrs = np.empty(n, np.int64)
         got = np.zeros(n, np.int64)
         rstatus = np.zeros(n, np.int64)
         st = np.zeros(2, np.int64)
         if pages.size * PAGE > buf.size:
+            cbs, ptrs = np.zeros((n, 8), np.int64), np.empty(n, np.int64)  # nothing submitted
             return -1, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st
-        buf_addr = buf.ctypes.data
-        base = cbs.ctypes.data
-        for i in range(n):
-            cbs[i, 0] = i
-            cbs[i, 2] = fd << 32
-            cbs[i, 3] = buf_addr + run_slot[i] * PAGE
-            cbs[i, 4] = run_count[i] * PAGE
-            cbs[i, 5] = pages[run_slot[i]] * PAGE
-            ptrs[i] = base + i * 64
+        cbs, ptrs = iocbs(fd, buf.ctypes.data, pages, run_slot, run_count)
         pump(ctx, ptrs, got, rstatus, np.zeros((0, 4), np.int64), st, True, False)
         return 0, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus, st
 
