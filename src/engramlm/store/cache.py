@@ -460,14 +460,7 @@ class CachedTable(RowTable):
             self.inner.stats.add(bytes_read=n_pages * PAGE)
             self.stats.add(hits=n_unique - n_miss, misses=n_miss)
             return n_unique
-        with self._lock:
-            self._tick += 1
-            ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
-                flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
-                self._sk_table, self._sk_bits, self._sk_sample, self._sk_added,
-            )  # fmt: skip
-        if not ok:
-            raise self._out_of_range(int(unique[0]), int(unique[-1]))
+        unique, inverse, rows, pos, miss_ids = self._probe(flat)
         if pos.size:
             miss = torch.empty(pos.size, self.dim, dtype=self.dtype)
             if self.inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), dtype) is None:
@@ -481,6 +474,19 @@ class CachedTable(RowTable):
         _expand(rows, inverse, out_bits)
         self.stats.add(hits=int(unique.size - pos.size), misses=int(pos.size))
         return int(unique.size)
+
+    def _probe(self, flat: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One gather's probe, under the lock: a new tick, the sketch updated, hits copied into fresh rows.
+        (unique, inverse, rows, pos, miss_ids), as ``_probe_flat``; an id outside the table raises IndexError."""
+        with self._lock:
+            self._tick += 1
+            ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
+                flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
+                self._sk_table, self._sk_bits, self._sk_sample, self._sk_added,
+            )  # fmt: skip
+        if not ok:
+            raise self._out_of_range(int(unique[0]), int(unique[-1]))
+        return unique, inverse, rows, pos, miss_ids
 
     @property
     def split_phase(self) -> bool:
@@ -506,14 +512,7 @@ class CachedTable(RowTable):
             if flat.size > _FUSED_MAX_IDS:  # the split phase sizes its page buffer for every id: a prefill waits
                 return None
         else:  # the inner tier's GIL-free I/O thread reads the misses
-            with self._lock:
-                self._tick += 1
-                ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
-                    flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
-                    self._sk_table, self._sk_bits, self._sk_sample, self._sk_added,
-                )  # fmt: skip
-            if not ok:
-                raise self._out_of_range(int(unique[0]), int(unique[-1]))
+            unique, inverse, rows, pos, miss_ids = self._probe(flat)
             k = io.post(miss_ids) if pos.size else None
             state = (unique.size, inverse, rows, pos, miss_ids)
             return _CachedThreadPending(self, io, k, state, out.view(self._slots_np.dtype), self._tick)
