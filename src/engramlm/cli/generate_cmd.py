@@ -26,6 +26,17 @@ class _Given(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), option_string}
 
 
+def add_workers_option(p: argparse.ArgumentParser) -> None:
+    """``--workers``: the prefetch threads, as ``generate`` and ``serve`` both take them."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="prefetch worker threads, 0 = gather on the decode thread (default: the tiers' choice: 0 for memory "
+        "and for the direct tier with its I/O thread, 1 for mooncake, else 2)",
+    )
+
+
 def _sample_vocab(tok: Any, model: Any) -> int:
     """Ids generation may sample: the tokenizer's (the model's vocabulary may be padded past it)."""
     return min(tok.get_vocab_size(with_added_tokens=True), model.config.vocab_size)
@@ -49,13 +60,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
     p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
     p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this client lends to the pool")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="prefetch worker threads, 0 = gather on the decode thread (default: the tiers' choice: 0 for memory "
-        "and for the direct tier with its I/O thread, 1 for mooncake, else 2)",
-    )
+    add_workers_option(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

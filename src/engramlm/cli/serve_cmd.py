@@ -11,6 +11,7 @@ import argparse
 import signal
 from typing import Any
 
+from engramlm.cli.generate_cmd import add_workers_option
 from engramlm.errors import ConfigError
 from engramlm.store.tiers import Tier, tier_help
 
@@ -38,13 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefill-tokens", type=int, default=1024, help="prompt tokens admitted per scheduler step")
     p.add_argument("--max-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests in flight")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="prefetch worker threads, 0 = gather on the decode thread (default: the tiers' choice: 0 for memory "
-        "and for the direct tier with its I/O thread, 1 for mooncake, else 2)",
-    )
+    add_workers_option(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=run)
