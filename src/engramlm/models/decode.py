@@ -72,7 +72,6 @@ class DecodeCache:
         # Engram layers the forward skips; fixed by the first chunk: a skipped layer's ShortConv history
         # does not advance, so switching a layer on or off mid-sequence would convolve over stale values.
         self.skip_engram: frozenset[int] | None = None
-        self._ones: torch.Tensor | None = None  # the lengths of a one-token step
 
     @property
     def fresh(self) -> bool:
@@ -94,11 +93,11 @@ class DecodeCache:
         O(1) streaming hasher. ``skip_engram`` (True or layer ids) is fixed by the first chunk.
         """
         ids = input_ids.detach().to("cpu", torch.long)
-        if ids.shape[1] == 1 and doc_start is None and dead is None and lengths is None:
-            return self._begin_token(ids, skip_engram)
         b, t = ids.shape
         if b != self.batch_size:
             raise ValueError(f"input_ids has batch {b}, the cache was made for {self.batch_size}")
+        if t == 1 and doc_start is None and dead is None and lengths is None:
+            return self._begin_token(ids, skip_engram)
         if t < 1:
             raise ValueError("a decode chunk needs at least one token")
         n = torch.full((b,), t, dtype=torch.long) if lengths is None else lengths.detach().to("cpu", torch.long)
@@ -149,15 +148,9 @@ class DecodeCache:
         """:meth:`begin` for the decode step's common case, one token per row and no reset or DEAD mask:
         the window start carries over unchanged, so the general path's dozen small tensor ops reduce to one
         subtraction (same results; ``test_decode`` checks both paths against the full forward)."""
-        b = ids.shape[0]
-        if b != self.batch_size:
-            raise ValueError(f"input_ids has batch {b}, the cache was made for {self.batch_size}")
         if int(self.pos.max()) + 1 > self.max_len:
             raise ValueError(f"decode cache overflow: {int(self.pos.max())} + 1 > max_len {self.max_len}")
         skip = self._skip(skip_engram)
-        ones = self._ones
-        if ones is None or ones.shape[0] != b:
-            ones = self._ones = torch.ones(b, dtype=torch.long)
         next_start = self.start.clone()
         window = (next_start - self.pos)[:, None]
         row_ids, engram = None, None
@@ -169,7 +162,7 @@ class DecodeCache:
                 skip=skip,
                 conv=self.conv,
             )
-        return DecodeStep(row_ids, window, ones, next_start, True, engram)
+        return DecodeStep(row_ids, window, torch.ones(ids.shape[0], dtype=torch.long), next_start, True, engram)
 
     def _skip(self, skip_engram: bool | Collection[int]) -> frozenset[int]:
         if isinstance(skip_engram, bool):
@@ -262,7 +255,6 @@ class DecodeCache:
             view.stream.state = self.stream.state[:n].clone()
         view.pos, view.start = self.pos[:n], self.start[:n].clone()
         view.skip_engram = self.skip_engram
-        view._ones = None
         return view
 
     def absorb(self, view: DecodeCache) -> None:
