@@ -82,6 +82,9 @@ def test_inline_rows_equal_the_worker_pools(direct_dir: Path, fmt: str, io_threa
                 want = ref.gather(ids[k]).to(dtype)
                 assert torch.equal(h_in[k], want), (step, k)
                 assert torch.equal(h_pool[k], want), (step, k)
+    for k in (2, 3, 4):  # with the I/O thread, the caches ran every inline gather on their own one
+        assert (inline_t[k]._io is not None) == io_thread  # type: ignore[attr-defined]
+        assert pool_t[k]._io is None  # type: ignore[attr-defined]
     for k in (2, 3, 4, 5):
         a, b = inline_t[k], pool_t[k]
         assert np.array_equal(a._keys, b._keys), k  # type: ignore[attr-defined]
@@ -271,3 +274,95 @@ def test_io_thread_jobs_dropped_closed_and_a_full_ring(direct_dir: Path) -> None
     assert thread is not None and not thread.is_alive() and not direct.io_thread
     assert torch.equal(late.result(), ref.gather(ids))
     cached.close()
+
+
+def _cache_consistent(c: CachedTable) -> None:
+    """The id->slot map and the slot->id list describe the same rows, and the slots hold those ids' rows."""
+    keys = c._keys
+    slots = c._slot_of[keys]
+    assert keys.size == c.cached_rows and np.array_equal(np.sort(slots), np.arange(keys.size))
+    assert np.array_equal(c._slot_id[slots], keys)
+    rows = c._slots[torch.from_numpy(slots.astype(np.int64))]
+    assert torch.equal(rows, _reference("fp32").gather(torch.from_numpy(keys)))
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_cached_io_thread_and_other_threads_share_the_cache_safely(direct_dir: Path, policy: str) -> None:  # noqa: F811
+    """Gathers posted to the cache's I/O thread (admission settling there after each waiter is woken) interleaved
+    with synchronous gathers, a preload and a worker pool on other threads: every row exact, the cache's map, slot
+    list and slot rows always agree, and the cache ends as the same gathers made one after another would leave it."""
+    path = _store(direct_dir, "fp32")
+    ref = _reference("fp32")
+    threaded = CachedTable(DirectFileTable(path, FP), 60 * 64 * 4, policy)
+    plain = CachedTable(DirectFileTable(path, FP, io_thread=False), 60 * 64 * 4, policy)
+    if not threaded.inner.io_thread:  # type: ignore[attr-defined]
+        if os.environ.get("CI"):
+            pytest.fail(f"I/O thread unavailable: {_aio.IoThread.why_unavailable()}")
+        pytest.skip(f"I/O thread unavailable: {_aio.IoThread.why_unavailable()}")
+    rng = np.random.default_rng(11)
+    for step in range(40):
+        posted = [_decode_ids(rng) for _ in range(3)]
+        sync = _decode_ids(rng, 2, 3, 8)
+        handles = [threaded.start_gather(i) for i in posted]  # in flight together on the I/O thread
+        got = threaded.gather(sync)  # meanwhile, on this thread: waits for those jobs to settle first
+        for i in posted:  # the same gathers one after another, synchronously
+            assert torch.equal(plain.gather(i), ref.gather(i))
+        assert torch.equal(plain.gather(sync), ref.gather(sync)) and torch.equal(got, ref.gather(sync))
+        for c in (threaded, plain):
+            if step == 20:
+                c.preload(torch.arange(100, 110))
+        for i, h in zip(posted, handles, strict=True):
+            assert torch.equal(h.result(), ref.gather(i))
+        assert threaded._io is not None and plain._io is None
+        assert np.array_equal(threaded._keys, plain._keys), step
+    for c in (threaded, plain):
+        _cache_consistent(c)
+    with Prefetcher({1: threaded}, workers=0) as inline, Prefetcher({1: threaded}, workers=2) as pool:
+        for _ in range(10):  # the I/O thread and two pool threads on one cache at once
+            a, b = {1: _decode_ids(rng)}, {1: _decode_ids(rng)}
+            ha, hb = inline.start(a), pool.start(b)
+            assert torch.equal(hb[1], ref.gather(b[1])) and torch.equal(ha[1], ref.gather(a[1]))
+    _cache_consistent(threaded)
+    assert threaded.stats.hits > 0 and threaded.inner.stats.bytes_read > 0  # type: ignore[attr-defined]
+    threaded.close()
+    plain.close()
+    assert threaded._io is None
+
+
+def test_io_thread_that_fails_fails_its_waiters_and_takes_no_more_jobs(direct_dir: Path) -> None:  # noqa: F811
+    """If the I/O thread's loop raises (a failed allocation, say), every job not done gets that error at its wait
+    instead of hanging, later posts are refused (the table falls back to the split phase) and close returns."""
+    import numba as nb
+
+    @nb.njit(nogil=True)
+    def failing(ids, out, status, a):  # pragma: no cover - compiled
+        if ids.size == 3:
+            raise MemoryError("no page buffer")
+        return 0
+
+    path = _store(direct_dir, "fp32")
+    direct = DirectFileTable(path, FP)
+    if not direct.io_thread:
+        if os.environ.get("CI"):
+            pytest.fail(f"I/O thread unavailable: {_aio.IoThread.why_unavailable()}")
+        pytest.skip(f"I/O thread unavailable: {_aio.IoThread.why_unavailable()}")
+    io = _aio.IoThread(direct, 64, job=failing)
+    assert io.running
+    ok = io.post(np.array([1, 2], np.int64))
+    assert ok is not None and io.wait(ok)[1][0] == 0
+    io.release(ok)
+    bad = io.post(np.array([1, 2, 3], np.int64))
+    assert bad is not None
+    with pytest.raises(RuntimeError, match=r"I/O thread stopped .*MemoryError: no page buffer"):
+        io.wait(bad)
+    io.release(bad)
+    assert not io.running and io.post(np.array([1], np.int64)) is None and not io.can_post(1)
+    io.settle_all()  # returns: nothing is left to settle
+    io.close()
+    ids = _decode_ids(np.random.default_rng(2))
+    direct._io = _aio.IoThread(direct, 64, job=failing)  # the table's own thread dies: gathers fall back
+    stuck = direct.start_gather(torch.tensor([[[4, 5, 6]]]))
+    with pytest.raises(RuntimeError, match="I/O thread stopped"):
+        stuck.result()
+    assert torch.equal(direct.start_gather(ids).result(), _reference("fp32").gather(ids))
+    direct.close()

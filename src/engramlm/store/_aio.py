@@ -490,10 +490,40 @@ def _kernels() -> tuple:
         return errno_loc()
 
     @nb.njit(nogil=True)
-    def io_loop(ctl, jobs_ids, jobs_n, jobs_out, jobs_status, done, num_rows, row_bytes, data_offset, max_run_pages,
-                fds, buf, crcs, verify, ctx):  # fmt: skip
-        """Serve posted jobs in order until a job with ``n < 0``: the whole gather (dedupe, plan, submit, reap,
-        CRC, expand into the job's out rows), then ``done[k] = 1`` and a futex wake. ``ctl[0]``: jobs posted."""
+    def aligned(pages):
+        """A page-aligned buffer of ``pages`` pages."""
+        raw = np.empty((pages + 1) * PAGE, np.uint8)
+        off = (PAGE - raw.ctypes.data % PAGE) % PAGE
+        return raw[off : off + pages * PAGE]
+
+    @nb.njit(nogil=True)
+    def gather_job(ids, out, status, a):
+        """The I/O thread's default job: :func:`gather` of ``ids`` into ``out`` (bytes), its seven numbers into
+        ``status``; a gather larger than the standing buffer (a prefill) reads through a page-aligned one of the size
+        the plan needs. Nothing to settle afterwards."""
+        num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, ctx = a
+        n = ids.size
+        rows = out[: n * row_bytes].reshape((n, row_bytes))
+        st, pages, bad, first, nu, lo, hi = gather(
+            ids, num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, rows, ctx
+        )
+        if st == -1:
+            big = aligned(pages)
+            st, pages, bad, first, nu, lo, hi = gather(
+                ids, num_rows, row_bytes, data_offset, max_run_pages, fds, big, crcs, verify, rows, ctx
+            )
+        status[0], status[1], status[2], status[3], status[4], status[5], status[6] = st, pages, bad, first, nu, lo, hi
+        return 0
+
+    @nb.njit(nogil=True)
+    def no_settle(carry, a):
+        return 0
+
+    @nb.njit(nogil=True)
+    def io_loop(ctl, jobs_ids, jobs_n, jobs_out, jobs_status, done, job, settle, args):
+        """Serve posted jobs in order until a job with ``n < 0``: ``carry = job(ids, out, status, args)`` (the
+        part a waiter needs), then ``done[k] = 1`` and a futex wake, then ``settle(carry, args)`` (work nobody waits
+        for, e.g. a cache's admission), then ``ctl[1] += 1`` (jobs settled) and a wake. ``ctl[0]``: jobs posted."""
         n_slots = done.size
         seq = np.int32(0)
         count = 0
@@ -507,29 +537,17 @@ def _kernels() -> tuple:
             n = jobs_n[k]
             if n < 0:
                 return 0
-            out = jobs_out[k, : n * row_bytes].reshape((n, row_bytes))
-            st, pages, bad, first, nu, lo, hi = gather(
-                jobs_ids[k, :n], num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, out, ctx
-            )
-            if st == -1:  # a large gather (a prefill): a page-aligned buffer of the size the plan needs
-                raw = np.empty((pages + 1) * PAGE, np.uint8)
-                off = (PAGE - raw.ctypes.data % PAGE) % PAGE
-                big = raw[off : off + pages * PAGE]
-                st, pages, bad, first, nu, lo, hi = gather(
-                    jobs_ids[k, :n], num_rows, row_bytes, data_offset, max_run_pages, fds, big, crcs, verify, out, ctx
-                )
-            jobs_status[k, 0] = st
-            jobs_status[k, 1] = pages
-            jobs_status[k, 2] = bad
-            jobs_status[k, 3] = first
-            jobs_status[k, 4] = nu
-            jobs_status[k, 5] = lo
-            jobs_status[k, 6] = hi
+            carry = job(jobs_ids[k, :n], jobs_out[k], jobs_status[k], args)
             barrier()
             done[k] = 1
             barrier()
             syscall(sys_futex, done.ctypes.data + 4 * k, f_wake, 1, 0, 0)
+            settle(carry, args)
             seq = np.int32(seq + 1)
+            barrier()
+            ctl[1] = seq
+            barrier()
+            syscall(sys_futex, ctl_addr + 4, f_wake, 1, 0, 0)
 
     @nb.njit(nogil=True)
     def post(ctl, jobs_ids, jobs_n, done, k, ids):
@@ -564,8 +582,22 @@ def _kernels() -> tuple:
         barrier()
         return 0
 
+    @nb.njit(nogil=True)
+    def wait_settled(ctl, target):
+        """Block until the loop has settled ``target`` jobs (``ctl[1]``, an int32 count that wraps as ``ctl[0]``)."""
+        addr = ctl.ctypes.data + 4
+        while True:
+            seen = ctl[1]
+            if seen == target:
+                break
+            syscall(sys_futex, addr, f_wait, seen, 0, 0)
+            barrier()
+        barrier()
+        return 0
+
     return (plan, read, crcs_of, copy_rows, fetch, gather, start_read, finish_read, reap, gather_start,
-            gather_finish, io_loop, post, post_stop, wait_done)  # fmt: skip
+            gather_finish, io_loop, post, post_stop, wait_done, gather_job, no_settle, wait_settled,
+            aligned)  # fmt: skip
 
 
 def plan(ids: np.ndarray, row_bytes: int, data_offset: int, max_run_pages: int) -> tuple[np.ndarray, ...]:
@@ -711,21 +743,34 @@ class IoThread:
     The decode thread posts a gather (ids copied into the ring, one futex wake: ~2 µs) and later waits on the
     job's futex and copies its rows out; the planning, ``io_submit``, reaping, CRCs and expansion run on the
     other core, and no GIL changes hands (a worker pool's thread takes the GIL 3-8 times a step; issue 18).
-    x86-64 only (the flags rely on its store order); ``reason`` says why not elsewhere."""
+    x86-64 only (the flags rely on its store order); ``reason`` says why not elsewhere.
+
+    ``job``/``settle``/``extra`` replace the plain gather: ``job(ids, out, status, args)`` fills the job's ring row
+    and status (eight int64s; status 0 = ok) and returns a carry, ``settle(carry, args)`` then runs after the waiter
+    was woken (a cache admits its misses there); ``args`` is the table's read arguments (num_rows, row_bytes,
+    data_offset, max_run_pages, fds, buf, crcs, verify, ctx) + ``extra``. :meth:`settle_all` waits for every posted
+    job's settle: the one way for another thread to touch what a settle writes. If the loop ever raises (a failed
+    allocation), every job not yet done fails with that error instead of hanging its waiter, and no job is taken
+    after it."""
+
+    DIED = -3  # a job's status when the thread failed before finishing it
 
     @staticmethod
     def why_unavailable() -> str | None:
         return why_unavailable() or (None if _SYS_FUTEX >= 0 else "I/O thread: x86-64 only")
 
-    def __init__(self, table: Any, max_ids: int, slots: int = 8) -> None:
+    def __init__(
+        self, table: Any, max_ids: int, slots: int = 8, *, job: Any = None, settle: Any = None, extra: tuple = ()
+    ) -> None:
         self.reason: str | None = IoThread.why_unavailable()
+        self.error: str | None = None
         h = table.header
         self.max_ids, self.row_bytes = max_ids, h.row_bytes
-        self._ctl = np.zeros(2, np.int32)
+        self._ctl = np.zeros(2, np.int32)  # jobs posted, jobs settled
         self._ids = np.zeros((slots, max_ids), np.int64)
         self._n = np.zeros(slots, np.int64)
         self._out = np.zeros((slots, max_ids * h.row_bytes), np.uint8)
-        self._status = np.zeros((slots, 7), np.int64)
+        self._status = np.zeros((slots, 8), np.int64)
         self._done = np.ones(slots, np.int32)
         self._busy = [False] * slots
         self._posted = 0
@@ -741,23 +786,39 @@ class IoThread:
         self._buf = aligned_buffer(threading.local(), max_pages(min(max_ids, 1024), h.row_bytes) * PAGE)
         crcs = table._crcs if table._crcs is not None else table._no_crcs
         verify = table._crcs is not None
-        args = (self._ctl, self._ids, self._n, self._out, self._status, self._done, h.num_rows, h.row_bytes,
-                h.data_offset, table.max_run_pages, table._fds, self._buf, crcs, verify, self._ctx)  # fmt: skip
-        loop = _kernels()[11]
-        self._thread = threading.Thread(target=loop, args=args, name="engram-io", daemon=True)
+        k = _kernels()
+        read_args = (h.num_rows, h.row_bytes, h.data_offset, table.max_run_pages, table._fds, self._buf, crcs, verify,
+                     self._ctx)  # fmt: skip
+        args = (self._ctl, self._ids, self._n, self._out, self._status, self._done, job or k[15], settle or k[16],
+                read_args + tuple(extra))  # fmt: skip
+        self._thread = threading.Thread(target=self._serve, args=(k[11], args), name="engram-io", daemon=True)
         self._thread.start()
+
+    def _serve(self, loop: Any, args: tuple) -> None:
+        try:
+            loop(*args)
+        except BaseException as exc:  # handed to every waiter: a silent death would hang them
+            with self._lock:
+                self.error = f"{type(exc).__name__}: {exc}"
+                pending = self._done == 0
+                self._status[pending, 0] = IoThread.DIED
+                self._done[:] = 1
+                self._ctl[1] = self._ctl[0]
+            for addr in (*(self._done.ctypes.data + 4 * i for i in range(self._done.size)), self._ctl.ctypes.data + 4):
+                _syscall(_SYS_FUTEX, addr, _FUTEX_WAKE, 1 << 30, 0, 0)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        return self._thread is not None and self.error is None
 
     def post(self, ids: np.ndarray) -> int | None:
-        """Post a gather of int64 ``ids`` (any order, duplicates); the job's slot, or None (ring full, too many ids)."""
+        """Post a gather of int64 ``ids`` (any order, duplicates); the job's slot, or None (ring full, too many ids,
+        the thread stopped)."""
         if self._thread is None or ids.size > self.max_ids:
             return None
         with self._lock:
             k = self._posted % self._done.size
-            if self._busy[k]:
+            if self._busy[k] or self.error is not None:
                 return None
             self._busy[k] = True
             self._posted += 1
@@ -765,18 +826,27 @@ class IoThread:
         return k
 
     def can_post(self, n: int) -> bool:
-        return self._thread is not None and n <= self.max_ids and not self._busy[self._posted % self._done.size]
+        return self.running and n <= self.max_ids and not self._busy[self._posted % self._done.size]
 
     def wait(self, k: int) -> tuple[np.ndarray, tuple[int, ...]]:
         """Block (off the GIL) until job ``k`` is done: (its rows [n, row_bytes], a view into the ring, valid until
-        :meth:`release`; its status: gather's seven numbers)."""
+        :meth:`release`; its status: eight numbers, the job's). RuntimeError if the thread failed first."""
         _kernels()[14](self._done, k)
+        status = tuple(int(v) for v in self._status[k])
+        if status[0] == IoThread.DIED:
+            raise RuntimeError(f"the I/O thread stopped before reading this gather: {self.error}")
         n = int(self._n[k])
-        return self._out[k, : n * self.row_bytes].reshape(n, self.row_bytes), tuple(int(v) for v in self._status[k])
+        return self._out[k, : n * self.row_bytes].reshape(n, self.row_bytes), status
 
     def release(self, k: int) -> None:
         with self._lock:
             self._busy[k] = False
+
+    def settle_all(self) -> None:
+        """Block (off the GIL) until every job posted so far has settled. Call it holding whatever lock the callers
+        of :meth:`post` hold, so no job starts before the caller is done."""
+        if self._thread is not None:
+            _kernels()[17](self._ctl, self._ctl[0])
 
     def close(self) -> None:
         """Let the thread finish the jobs posted, stop it, free its context. Idempotent."""
@@ -785,9 +855,10 @@ class IoThread:
         for k in range(self._done.size):  # jobs never waited for: finished before the stop job takes a slot
             _kernels()[14](self._done, k)
         with self._lock:
-            k = self._posted % self._done.size
-            self._posted += 1
-            _kernels()[13](self._ctl, self._n, self._done, k)
+            if self.error is None:
+                k = self._posted % self._done.size
+                self._posted += 1
+                _kernels()[13](self._ctl, self._n, self._done, k)
         self._thread.join()
         self._thread = None
         _syscall(_SYS_DESTROY, self._ctx, 0, 0, 0, 0)

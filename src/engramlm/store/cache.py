@@ -6,8 +6,10 @@ Python holds the GIL against the model's own dispatch (issue 18), and the SSD ti
 in a ``nogil`` kernel. So the whole cache, lookup, frequency sketch, hit copy, admission and eviction,
 is two Numba ``nogil`` kernels over a dense id->slot map (int32 per table row, -1 = absent: 3.2 MB
 for 800k rows): one call before the inner tier's read (hits copied into the output, misses listed),
-one after (misses admitted). The sorted-key map it replaces (``searchsorted``, ``np.insert`` on every
-admission, a NumPy sketch) cost about twice the CPU of a whole uncached O_DIRECT gather. Policies:
+one after (misses admitted); in front of the direct tier, one fused call, and for inline gathers a job
+of the cache's own GIL-free I/O thread, whose admission runs after the decode thread got its rows.
+The sorted-key map it replaces (``searchsorted``, ``np.insert`` on every admission, a NumPy sketch)
+cost about twice the CPU of a whole uncached O_DIRECT gather. Policies:
 
 * ``lfu`` — TinyLFU-style: a count-min sketch (halved periodically, so it ages) estimates
   every id's frequency; a miss replaces the coldest slot only if it is more frequent.
@@ -21,6 +23,7 @@ inserts anything, misses come from the inner tier, and slot writes happen under 
 from __future__ import annotations
 
 import threading
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -340,6 +343,73 @@ def _split_kernels() -> tuple[Any, Any]:
     return start, finish
 
 
+@lru_cache(maxsize=1)
+def _thread_kernels() -> tuple[Any, Any]:
+    """The whole cached gather as a job of the cache's own I/O thread (an :class:`_aio.IoThread` over the direct
+    tier's file), so the decode thread only posts the ids and later copies the rows out. ``job`` = dedupe + probe
+    (hits copied, sketch and scores updated), the read of the misses, expansion into the job's ring row;
+    ``settle`` = the misses' admission (the victim scan over every occupied slot), run after the waiter woke.
+    ``args`` ends with the cache's arrays and ``st`` = [tick, sketch count, slots used]; only this thread touches
+    them while a job is in flight (:meth:`CachedTable._exclusive`). Status: (0 or an errno or -2, pages, bad
+    pages, first bad page, unique ids, misses, lowest id, highest id). Nothing is admitted unless every page read
+    and verified."""
+    k = _aio._kernels()
+    fetch, aligned = k[4], k[18]
+
+    @nb.njit(nogil=True)
+    def job(flat, out_bytes, status, a):  # pragma: no cover - compiled
+        (num_rows, row_bytes, data_offset, max_run_pages, fds, buf, crcs, verify, ctx,
+         slot_of, score, slots, _, table, bits, sample, policy, st) = a  # fmt: skip
+        n, dim = flat.size, slots.shape[1]
+        out = out_bytes[: n * row_bytes].view(slots.dtype).reshape((n, dim))
+        none_ids, none_rows = np.empty(0, np.int64), np.empty((0, dim), slots.dtype)
+        st[0] += 1
+        ok, unique, inverse, rows, pos, miss_ids, added = _probe_flat(
+            flat, num_rows, slot_of, score, slots, policy, st[0], table, bits, sample, st[1]
+        )
+        nu = unique.size
+        status[0], status[1], status[2], status[3], status[4], status[5] = 0, 0, 0, -1, nu, pos.size
+        status[6], status[7] = unique[0], unique[nu - 1]
+        if not ok:
+            status[0] = -2
+            return False, none_ids, none_rows
+        st[1] = added
+        if pos.size == 0:
+            _expand(rows, inverse, out)
+            return False, none_ids, none_rows
+        miss = np.empty((pos.size, dim), slots.dtype)
+        need = _aio_max_pages(pos.size, row_bytes)
+        page_buf = buf if need * PAGE <= buf.size else aligned(need)
+        err, n_pages, bad, first = fetch(
+            miss_ids, row_bytes, data_offset, max_run_pages, fds, page_buf, crcs, verify, miss.view(np.uint8), ctx
+        )
+        status[0], status[1], status[2], status[3] = err, n_pages, bad, first
+        if err != 0 or bad:
+            return False, none_ids, none_rows
+        for i in range(pos.size):
+            rows[pos[i], :] = miss[i, :]
+        _expand(rows, inverse, out)
+        return True, miss_ids, miss
+
+    @nb.njit(nogil=True)
+    def settle(carry, a):  # pragma: no cover - compiled
+        admit, miss_ids, miss = carry
+        if admit:
+            slot_of, score, slots, slot_id, table, bits = a[9], a[10], a[11], a[12], a[13], a[14]
+            policy, st = a[16], a[17]
+            st[2] = _admit(miss_ids, miss, miss, np.empty(0, np.int64), slot_of, slot_id, score, slots, st[2], policy,
+                           st[0], table, bits)  # fmt: skip
+        return 0
+
+    return job, settle
+
+
+@nb.njit(nogil=True, cache=True)
+def _aio_max_pages(n_ids: int, row_bytes: int) -> int:  # pragma: no cover - compiled
+    """``_aio.max_pages`` in a kernel: the pages a read of ``n_ids`` rows can touch at most."""
+    return n_ids * ((row_bytes + PAGE - 1) // PAGE + 1)
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
     """A same-size integer NumPy view of a contiguous tensor: the kernels copy rows bit for bit (bf16 too)."""
     return t.view(_BITS_VIEW[t.element_size()]).numpy()
@@ -376,31 +446,66 @@ class CachedTable(RowTable):
         self._slot_of = np.full(self.num_rows if self.capacity else 0, -1, dtype=np.int32)  # id -> slot
         self._slot_id = np.full(self.capacity, -1, dtype=np.int64)  # slot -> id
         self._score = np.zeros(self.capacity, dtype=np.int64)  # LFU estimate or LRU tick
-        self._used = 0
-        self._tick = 0
+        self._st = np.zeros(3, dtype=np.int64)  # tick, sketch count, slots used: shared with the I/O thread's kernels
         # Count-min sketch (LFU only; a 1-column stub otherwise so the kernels keep one signature).
         self._sk_bits = int(min(22, max(10, int(np.ceil(np.log2(max(4 * self.capacity, 1)))))))
         width = 1 << self._sk_bits if policy == "lfu" else 1
         self._sk_table = np.zeros((_SKETCH_DEPTH, width), dtype=np.int32)
         self._sk_sample = max(10 * self.capacity, 1024)
-        self._sk_added = 0
         self._lock = threading.Lock()
+        self._io: _aio.IoThread | None = None
+        self._want_io = self.capacity > 0 and bool(getattr(inner, "io_thread", False))
+
+    # The policy's scalars live in ``_st`` so the I/O thread's kernels can advance them too.
+    _tick = property(lambda self: int(self._st[0]), lambda self, v: self._st.__setitem__(0, v))
+    _sk_added = property(lambda self: int(self._st[1]), lambda self, v: self._st.__setitem__(1, v))
+    _used = property(lambda self: int(self._st[2]), lambda self, v: self._st.__setitem__(2, v))
+
+    def _exclusive(self) -> _Exclusive:
+        """The cache's state to this thread alone: the lock (which every post to the I/O thread holds too), then
+        every job already posted to the I/O thread settled (its admission written)."""
+        return _Exclusive(self)
 
     @property
     def cached_rows(self) -> int:
-        return self._used  # an evicted slot is refilled in the same call: occupied slots are all live
+        with self._exclusive():
+            return self._used  # an evicted slot is refilled in the same call: occupied slots are all live
 
     @property
     def _keys(self) -> np.ndarray:
         """Cached ids, ascending (introspection and tests; O(num_rows))."""
-        return np.flatnonzero(self._slot_of >= 0).astype(np.int64)
+        with self._exclusive():
+            return np.flatnonzero(self._slot_of >= 0).astype(np.int64)
 
     @property
     def _key_slot(self) -> np.ndarray:
         """The slot of each of ``_keys``."""
         return self._slot_of[self._keys].astype(np.int64)
 
+    def _io_thread(self) -> _aio.IoThread | None:
+        """The cache's own I/O thread in front of a direct tier that has one (started on the first inline gather):
+        it runs the whole cached gather (:func:`_thread_kernels`), admission included, off the decode thread."""
+        if self._io is None and self._want_io:
+            inner: Any = self.inner
+            args = inner._fused_read_args(1, self.dtype)
+            io = None
+            if args is not None:
+                extra = (self._slot_of, self._score, self._slots_np, self._slot_id, self._sk_table, self._sk_bits,
+                         self._sk_sample, self._policy, self._st)  # fmt: skip
+                job, settle = _thread_kernels()
+                io = _aio.IoThread(inner, inner._io_max_ids(), job=job, settle=settle, extra=extra)
+            if io is None or not io.running:
+                self._want_io = False
+                return None
+            self._io = io
+            weakref.finalize(self, io.close)  # a cache dropped unclosed still stops its thread
+        return self._io
+
     def close(self) -> None:
+        self._want_io = False
+        if self._io is not None:
+            self._io.close()
+            self._io = None
         self.inner.close()
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
@@ -410,7 +515,7 @@ class CachedTable(RowTable):
         idx = ids.numpy()
         out = torch.empty(idx.size, self.dim, dtype=self.dtype)
         out_bits = _bits(out)
-        with self._lock:
+        with self._exclusive():
             self._tick += 1
             pos, miss_ids, self._sk_added = _probe(
                 idx, self._slot_of, self._score, self._slots_np, out_bits, self._policy, self._tick,
@@ -420,7 +525,7 @@ class CachedTable(RowTable):
             rows = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids))
             if rows.dtype != self.dtype or not rows.is_contiguous():
                 rows = rows.to(self.dtype).contiguous()
-            with self._lock:  # misses copied into out and admitted in one nogil call
+            with self._exclusive():  # misses copied into out and admitted in one nogil call
                 self._used = _admit(
                     miss_ids, _bits(rows), out_bits, pos, self._slot_of, self._slot_id, self._score,
                     self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
@@ -444,7 +549,7 @@ class CachedTable(RowTable):
         fused = getattr(self.inner, "_fused_read_args", None)
         args = fused(flat.size, dtype) if fused is not None else None
         if args is not None:
-            with self._lock:
+            with self._exclusive():
                 self._tick += 1
                 status, n_pages, bad, first, n_unique, n_miss, self._sk_added, self._used = _fused_kernel()(
                     flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
@@ -466,7 +571,7 @@ class CachedTable(RowTable):
             if self.inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), dtype) is None:
                 got = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids))
                 miss.copy_(got)  # a decoding tier: its float rows into the cache's dtype
-            with self._lock:  # misses copied into rows and admitted in one nogil call
+            with self._exclusive():  # misses copied into rows and admitted in one nogil call
                 self._used = _admit(
                     miss_ids, _bits(miss), rows, pos, self._slot_of, self._slot_id, self._score,
                     self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
@@ -478,7 +583,7 @@ class CachedTable(RowTable):
     def _probe(self, flat: np.ndarray) -> tuple[np.ndarray, ...]:
         """One gather's probe, under the lock: a new tick, the sketch updated, hits copied into fresh rows.
         (unique, inverse, rows, pos, miss_ids), as ``_probe_flat``; an id outside the table raises IndexError."""
-        with self._lock:
+        with self._exclusive():
             self._tick += 1
             ok, unique, inverse, rows, pos, miss_ids, self._sk_added = _probe_flat(
                 flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
@@ -507,20 +612,19 @@ class CachedTable(RowTable):
         h = inner.header  # type: ignore[attr-defined]
         if getattr(inner._format, "dtype", None) != dtype:  # type: ignore[attr-defined]
             return None
-        io = inner._io_thread() if hasattr(inner, "_io_thread") else None
-        if io is None or not io.can_post(flat.size):
-            if flat.size > _FUSED_MAX_IDS:  # the split phase sizes its page buffer for every id: a prefill waits
-                return None
-        else:  # the inner tier's GIL-free I/O thread reads the misses
-            unique, inverse, rows, pos, miss_ids = self._probe(flat)
-            k = io.post(miss_ids) if pos.size else None
-            state = (unique.size, inverse, rows, pos, miss_ids)
-            return _CachedThreadPending(self, io, k, state, out.view(self._slots_np.dtype), self._tick)
+        io = self._io_thread()
+        if io is not None and io.can_post(flat.size):  # the whole gather on the cache's GIL-free I/O thread
+            with self._lock:  # no job starts while another thread holds the cache (see _exclusive)
+                k = io.post(flat)
+            if k is not None:
+                return _CachedIoPending(self, io, k, out)
+        if flat.size > _FUSED_MAX_IDS:  # the split phase sizes its page buffer for every id: a prefill waits
+            return None
         slot = inner._slots.acquire(_aio.max_pages(flat.size, h.row_bytes) * PAGE)  # type: ignore[attr-defined]
         if slot is None:
             return None
         try:
-            with self._lock:
+            with self._exclusive():
                 self._tick += 1
                 state = _split_kernels()[0](
                     flat, self.num_rows, self._slot_of, self._score, self._slots_np, self._policy, self._tick,
@@ -549,11 +653,11 @@ class CachedTable(RowTable):
         if self.capacity == 0:
             return
         idx = ids.numpy()
-        with self._lock:
+        with self._exclusive():
             miss_ids = idx[self._slot_of[idx] < 0]
         if miss_ids.size:
             rows = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids)).to(self.dtype).contiguous()
-            with self._lock:
+            with self._exclusive():
                 if self._policy == _LFU:
                     self._sk_added = _sketch_add(
                         miss_ids, self._sk_table, self._sk_bits, self._score, self._sk_sample, self._sk_added
@@ -563,6 +667,28 @@ class CachedTable(RowTable):
                     miss_ids, _bits(rows), self._slots_np, none, self._slot_of, self._slot_id, self._score,
                     self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
                 )  # fmt: skip
+
+
+class _Exclusive:
+    """``with cache._exclusive():`` (a class, not a generator: it guards every gather, ~0.3 µs)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, cache: CachedTable) -> None:
+        self._cache = cache
+
+    def __enter__(self) -> None:
+        c = self._cache
+        c._lock.acquire()
+        if c._io is not None:
+            try:
+                c._io.settle_all()
+            except BaseException:
+                c._lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._cache._lock.release()
 
 
 class _CachedPending(PendingGather):
@@ -580,7 +706,7 @@ class _CachedPending(PendingGather):
          rstatus, st) = self._state  # fmt: skip
         crcs = inner._crcs if inner._crcs is not None else inner._no_crcs
         try:
-            with c._lock:
+            with c._exclusive():
                 err, bad, first, c._used = _split_kernels()[1](
                     slot.ctx, inner._fd, slot.arr, pages, run_slot, run_count, row_offset, cbs, ptrs, got, rstatus,
                     st, crcs, inner._crcs is not None, inner.header.data_offset // PAGE, miss_ids, pos, rows, inverse,
@@ -611,46 +737,33 @@ class _CachedPending(PendingGather):
         self._state = ()
 
 
-class _CachedThreadPending(PendingGather):
-    """A cached gather whose misses the inner direct tier's I/O thread reads (job ``k``; None: no misses, or the
-    ring was full, then the misses are read here); hits were copied at start. Admission and expansion at wait."""
+class _CachedIoPending(PendingGather):
+    """A cached gather posted whole to the cache's I/O thread (job ``k``): hits, misses and expansion are in the
+    job's ring row when it is done; the misses' admission settles on that thread afterwards."""
 
-    def __init__(self, cache: CachedTable, io: Any, k: int | None, state: tuple, out: np.ndarray, tick: int) -> None:
+    def __init__(self, cache: CachedTable, io: _aio.IoThread, k: int, out: np.ndarray) -> None:
         super().__init__()
-        self._cache, self._io, self._k, self._state, self._out_bits, self._tick = cache, io, k, state, out, tick
+        self._cache, self._io, self._k, self._out_bytes = cache, io, k, out
 
     def _finish(self) -> int:
-        c = self._cache
+        c, io = self._cache, self._io
         inner: Any = c.inner
-        nu, inverse, rows, pos, miss_ids = self._state
-        if pos.size:
-            if self._k is not None:
-                got, (st, pages, bad, first, _, _, _) = self._io.wait(self._k)
-                try:
-                    if st or bad:
-                        inner._raise_read_error(st, bad, first)
-                    with c._lock:
-                        c._used = _admit(
-                            miss_ids, got.view(c._slots_np.dtype), rows, pos, c._slot_of, c._slot_id, c._score,
-                            c._slots_np, c._used, c._policy, self._tick, c._sk_table, c._sk_bits,
-                        )  # fmt: skip
-                finally:
-                    self._io.release(self._k)
-                inner.stats.add(bytes_read=pages * PAGE)
-            else:
-                miss = torch.empty(pos.size, c.dim, dtype=c.dtype)
-                if inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), c.dtype) is None:
-                    miss.copy_(inner.fetch_sorted_unique(torch.from_numpy(miss_ids)))
-                with c._lock:
-                    c._used = _admit(
-                        miss_ids, _bits(miss), rows, pos, c._slot_of, c._slot_id, c._score,
-                        c._slots_np, c._used, c._policy, self._tick, c._sk_table, c._sk_bits,
-                    )  # fmt: skip
-        _expand(rows, inverse, self._out_bits)
-        c.stats.add(hits=int(nu - pos.size), misses=int(pos.size))
-        return int(nu)
+        try:
+            rows, (st, pages, bad, first, nu, n_miss, lo, hi) = io.wait(self._k)
+            if st == 0 and not bad:
+                np.copyto(self._out_bytes, rows)
+        finally:
+            io.release(self._k)
+        if st == -2:
+            raise c._out_of_range(lo, hi)
+        if st or bad:
+            inner._raise_read_error(st, bad, first)
+        inner.stats.add(bytes_read=pages * PAGE)
+        c.stats.add(hits=nu - n_miss, misses=n_miss)
+        return nu
 
     def _reap(self) -> None:
-        if self._k is not None:
+        try:
             self._io.wait(self._k)
+        finally:
             self._io.release(self._k)

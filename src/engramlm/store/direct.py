@@ -153,10 +153,14 @@ class DirectFileTable(RowTable):
         GIL-free I/O thread (:class:`_aio.IoThread`, started on the first such gather)."""
         return self._want_io
 
+    def _io_max_ids(self) -> int:
+        """Ids one job of an I/O thread's ring may hold (of this table's rows)."""
+        ring = (IO_THREAD_RING_BYTES // (8 * self.header.row_bytes)) if self.header.row_bytes else IO_THREAD_MAX_IDS
+        return max(64, min(IO_THREAD_MAX_IDS, ring))
+
     def _io_thread(self) -> _aio.IoThread | None:
         if self._io is None and self._want_io:
-            ring = (IO_THREAD_RING_BYTES // (8 * self.header.row_bytes)) if self.header.row_bytes else IO_THREAD_MAX_IDS
-            io = _aio.IoThread(self, max(64, min(IO_THREAD_MAX_IDS, ring)))
+            io = _aio.IoThread(self, self._io_max_ids())
             if not io.running:
                 self._want_io = False
                 return None
@@ -440,7 +444,7 @@ class _ThreadPending(PendingGather):
         t, io = self._tbl, self._io
         assert io is not None
         try:
-            rows, (st, pages, bad, first, nu, lo, hi) = io.wait(self._k)
+            rows, (st, pages, bad, first, nu, lo, hi, _) = io.wait(self._k)
             if st == 0 and not bad:
                 np.copyto(self._out_bytes, rows)
         finally:
