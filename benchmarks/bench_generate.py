@@ -324,6 +324,11 @@ def main() -> None:
     call_secs: dict[str, list[float]] = {n: [] for n in names}  # whole generate call (prefill + decode), wall
     runnable: dict[str, list[float]] = {n: [] for n in names}  # of it: the decode thread waiting for a CPU
     rep_wait: dict[str, list[float]] = {n: [] for n in names}  # per repeat: the forward blocked on rows
+    read_bytes: dict[str, int] = {n: 0 for n in names}  # bytes the tier read from its file, timed calls
+
+    def tier_bytes(n: str) -> int:  # a cache's inner tier counts the file's bytes; tables may be shared
+        return sum(getattr(t, "inner", t).stats.bytes_read for t in engines[n].tables.values())
+
     from tqdm import tqdm
 
     load_before = os.getloadavg()
@@ -332,6 +337,7 @@ def main() -> None:
             shift = c % len(names)
             for n in names[shift:] + names[:shift]:
                 prompts, force = work[c]
+                b0 = tier_bytes(n)
                 w0, (_, q0) = time.perf_counter(), sched_seconds()
                 if n in renice:
                     set_transport_nice(*renice[n])
@@ -345,6 +351,7 @@ def main() -> None:
                 if c == 0:
                     continue  # warm-up: threads start, lazily built tables and buffers appear
                 secs[n].append(gen.stats.decode_seconds)
+                read_bytes[n] += tier_bytes(n) - b0
                 call_secs[n].append(wall)
                 runnable[n].append(q1 - q0)
                 toks[n].append(gen.stats.tokens_per_second)
@@ -369,6 +376,8 @@ def main() -> None:
             "same_tokens_as_model": same[n],
         }
         r["overhead_pct_median"] = 100 * (r["time_ratio_vs_model"]["median"] - 1)
+        # What the cache saves: bytes read from the file per generated token (prefill reads included).
+        r["read_bytes_per_token"] = read_bytes[n] / (args.repeats * args.batch * args.steps)
         # Decode time lost per step that is NOT blocking on rows (GIL handoffs, the worker's CPU), paired per repeat.
         lost = [(a - b - w) / args.steps for a, b, w in zip(secs[n], secs["model"], rep_wait[n], strict=True)]
         r["lost_ms_per_step_not_waiting"] = stats([1e3 * v for v in lost])
@@ -400,7 +409,8 @@ def main() -> None:
         {"cache_pct": pct, "overhead_pct": results[f"ssd_c{pct:g}"]["overhead_pct_median"],
          "wait_pct_of_decode": results[f"ssd_c{pct:g}"]["wait_pct_of_decode"],
          "load_corrected_overhead_pct": results[f"ssd_c{pct:g}"]["load_corrected_overhead_pct_median"],
-         "hit_rate": results[f"ssd_c{pct:g}"].get("cache_hit_rate", 0.0)}
+         "hit_rate": results[f"ssd_c{pct:g}"].get("cache_hit_rate", 0.0),
+         "read_bytes_per_token": results[f"ssd_c{pct:g}"]["read_bytes_per_token"]}
         for pct in args.cache_pcts
     ]  # fmt: skip
     for e in engines.values():

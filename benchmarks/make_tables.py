@@ -711,6 +711,12 @@ def _label(doc: dict[str, Any]) -> str:
     return f" — *{doc['label']}*" if doc.get("label") else ""
 
 
+def _per_token_bytes(r: dict[str, Any]) -> str:
+    """Bytes a contender's tier read per generated token; — where not recorded or nothing read."""
+    b = r.get("read_bytes_per_token")
+    return "—" if not b else f"{b / 1024:,.1f} KiB"
+
+
 def generate_table(doc: dict[str, Any]) -> list[str]:
     """Decode tokens/s with the tables in the model, in RAM, on SSD behind a cache, and in Mooncake."""
     p, m, res = doc["params"], doc["model"], doc["results"]
@@ -727,11 +733,14 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
         "ratio; 'load-corrected' is the same ratio for whole generate calls minus the time the decode thread "
         "was runnable but waiting for a CPU (Linux schedstat: the neighbours' share on a shared machine; "
         "blocking on the GIL or on rows stays in); 'rows wait' is the time the forward sat blocked on rows ÷ "
-        "decode time (prefetch not hidden)." + _generate_headline(res) + _mooncake_headline(res),
+        "decode time (prefetch not hidden); 'bytes read / token' is what the tier read per generated token, prefill "
+        "included (whole 4 KiB pages from the SSD file; rows from RAM for `memory`): what a cache saves."
+        + _generate_headline(res)
+        + _mooncake_headline(res),
         "",
         "| contender | rows served from | prefetch | tokens/s | time ÷ in-model | load-corrected time ÷ in-model | "
-        "rows wait % of decode | cache hit rate | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "rows wait % of decode | cache hit rate | bytes read / token | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(res, key=_gen_order):
         r = res[name]
@@ -764,7 +773,8 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
             f"| {name} | {where} | {pf} | {tps['median']:.1f} ({tps['q1']:.1f}–{tps['q3']:.1f}) | "
             f"{'1×' if name == 'model' else _x(ratio)} | {corrected} | "
             f"{r['wait_pct_of_decode']:.2f}% | "
-            f"{'—' if hit is None else f'{hit:.0%}'} | {'yes' if r['same_tokens_as_model'] else '**NO**'} |"
+            f"{'—' if hit is None else f'{hit:.0%}'} | {_per_token_bytes(r)} | "
+            f"{'yes' if r['same_tokens_as_model'] else '**NO**'} |"
         )
     mc = doc.get("mooncake", {})
     if not mc.get("ran", False):
