@@ -401,6 +401,7 @@ class MooncakeTable(RowTable):
             raise EngramError(f"Mooncake layer {layer_id}: {got} head keys for {self.head_sizes.size} heads")
         if self.read == "batch" and not hasattr(store, "batch_get_into_multi_buffer_ranges"):
             self.read = "ranges"  # an older client without the session API
+        self.wait_slack_us = WAIT_SLACK_US  # the reading thread's timer slack during a read (see wait_slack)
         self._session_at: float | None = None  # monotonic time of the last session start
         self._session_lock = threading.Lock()
 
@@ -497,7 +498,7 @@ class MooncakeTable(RowTable):
         srcs = [src_l[cut_l[h] : cut_l[h + 1]] for h in heads]
         dsts = [dst_l[cut_l[h] : cut_l[h + 1]] for h in heads]
         sizes = [[row] * (cut_l[h + 1] - cut_l[h]) for h in heads]
-        with wait_slack():
+        with wait_slack(self.wait_slack_us):
             if self.read == "batch":
                 self._read_batch(heads, keys, dsts, sizes, srcs)
             else:
