@@ -310,7 +310,8 @@ _PRCTL: Any = None
 
 
 def _prctl() -> Any:
-    """libc's ``prctl`` (Linux), else False; looked up once."""
+    """libc's ``prctl`` (Linux), else False; looked up once. Called with the GIL held (``PyDLL``): a ctypes
+    call that released it would be one more point where the decode thread and the reading thread trade it."""
     global _PRCTL
     if _PRCTL is None:
         _PRCTL = False
@@ -318,7 +319,7 @@ def _prctl() -> Any:
             try:
                 import ctypes
 
-                fn = ctypes.CDLL(None, use_errno=True).prctl
+                fn = ctypes.PyDLL(None, use_errno=True).prctl
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
                 _PRCTL = fn
@@ -348,15 +349,14 @@ def wait_slack(microseconds: int = WAIT_SLACK_US) -> Iterator[None]:
         prctl(_PR_SET_TIMERSLACK, old, 0, 0, 0)
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(cache=True)
 def _plan_ranges(
     unique: np.ndarray, offsets: np.ndarray, row_bytes: int, base: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """(source offset in its head's object, destination, head cut points) of sorted, unique, in-range ids.
 
     Ids ``unique[cut[h]:cut[h + 1]]`` belong to head ``h`` (``offsets``: the heads' first rows, then the
-    row count); row ``k`` goes to ``base + k * row_bytes``. One pass instead of ~10 NumPy calls (each
-    with the GIL held on the prefetch thread, against the decode thread)."""
+    row count); row ``k`` goes to ``base + k * row_bytes``. One pass instead of ~10 NumPy calls."""
     n, heads = unique.size, offsets.size - 1
     src = np.empty(n, np.int64)
     dst = np.empty(n, np.int64)
@@ -371,6 +371,20 @@ def _plan_ranges(
         src[k] = (v - offsets[h]) * row_bytes
         dst[k] = base + k * row_bytes
     return src, dst, cut
+
+
+@nb.njit(cache=True)
+def _dedupe(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """``unique_inverse_kernel`` keeping the GIL: a ~2 us call that released it would invite the decode
+    thread to take it, and the reading thread to wait for it back."""
+    return unique_inverse_kernel(flat)
+
+
+@nb.njit(cache=True)
+def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out[i] = rows[inverse[i]]`` (float32), the GIL kept, as ``_dedupe``."""
+    for i in range(inverse.size):
+        out[i, :] = rows[inverse[i], :]
 
 
 def _fingerprint_key(layer_id: int) -> str:
@@ -491,19 +505,20 @@ class MooncakeTable(RowTable):
     def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
         """The whole gather with the rows landing in the registered buffer and expanded from it into ``out``
         (float32 rows only; else, or in ``lookup`` mode, the generic path): one Numba call plans the reads,
-        the store's call reads, one ``np.take`` expands. No tensor, no copy out of the buffer."""
+        the store's call reads, one more expands. No tensor, no copy out of the buffer, and the GIL released only
+        by the store's call (Numba and ctypes calls that release it are points where the decode thread takes it)."""
         if self.read == "lookup" or dtype != torch.float32:
             return None
         buf = _registered_buffer(self._store, flat.size * self.dim)
         if buf is None:
             return None  # the generic path falls back to lookup
-        unique, inverse = unique_inverse_kernel(flat)
+        unique, inverse = _dedupe(flat)
         lo, hi = int(unique[0]), int(unique[-1])
         if lo < 0 or hi >= self.num_rows:
             raise self._out_of_range(lo, hi)
         rows = buf[: unique.size * self.dim].reshape(unique.size, self.dim)
         self._read_unique(unique, rows)
-        np.take(rows, inverse, axis=0, out=out.view(np.float32), mode="clip")  # "raise" would buffer out
+        _expand(rows, inverse, out.view(np.float32))
         return int(unique.size)
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
