@@ -224,6 +224,7 @@ def test_fused_gather_equals_memory_and_keeps_the_errors(mooncake_client: Any) -
         torch.tensor([[100, 3, 3], [234, 235, 100]]),  # heads 1, 0, 3 and 4 (not 2), out of order, repeated
         torch.randint(97, 102, (40,), generator=g),  # head 1 alone (and head 3's first rows)
         torch.randint(0, sum(heads), (8, 1, 9), generator=g),
+        torch.randint(0, sum(heads), (9, 8), generator=g).t(),  # not contiguous: the base's gather
         torch.arange(sum(heads)).flip(0).repeat(30),  # every row, 7080 ids: 170k floats, a bigger buffer
     ):
         out = torch.full((*ids.shape, 24), float("nan"))

@@ -502,6 +502,31 @@ class MooncakeTable(RowTable):
                 )
             self._session_at = now
 
+    def gather(self, row_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`RowTable.gather`; the prefetcher's case (contiguous int64 CPU ids into a contiguous float32 CPU
+        ``out`` of their shape) goes through NumPy views: the base's tensor views and reshapes each release the
+        GIL, a point where the decode thread takes it and this (reading) thread waits for it back."""
+        if (
+            out is None
+            or type(row_ids) is not torch.Tensor
+            or row_ids.dtype != torch.int64
+            or out.dtype != torch.float32
+            or row_ids.device.type != "cpu"
+            or out.device.type != "cpu"
+            or self.read == "lookup"
+            or not (row_ids.is_contiguous() and out.is_contiguous())
+            or out.shape != (*row_ids.shape, self.dim)
+            or row_ids.numel() == 0
+        ):
+            return super().gather(row_ids, out)
+        start = time.perf_counter()
+        flat = row_ids.numpy().reshape(-1)
+        n_unique = self._gather_bytes(flat, out.numpy().reshape(flat.size, self.dim).view(np.uint8), out.dtype)
+        if n_unique is None:  # no registered buffer: the lookup fallback
+            return super().gather(row_ids, out)
+        self._count(flat.size, n_unique, start)
+        return out
+
     def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
         """The whole gather with the rows landing in the registered buffer and expanded from it into ``out``
         (float32 rows only; else, or in ``lookup`` mode, the generic path): one Numba call plans the reads,
