@@ -28,6 +28,10 @@ of every Engram layer's rows before the forward) with the rows served by
 * ``mooncake_pinned`` ``mooncake`` with the client's threads and its prefetch thread pinned to the last CPU
                   and the decode thread to the others for its calls (``--mooncake-pin``), paired with
                   ``model_pinned`` (the decode thread pinned alike, tables in the model);
+* ``mooncake_legacy`` ``mooncake`` with the transfer engine's legacy TCP framing for its calls
+                  (``--mooncake-legacy-framing``: ``MC_TCP_PROTO=1``, which this client reads per transfer; no
+                  status frame per request). Measured, not a setting to use: a write then completes before it
+                  lands, so it is set only around this contender's calls, which only read;
 * ``mooncake_R``  the same pool read another way, ``R`` in ``--mooncake-reads`` (``ranges``: one
                   ``get_into_ranges`` per gather, the path before issue 18's item 2; ``lookup``);
 * ``mooncake_cN`` ``mooncake`` behind a :class:`CachedTable` (LFU) of N% of the table bytes
@@ -222,6 +226,12 @@ def main() -> None:
         "thread on the others) and `model_pinned` (the decode thread pinned alike)",
     )
     ap.add_argument(
+        "--mooncake-legacy-framing",
+        action="store_true",
+        help="also time `mooncake_legacy`: the same reads with MC_TCP_PROTO=1 (no per-request status frame) set "
+        "around its calls only (writes would complete before they land)",
+    )
+    ap.add_argument(
         "--mooncake-cache-pcts",
         type=float,
         nargs="*",
@@ -310,6 +320,9 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pin_split = (set(cpus[:-1]), {cpus[-1]}) if len(cpus) > 1 else None  # (decode cpus, helper cpus)
     pinned: dict[str, Any] = {}  # contender -> its Mooncake client (None: only the decode thread is pinned)
+    legacy: set[str] = set()  # contenders timed with MC_TCP_PROTO=1
+    if args.mooncake_legacy_framing:  # present before the client starts, so flipping it replaces a value in place
+        os.environ.setdefault("MC_TCP_PROTO", "2")  # (glibc's setenv: no environ realloc under a reading thread)
     if args.mooncake_pin and pin_split is not None and not args.no_mooncake:
         engines["model_pinned"] = Engine(model)
         pinned["model_pinned"] = None
@@ -325,6 +338,10 @@ def main() -> None:
             opened.append(tables)
             for i, nw in enumerate(args.mooncake_workers):
                 engines["mooncake" if i == 0 else f"mooncake_w{nw}"] = Engine(model, tables, workers=nw)
+            mooncake_info["legacy_framing_env_at_start"] = os.environ.get("MC_TCP_PROTO")
+            if args.mooncake_legacy_framing:  # the same tables, the legacy framing for its calls
+                engines["mooncake_legacy"] = Engine(model, tables, workers=args.mooncake_workers[0])
+                legacy.add("mooncake_legacy")
             if "model_pinned" in pinned:  # the same tables, the threads pinned for its calls
                 engines["mooncake_pinned"] = Engine(model, tables, workers=args.mooncake_workers[0])
                 pinned["mooncake_pinned"] = client
@@ -371,6 +388,9 @@ def main() -> None:
                     set_transport_nice(*renice[n])
                 if n in pinned:
                     pin_threads(engines[n], pinned[n], pin_split)
+                framing = os.environ.get("MC_TCP_PROTO")
+                if n in legacy:
+                    os.environ["MC_TCP_PROTO"] = "1"
                 try:
                     gen = engines[n].generate(prompts, params, force=force)
                 finally:
@@ -378,6 +398,8 @@ def main() -> None:
                         set_transport_nice(renice[n][0], 0)
                     if n in pinned:
                         pin_threads(engines[n], pinned[n], None)
+                    if n in legacy and framing is not None:
+                        os.environ["MC_TCP_PROTO"] = framing
                 wall, (_, q1) = time.perf_counter() - w0, sched_seconds()
                 outputs[n].append(gen.tokens)
                 if c == 0:
