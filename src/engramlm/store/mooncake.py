@@ -226,9 +226,12 @@ def set_transport_affinity(client: Any, cpus: Iterable[int] | None, extra_thread
     again. Returns how many threads were set. Linux only (elsewhere 0).
 
     Why: a decode-sized gather costs the client ~1.9 ms of TCP work per 64 rows (one request-response per
-    row, ~30 us each on this VM) and its caller ~0.4 ms; woken beside the decode thread, they preempt it
-    (~17 involuntary switches a step). Confined to a core of their own, with the decode thread kept off it,
-    the decode thread is not preempted by them; ``bench_generate --mooncake-pin`` measures it.
+    row, ~30 us each on this VM) and its caller ~0.4 ms; woken beside the decode thread, they preempt it.
+    Confined to a core of their own, with the decode thread kept off it, they no longer do; measured in
+    ``bench_generate --mooncake-pin`` on 2 cores it does not pay (+5.8% / +8.4% of decode time against +5.4% /
+    +6.1% unpinned, two runs): layer 1's rows came later (rows wait 1.1% / 2.1% of decode against 1.0% / 1.6%),
+    the prefetch thread sharing one core with the TCP thread. So nothing pins by default; a machine with cores
+    to spare may differ.
     """
     if not hasattr(os, "sched_setaffinity"):
         return 0
