@@ -16,12 +16,14 @@ the rows in place. Read modes:
 
 The client's wait for a transfer polls every 10 us; each wake-up takes a core from the decode thread
 on a small machine, so reads run with a coarser timer slack (``WAIT_SLACK_US``; Linux only), which
-lets the kernel batch those wake-ups. A gather is planned by one Numba call (dedupe, then each row's
-source offset and destination), read by the one call, and expanded from the registered buffer straight
-into the caller's rows (``_gather_bytes``): ~40 us of Python with the GIL held per decode-sized gather,
-against ~65 us before (issue 18). The hash-spec fingerprint is stored under its own key so a
-mismatched table is refused. The ``mooncake`` package (PyPI ``mooncake-transfer-engine-non-cuda``) is
-imported lazily.
+lets the kernel batch those wake-ups. A gather is fused (``gather``/``_gather_bytes``): NumPy views of the
+ids and rows, one Numba call to dedupe and plan each row's source offset and destination, the one call, one
+Numba call expanding the registered buffer into the caller's rows; nothing but the store's call releases the
+GIL, since every release is a point where the decode thread takes it and the reading thread then waits for it
+back. ~33 us of Python per decode-sized gather against ~65 us before (issue 18); what remains is the
+transport's ~30 us of CPU per row, one TCP request-response each (see docs/architecture.md). The hash-spec
+fingerprint is stored under its own key so a mismatched table is refused. The ``mooncake`` package (PyPI
+``mooncake-transfer-engine-non-cuda``) is imported lazily.
 
 ``local_master`` starts a private ``mooncake_master`` on 127.0.0.1 and ``connect`` sets up a client
 of any master: the tests, the benchmarks and the CLI share these rather than each spelling them out.
