@@ -25,6 +25,13 @@ of every Engram layer's rows before the forward) with the rows served by
                   ``mooncake``'s, default 1, so layer 1's read has the client to itself);
 * ``mooncake_niceN`` ``mooncake`` with the client's transport threads at niceness N during its calls
                   (``--mooncake-nice``), so they stop preempting the decode thread;
+* ``mooncake_pinned`` ``mooncake`` with the client's threads and its prefetch thread pinned to the last CPU
+                  and the decode thread to the others for its calls (``--mooncake-pin``), paired with
+                  ``model_pinned`` (the decode thread pinned alike, tables in the model);
+* ``mooncake_legacy`` ``mooncake`` with the transfer engine's legacy TCP framing for its calls
+                  (``--mooncake-legacy-framing``: ``MC_TCP_PROTO=1``, which this client reads per transfer; no
+                  status frame per request). Measured, not a setting to use: a write then completes before it
+                  lands, so it is set only around this contender's calls, which only read;
 * ``mooncake_R``  the same pool read another way, ``R`` in ``--mooncake-reads`` (``ranges``: one
                   ``get_into_ranges`` per gather, the path before issue 18's item 2; ``lookup``);
 * ``mooncake_cN`` ``mooncake`` behind a :class:`CachedTable` (LFU) of N% of the table bytes
@@ -68,7 +75,13 @@ from engramlm.models.config import EngramConfig, ModelConfig
 from engramlm.models.model import EngramLM
 from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
-from engramlm.store.mooncake import MooncakeTable, connect, local_master, set_transport_nice
+from engramlm.store.mooncake import (
+    MooncakeTable,
+    connect,
+    local_master,
+    set_transport_affinity,
+    set_transport_nice,
+)
 from engramlm.store.tiers import Tier
 
 
@@ -85,6 +98,16 @@ def sched_seconds() -> tuple[float, float]:
     except (OSError, ValueError):
         return 0.0, 0.0
     return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
+
+
+def pin_threads(engine: Engine, client: Any, split: tuple[set[int], set[int]] | None) -> None:
+    """Pin the calling (decode) thread to ``split[0]`` and ``client``'s threads plus ``engine``'s prefetch
+    threads to ``split[1]``; ``split`` None allows every CPU again."""
+    every = set(range(os.cpu_count() or 1))
+    os.sched_setaffinity(0, every if split is None else split[0])
+    if client is not None:
+        helpers = engine.prefetcher.thread_ids if engine.prefetcher is not None else []
+        set_transport_affinity(client, None if split is None else split[1], helpers)
 
 
 def build_workload(args: argparse.Namespace) -> tuple[Any, list[torch.Tensor]]:
@@ -197,6 +220,18 @@ def main() -> None:
         "calls (contenders mooncake_niceN; resetting to 0 afterwards needs root)",
     )
     ap.add_argument(
+        "--mooncake-pin",
+        action="store_true",
+        help="also time `mooncake_pinned` (the client's threads and its prefetch thread on the last CPU, the decode "
+        "thread on the others) and `model_pinned` (the decode thread pinned alike)",
+    )
+    ap.add_argument(
+        "--mooncake-legacy-framing",
+        action="store_true",
+        help="also time `mooncake_legacy`: the same reads with MC_TCP_PROTO=1 (no per-request status frame) set "
+        "around its calls only (writes would complete before they land)",
+    )
+    ap.add_argument(
         "--mooncake-cache-pcts",
         type=float,
         nargs="*",
@@ -282,6 +317,15 @@ def main() -> None:
     mooncake_ctx = contextlib.ExitStack()
     mooncake_info: dict[str, Any] = {"ran": False}
     renice: dict[str, tuple[Any, int]] = {}
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pin_split = (set(cpus[:-1]), {cpus[-1]}) if len(cpus) > 1 else None  # (decode cpus, helper cpus)
+    pinned: dict[str, Any] = {}  # contender -> its Mooncake client (None: only the decode thread is pinned)
+    legacy: set[str] = set()  # contenders timed with MC_TCP_PROTO=1
+    if args.mooncake_legacy_framing:  # present before the client starts, so flipping it replaces a value in place
+        os.environ.setdefault("MC_TCP_PROTO", "2")  # (glibc's setenv: no environ realloc under a reading thread)
+    if args.mooncake_pin and pin_split is not None and not args.no_mooncake:
+        engines["model_pinned"] = Engine(model)
+        pinned["model_pinned"] = None
     if not args.no_mooncake:
         try:
             master = mooncake_ctx.enter_context(local_master(tmp / "mooncake_master.log"))
@@ -294,6 +338,13 @@ def main() -> None:
             opened.append(tables)
             for i, nw in enumerate(args.mooncake_workers):
                 engines["mooncake" if i == 0 else f"mooncake_w{nw}"] = Engine(model, tables, workers=nw)
+            mooncake_info["legacy_framing_env_at_start"] = os.environ.get("MC_TCP_PROTO")
+            if args.mooncake_legacy_framing:  # the same tables, the legacy framing for its calls
+                engines["mooncake_legacy"] = Engine(model, tables, workers=args.mooncake_workers[0])
+                legacy.add("mooncake_legacy")
+            if "model_pinned" in pinned:  # the same tables, the threads pinned for its calls
+                engines["mooncake_pinned"] = Engine(model, tables, workers=args.mooncake_workers[0])
+                pinned["mooncake_pinned"] = client
             for nv in args.mooncake_nice:  # the same engine; its calls run with the transport threads reniced
                 engines[f"mooncake_nice{nv}"] = Engine(model, tables, workers=args.mooncake_workers[0])
                 renice[f"mooncake_nice{nv}"] = (client, nv)
@@ -341,11 +392,20 @@ def main() -> None:
                 w0, (_, q0) = time.perf_counter(), sched_seconds()
                 if n in renice:
                     set_transport_nice(*renice[n])
+                if n in pinned:
+                    pin_threads(engines[n], pinned[n], pin_split)
+                framing = os.environ.get("MC_TCP_PROTO")
+                if n in legacy:
+                    os.environ["MC_TCP_PROTO"] = "1"
                 try:
                     gen = engines[n].generate(prompts, params, force=force)
                 finally:
                     if n in renice:
                         set_transport_nice(renice[n][0], 0)
+                    if n in pinned:
+                        pin_threads(engines[n], pinned[n], None)
+                    if n in legacy and framing is not None:
+                        os.environ["MC_TCP_PROTO"] = framing
                 wall, (_, q1) = time.perf_counter() - w0, sched_seconds()
                 outputs[n].append(gen.tokens)
                 if c == 0:
@@ -436,6 +496,8 @@ def main() -> None:
         "aio_submit": aio_submit,  # kernel: Linux AIO (no helper threads); glibc: POSIX AIO's helper threads
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "mooncake": mooncake_info,
+        "pinned_cpus": {"decode": sorted(pin_split[0]), "helpers": sorted(pin_split[1])}
+        if pinned and pin_split else None,
         "workload": {"corpus": "stdlib (held-out val+test files)", "tokenizer": "BPE 8k trained on stdlib train",
                      "decode": "teacher-forced real text", "tokens_per_call": args.batch * args.steps,
                      "cache_warmup_tokens": warm_tokens},

@@ -26,9 +26,11 @@ gather), ``direct_threads`` (the previous engine), ``cached_direct`` (an LFU ``C
 ``mooncake_lookup`` (``EngramStore.lookup``, the first path, counted as GIL-held throughout: a pybind call
 that does not say it releases it).
 
-Mooncake against the wire: rows/s of the Mooncake paths at decode size and at ``--big-rows``, against two
+Mooncake against the wire: rows/s of the Mooncake paths at decode size and at ``--big-rows``, against
 loopback TCP limits measured in the same run on 127.0.0.1: bulk throughput (one connection streaming 1 MiB
-writes) and request-response round trips/s (a request, then one row back; what a read per row costs).
+writes) and request-response round trips/s (a request, then one row back; what a read per row costs), the
+latter between two threads of this process (they share the GIL: a floor) and between two processes, one and
+four requests in flight (Mooncake keeps four connections per peer busy: the fair ceiling).
 
 Run from the repository root: ``nice python -m benchmarks.bench_store_io`` (~2 minutes on 2 cores).
 """
@@ -41,6 +43,8 @@ import os
 import resource
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -133,6 +137,51 @@ def loopback_round_trips(reply_bytes: int, n: int = 4000) -> float:
     cli.close()
     conn.close()
     return n / dt
+
+
+# The echo server of loopback_round_trips_proc: its own process, so the two ends share no GIL.
+_ECHO = """
+import socket, sys
+reply, req = b"\\0" * int(sys.argv[2]), memoryview(bytearray(16))
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while True:
+    got = 0
+    while got < 16:
+        n = s.recv_into(req[got:])
+        if n == 0:
+            sys.exit(0)
+        got += n
+    s.sendall(reply)
+"""
+
+
+def loopback_round_trips_proc(reply_bytes: int, depth: int, n: int = 20_000) -> float:
+    """Request-response round trips/s over 127.0.0.1 with the server in another process (no GIL shared, unlike
+    :func:`loopback_round_trips`), ``depth`` requests in flight (Mooncake keeps 4 connections per peer busy):
+    the rate a read of one request-response per row can reach on this machine's loopback TCP."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    child = subprocess.Popen([sys.executable, "-c", _ECHO, str(srv.getsockname()[1]), str(reply_bytes)])
+    try:
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reqs, buf = b"\1" * (16 * depth), memoryview(bytearray(reply_bytes * depth))
+        for _ in range(200):  # warm-up
+            conn.sendall(reqs)
+            _recv_exact(conn, buf)
+        rounds = max(n // depth, 1)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            conn.sendall(reqs)
+            _recv_exact(conn, buf)
+        dt = time.perf_counter() - t0
+        conn.close()
+        return rounds * depth / dt
+    finally:
+        srv.close()
+        child.wait(timeout=10)
 
 
 # ---------------------------------------------------------------------------- GIL accounting
@@ -310,10 +359,16 @@ def main(argv: list[str] | None = None) -> None:
             row_bytes = args.dim * 4
             bulk = loopback_bulk()
             rtt = [loopback_round_trips(row_bytes) for _ in range(3)]
+            rtt_proc = {
+                d: float(np.median([loopback_round_trips_proc(row_bytes, d) for _ in range(3)])) for d in (1, 4)
+            }
             results["loopback_tcp"] = {
                 "bulk_bytes_per_s": bulk,
                 "bulk_rows_per_s": bulk / row_bytes,
                 "round_trips_per_s": float(np.median(rtt)),
+                # the server in its own process: depth 1, and 4 in flight as Mooncake's 4 connections per peer
+                "round_trips_per_s_two_processes": rtt_proc[1],
+                "round_trips_per_s_two_processes_depth4": rtt_proc[4],
                 "reply_bytes": row_bytes,
             }
             if mooncake_info["ran"]:
@@ -324,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
                 mooncake_info["ranges_vs_bulk_limit_big"] = mooncake_info["mooncake_rows_per_s_big"] / (
                     bulk / row_bytes
                 )
+                for size in ("decode_size", "big"):  # against the two-process, 4-in-flight round-trip rate
+                    mooncake_info[f"mooncake_vs_round_trip_limit_depth4_{size}"] = (
+                        mooncake_info[f"mooncake_rows_per_s_{size}"] / rtt_proc[4]
+                    )
                 mooncake_info["ranges_vs_round_trip_limit_big"] = mooncake_info["mooncake_rows_per_s_big"] / float(
                     np.median(rtt)
                 )
@@ -349,7 +408,18 @@ def main(argv: list[str] | None = None) -> None:
             f"  nogil {m['nogil_cpu_ms']:6.3f}  GIL held {m['gil_held_ms']:6.3f} ms/gather"
         )
     lt = results["loopback_tcp"]
-    print(f"loopback TCP: {lt['bulk_bytes_per_s'] / 1e9:.2f} GB/s bulk, {lt['round_trips_per_s']:.0f} round trips/s")
+    print(
+        f"loopback TCP: {lt['bulk_bytes_per_s'] / 1e9:.2f} GB/s bulk, {lt['round_trips_per_s']:.0f} round trips/s "
+        f"(two processes: {lt['round_trips_per_s_two_processes']:.0f}/s, 4 in flight "
+        f"{lt['round_trips_per_s_two_processes_depth4']:.0f}/s)"
+    )
+    mc = results.get("mooncake", {})
+    if mc.get("ran"):
+        print(
+            f"mooncake batch read: {mc['mooncake_rows_per_s_decode_size']:.0f} rows/s at {args.rows} ids, "
+            f"{mc['mooncake_rows_per_s_big']:.0f} rows/s at {args.big_rows} "
+            f"({mc['mooncake_vs_round_trip_limit_depth4_big']:.2f}x the 4-in-flight round-trip rate)"
+        )
 
 
 if __name__ == "__main__":

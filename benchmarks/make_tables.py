@@ -646,7 +646,7 @@ def _gen_order(name: str) -> tuple[int, float]:
         return (3, 1e9)
     if name == "mooncake":
         return (3, -1.0)
-    return ({"model": 0, "memory": 1}.get(name, 3), 0.0)
+    return ({"model": 0, "model_pinned": 0, "memory": 1}.get(name, 3), 0.5 if name == "model_pinned" else 0.0)
 
 
 _TIERS_CHOICE = "the tiers' own choice of"
@@ -670,6 +670,8 @@ _MOONCAKE_READS = {
     "lookup": "`EngramStore.lookup` per call",
     "ranges": "one `get_into_ranges` per gather (master queried per head)",
     "batch": "the batch get-into of a session, one call per gather",
+    "legacy": "the batch get-into with the legacy TCP framing (`MC_TCP_PROTO=1`: no status frame per request; "
+    "set around its calls only, since a write then completes before it lands)",
 }
 
 
@@ -684,6 +686,12 @@ def _mooncake_how(name: str, doc: dict[str, Any]) -> str:
         return f"{_MOONCAKE_READS['batch']}{own}, transport threads at nice {name[13:]}"
     if name.startswith("mooncake_w") and name[10:].isdigit():
         return f"{_MOONCAKE_READS['batch']}, {name[10:]} prefetch thread(s)"
+    if name == "mooncake_pinned":
+        cpus = doc.get("pinned_cpus") or {}
+        return (
+            f"{_MOONCAKE_READS['batch']}{own}, the client's threads and the prefetch thread pinned to CPU "
+            f"{cpus.get('helpers', '?')}, the decode thread to {cpus.get('decode', '?')}"
+        )
     if name.startswith("mooncake_"):
         return _MOONCAKE_READS.get(name[9:], name[9:])
     read = doc.get("mooncake", {}).get("read", "lookup")  # runs before issue 18 used EngramStore.lookup
@@ -749,6 +757,9 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
             base, suffix = name, ""
         if name == "model":
             where = "the model's own `embed.weight`"
+        elif name == "model_pinned":
+            decode_cpus = (doc.get("pinned_cpus") or {}).get("decode", "?")
+            where = f"the model's own `embed.weight`, the decode thread pinned to CPU {decode_cpus}"
         elif base == "memory":
             where = "`MemoryTable` via the prefetcher" + _prefetch_how(suffix)
         elif base == "ssd_c0" and suffix:

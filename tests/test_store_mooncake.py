@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from engramlm.errors import EngramError, HashSpecMismatch
+from engramlm.errors import ConfigError, EngramError, HashSpecMismatch
 from engramlm.store.memory import MemoryTable
 
 # CI installs the store extra: a missing client must fail, not skip. A missing or broken master
@@ -207,3 +207,80 @@ def test_transport_threads_can_be_reniced(tmp_path: Path) -> None:
 def threading_ids_disjoint(tids: list[int]) -> bool:
     """None of the reniced threads is a Python thread (the caller, the test runner's threads)."""
     return not set(tids) & {t.native_id for t in threading.enumerate()}
+
+
+def test_fused_gather_equals_memory_and_keeps_the_errors(mooncake_client: Any) -> None:
+    """The fused gather (planned by one Numba call, expanded from the registered buffer into ``out``) returns
+    exactly the memory tier's rows: ids in some heads only, repeats, a full-table read that grows the buffer;
+    bf16 rows (the generic path) and a cache's sorted-unique reads too; an id out of range is the base's error."""
+    from engramlm.store.cache import CachedTable
+
+    heads = [97, 5, 1, 131, 2]  # tiny heads, skipped by most gathers: cut points with nothing between them
+    w = torch.randn(sum(heads), 24, generator=torch.Generator().manual_seed(21))
+    table = MooncakeTable.populate(mooncake_client, 21, w, heads, FP)
+    ref = MemoryTable(w, FP)
+    g = torch.Generator().manual_seed(22)
+    for ids in (
+        torch.tensor([[100, 3, 3], [234, 235, 100]]),  # heads 1, 0, 3 and 4 (not 2), out of order, repeated
+        torch.randint(97, 102, (40,), generator=g),  # head 1 alone (and head 3's first rows)
+        torch.randint(0, sum(heads), (8, 1, 9), generator=g),
+        torch.randint(0, sum(heads), (9, 8), generator=g).t(),  # not contiguous: the base's gather
+        torch.arange(sum(heads)).flip(0).repeat(30),  # every row, 7080 ids: 170k floats, a bigger buffer
+    ):
+        out = torch.full((*ids.shape, 24), float("nan"))
+        assert table.gather(ids, out=out) is out and torch.equal(out, ref.gather(ids))
+        bf16 = table.gather(ids, out=torch.empty(*ids.shape, 24, dtype=torch.bfloat16))
+        assert torch.equal(bf16, ref.gather(ids).to(torch.bfloat16))
+    stats = table.stats
+    assert stats.bytes_read == stats.bytes_used  # only the unique rows travel
+    cached = CachedTable(table, budget_bytes=64 * 24 * 4)
+    ids = torch.randint(0, sum(heads), (200,), generator=g)
+    assert torch.equal(cached.gather(ids), w[ids]) and torch.equal(cached.gather(ids), w[ids])
+    assert cached.stats.hits > 0
+    for bad in (torch.tensor([0, sum(heads)]), torch.tensor([-1, 4])):
+        with pytest.raises(IndexError, match=rf"row ids out of range: min {int(bad.min())}, max {int(bad.max())}"):
+            table.gather(bad)
+    assert table.remove() == len(heads)
+
+
+def test_plan_ranges_matches_a_numpy_plan() -> None:
+    """Each row's source offset in its head's object, its destination and the heads' cut points, as NumPy
+    computes them with searchsorted, for sorted ids that skip heads."""
+    import numpy as np
+
+    from engramlm.store.mooncake import _plan_ranges
+
+    rng = np.random.default_rng(3)
+    sizes = np.array([50, 1, 0, 70, 3, 90])
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    for n in (1, 5, 40, int(offsets[-1])):
+        unique = np.sort(rng.choice(int(offsets[-1]), n, replace=False)).astype(np.int64)
+        src, dst, cut = _plan_ranges(unique, offsets, 96, 4096)
+        head = np.searchsorted(offsets, unique, side="right") - 1
+        assert np.array_equal(src, (unique - offsets[head]) * 96)
+        assert np.array_equal(dst, 4096 + np.arange(n) * 96)
+        assert np.array_equal(cut, np.searchsorted(head, np.arange(sizes.size + 1)))
+
+
+def test_transport_threads_can_be_pinned(mooncake_client: Any) -> None:
+    """set_transport_affinity pins the client's setup threads and the given extra threads (a prefetch
+    worker), never the caller; None allows every CPU again."""
+    from engramlm.store import mooncake as mc
+    from engramlm.store.prefetch import Prefetcher
+
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        pytest.skip("thread affinity is Linux-only")
+    every = set(range(os.cpu_count() or 1)) & os.sched_getaffinity(0)
+    one = {max(every)}
+    _, tids = mc._TRANSPORT_THREADS[id(mooncake_client)]
+    with Prefetcher({1: MemoryTable(torch.zeros(4, 2), FP)}, workers=1) as pf:
+        (worker,) = pf.thread_ids
+        try:
+            assert mc.set_transport_affinity(mooncake_client, one, [worker]) == len(tids) + 1
+            assert all(os.sched_getaffinity(t) == one for t in [*tids, worker])
+            assert os.sched_getaffinity(0) == every  # the caller is untouched
+        finally:
+            assert mc.set_transport_affinity(mooncake_client, None, [worker]) == len(tids) + 1
+        assert all(os.sched_getaffinity(t) == every for t in [*tids, worker])
+    with pytest.raises(ConfigError, match="at least one CPU"):
+        mc.set_transport_affinity(mooncake_client, [])

@@ -16,9 +16,14 @@ the rows in place. Read modes:
 
 The client's wait for a transfer polls every 10 us; each wake-up takes a core from the decode thread
 on a small machine, so reads run with a coarser timer slack (``WAIT_SLACK_US``; Linux only), which
-lets the kernel batch those wake-ups. The hash-spec fingerprint is stored under its own key so a
-mismatched table is refused. The ``mooncake`` package (PyPI ``mooncake-transfer-engine-non-cuda``) is
-imported lazily.
+lets the kernel batch those wake-ups. A gather is fused (``gather``/``_gather_bytes``): NumPy views of the
+ids and rows, one Numba call to dedupe and plan each row's source offset and destination, the one call, one
+Numba call expanding the registered buffer into the caller's rows; nothing but the store's call releases the
+GIL, since every release is a point where the decode thread takes it and the reading thread then waits for it
+back. ~33 us of Python per decode-sized gather against ~65 us before (issue 18); what remains is the
+transport's ~30 us of CPU per row, one TCP request-response each (see docs/architecture.md). The hash-spec
+fingerprint is stored under its own key so a mismatched table is refused. The ``mooncake`` package (PyPI
+``mooncake-transfer-engine-non-cuda``) is imported lazily.
 
 ``local_master`` starts a private ``mooncake_master`` on 127.0.0.1 and ``connect`` sets up a client
 of any master: the tests, the benchmarks and the CLI share these rather than each spelling them out.
@@ -36,15 +41,17 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numba as nb
 import numpy as np
 import torch
 
 from engramlm.errors import ConfigError, EngramError, HashSpecMismatch, MissingFingerprint
+from engramlm.store._dedup import unique_inverse_kernel
 from engramlm.store.base import RowTable, TableHeader, check_fingerprint
 from engramlm.store.formats import FP32
 
@@ -214,6 +221,39 @@ def set_transport_nice(client: Any, nice: int) -> int:
     return done
 
 
+def set_transport_affinity(client: Any, cpus: Iterable[int] | None, extra_threads: Iterable[int] = ()) -> int:
+    """Pin the threads ``client`` started at setup (its transfer engine's TCP worker, which runs both ends of
+    every loopback transfer, and its RPC and metadata threads), plus ``extra_threads`` (native ids, e.g. the
+    prefetch thread that calls the store: ``Prefetcher.thread_ids``), to ``cpus``; None allows every CPU
+    again. Returns how many threads were set. Linux only (elsewhere 0).
+
+    Why: a decode-sized gather costs the client ~1.9 ms of TCP work per 64 rows (one request-response per
+    row, ~30 us each on this VM) and its caller ~0.4 ms; woken beside the decode thread, they preempt it.
+    Confined to a core of their own, with the decode thread kept off it, they no longer do; measured in
+    ``bench_generate --mooncake-pin`` on 2 cores it does not pay (+5.8% / +8.4% of decode time against +5.4% /
+    +6.1% unpinned, two runs): layer 1's rows came later (rows wait 1.1% / 2.1% of decode against 1.0% / 1.6%),
+    the prefetch thread sharing one core with the TCP thread. So nothing pins by default; a machine with cores
+    to spare may differ.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return 0
+    _, tids = _TRANSPORT_THREADS.get(id(client), (None, []))
+    allowed = set(range(os.cpu_count() or 1)) if cpus is None else {int(c) for c in cpus}  # the kernel drops CPUs
+    # outside the cpuset
+    if not allowed:
+        raise ConfigError("transport cpus: need at least one CPU")
+    done = 0
+    for tid in [*tids, *extra_threads]:
+        try:
+            os.sched_setaffinity(tid, allowed)
+            done += 1
+        except ProcessLookupError:
+            continue  # a thread that has exited
+        except OSError as exc:
+            raise EngramError(f"cannot pin the Mooncake client's threads to CPUs {sorted(allowed)}: {exc}") from None
+    return done
+
+
 def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 << 20, *, transport_nice: int = 0) -> Any:
     """A ``MooncakeDistributedStore`` of ``master`` (TCP) lending ``segment_bytes`` to the pool.
 
@@ -275,7 +315,8 @@ _PRCTL: Any = None
 
 
 def _prctl() -> Any:
-    """libc's ``prctl`` (Linux), else False; looked up once."""
+    """libc's ``prctl`` (Linux), else False; looked up once. Called with the GIL held (``PyDLL``): a ctypes
+    call that released it would be one more point where the decode thread and the reading thread trade it."""
     global _PRCTL
     if _PRCTL is None:
         _PRCTL = False
@@ -283,7 +324,7 @@ def _prctl() -> Any:
             try:
                 import ctypes
 
-                fn = ctypes.CDLL(None, use_errno=True).prctl
+                fn = ctypes.PyDLL(None, use_errno=True).prctl
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
                 _PRCTL = fn
@@ -311,6 +352,44 @@ def wait_slack(microseconds: int = WAIT_SLACK_US) -> Iterator[None]:
         yield
     finally:
         prctl(_PR_SET_TIMERSLACK, old, 0, 0, 0)
+
+
+@nb.njit(cache=True)
+def _plan_ranges(
+    unique: np.ndarray, offsets: np.ndarray, row_bytes: int, base: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """(source offset in its head's object, destination, head cut points) of sorted, unique, in-range ids.
+
+    Ids ``unique[cut[h]:cut[h + 1]]`` belong to head ``h`` (``offsets``: the heads' first rows, then the
+    row count); row ``k`` goes to ``base + k * row_bytes``. One pass instead of ~10 NumPy calls."""
+    n, heads = unique.size, offsets.size - 1
+    src = np.empty(n, np.int64)
+    dst = np.empty(n, np.int64)
+    cut = np.full(heads + 1, n, np.int64)
+    h = 0
+    cut[0] = 0
+    for k in range(n):
+        v = unique[k]
+        while h + 1 < heads and v >= offsets[h + 1]:
+            h += 1
+            cut[h] = k
+        src[k] = (v - offsets[h]) * row_bytes
+        dst[k] = base + k * row_bytes
+    return src, dst, cut
+
+
+@nb.njit(cache=True)
+def _dedupe(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """``unique_inverse_kernel`` keeping the GIL: a ~2 us call that released it would invite the decode
+    thread to take it, and the reading thread to wait for it back."""
+    return unique_inverse_kernel(flat)
+
+
+@nb.njit(cache=True)
+def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out[i] = rows[inverse[i]]`` (float32), the GIL kept, as ``_dedupe``."""
+    for i in range(inverse.size):
+        out[i, :] = rows[inverse[i], :]
 
 
 def _fingerprint_key(layer_id: int) -> str:
@@ -371,6 +450,7 @@ class MooncakeTable(RowTable):
             raise EngramError(f"Mooncake layer {layer_id}: {got} head keys for {self.head_sizes.size} heads")
         if self.read == "batch" and not hasattr(store, "batch_get_into_multi_buffer_ranges"):
             self.read = "ranges"  # an older client without the session API
+        self.wait_slack_us = WAIT_SLACK_US  # the reading thread's timer slack during a read (see wait_slack)
         self._session_at: float | None = None  # monotonic time of the last session start
         self._session_lock = threading.Lock()
 
@@ -427,57 +507,100 @@ class MooncakeTable(RowTable):
                 )
             self._session_at = now
 
+    def gather(self, row_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`RowTable.gather`; the prefetcher's case (contiguous int64 CPU ids into a contiguous float32 CPU
+        ``out`` of their shape) goes through NumPy views: the base's tensor views and reshapes each release the
+        GIL, a point where the decode thread takes it and this (reading) thread waits for it back."""
+        if (
+            out is None
+            or type(row_ids) is not torch.Tensor
+            or row_ids.dtype != torch.int64
+            or out.dtype != torch.float32
+            or row_ids.device.type != "cpu"
+            or out.device.type != "cpu"
+            or self.read == "lookup"
+            or not (row_ids.is_contiguous() and out.is_contiguous())
+            or out.shape != (*row_ids.shape, self.dim)
+            or row_ids.numel() == 0
+        ):
+            return super().gather(row_ids, out)
+        start = time.perf_counter()
+        flat = row_ids.numpy().reshape(-1)
+        n_unique = self._gather_bytes(flat, out.numpy().reshape(flat.size, self.dim).view(np.uint8), out.dtype)
+        if n_unique is None:  # no registered buffer: the lookup fallback
+            return super().gather(row_ids, out)
+        self._count(flat.size, n_unique, start)
+        return out
+
+    def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
+        """The whole gather with the rows landing in the registered buffer and expanded from it into ``out``
+        (float32 rows only; else, or in ``lookup`` mode, the generic path): one Numba call plans the reads,
+        the store's call reads, one more expands. No tensor, no copy out of the buffer, and the GIL released only
+        by the store's call (Numba and ctypes calls that release it are points where the decode thread takes it)."""
+        if self.read == "lookup" or dtype != torch.float32:
+            return None
+        buf = _registered_buffer(self._store, flat.size * self.dim)
+        if buf is None:
+            return None  # the generic path falls back to lookup
+        unique, inverse = _dedupe(flat)
+        lo, hi = int(unique[0]), int(unique[-1])
+        if lo < 0 or hi >= self.num_rows:
+            raise self._out_of_range(lo, hi)
+        rows = buf[: unique.size * self.dim].reshape(unique.size, self.dim)
+        self._read_unique(unique, rows)
+        _expand(rows, inverse, out.view(np.float32))
+        return int(unique.size)
+
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         flat = _registered_buffer(self._store, ids.numel() * self.dim) if self.read != "lookup" else None
         if flat is None:
             return self._lookup(ids)
-        idx = ids.numpy()
-        n, row = idx.size, self.dim * 4
-        buf = flat[: n * self.dim].reshape(n, self.dim)
-        head = np.searchsorted(self._offsets, idx, side="right") - 1
-        src = ((idx - self._offsets[head]) * row).tolist()
-        # Sorted ids keep each head's ids contiguous: one key, one slice of offsets per head.
-        cut = np.searchsorted(head, np.arange(self.head_sizes.size + 1)).tolist()
-        heads = [h for h in range(self.head_sizes.size) if cut[h] < cut[h + 1]]
-        keys = [self._keys[h] for h in heads]
-        srcs = [src[cut[h] : cut[h + 1]] for h in heads]
-        sizes = [[row] * (cut[h + 1] - cut[h]) for h in heads]
-        with wait_slack():
-            if self.read == "batch":
-                self._read_batch(heads, keys, buf, srcs, sizes, cut)
-            else:
-                self._read_ranges(heads, keys, buf, srcs, sizes, cut)
-        self.stats.add(bytes_read=n * row)
-        return torch.from_numpy(buf.copy())
+        n = ids.numel()
+        rows = flat[: n * self.dim].reshape(n, self.dim)
+        self._read_unique(ids.numpy(), rows)
+        return torch.from_numpy(rows.copy())  # the buffer is this thread's, reused by its next read
 
-    def _read_batch(
-        self, heads: list[int], keys: list[str], buf: np.ndarray, srcs: list, sizes: list, cut: list[int]
-    ) -> None:
-        """One ``batch_get_into_multi_buffer_ranges``: destinations are absolute addresses, one per row."""
+    def _read_unique(self, unique: np.ndarray, rows: np.ndarray) -> None:
+        """Read the rows of sorted, unique, in-range ids into ``rows`` (a slice of the registered buffer).
+
+        Sorted ids keep each head's ids contiguous: one key and one slice of ranges per head that has any."""
         row = self.dim * 4
-        dst = (buf.ctypes.data + np.arange(buf.shape[0], dtype=np.int64) * row).tolist()
-        dsts = [dst[cut[h] : cut[h + 1]] for h in heads]
-        want = [row * len(s) for s in sizes]
+        base = rows.ctypes.data if self.read == "batch" else 0  # batch: absolute addresses; ranges: offsets
+        src, dst, cut = _plan_ranges(unique, self._offsets, row, base)
+        src_l, dst_l, cut_l = src.tolist(), dst.tolist(), cut.tolist()
+        heads = [h for h in range(self.head_sizes.size) if cut_l[h] < cut_l[h + 1]]
+        keys = [self._keys[h] for h in heads]
+        srcs = [src_l[cut_l[h] : cut_l[h + 1]] for h in heads]
+        dsts = [dst_l[cut_l[h] : cut_l[h + 1]] for h in heads]
+        sizes = [[row] * (cut_l[h + 1] - cut_l[h]) for h in heads]
+        with wait_slack(self.wait_slack_us):
+            if self.read == "batch":
+                self._read_batch(heads, keys, dsts, sizes, srcs)
+            else:
+                self._read_ranges(heads, keys, rows, dsts, sizes, srcs)
+        self.stats.add(bytes_read=unique.size * row)
+
+    def _read_batch(self, heads: list[int], keys: list[str], dsts: list, sizes: list, srcs: list) -> None:
+        """One ``batch_get_into_multi_buffer_ranges``: destinations are absolute addresses, one per row."""
+        want = [self.dim * 4 * len(s) for s in sizes]
         for attempt in range(2):  # a lease that ran out mid-session: renew once and read again
             self._start_session(force=attempt > 0)
             got = self._store.batch_get_into_multi_buffer_ranges(keys, dsts, sizes, srcs)
-            bad = [(h, int(g), w) for h, g, w in zip(heads, got, want, strict=True) if g != w]
-            if not bad:
+            if got == want:
                 return
-        h, g, w = bad[0]
+        bad = [(h, int(g), w) for h, g, w in zip(heads, got, want, strict=True) if g != w]
+        h, g, w = bad[0] if bad else (heads[0], -1, want[0])
         raise EngramError(
             f"Mooncake read of layer {self.layer_id} head {h} ({self._keys[h]}) failed: "
-            f"{len(bad)} head(s) short, returned {g} instead of {w} bytes"
+            f"{len(bad) or len(heads)} head(s) short, returned {g} instead of {w} bytes"
         )
 
     def _read_ranges(
-        self, heads: list[int], keys: list[str], buf: np.ndarray, srcs: list, sizes: list, cut: list[int]
+        self, heads: list[int], keys: list[str], rows: np.ndarray, dsts: list, sizes: list, srcs: list
     ) -> None:
         """One ``get_into_ranges`` (the master is queried per head inside the call)."""
         row = self.dim * 4
-        dst = (np.arange(buf.shape[0], dtype=np.int64) * row).tolist()
-        dsts = [dst[cut[h] : cut[h + 1]] for h in heads]
-        got = self._store.get_into_ranges([buf.ctypes.data], [keys], [dsts], [srcs], [sizes])[0]
+        got = self._store.get_into_ranges([rows.ctypes.data], [keys], [dsts], [srcs], [sizes])[0]
         for h, res in zip(heads, got, strict=True):
             bad = [r for r in res if r != row]
             if bad:

@@ -177,6 +177,11 @@ class Prefetcher:
         for t in self._threads:
             t.start()
 
+    @property
+    def thread_ids(self) -> list[int]:
+        """Native ids of the worker threads (none inline), e.g. to pin them beside a tier's own threads."""
+        return [t.native_id for t in self._threads if t.native_id is not None]
+
     # ---- worker side ---------------------------------------------------------------------
     def _worker(self) -> None:
         while True:
