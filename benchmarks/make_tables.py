@@ -725,6 +725,26 @@ def _per_token_bytes(r: dict[str, Any]) -> str:
     return "—" if not b else f"{b / 1024:,.1f} KiB"
 
 
+def gather_cpu_table(doc: dict[str, Any]) -> list[str]:
+    """Decode-thread and I/O-thread CPU per inline gather, per tier (``bench_gather_cpu``)."""
+    p, res = doc["params"], doc["results"]
+    lines = [
+        f"**Who pays for an inline gather**{_label(doc)}: {p['gathers'] - p['warm']} decode-step gathers (64 "
+        f"Zipf-skewed ids) of a {p['rows']:,} x {p['dim']} fp32 table, {p['pause_ms']:g} ms between start and "
+        "result; CPU per gather, medians (the I/O thread's: its schedstat over the run).",
+        "",
+        "| tier | decode thread: start | decode thread: result | I/O thread | cache hit rate |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in res.items():
+        io, hit = r.get("io_thread_us_per_gather"), r.get("hit_rate")
+        lines.append(
+            f"| {name} | {r['decode_start_us']['median']:.1f} µs | {r['decode_result_us']['median']:.1f} µs | "
+            f"{'—' if io is None else f'{io:.1f} µs'} | {'—' if hit is None else f'{hit:.0%}'} |"
+        )
+    return lines + _footer(doc)
+
+
 def generate_table(doc: dict[str, Any]) -> list[str]:
     """Decode tokens/s with the tables in the model, in RAM, on SSD behind a cache, and in Mooncake."""
     p, m, res = doc["params"], doc["model"], doc["results"]
@@ -1530,6 +1550,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "head_to_head": head_to_head_table,
     "head_to_head_why": head_to_head_why_table,
     "generate": generate_table,
+    "gather_cpu": gather_cpu_table,
     "reproductions": reproductions_table,
     "depth": depth_table,
     "distributed": distributed_table,
