@@ -188,3 +188,38 @@ def test_cached_fused_path_keeps_the_generic_paths_policy(
     finally:
         fused.close()
         generic.close()
+
+
+class _GenericMemory(MemoryTable):
+    """The memory tier through the generic dedupe -> _fetch_unique -> expand path (no fused call)."""
+
+    def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
+        return None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_tier_fused_gather_equals_the_generic_path(dtype: torch.dtype) -> None:
+    """The memory tier's one-call gather (dense rows, any ids) gives the generic path's rows bit for bit, its
+    counters and its out-of-range message; packed records and the split fp8 form keep the generic path."""
+    w = _weights().to(dtype)
+    fused, generic = MemoryTable(w, FP), _GenericMemory(w, FP)
+    rng = np.random.default_rng(0)
+    for shape in [(8, 1, 8), (2, 40, 6), (1,), (3, 0)]:
+        ids = torch.from_numpy(rng.zipf(1.3, shape) % ROWS)
+        for out in (None, torch.empty(*shape, w.shape[1], dtype=dtype)):
+            got = fused.gather(ids, out=out)
+            assert got.dtype == (dtype if out is not None else torch.float32)
+            assert torch.equal(got, generic.gather(ids, out=None if out is None else out.clone()))
+            assert torch.equal(got, w[ids].to(got.dtype))
+    a, b = fused.stats.as_dict(), generic.stats.as_dict()
+    for field in ("requests", "rows_total", "rows_unique", "bytes_read", "bytes_used"):
+        assert a[field] == b[field], field
+    bad = torch.tensor([[5, ROWS, 7]])
+    messages = []
+    for t in (fused, generic):
+        with pytest.raises(IndexError, match=rf"min 5, max {ROWS}") as exc:
+            t.gather(bad, out=torch.empty(1, 3, w.shape[1], dtype=dtype))
+        messages.append(str(exc.value))
+    assert messages[0] == messages[1]
+    packed = _reference("bf16")  # uint8 records with a row format: decoded by the generic path
+    assert packed._gather_bytes(np.array([1, 2], np.int64), np.empty((2, 128), np.uint8), torch.bfloat16) is None
