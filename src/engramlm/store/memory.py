@@ -1,4 +1,5 @@
-"""In-memory tier: the table is a resident tensor, gathered with ``index_select``.
+"""In-memory tier: the table is a resident tensor; dense rows are gathered by one compiled call, the rest with
+``index_select``.
 
 Also the reference every other tier is tested against. It holds decoded float rows, packed
 byte records, or the V4.1 checkpoint's split fp8 form mapped in place (decoded per gather).
