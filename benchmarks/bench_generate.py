@@ -375,7 +375,7 @@ def main() -> None:
     call_secs: dict[str, list[float]] = {n: [] for n in names}  # whole generate call (prefill + decode), wall
     runnable: dict[str, list[float]] = {n: [] for n in names}  # of it: the decode thread waiting for a CPU
     rep_wait: dict[str, list[float]] = {n: [] for n in names}  # per repeat: the forward blocked on rows
-    read_bytes: dict[str, int] = {n: 0 for n in names}  # bytes the tier read from its file, timed calls
+    read_bytes: dict[str, int] = {n: 0 for n in names}  # bytes each tier read (SSD: its file), timed calls
 
     def tier_bytes(n: str) -> int:  # a cache's inner tier counts the file's bytes; tables may be shared
         return sum(getattr(t, "inner", t).stats.bytes_read for t in engines[n].tables.values())
@@ -436,7 +436,7 @@ def main() -> None:
             "same_tokens_as_model": same[n],
         }
         r["overhead_pct_median"] = 100 * (r["time_ratio_vs_model"]["median"] - 1)
-        # What the cache saves: bytes read from the file per generated token (prefill reads included).
+        # What the cache saves: bytes the tier read per generated token (prefill reads included).
         r["read_bytes_per_token"] = read_bytes[n] / (args.repeats * args.batch * args.steps)
         # Decode time lost per step that is NOT blocking on rows (GIL handoffs, the worker's CPU), paired per repeat.
         lost = [(a - b - w) / args.steps for a, b, w in zip(secs[n], secs["model"], rep_wait[n], strict=True)]
