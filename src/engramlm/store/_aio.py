@@ -550,11 +550,8 @@ def _kernels() -> tuple:
             syscall(sys_futex, ctl_addr + 4, f_wake, 1, 0, 0)
 
     @nb.njit(nogil=True)
-    def post(ctl, jobs_ids, jobs_n, done, k, ids):
-        """Write job ``k`` (``ids``; an empty array with ``n = -1`` stops the loop), publish it, wake the thread."""
-        n = ids.size
-        for i in range(n):
-            jobs_ids[k, i] = ids[i]
+    def publish(ctl, jobs_n, done, k, n):
+        """Job ``k`` of ``n`` ids (already in the ring; ``n = -1`` stops the loop) made visible: the thread woken."""
         jobs_n[k] = n
         done[k] = 0
         barrier()
@@ -564,14 +561,16 @@ def _kernels() -> tuple:
         return 0
 
     @nb.njit(nogil=True)
+    def post(ctl, jobs_ids, jobs_n, done, k, ids):
+        """Write job ``k`` (``ids``) into the ring and publish it."""
+        for i in range(ids.size):
+            jobs_ids[k, i] = ids[i]
+        return publish(ctl, jobs_n, done, k, ids.size)
+
+    @nb.njit(nogil=True)
     def post_stop(ctl, jobs_n, done, k):
-        jobs_n[k] = -1
-        done[k] = 0
-        barrier()
-        ctl[0] = np.int32(ctl[0] + 1)
-        barrier()
-        syscall(sys_futex, ctl.ctypes.data, f_wake, 1, 0, 0)
-        return 0
+        """Publish job ``k`` as the stop job."""
+        return publish(ctl, jobs_n, done, k, -1)
 
     @nb.njit(nogil=True)
     def wait_done(done, k):
@@ -841,6 +840,24 @@ class IoThread:
     def release(self, k: int) -> None:
         with self._lock:
             self._busy[k] = False
+
+    def collect(self, k: int, out: np.ndarray) -> tuple[int, ...]:
+        """:meth:`wait` for job ``k``, its rows copied into ``out`` (bytes [n, row_bytes]) when its status is 0
+        with no bad page, then :meth:`release`; returns the status."""
+        try:
+            rows, status = self.wait(k)
+            if status[0] == 0 and not status[2]:
+                np.copyto(out, rows)
+        finally:
+            self.release(k)
+        return status
+
+    def discard(self, k: int) -> None:
+        """Let job ``k`` finish unread (its ring slot must not be reused while the thread writes it), release it."""
+        try:
+            self.wait(k)
+        finally:
+            self.release(k)
 
     def settle_all(self) -> None:
         """Block (off the GIL) until every job posted so far has settled. Call it holding whatever lock the callers

@@ -746,14 +746,9 @@ class _CachedIoPending(PendingGather):
         self._cache, self._io, self._k, self._out_bytes = cache, io, k, out
 
     def _finish(self) -> int:
-        c, io = self._cache, self._io
+        c = self._cache
         inner: Any = c.inner
-        try:
-            rows, (st, pages, bad, first, nu, n_miss, lo, hi) = io.wait(self._k)
-            if st == 0 and not bad:
-                np.copyto(self._out_bytes, rows)
-        finally:
-            io.release(self._k)
+        st, pages, bad, first, nu, n_miss, lo, hi = self._io.collect(self._k, self._out_bytes)
         if st == -2:
             raise c._out_of_range(lo, hi)
         if st or bad:
@@ -763,7 +758,4 @@ class _CachedIoPending(PendingGather):
         return nu
 
     def _reap(self) -> None:
-        try:
-            self._io.wait(self._k)
-        finally:
-            self._io.release(self._k)
+        self._io.discard(self._k)

@@ -443,12 +443,7 @@ class _ThreadPending(PendingGather):
     def _finish(self) -> int:
         t, io = self._tbl, self._io
         assert io is not None
-        try:
-            rows, (st, pages, bad, first, nu, lo, hi, _) = io.wait(self._k)
-            if st == 0 and not bad:
-                np.copyto(self._out_bytes, rows)
-        finally:
-            io.release(self._k)
+        st, pages, bad, first, nu, lo, hi, _ = io.collect(self._k, self._out_bytes)
         if st == -2:
             raise t._out_of_range(lo, hi)
         if st or bad:
@@ -458,5 +453,4 @@ class _ThreadPending(PendingGather):
 
     def _reap(self) -> None:
         assert self._io is not None
-        self._io.wait(self._k)
-        self._io.release(self._k)
+        self._io.discard(self._k)
