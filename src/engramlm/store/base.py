@@ -21,6 +21,13 @@ import torch
 from engramlm.store._dedup import unique_inverse
 from engramlm.store.formats import RowFormat, get_format
 
+INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> the same-size integer dtype
+
+
+def int_view(t: torch.Tensor) -> np.ndarray:
+    """A same-size integer NumPy view of a contiguous tensor: the kernels copy rows bit for bit (bf16 too)."""
+    return t.view(INT_VIEWS[t.element_size()]).numpy()
+
 
 @dataclass
 class StoreStats:

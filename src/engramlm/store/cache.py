@@ -34,7 +34,7 @@ import torch
 from engramlm.errors import ConfigError
 from engramlm.store import _aio
 from engramlm.store._dedup import unique_inverse_kernel
-from engramlm.store.base import PendingGather, RowTable
+from engramlm.store.base import INT_VIEWS, PendingGather, RowTable, int_view
 
 POLICIES = ("lfu", "lru", "static")
 _SKETCH_DEPTH = 4
@@ -252,7 +252,6 @@ def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # 
         out[i, :] = rows[inverse[i], :]
 
 
-_BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 PAGE = 4096
 _FUSED_MAX_IDS = 1024  # as the direct tier's FUSED_MAX_IDS: a prefill gathers synchronously
 
@@ -410,11 +409,6 @@ def _aio_max_pages(n_ids: int, row_bytes: int) -> int:  # pragma: no cover - com
     return n_ids * ((row_bytes + PAGE - 1) // PAGE + 1)
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """A same-size integer NumPy view of a contiguous tensor: the kernels copy rows bit for bit (bf16 too)."""
-    return t.view(_BITS_VIEW[t.element_size()]).numpy()
-
-
 class CachedTable(RowTable):
     """``inner`` behind a fixed-budget cache of decoded rows (capacity = budget // row size)."""
 
@@ -434,7 +428,7 @@ class CachedTable(RowTable):
         if policy not in POLICIES:
             raise ConfigError(f"cache policy must be one of {POLICIES}, got {policy!r}")
         elem = torch.empty(0, dtype=dtype).element_size()
-        if elem not in _BITS_VIEW:
+        if elem not in INT_VIEWS:
             raise ConfigError(f"cache dtype must be 2, 4 or 8 bytes wide, got {dtype}")
         self.inner = inner
         self.policy = policy
@@ -442,7 +436,7 @@ class CachedTable(RowTable):
         self.dtype = dtype
         self.capacity = max(0, int(budget_bytes) // (inner.dim * elem))
         self._slots = torch.empty(self.capacity, inner.dim, dtype=dtype)
-        self._slots_np = _bits(self._slots)
+        self._slots_np = int_view(self._slots)
         self._slot_of = np.full(self.num_rows if self.capacity else 0, -1, dtype=np.int32)  # id -> slot
         self._slot_id = np.full(self.capacity, -1, dtype=np.int64)  # slot -> id
         self._score = np.zeros(self.capacity, dtype=np.int64)  # LFU estimate or LRU tick
@@ -514,7 +508,7 @@ class CachedTable(RowTable):
             return self.inner.fetch_sorted_unique(ids)
         idx = ids.numpy()
         out = torch.empty(idx.size, self.dim, dtype=self.dtype)
-        out_bits = _bits(out)
+        out_bits = int_view(out)
         with self._exclusive():
             self._tick += 1
             pos, miss_ids, self._sk_added = _probe(
@@ -527,7 +521,7 @@ class CachedTable(RowTable):
                 rows = rows.to(self.dtype).contiguous()
             with self._exclusive():  # misses copied into out and admitted in one nogil call
                 self._used = _admit(
-                    miss_ids, _bits(rows), out_bits, pos, self._slot_of, self._slot_id, self._score,
+                    miss_ids, int_view(rows), out_bits, pos, self._slot_of, self._slot_id, self._score,
                     self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
                 )  # fmt: skip
         self.stats.add(hits=int(idx.size - pos.size), misses=int(pos.size))
@@ -573,7 +567,7 @@ class CachedTable(RowTable):
                 miss.copy_(got)  # a decoding tier: its float rows into the cache's dtype
             with self._exclusive():  # misses copied into rows and admitted in one nogil call
                 self._used = _admit(
-                    miss_ids, _bits(miss), rows, pos, self._slot_of, self._slot_id, self._score,
+                    miss_ids, int_view(miss), rows, pos, self._slot_of, self._slot_id, self._score,
                     self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
                 )  # fmt: skip
         _expand(rows, inverse, out_bits)
@@ -664,7 +658,7 @@ class CachedTable(RowTable):
                     )
                 none = np.empty(0, np.int64)  # no output to fill
                 self._used = _admit(
-                    miss_ids, _bits(rows), self._slots_np, none, self._slot_of, self._slot_id, self._score,
+                    miss_ids, int_view(rows), self._slots_np, none, self._slot_of, self._slot_id, self._score,
                     self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
                 )  # fmt: skip
 

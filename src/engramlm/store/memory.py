@@ -12,11 +12,10 @@ import numpy as np
 import torch
 
 from engramlm.store._dedup import unique_inverse_kernel
-from engramlm.store.base import RowTable, TableHeader
+from engramlm.store.base import RowTable, TableHeader, int_view
 from engramlm.store.formats import BF16, FP8, FP32, RowFormat, decode_split, get_format
 
 _DENSE_FORMATS = {torch.float32: FP32, torch.bfloat16: BF16}
-_BITS = {torch.float32: (torch.int32, np.int32), torch.bfloat16: (torch.int16, np.int16)}  # same-size int views
 
 
 @nb.njit(cache=True)
@@ -81,12 +80,12 @@ class MemoryTable(RowTable):
         """Dense rows of ``dtype`` (float32 / bf16) in one compiled call: the dedupe (for the counters and the range
         check) and the row copies, no torch op (the generic path's three index ops cost ~100 µs a decode gather)."""
         w = self._weights
-        if self._scale is not None or w.dtype != dtype or dtype not in _BITS or not w.is_contiguous():
+        if self._scale is not None or w.dtype != dtype or dtype not in _DENSE_FORMATS or not w.is_contiguous():
             return None
         if type(self)._fetch_unique is not MemoryTable._fetch_unique:  # a subclass reads its own way
             return None
-        as_torch, as_np = _BITS[dtype]
-        n_unique, lo, hi = _gather_rows(flat, w.view(as_torch).numpy(), out.view(as_np))
+        rows = int_view(w)
+        n_unique, lo, hi = _gather_rows(flat, rows, out.view(rows.dtype))
         if lo < 0 or hi >= self.num_rows:
             raise self._out_of_range(int(lo), int(hi))
         self.stats.add(bytes_read=n_unique * self.row_bytes)
