@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -209,15 +209,26 @@ def set_transport_nice(client: Any, nice: int) -> int:
     ``CAP_SYS_NICE``.
     """
     _, tids = _TRANSPORT_THREADS.get(id(client), (None, []))
+    return _each_thread(
+        tids,
+        lambda tid: os.setpriority(os.PRIO_PROCESS, tid, int(nice)),
+        PermissionError,
+        f"cannot set the Mooncake client's threads to nice {nice}",
+    )
+
+
+def _each_thread(tids: Iterable[int], apply: Callable[[int], object], errors: type[OSError], failure: str) -> int:
+    """``apply(tid)`` to each thread, skipping threads that have exited; ``errors`` become one EngramError
+    (``failure: why``). Returns how many threads it was applied to."""
     done = 0
     for tid in tids:
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, int(nice))
+            apply(tid)
             done += 1
         except ProcessLookupError:
             continue  # a thread that has exited
-        except PermissionError as exc:
-            raise EngramError(f"cannot set the Mooncake client's threads to nice {nice}: {exc}") from None
+        except errors as exc:
+            raise EngramError(f"{failure}: {exc}") from None
     return done
 
 
@@ -242,16 +253,12 @@ def set_transport_affinity(client: Any, cpus: Iterable[int] | None, extra_thread
     # outside the cpuset
     if not allowed:
         raise ConfigError("transport cpus: need at least one CPU")
-    done = 0
-    for tid in [*tids, *extra_threads]:
-        try:
-            os.sched_setaffinity(tid, allowed)
-            done += 1
-        except ProcessLookupError:
-            continue  # a thread that has exited
-        except OSError as exc:
-            raise EngramError(f"cannot pin the Mooncake client's threads to CPUs {sorted(allowed)}: {exc}") from None
-    return done
+    return _each_thread(
+        [*tids, *extra_threads],
+        lambda tid: os.sched_setaffinity(tid, allowed),
+        OSError,
+        f"cannot pin the Mooncake client's threads to CPUs {sorted(allowed)}",
+    )
 
 
 def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 << 20, *, transport_nice: int = 0) -> Any:
