@@ -82,10 +82,10 @@ def _version_key(params: list[torch.Tensor]) -> tuple:
     try:  # (torch.Size compares as a tuple; this runs ~50 times per decode step, so no per-tensor try)
         return tuple((p._version, p.dtype, p.shape) for p in params)
     except RuntimeError:  # an inference tensor has no version counter: its pointer must do
-        return tuple((_version_or_none(p), p.dtype, p.shape) for p in params)
+        return tuple((_version_or_minus_one(p), p.dtype, p.shape) for p in params)
 
 
-def _version_or_none(p: torch.Tensor) -> int:
+def _version_or_minus_one(p: torch.Tensor) -> int:
     try:
         return p._version
     except RuntimeError:

@@ -126,7 +126,7 @@ def _orthogonalize_into(x: torch.Tensor, out: torch.Tensor, coeffs: Coeffs, dtyp
     """``out`` [K, m, n] fp32 <- the orthogonalised ``x`` [K, m, n], in cache-sized chunks on a CPU."""
     per = _chunk(x.shape[-2], x.shape[-1], x.device, dtype)
     for src, dst in zip(x.split(per), out.split(per), strict=True):
-        _newton_schulz(src, coeffs, dtype, dst)
+        _iterate(src, coeffs, dtype, dst)
 
 
 def _chunk(rows: int, cols: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -153,21 +153,12 @@ def _iterate(g: torch.Tensor, coeffs: Coeffs, dtype: torch.dtype, out: torch.Ten
         xx = torch.bmm(x, x.mT)
         poly = torch.baddbmm(xx, xx, xx, beta=b, alpha=c)  # b XX^T + c (XX^T)^2
         if i == last and out is not None and dtype == torch.float32 and out.is_contiguous():
-            torch.baddbmm(x, poly, x, beta=a, out=out)  # the last product lands in place
-            x = out
-            break
+            x = torch.baddbmm(x, poly, x, beta=a, out=out)  # the last product lands in place
+            return x.mT if transposed else x
         x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly X
-    else:
-        if out is not None:
-            out.copy_(x)
     if out is not None:
-        x = out
+        x = out.copy_(x)
     return x.mT if transposed else x
-
-
-def _newton_schulz(g: torch.Tensor, coeffs: Coeffs, dtype: torch.dtype, out: torch.Tensor) -> None:
-    """The iteration on ``g`` [k, m, n], its result written to ``out`` (fp32, same shape)."""
-    _iterate(g, coeffs, dtype, out)
 
 
 def _pieces(sizes: Sequence[int], per: int) -> Iterator[list[tuple[int, int, int]]]:
