@@ -14,6 +14,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -79,6 +80,22 @@ THREAD_ENV_VARS = (
     "NUMBA_NUM_THREADS",
     "NUMBA_THREADING_LAYER",
 )
+
+
+def sched_seconds(tid: int | None = None) -> tuple[float, float]:
+    """(on-CPU, runnable-but-waiting) seconds of thread ``tid`` (native id; default the calling thread), from
+    Linux's schedstat; (0, 0) elsewhere.
+
+    On a shared machine a thread spends part of a call waiting for a CPU that other processes hold; that time
+    says nothing about the code timed. Blocking on the GIL or on I/O is sleeping, not waiting to run, so it
+    stays in ``wall - runnable``: the call time with the neighbours' share removed.
+    """
+    try:
+        with open(f"/proc/self/task/{tid or threading.get_native_id()}/schedstat", encoding="ascii") as f:
+            cpu_ns, wait_ns, _ = f.read().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
 
 
 def machine_info() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._common import stats, write_result
+from benchmarks._common import sched_seconds, stats, write_result
 from engramlm.store.base import RowTable
 from engramlm.store.cache import CachedTable
 from engramlm.store.direct import DirectFileTable
@@ -40,8 +40,7 @@ def io_thread_seconds(table: RowTable) -> float | None:
     thread = getattr(io, "_thread", None)
     if thread is None or thread.native_id is None:
         return None
-    with open(f"/proc/self/task/{thread.native_id}/schedstat", encoding="ascii") as f:
-        return int(f.read().split()[0]) / 1e9
+    return sched_seconds(thread.native_id)[0]
 
 
 def measure(tables: dict[str, RowTable], ids: list[torch.Tensor], warm: int, pause_s: float) -> dict[str, Any]:

@@ -57,14 +57,13 @@ import contextlib
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks._common import paired_ratios, stats, write_result
+from benchmarks._common import paired_ratios, sched_seconds, stats, write_result
 from engramlm.data.corpora import SourceSpec, load_corpus
 from engramlm.data.tokenizer import BOS_ID, train_tokenizer
 from engramlm.hashing.compression import CompressionMap
@@ -83,21 +82,6 @@ from engramlm.store.mooncake import (
     set_transport_nice,
 )
 from engramlm.store.tiers import Tier
-
-
-def sched_seconds() -> tuple[float, float]:
-    """(on-CPU, runnable-but-waiting) seconds of the calling thread, from Linux's schedstat; (0, 0) elsewhere.
-
-    On a shared machine the decode thread spends much of a call waiting for a CPU that other processes
-    hold; that time says nothing about the tier. Blocking on the GIL or on rows is sleeping, not waiting
-    to run, so it stays in ``wall - runnable``: the call time with the neighbours' share removed.
-    """
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", encoding="ascii") as f:
-            cpu_ns, wait_ns, _ = f.read().split()
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
 
 
 def pin_threads(engine: Engine, client: Any, split: tuple[set[int], set[int]] | None) -> None:

@@ -32,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, command_line, paired_ratios, save_png, stats, write_result
+from benchmarks._common import (
+    RESULTS_DIR,
+    command_line,
+    paired_ratios,
+    save_png,
+    sched_seconds,
+    stats,
+    write_result,
+)
 
 PAGE = 4096
 STATED_OVERHEAD = 64 << 20  # see large_run: per-step I/O buffers, not a function of the table's size (at least)
@@ -119,16 +127,6 @@ def _table_file_bytes(trainer: Any) -> int:
 
 
 # ---------------------------------------------------------------------------- step time curve
-
-
-def sched_seconds() -> tuple[float, float]:
-    """(on-CPU, runnable-but-waiting) seconds of the calling thread (Linux schedstat; (0, 0) elsewhere)."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", encoding="ascii") as f:
-            cpu_ns, wait_ns, _ = f.read().split()
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
 
 
 def step_time_curve(
