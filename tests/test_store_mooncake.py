@@ -196,7 +196,7 @@ def test_transport_threads_can_be_reniced(tmp_path: Path) -> None:
     with local_master(tmp_path / "master.log", timeout=15.0) as master:
         client = connect(master, 16 << 20, 4 << 20, transport_nice=lower)
         try:
-            _, tids = mc._TRANSPORT_THREADS[id(client)]
+            tids = mc.transport_threads(client)
             assert tids and threading_ids_disjoint(tids)
             assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {lower}
             assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller is untouched
@@ -262,9 +262,40 @@ def test_plan_ranges_matches_a_numpy_plan() -> None:
         assert np.array_equal(cut, np.searchsorted(head, np.arange(sizes.size + 1)))
 
 
+def test_transport_threads_skip_exited_and_reused_ids() -> None:
+    """A recorded setup thread counts only while the thread with its id is the one recorded (same start
+    time): an id that no thread has now, or that a later thread reuses, is never reniced or pinned."""
+    from engramlm.store import mooncake as mc
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("thread ids come from /proc (Linux)")
+    me = threading.get_native_id()
+    start = mc._thread_starts()[me]
+    client = object()
+    mc._TRANSPORT_THREADS[id(client)] = (client, {me: start, me + 1_000_000: start})
+    try:
+        assert mc.transport_threads(client) == [me]
+        mc._TRANSPORT_THREADS[id(client)] = (client, {me: start - 1})  # as if a thread with this id had exited
+        assert mc.transport_threads(client) == []
+        assert mc.set_transport_affinity(client, None) == 0
+    finally:
+        mc._TRANSPORT_THREADS.pop(id(client))
+
+
+def _cpus_of(tids: list[int]) -> list[set[int]]:
+    """The CPU sets of those of ``tids`` still running (a setup thread may exit at any time)."""
+    out = []
+    for tid in tids:
+        try:
+            out.append(os.sched_getaffinity(tid))
+        except ProcessLookupError:
+            continue
+    return out
+
+
 def test_transport_threads_can_be_pinned(mooncake_client: Any) -> None:
-    """set_transport_affinity pins the client's setup threads and the given extra threads (a prefetch
-    worker), never the caller; None allows every CPU again."""
+    """set_transport_affinity pins the client's setup threads that still run and the given extra threads (a
+    prefetch worker), never the caller; None allows every CPU again."""
     from engramlm.store import mooncake as mc
     from engramlm.store.prefetch import Prefetcher
 
@@ -272,15 +303,18 @@ def test_transport_threads_can_be_pinned(mooncake_client: Any) -> None:
         pytest.skip("thread affinity is Linux-only")
     every = set(range(os.cpu_count() or 1)) & os.sched_getaffinity(0)
     one = {max(every)}
-    _, tids = mc._TRANSPORT_THREADS[id(mooncake_client)]
+    tids = mc.transport_threads(mooncake_client)
+    assert tids and threading_ids_disjoint(tids)
     with Prefetcher({1: MemoryTable(torch.zeros(4, 2), FP)}, workers=1) as pf:
         (worker,) = pf.thread_ids
         try:
-            assert mc.set_transport_affinity(mooncake_client, one, [worker]) == len(tids) + 1
-            assert all(os.sched_getaffinity(t) == one for t in [*tids, worker])
-            assert os.sched_getaffinity(0) == every  # the caller is untouched
+            pinned = mc.set_transport_affinity(mooncake_client, one, [worker])
+            assert len(mc.transport_threads(mooncake_client)) + 1 <= pinned <= len(tids) + 1
+            assert all(cpus == one for cpus in _cpus_of([*tids, worker]))
+            assert os.sched_getaffinity(worker) == one and os.sched_getaffinity(0) == every  # not the caller
         finally:
-            assert mc.set_transport_affinity(mooncake_client, None, [worker]) == len(tids) + 1
-        assert all(os.sched_getaffinity(t) == every for t in [*tids, worker])
+            mc.set_transport_affinity(mooncake_client, None, [worker])
+        assert all(cpus == every for cpus in _cpus_of([*tids, worker]))
+        assert os.sched_getaffinity(worker) == every
     with pytest.raises(ConfigError, match="at least one CPU"):
         mc.set_transport_affinity(mooncake_client, [])

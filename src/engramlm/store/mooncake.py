@@ -188,14 +188,33 @@ def _client_log() -> Iterator[IO[bytes] | None]:
             os.close(saved)
 
 
-_TRANSPORT_THREADS: dict[int, tuple[Any, list[int]]] = {}
+_TRANSPORT_THREADS: dict[int, tuple[Any, dict[int, int]]] = {}  # id(client) -> (client, {tid: start time})
 
 
-def _thread_ids() -> set[int]:
+def _thread_starts() -> dict[int, int]:
+    """This process's threads: native id -> start time (clock ticks since boot), which tells a thread apart
+    from a later one that reuses its id. Empty where there is no /proc (not Linux)."""
+    starts = {}
     try:
-        return {int(t) for t in os.listdir("/proc/self/task")}
-    except OSError:  # not Linux
-        return set()
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return starts
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                starts[int(tid)] = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22: starttime
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return starts
+
+
+def transport_threads(client: Any) -> list[int]:
+    """Native ids of the threads ``client`` started at setup that still run. Some exit soon after setup
+    (seen on CI: 1 of 26), and their ids may be reused by unrelated threads, which must not be reniced or
+    pinned, so each is matched by its start time as well as its id."""
+    _, started = _TRANSPORT_THREADS.get(id(client), (None, {}))
+    now = _thread_starts()
+    return sorted(tid for tid, start in started.items() if now.get(tid) == start)
 
 
 def set_transport_nice(client: Any, nice: int) -> int:
@@ -208,9 +227,8 @@ def set_transport_nice(client: Any, nice: int) -> int:
     wait 1.1% -> 5.0% of decode at nice 10), so ``connect`` leaves it at 0. Lowering it again needs
     ``CAP_SYS_NICE``.
     """
-    _, tids = _TRANSPORT_THREADS.get(id(client), (None, []))
     return _each_thread(
-        tids,
+        transport_threads(client),
         lambda tid: os.setpriority(os.PRIO_PROCESS, tid, int(nice)),
         PermissionError,
         f"cannot set the Mooncake client's threads to nice {nice}",
@@ -248,13 +266,12 @@ def set_transport_affinity(client: Any, cpus: Iterable[int] | None, extra_thread
     """
     if not hasattr(os, "sched_setaffinity"):
         return 0
-    _, tids = _TRANSPORT_THREADS.get(id(client), (None, []))
     allowed = set(range(os.cpu_count() or 1)) if cpus is None else {int(c) for c in cpus}  # the kernel drops CPUs
     # outside the cpuset
     if not allowed:
         raise ConfigError("transport cpus: need at least one CPU")
     return _each_thread(
-        [*tids, *extra_threads],
+        [*transport_threads(client), *extra_threads],
         lambda tid: os.sched_setaffinity(tid, allowed),
         OSError,
         f"cannot pin the Mooncake client's threads to CPUs {sorted(allowed)}",
@@ -273,9 +290,10 @@ def connect(master: MasterAddress, segment_bytes: int, buffer_bytes: int = 64 <<
 
     with _client_log() as log:
         client = MooncakeDistributedStore()
-        before = _thread_ids()
+        before = _thread_starts()
         rc = client.setup("127.0.0.1", master.metadata, int(segment_bytes), int(buffer_bytes), "tcp", "", master.rpc)
-        _TRANSPORT_THREADS[id(client)] = (client, sorted(_thread_ids() - before))
+        after = _thread_starts()
+        _TRANSPORT_THREADS[id(client)] = (client, {t: s for t, s in after.items() if before.get(t) != s})
         said = ""
         if rc != 0 and log is not None:
             log.seek(0)
