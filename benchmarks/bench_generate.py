@@ -25,6 +25,9 @@ of every Engram layer's rows before the forward) with the rows served by
                   ``mooncake``'s, default 1, so layer 1's read has the client to itself);
 * ``mooncake_niceN`` ``mooncake`` with the client's transport threads at niceness N during its calls
                   (``--mooncake-nice``), so they stop preempting the decode thread;
+* ``ssd_cN_pinned`` ``ssd_cN`` on tables of its own, its Engine opened with ``decode_cpus`` (all CPUs but the last)
+                  and ``io_cpus`` (the last): the decode thread and the I/O threads never share a core (``--pin``),
+                  paired with ``model_pinned``;
 * ``mooncake_pinned`` ``mooncake`` with the client's threads and its prefetch thread pinned to the last CPU
                   and the decode thread to the others for its calls (``--mooncake-pin``), paired with
                   ``model_pinned`` (the decode thread pinned alike, tables in the model);
@@ -222,6 +225,13 @@ def main() -> None:
         default=[],
         help="also time the batch reads behind an LFU cache of these %% of the table bytes",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="also time `ssd_cN_pinned` (each cache size on tables of its own, opened by an Engine with the decode "
+        "thread on all CPUs but the last, `decode_cpus`, and the I/O threads on the last, `io_cpus`) and "
+        "`model_pinned` (the decode thread pinned alike)",
+    )
     ap.add_argument("--no-threads-engine", action="store_true", help="skip the ssd_threads contender")
     ap.add_argument("--workdir", default=None, help="where the store file goes (must not be tmpfs for O_DIRECT)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny tables, 1 repeat")
@@ -270,14 +280,19 @@ def main() -> None:
     engines["memory"] = Engine(model, mem, workers=args.workers)
     for nw in args.pool_workers:
         engines["memory" + suffix(nw)] = Engine(model, mem, workers=nw)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pin_split = (set(cpus[:-1]), {cpus[-1]}) if len(cpus) > 1 else None  # (decode cpus, helper cpus)
+    pin = args.pin and pin_split is not None
     for pct in args.cache_pcts:
         budget = int(table_bytes * pct / 100)
-        tables = open_tables(store, Tier.DIRECT, cache_bytes=budget, fingerprint=fp)
-        opened.append(tables)
         name = f"ssd_c{pct:g}"
-        if budget:
-            caches[name] = tables  # type: ignore[assignment]
-        engines[name] = Engine(model, tables, workers=args.workers)
+        for variant in ("", "_pinned") if pin else ("",):
+            tables = open_tables(store, Tier.DIRECT, cache_bytes=budget, fingerprint=fp)
+            opened.append(tables)
+            if budget:
+                caches[name + variant] = tables  # type: ignore[assignment]
+            cpu_sets = {"decode_cpus": pin_split[0], "io_cpus": pin_split[1]} if variant and pin_split else {}
+            engines[name + variant] = Engine(model, tables, workers=args.workers, **cpu_sets)
         if pct == 0:  # the same tables through a worker pool / inline: the prefetch path's own cost, paired
             for nw in args.pool_workers:
                 engines[name + suffix(nw)] = Engine(model, tables, workers=nw)
@@ -301,15 +316,12 @@ def main() -> None:
     mooncake_ctx = contextlib.ExitStack()
     mooncake_info: dict[str, Any] = {"ran": False}
     renice: dict[str, tuple[Any, int]] = {}
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    pin_split = (set(cpus[:-1]), {cpus[-1]}) if len(cpus) > 1 else None  # (decode cpus, helper cpus)
     pinned: dict[str, Any] = {}  # contender -> its Mooncake client (None: only the decode thread is pinned)
     legacy: set[str] = set()  # contenders timed with MC_TCP_PROTO=1
     if args.mooncake_legacy_framing:  # present before the client starts, so flipping it replaces a value in place
         os.environ.setdefault("MC_TCP_PROTO", "2")  # (glibc's setenv: no environ realloc under a reading thread)
-    if args.mooncake_pin and pin_split is not None and not args.no_mooncake:
-        engines["model_pinned"] = Engine(model)
-        pinned["model_pinned"] = None
+    if pin_split is not None and (pin or (args.mooncake_pin and not args.no_mooncake)):
+        engines["model_pinned"] = Engine(model, decode_cpus=pin_split[0])
     if not args.no_mooncake:
         try:
             master = mooncake_ctx.enter_context(local_master(tmp / "mooncake_master.log"))
@@ -326,7 +338,7 @@ def main() -> None:
             if args.mooncake_legacy_framing:  # the same tables, the legacy framing for its calls
                 engines["mooncake_legacy"] = Engine(model, tables, workers=args.mooncake_workers[0])
                 legacy.add("mooncake_legacy")
-            if "model_pinned" in pinned:  # the same tables, the threads pinned for its calls
+            if args.mooncake_pin and pin_split is not None:  # the same tables, the threads pinned for its calls
                 engines["mooncake_pinned"] = Engine(model, tables, workers=args.mooncake_workers[0])
                 pinned["mooncake_pinned"] = client
             for nv in args.mooncake_nice:  # the same engine; its calls run with the transport threads reniced
@@ -358,6 +370,7 @@ def main() -> None:
     outputs: dict[str, list] = {n: [] for n in names}
     call_secs: dict[str, list[float]] = {n: [] for n in names}  # whole generate call (prefill + decode), wall
     runnable: dict[str, list[float]] = {n: [] for n in names}  # of it: the decode thread waiting for a CPU
+    on_cpu: dict[str, list[float]] = {n: [] for n in names}  # of it: the decode thread running
     rep_wait: dict[str, list[float]] = {n: [] for n in names}  # per repeat: the forward blocked on rows
     read_bytes: dict[str, int] = {n: 0 for n in names}  # bytes each tier read (SSD: its file), timed calls
 
@@ -373,7 +386,7 @@ def main() -> None:
             for n in names[shift:] + names[:shift]:
                 prompts, force = work[c]
                 b0 = tier_bytes(n)
-                w0, (_, q0) = time.perf_counter(), sched_seconds()
+                w0, (u0, q0) = time.perf_counter(), sched_seconds()
                 if n in renice:
                     set_transport_nice(*renice[n])
                 if n in pinned:
@@ -390,7 +403,7 @@ def main() -> None:
                         pin_threads(engines[n], pinned[n], None)
                     if n in legacy and framing is not None:
                         os.environ["MC_TCP_PROTO"] = framing
-                wall, (_, q1) = time.perf_counter() - w0, sched_seconds()
+                wall, (u1, q1) = time.perf_counter() - w0, sched_seconds()
                 outputs[n].append(gen.tokens)
                 if c == 0:
                     continue  # warm-up: threads start, lazily built tables and buffers appear
@@ -398,6 +411,7 @@ def main() -> None:
                 read_bytes[n] += tier_bytes(n) - b0
                 call_secs[n].append(wall)
                 runnable[n].append(q1 - q0)
+                on_cpu[n].append(u1 - u0)
                 toks[n].append(gen.stats.tokens_per_second)
                 for k, v in gen.stats.wait_seconds.items():
                     waits[n][str(k)] = waits[n].get(str(k), 0.0) + v
@@ -431,6 +445,14 @@ def main() -> None:
         r["runnable_wait_pct_of_call"] = 100 * sum(runnable[n]) / max(sum(call_secs[n]), 1e-12)
         r["load_corrected_time_ratio_vs_model"] = stats(paired_ratios(corrected, base))
         r["load_corrected_overhead_pct_median"] = 100 * (r["load_corrected_time_ratio_vs_model"]["median"] - 1)
+        # Where the extra time goes: the decode thread's own CPU (Python, copies, cache misses) against ``model``,
+        # and its time off a CPU that is not waiting for one (blocked on rows, the GIL, a futex), per call.
+        r["decode_thread_cpu_overhead_pct_median"] = 100 * (
+            stats(paired_ratios(on_cpu[n], on_cpu["model"]))["median"] - 1
+        )
+        r["off_cpu_ms_per_call"] = stats(
+            [1e3 * (w - u - q) for w, u, q in zip(call_secs[n], on_cpu[n], runnable[n], strict=True)]
+        )
         # Time the forward sat blocked on rows, over the decode time: immune to the machine's noise.
         r["wait_pct_of_decode"] = 100 * sum(waits[n].values()) / max(sum(secs[n]), 1e-12)
         pf = engines[n].prefetcher
@@ -481,7 +503,7 @@ def main() -> None:
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "mooncake": mooncake_info,
         "pinned_cpus": {"decode": sorted(pin_split[0]), "helpers": sorted(pin_split[1])}
-        if pinned and pin_split else None,
+        if (pinned or pin) and pin_split else None,
         "workload": {"corpus": "stdlib (held-out val+test files)", "tokenizer": "BPE 8k trained on stdlib train",
                      "decode": "teacher-forced real text", "tokens_per_call": args.batch * args.steps,
                      "cache_warmup_tokens": warm_tokens},
@@ -499,7 +521,10 @@ def main() -> None:
             f"{n:<{width}}  {r['tokens_per_second']['median']:8.1f} tok/s  overhead {r['overhead_pct_median']:+6.1f}%"
             f"  (IQR {100 * (ratio['q1'] - 1):+.1f}..{100 * (ratio['q3'] - 1):+.1f}%)"
             f"  wait {r['wait_pct_of_decode']:.2f}%  load-corrected {r['load_corrected_overhead_pct_median']:+6.1f}%"
-            f"  lost/step {r['lost_ms_per_step_not_waiting']['median']:+.3f} ms  same={r['same_tokens_as_model']}{hit}"
+            f"  lost/step {r['lost_ms_per_step_not_waiting']['median']:+.3f} ms"
+            f"  thread CPU {r['decode_thread_cpu_overhead_pct_median']:+.1f}%"
+            f"  off-CPU {r['off_cpu_ms_per_call']['median']:.1f} ms"
+            f"  same={r['same_tokens_as_model']}{hit}"
         )
 
 

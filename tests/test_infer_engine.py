@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,36 @@ def test_sampling_stays_inside_the_tokenizer_vocabulary() -> None:
     assert max(max(t) for t in out) < V // 2 and sum(map(len, out)) == 48
     with pytest.raises(ConfigError, match=r"vocab_size: must lie in \[1, 64\]"):
         Engine(model, vocab_size=V + 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux-only")
+def test_decode_and_io_cpus_confine_their_threads(tmp_path: Path, reference: list[list[int]]) -> None:
+    """``decode_cpus`` holds the generating thread while it decodes (its own CPU set back after), ``io_cpus`` the
+    tables' I/O threads (a cache's and its direct tier's, started after the Engine was made); tokens unchanged."""
+    model = build()
+    export_model_tables(model, tmp_path / "store")
+    drop_model_tables(model)
+    mine = os.sched_getaffinity(0)
+    every = set(range(os.cpu_count() or 1)) & mine
+    decode, io = {min(every)}, {max(every)}
+    tables = open_tables(tmp_path / "store", "direct", cache_bytes=4096, fingerprint=model.layout.fingerprint)
+    seen: list[set[int]] = []
+    try:
+        with Engine(model, tables, io_cpus=io, decode_cpus=decode) as eng:
+            gen = eng.generate(PROMPTS, GREEDY, on_step=lambda _: seen.append(os.sched_getaffinity(0)))
+            assert gen.tokens == reference
+            assert seen and all(s == decode for s in seen) and os.sched_getaffinity(0) == mine
+            tids = [tid for t in tables.values() for tid in t.io_thread_ids]
+            if not tids and os.environ.get("CI"):  # CI runs on x86-64 Linux with AIO: the tables have I/O threads
+                pytest.fail("no I/O thread started")
+            assert all(os.sched_getaffinity(tid) == io for tid in tids)
+            for t in tables.values():
+                t.set_io_cpus(None)
+            assert all(os.sched_getaffinity(tid) == every for tid in tids)
+    finally:
+        for t in tables.values():
+            t.close()
+    with pytest.raises(ConfigError, match="decode_cpus"):
+        Engine(model, decode_cpus=[])
+    with pytest.raises(ConfigError, match=r"io_cpus: CPUs \[100000\] do not exist"):
+        Engine(model, io_cpus=[100_000])

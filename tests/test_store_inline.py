@@ -364,3 +364,35 @@ def test_io_thread_that_fails_fails_its_waiters_and_takes_no_more_jobs(direct_di
         stuck.result()
     assert torch.equal(direct.start_gather(ids).result(), _reference("fp32").gather(ids))
     direct.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux-only")
+def test_io_threads_follow_set_io_cpus_before_and_after_they_start(direct_dir: Path) -> None:  # noqa: F811
+    """``set_io_cpus`` pins a table's I/O threads whether they run already (the direct tier's) or start later (the
+    cache's, which passes the set to its tier too); None frees them; rows stay exact; a bad set is refused."""
+    from engramlm.errors import ConfigError
+
+    path = _store(direct_dir, "fp32")
+    ref = _reference("fp32")
+    every = set(range(os.cpu_count() or 1)) & os.sched_getaffinity(0)
+    one = {max(every)}
+    direct = DirectFileTable(path, FP)
+    cached = CachedTable(DirectFileTable(path, FP), 100 * 64 * 4)
+    _io_thread(direct)
+    rng = np.random.default_rng(4)
+    try:
+        ids = _decode_ids(rng)
+        assert torch.equal(direct.start_gather(ids).result(), ref.gather(ids))  # the thread starts unpinned
+        (tid,) = direct.io_thread_ids
+        direct.set_io_cpus(one)
+        cached.set_io_cpus(one)  # before its thread exists
+        assert os.sched_getaffinity(tid) == one and cached.inner.io_cpus == frozenset(one)
+        assert torch.equal(cached.start_gather(ids).result(), ref.gather(ids))
+        assert cached.io_thread_ids and all(os.sched_getaffinity(t) == one for t in cached.io_thread_ids)
+        direct.set_io_cpus(None)
+        assert os.sched_getaffinity(tid) == every
+        with pytest.raises(ConfigError, match="io_cpus: must name at least one CPU"):
+            direct.set_io_cpus([])
+    finally:
+        direct.close()
+        cached.close()

@@ -18,7 +18,7 @@ out of the KV cache, conv history and hasher state), so batched output equals on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ from engramlm.models.decode import DecodeCache
 from engramlm.models.model import EngramLM
 from engramlm.nn.packed import packed_inference
 from engramlm.store.base import RowTable
+from engramlm.utils import affinity
 
 
 @dataclass
@@ -99,6 +100,13 @@ class Engine:
 
     ``packed=True`` (default) runs the eager forwards' matmuls on prepacked oneDNN weights, q/k/v and
     gate/up fused (:mod:`engramlm.nn.packed`; CPU fp32 only, a second copy of the weights in memory).
+
+    ``io_cpus`` confines the threads that read rows (the tables' I/O threads, the prefetch workers) to those
+    CPUs, and ``decode_cpus`` the thread that runs :meth:`stream`/:meth:`generate` while it does (its own CPU
+    set is restored after); Linux only, default None (the scheduler's choice). Why: with few cores, a reader
+    woken beside the decode thread preempts it or pushes it to another core with a cold L2; on this
+    project's 2-core VM, decode on CPU 0 and readers on CPU 1 (``bench_generate --pin``) cut the SSD tier's
+    cost (see docs/architecture.md).
     """
 
     def __init__(
@@ -111,12 +119,16 @@ class Engine:
         vocab_size: int | None = None,
         compile: bool = False,
         packed: bool = True,
+        io_cpus: Iterable[int] | None = None,
+        decode_cpus: Iterable[int] | None = None,
     ) -> None:
         if not isinstance(compile, bool):
             raise ConfigError(f"compile: must be True or False, got {compile!r}")
         if not isinstance(packed, bool):
             raise ConfigError(f"packed: must be True or False, got {packed!r}")
         self.packed = packed
+        self.io_cpus = affinity.cpu_set(io_cpus, "io_cpus")
+        self.decode_cpus = affinity.cpu_set(decode_cpus, "decode_cpus")
         self.model = model.eval()
         # ids the sampler may produce: the tokenizer's (a model's vocabulary is often padded past it, and an id
         # the tokenizer lacks has no compressed id, so it could be neither hashed nor decoded)
@@ -135,6 +147,10 @@ class Engine:
             from engramlm.store.prefetch import Prefetcher
 
             self.prefetcher = Prefetcher(self.tables, workers=workers, device=self.device, dtype=self.dtype)
+            if self.io_cpus is not None:
+                for table in self.tables.values():
+                    table.set_io_cpus(self.io_cpus)
+                affinity.pin(self.prefetcher.thread_ids, self.io_cpus)
         self.compiled = None
         if compile:
             from engramlm.infer.compiled import CompiledDecode
@@ -234,21 +250,23 @@ class Engine:
             self.compiled.check_model()  # once per batch: the graphs skip the per-step guards on the weights
         finished = torch.zeros(b, dtype=torch.bool)
         x, lengths = ids, (None if bool((lens == lens[0]).all()) else lens)
-        for step in range(params.max_new_tokens):
-            t0 = time.perf_counter()
-            # the prefill's LM head runs on each prompt's last token only
-            at = (lens - 1) if step == 0 and x.shape[1] > 1 else None
-            logits, waits = self._forward(x, cache, lengths, compiled=step > 0, logits_at=at)
-            last = logits[:, -1, : self.vocab_size]
-            tok = sample(last, params, gen).cpu() if force is None else force[:, step].to(torch.long)
-            is_stop = torch.isin(tok, stops)
-            emitted = ~finished & ~is_stop
-            finished = finished | is_stop | (step == params.max_new_tokens - 1)
-            seconds = time.perf_counter() - t0
-            yield StepOutput(step, torch.where(emitted, tok, self.pad_id), emitted, finished.clone(), seconds, waits)
-            if bool(finished.all()):
-                return
-            x, lengths = tok[:, None], None
+        with affinity.pinned(self.decode_cpus):  # restored when the stream ends (or is closed)
+            for step in range(params.max_new_tokens):
+                t0 = time.perf_counter()
+                # the prefill's LM head runs on each prompt's last token only
+                at = (lens - 1) if step == 0 and x.shape[1] > 1 else None
+                logits, waits = self._forward(x, cache, lengths, compiled=step > 0, logits_at=at)
+                last = logits[:, -1, : self.vocab_size]
+                tok = sample(last, params, gen).cpu() if force is None else force[:, step].to(torch.long)
+                is_stop = torch.isin(tok, stops)
+                emitted = ~finished & ~is_stop
+                finished = finished | is_stop | (step == params.max_new_tokens - 1)
+                seconds = time.perf_counter() - t0
+                out = torch.where(emitted, tok, self.pad_id)
+                yield StepOutput(step, out, emitted, finished.clone(), seconds, waits)
+                if bool(finished.all()):
+                    return
+                x, lengths = tok[:, None], None
 
     def generate(
         self,

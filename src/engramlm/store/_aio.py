@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from engramlm.utils import affinity
+
 # struct aiocb (glibc, LP64): 168 bytes = 21 int64 words.
 _CB_WORDS = 21
 _CB_BYTES = 8 * _CB_WORDS
@@ -759,9 +761,18 @@ class IoThread:
         return why_unavailable() or (None if _SYS_FUTEX >= 0 else "I/O thread: x86-64 only")
 
     def __init__(
-        self, table: Any, max_ids: int, slots: int = 8, *, job: Any = None, settle: Any = None, extra: tuple = ()
+        self,
+        table: Any,
+        max_ids: int,
+        slots: int = 8,
+        *,
+        job: Any = None,
+        settle: Any = None,
+        extra: tuple = (),
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.reason: str | None = IoThread.why_unavailable()
+        self._cpus = cpus
         self.error: str | None = None
         h = table.header
         self.max_ids, self.row_bytes = max_ids, h.row_bytes
@@ -794,6 +805,9 @@ class IoThread:
         self._thread.start()
 
     def _serve(self, loop: Any, args: tuple) -> None:
+        with self._lock:  # against set_cpus: the thread takes the latest CPU set, never a stale one
+            if self._cpus is not None:
+                affinity.pin([0], self._cpus)
         try:
             loop(*args)
         except BaseException as exc:  # handed to every waiter: a silent death would hang them
@@ -809,6 +823,18 @@ class IoThread:
     @property
     def running(self) -> bool:
         return self._thread is not None and self.error is None
+
+    @property
+    def native_id(self) -> int | None:
+        return None if self._thread is None else self._thread.native_id
+
+    def set_cpus(self, cpus: frozenset[int] | None) -> None:
+        """Confine the thread to ``cpus`` (None: every CPU), now if it runs, else when it starts."""
+        with self._lock:
+            self._cpus = cpus
+            tid = self.native_id
+            if tid is not None:
+                affinity.pin([tid], cpus)
 
     def post(self, ids: np.ndarray) -> int | None:
         """Post a gather of int64 ``ids`` (any order, duplicates); the job's slot, or None (ring full, too many ids,

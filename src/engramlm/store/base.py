@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from engramlm.store._dedup import unique_inverse
 from engramlm.store.formats import RowFormat, get_format
+from engramlm.utils import affinity
 
 INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> the same-size integer dtype
 
@@ -196,6 +197,24 @@ class RowTable(ABC):
             raise TypeError(f"header must be a TableHeader, got {type(header).__name__}")
         self.table_header = header
         self.stats = StoreStats()
+        self.io_cpus: frozenset[int] | None = None  # where this table's own reading threads run (None: anywhere)
+
+    @property
+    def io_thread_ids(self) -> list[int]:
+        """Native ids of the threads this table runs for its reads (a direct tier's I/O thread, a cache's); none
+        for a tier that reads on the caller's thread or through a client's own threads."""
+        return []
+
+    def set_io_cpus(self, cpus: Iterable[int] | None) -> None:
+        """Confine this table's reading threads (:attr:`io_thread_ids`, and those it starts later) to ``cpus``;
+        None allows every CPU. :class:`~engramlm.infer.Engine` ``io_cpus`` sets it on every table it reads."""
+        self.io_cpus = affinity.cpu_set(cpus, "io_cpus")
+        self._apply_io_cpus()
+
+    def _apply_io_cpus(self) -> None:
+        """Pin the threads already running to :attr:`io_cpus` (a tier whose threads pin themselves when they start
+        overrides this, so a thread starting meanwhile never takes a stale set)."""
+        affinity.pin(self.io_thread_ids, self.io_cpus)
 
     @property
     def num_rows(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -487,13 +488,26 @@ class CachedTable(RowTable):
                 extra = (self._slot_of, self._score, self._slots_np, self._slot_id, self._sk_table, self._sk_bits,
                          self._sk_sample, self._policy, self._st)  # fmt: skip
                 job, settle = _thread_kernels()
-                io = _aio.IoThread(inner, inner._io_max_ids(), job=job, settle=settle, extra=extra)
+                io = _aio.IoThread(inner, inner._io_max_ids(), job=job, settle=settle, extra=extra, cpus=self.io_cpus)
             if io is None or not io.running:
                 self._want_io = False
                 return None
             self._io = io
             weakref.finalize(self, io.close)  # a cache dropped unclosed still stops its thread
         return self._io
+
+    @property
+    def io_thread_ids(self) -> list[int]:
+        tid = self._io.native_id if self._io is not None else None
+        return ([] if tid is None else [tid]) + self.inner.io_thread_ids
+
+    def set_io_cpus(self, cpus: Iterable[int] | None) -> None:
+        super().set_io_cpus(cpus)
+        self.inner.set_io_cpus(self.io_cpus)
+
+    def _apply_io_cpus(self) -> None:
+        if self._io is not None:
+            self._io.set_cpus(self.io_cpus)
 
     def close(self) -> None:
         self._want_io = False

@@ -160,13 +160,22 @@ class DirectFileTable(RowTable):
 
     def _io_thread(self) -> _aio.IoThread | None:
         if self._io is None and self._want_io:
-            io = _aio.IoThread(self, self._io_max_ids())
+            io = _aio.IoThread(self, self._io_max_ids(), cpus=self.io_cpus)
             if not io.running:
                 self._want_io = False
                 return None
             self._io = io
             weakref.finalize(self, io.close)  # a table dropped unclosed still stops its thread
         return self._io
+
+    @property
+    def io_thread_ids(self) -> list[int]:
+        tid = self._io.native_id if self._io is not None else None
+        return [] if tid is None else [tid]
+
+    def _apply_io_cpus(self) -> None:
+        if self._io is not None:
+            self._io.set_cpus(self.io_cpus)
 
     @property
     def split_phase(self) -> bool:
