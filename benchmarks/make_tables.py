@@ -636,6 +636,8 @@ def _gen_order(name: str) -> tuple[int, float]:
     if suffix and not name.startswith("mooncake"):
         o = _gen_order(base)
         return (o[0], o[1] + 0.001 * (1 + len(suffix)))
+    if name.startswith("ssd_c") and name.endswith("_pinned"):
+        return (2, float(name[5:-7]) + 0.0005)
     if name.startswith("ssd_c"):
         return (2, float(name[5:]))
     if name == "ssd_threads":
@@ -786,6 +788,11 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
             where = "SSD (O_DIRECT), no cache" + _prefetch_how(suffix)
         elif name == "ssd_c0_split":
             where = "SSD (O_DIRECT), no cache, inline without the I/O thread (`io_submit` on the decode thread)"
+        elif name.startswith("ssd_c") and name.endswith("_pinned"):
+            pins = doc.get("pinned_cpus") or {}
+            cache = name[5:-7]
+            where = "SSD (O_DIRECT), " + ("no cache" if cache == "0" else f"LFU cache {cache}% of table bytes")
+            where += f"; decode thread on CPU {pins.get('decode', '?')}, I/O threads on CPU {pins.get('helpers', '?')}"
         elif name.startswith("ssd_c"):
             where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
         elif name.startswith("mooncake"):
