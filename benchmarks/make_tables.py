@@ -788,13 +788,14 @@ def generate_table(doc: dict[str, Any]) -> list[str]:
             where = "SSD (O_DIRECT), no cache" + _prefetch_how(suffix)
         elif name == "ssd_c0_split":
             where = "SSD (O_DIRECT), no cache, inline without the I/O thread (`io_submit` on the decode thread)"
-        elif name.startswith("ssd_c") and name.endswith("_pinned"):
-            pins = doc.get("pinned_cpus") or {}
-            cache = name[5:-7]
-            where = "SSD (O_DIRECT), " + ("no cache" if cache == "0" else f"LFU cache {cache}% of table bytes")
-            where += f"; decode thread on CPU {pins.get('decode', '?')}, I/O threads on CPU {pins.get('helpers', '?')}"
         elif name.startswith("ssd_c"):
-            where = f"SSD (O_DIRECT) + LFU cache {name[5:]}% of table bytes"
+            pinned_arm = name.endswith("_pinned")
+            cache = name[5:-7] if pinned_arm else name[5:]
+            where = "SSD (O_DIRECT), " + ("no cache" if cache == "0" else f"LFU cache {cache}% of table bytes")
+            if pinned_arm:
+                pins = doc.get("pinned_cpus") or {}
+                decode, io = pins.get("decode", "?"), pins.get("helpers", "?")
+                where += f"; decode thread on CPU {decode}, I/O threads on CPU {io}"
         elif name.startswith("mooncake"):
             where = f"Mooncake master on 127.0.0.1 (TCP), {_mooncake_how(name, doc)}"
         elif name == "ssd_threads":
