@@ -391,6 +391,13 @@ def test_io_threads_follow_set_io_cpus_before_and_after_they_start(direct_dir: P
         assert cached.io_thread_ids and all(os.sched_getaffinity(t) == one for t in cached.io_thread_ids)
         direct.set_io_cpus(None)
         assert os.sched_getaffinity(tid) == every
+        from engramlm.dist.rows import RowShard
+        from engramlm.dist.tables import ShardedRowTable
+
+        sharded = ShardedRowTable(direct.table_header, RowShard((0, direct.num_rows), 0), direct)  # one rank
+        sharded.set_io_cpus(one)  # a sharded table's reading threads are its local shard's
+        assert sharded.io_thread_ids == [tid] and os.sched_getaffinity(tid) == one
+        sharded.set_io_cpus(None)
         with pytest.raises(ConfigError, match="io_cpus: must name at least one CPU"):
             direct.set_io_cpus([])
     finally:

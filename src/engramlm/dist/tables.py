@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,17 @@ class ShardedRowTable(RowTable):
             )
         self.shard, self.local, self.group = shard, local, group
         self.exchange = ExchangeStats()
+
+    @property
+    def io_thread_ids(self) -> list[int]:
+        return self.local.io_thread_ids
+
+    def set_io_cpus(self, cpus: Iterable[int] | None) -> None:
+        super().set_io_cpus(cpus)
+        self.local.set_io_cpus(self.io_cpus)
+
+    def _apply_io_cpus(self) -> None:
+        """The local shard's threads are the local table's: it pins them (see ``set_io_cpus``)."""
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         return self._exchange(ids)

@@ -54,6 +54,7 @@ from engramlm.errors import ConfigError, EngramError, HashSpecMismatch, MissingF
 from engramlm.store._dedup import unique_inverse_kernel
 from engramlm.store.base import RowTable, TableHeader, check_fingerprint
 from engramlm.store.formats import FP32
+from engramlm.utils import affinity
 
 READ_MODES = ("batch", "ranges", "lookup")
 SESSION_RENEW_S = 1.0  # re-query the replicas (and their leases) at least this often
@@ -264,12 +265,9 @@ def set_transport_affinity(client: Any, cpus: Iterable[int] | None, extra_thread
     the prefetch thread sharing one core with the TCP thread. So nothing pins by default; a machine with cores
     to spare may differ.
     """
-    if not hasattr(os, "sched_setaffinity"):
+    if not affinity.supported():
         return 0
-    allowed = set(range(os.cpu_count() or 1)) if cpus is None else {int(c) for c in cpus}  # the kernel drops CPUs
-    # outside the cpuset
-    if not allowed:
-        raise ConfigError("transport cpus: need at least one CPU")
+    allowed = affinity.cpu_set(cpus, "transport cpus") or affinity.every_cpu()
     return _each_thread(
         [*transport_threads(client), *extra_threads],
         lambda tid: os.sched_setaffinity(tid, allowed),

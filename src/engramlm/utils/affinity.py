@@ -21,10 +21,10 @@ def supported() -> bool:
 
 
 def cpu_set(cpus: Iterable[int] | None, field: str) -> frozenset[int] | None:
-    """``cpus`` checked against the CPUs this process may use: a non-empty frozenset of them, or None (any CPU).
+    """``cpus`` checked against the CPUs this machine has: a non-empty frozenset of them, or None (any CPU).
 
-    One precise ConfigError naming ``field`` otherwise (not a set of ints, empty, a CPU not allowed here, or a
-    platform without thread affinity)."""
+    One precise ConfigError naming ``field`` otherwise (not CPU numbers, empty, a CPU that does not exist, or a
+    platform without thread affinity). A CPU outside this process's cpuset is dropped by the kernel."""
     if cpus is None:
         return None
     if not supported():
