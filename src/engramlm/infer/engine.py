@@ -106,7 +106,7 @@ class Engine:
     set is restored after); Linux only, default None (the scheduler's choice). Why: with few cores, a reader
     woken beside the decode thread preempts it or pushes it to another core with a cold L2; on this
     project's 2-core VM, decode on CPU 0 and readers on CPU 1 (``bench_generate --pin``) cut the SSD tier's
-    cost with no cache (+0.8-1.5% against +1.0-3.3%; with a cache, no difference; see docs/architecture.md).
+    cost with no cache (+0.8-2.3% against +1.0-4.4%, four runs; with a cache, no difference; docs/architecture.md).
     """
 
     def __init__(
