@@ -50,9 +50,6 @@ class ShardedRowTable(RowTable):
         super().set_io_cpus(cpus)
         self.local.set_io_cpus(self.io_cpus)
 
-    def _apply_io_cpus(self) -> None:
-        """The local shard's threads are the local table's: it pins them (see ``set_io_cpus``)."""
-
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
         return self._exchange(ids)
 

@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ import torch
 from engramlm.store._dedup import unique_inverse
 from engramlm.store.formats import RowFormat, get_format
 from engramlm.utils import affinity
+
+if TYPE_CHECKING:
+    from engramlm.store import _aio
 
 INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> the same-size integer dtype
 
@@ -199,11 +203,15 @@ class RowTable(ABC):
         self.stats = StoreStats()
         self.io_cpus: frozenset[int] | None = None  # where this table's own reading threads run (None: anywhere)
 
+    # The tier's own reading thread (an ``_aio.IoThread``: the direct tier's, a cache's), once started; None else.
+    _io: _aio.IoThread | None = None
+
     @property
     def io_thread_ids(self) -> list[int]:
         """Native ids of the threads this table runs for its reads (a direct tier's I/O thread, a cache's); none
         for a tier that reads on the caller's thread or through a client's own threads."""
-        return []
+        tid = self._io.native_id if self._io is not None else None
+        return [] if tid is None else [tid]
 
     def set_io_cpus(self, cpus: Iterable[int] | None) -> None:
         """Confine this table's reading threads (:attr:`io_thread_ids`, and those it starts later) to ``cpus``;
@@ -212,9 +220,10 @@ class RowTable(ABC):
         self._apply_io_cpus()
 
     def _apply_io_cpus(self) -> None:
-        """Pin the threads already running to :attr:`io_cpus` (a tier whose threads pin themselves when they start
-        overrides this, so a thread starting meanwhile never takes a stale set)."""
-        affinity.pin(self.io_thread_ids, self.io_cpus)
+        """Move the tier's own thread to :attr:`io_cpus` (one not started yet takes them when it starts, under its
+        lock, so a set changed meanwhile is never lost); a wrapper passes the set on in ``set_io_cpus``."""
+        if self._io is not None:
+            self._io.set_cpus(self.io_cpus)
 
     @property
     def num_rows(self) -> int:

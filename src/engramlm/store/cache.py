@@ -498,16 +498,11 @@ class CachedTable(RowTable):
 
     @property
     def io_thread_ids(self) -> list[int]:
-        tid = self._io.native_id if self._io is not None else None
-        return ([] if tid is None else [tid]) + self.inner.io_thread_ids
+        return super().io_thread_ids + self.inner.io_thread_ids
 
     def set_io_cpus(self, cpus: Iterable[int] | None) -> None:
         super().set_io_cpus(cpus)
         self.inner.set_io_cpus(self.io_cpus)
-
-    def _apply_io_cpus(self) -> None:
-        if self._io is not None:
-            self._io.set_cpus(self.io_cpus)
 
     def close(self) -> None:
         self._want_io = False

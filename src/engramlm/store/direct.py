@@ -169,15 +169,6 @@ class DirectFileTable(RowTable):
         return self._io
 
     @property
-    def io_thread_ids(self) -> list[int]:
-        tid = self._io.native_id if self._io is not None else None
-        return [] if tid is None else [tid]
-
-    def _apply_io_cpus(self) -> None:
-        if self._io is not None:
-            self._io.set_cpus(self.io_cpus)
-
-    @property
     def split_phase(self) -> bool:
         """Whether a gather can be started and completed on the caller's thread with no worker (:meth:`start_gather`,
         ``Prefetcher(workers=0)``): the aio engine on kernel AIO, a plain format (fp32/bf16) on disk.
