@@ -84,6 +84,7 @@ from engramlm.store.mooncake import (
     set_transport_affinity,
     set_transport_nice,
 )
+from engramlm.store.mooncake_reader import ReaderProcess
 from engramlm.store.tiers import Tier
 
 
@@ -163,7 +164,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4, help="hash heads per n-gram order")
     ap.add_argument("--head-rows", type=int, default=100_003, help="rows per head (prime-ish target)")
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--cache-pcts", type=float, nargs="+", default=[0, 5, 10, 25, 50])
+    ap.add_argument("--cache-pcts", type=float, nargs="*", default=[0, 5, 10, 25, 50])
     ap.add_argument(
         "--workers",
         type=int,
@@ -183,6 +184,7 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=int, default=8)
     ap.add_argument("--warm-tokens", type=int, default=100_000, help="other text streamed through the caches first")
     ap.add_argument("--no-mooncake", action="store_true")
+    ap.add_argument("--mooncake-process", action="store_true", help="also time `mooncake_process`")
     ap.add_argument(
         "--mooncake-reads",
         nargs="*",
@@ -357,6 +359,23 @@ def main() -> None:
                 opened.append(cached)
                 caches[f"mooncake_c{pct:g}"] = cached  # type: ignore[assignment]
                 engines[f"mooncake_c{pct:g}"] = Engine(model, cached, workers=args.mooncake_workers[0])
+            if args.mooncake_process:  # pools of their own, whose memory the reader process lends and reads
+                pinned_too = pin_split is not None and (args.pin or args.mooncake_pin)
+                for variant in ("", "_pinned") if pinned_too else ("",):
+                    master2 = mooncake_ctx.enter_context(local_master(tmp / f"mooncake_master{variant}.log"))
+                    reader = ReaderProcess(master2, segment_bytes=2 * file_bytes + (256 << 20))
+                    mooncake_ctx.callback(reader.close)
+                    client2 = connect(master2, 0)  # uploads; lends no memory, so the rows land in the reader's
+                    mooncake_ctx.callback(client2.close)
+                    cpu_sets = {"decode_cpus": pin_split[0], "io_cpus": pin_split[1]} if variant and pin_split else {}
+                    for pct in (0, *args.mooncake_cache_pcts):
+                        name = "mooncake_process" + (f"_c{pct:g}" if pct else "") + variant
+                        proc = open_tables(store, Tier.MOONCAKE, cache_bytes=int(table_bytes * pct / 100),
+                                           fingerprint=fp, mooncake=client2, mooncake_reader=reader)  # fmt: skip
+                        opened.append(proc)
+                        if pct:
+                            caches[name] = proc  # type: ignore[assignment]
+                        engines[name] = Engine(model, proc, **cpu_sets)
         except Exception as exc:  # report, do not hide: the JSON says why it did not run
             mooncake_info = {"ran": False, "error": f"{type(exc).__name__}: {exc}"}
             print(f"mooncake tier skipped: {mooncake_info['error']}")

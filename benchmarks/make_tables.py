@@ -642,6 +642,9 @@ def _gen_order(name: str) -> tuple[int, float]:
         return (2, float(name[5:]))
     if name == "ssd_threads":
         return (2, 1e9)
+    if name.startswith("mooncake_process"):
+        pct, pinned = _process_variant(name)
+        return (4, pct + (0.0005 if pinned else 0.0))
     if name.startswith("mooncake_c") and name[10:].replace(".", "").isdigit():
         return (3, float(name[10:]))
     if name.startswith("mooncake_"):
@@ -677,9 +680,27 @@ _MOONCAKE_READS = {
 }
 
 
+def _process_variant(name: str) -> tuple[float, bool]:
+    """(cache %, pinned) of a ``mooncake_process[_cN][_pinned]`` contender."""
+    rest = name[len("mooncake_process") :]
+    pinned = rest.endswith("_pinned")
+    rest = rest[: -len("_pinned")] if pinned else rest
+    return (float(rest[2:]) if rest.startswith("_c") else 0.0), pinned
+
+
 def _mooncake_how(name: str, doc: dict[str, Any]) -> str:
     """How a ``mooncake*`` contender reads: ``mooncake`` by the run's default, ``mooncake_<read>``, ``mooncake_cN``."""
     p = doc.get("params", {})
+    if name.startswith("mooncake_process"):
+        pct, pinned = _process_variant(name)
+        cpus = doc.get("pinned_cpus") or {}
+        return (
+            f"{_MOONCAKE_READS['batch']}, by a reader process lending the pool its segment (split phase: ids and "
+            "rows through shared slots, no prefetch thread)"
+            + (f", + LFU cache {pct:g}% of table bytes" if pct else "")
+            + (f", the reader pinned to CPU {cpus.get('helpers', '?')}, the decode thread to {cpus.get('decode', '?')}"
+               if pinned else "")
+        )  # fmt: skip
     first = (p.get("mooncake_workers") or [None])[0]  # runs before issue 18 item 2: the common --workers
     own = "" if first is None else f", {first} prefetch thread(s)"
     if name.startswith("mooncake_c") and name[10:].replace(".", "").isdigit():

@@ -389,9 +389,10 @@ def test_every_numeric_option_has_a_range() -> None:
     assert [(cmd, d) for cmd, d in raw if d not in known] == [], "unclassified numeric options"
 
 
-def test_mooncake_tier_with_a_master_is_quiet(base: dict[str, str], tmp_path: Path) -> None:
-    """The positive side of the fast-fail check: a reachable master serves the tables, and the client's
-    glog INFO lines stay off stderr (only the decode summary is printed there)."""
+@pytest.mark.parametrize("reader", ["process", "thread"])
+def test_mooncake_tier_with_a_master_is_quiet(reader: str, base: dict[str, str], tmp_path: Path) -> None:
+    """The positive side of the fast-fail check: a reachable master serves the tables, read by a reader process (the
+    default) or a prefetch thread, and the clients' glog INFO lines stay off stderr (only the decode summary)."""
     pytest.importorskip("mooncake.store", reason="mooncake-transfer-engine-non-cuda is not installed")
     from engramlm.store.mooncake import local_master
 
@@ -399,7 +400,7 @@ def test_mooncake_tier_with_a_master_is_quiet(base: dict[str, str], tmp_path: Pa
     with local_master(tmp_path / "master.log", timeout=15.0) as master:
         rc, err = _run_process(
             [*argv, "--tier", "mooncake", "--mooncake-master", master.rpc, "--mooncake-metadata", master.metadata,
-             "--mooncake-segment-mb", "64"],
+             "--mooncake-segment-mb", "64", "--mooncake-reader", reader],
             None,
         )  # fmt: skip
     assert rc == 0, err

@@ -54,11 +54,13 @@ class _FakeMmap:
 
 def _fake_table(exc: Exception) -> type:
     class _Table:
-        def __init__(self, *args: Any) -> None:
+        def __init__(self, *args: Any, reader: Any = None) -> None:
             raise exc
 
         @classmethod
-        def populate(cls, client: Any, layer: int, weights: torch.Tensor, heads: Any, fp: str) -> str:
+        def populate(
+            cls, client: Any, layer: int, weights: torch.Tensor, heads: Any, fp: str, *, reader: Any = None
+        ) -> str:
             return f"populated {layer} {tuple(weights.shape)}"
 
     return _Table

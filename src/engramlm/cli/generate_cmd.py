@@ -37,6 +37,42 @@ def add_workers_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_mooncake_options(p: argparse.ArgumentParser) -> None:
+    """The Mooncake pool's address, the memory this host lends it, and who reads it (``generate`` and ``serve``)."""
+    p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
+    p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
+    p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this host lends to the pool")
+    p.add_argument(
+        "--mooncake-reader",
+        choices=("process", "thread"),
+        default="process",
+        help="who reads the pool: a reader process of its own, which also lends the segment (default; no GIL "
+        "hand-offs with the decode thread), or a prefetch thread of this process",
+    )
+
+
+def mooncake_client(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(client, reader) for ``--tier mooncake``: the client uploads and checks fingerprints; the reader process,
+    unless ``--mooncake-reader thread``, lends the segment and reads (the client then lends none)."""
+    from engramlm.store.mooncake import MasterAddress, check_reachable, connect
+    from engramlm.store.mooncake_reader import ReaderProcess
+
+    master = MasterAddress(args.mooncake_master, args.mooncake_metadata)
+    segment = args.mooncake_segment_mb << 20
+    try:
+        check_reachable(master)
+        if args.mooncake_reader == "thread":
+            return connect(master, segment), None
+        reader = ReaderProcess(master, segment_bytes=segment)
+        try:
+            return connect(master, 0), reader
+        except BaseException:
+            reader.close()
+            raise
+    except EngramError as exc:
+        raise ConfigError(f"--mooncake-master: {exc}") from exc
+
+
 def _sample_vocab(tok: Any, model: Any) -> int:
     """Ids generation may sample: the tokenizer's (the model's vocabulary may be padded past it)."""
     return min(tok.get_vocab_size(with_added_tokens=True), model.config.vocab_size)
@@ -57,9 +93,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="with --store: skip the per-page checksum of every row read (faster; corrupt rows then go unnoticed)",
     )
-    p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
-    p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
-    p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this client lends to the pool")
+    add_mooncake_options(p)
     add_workers_option(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -74,15 +108,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the result and timing as JSON")
     p.set_defaults(func=run)
-
-
-def _mooncake_client(args: argparse.Namespace) -> Any:
-    from engramlm.store.mooncake import MasterAddress, connect
-
-    try:
-        return connect(MasterAddress(args.mooncake_master, args.mooncake_metadata), args.mooncake_segment_mb << 20)
-    except EngramError as exc:
-        raise ConfigError(f"--mooncake-master: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,17 +148,18 @@ def run(args: argparse.Namespace) -> int:
         stop_tokens=eos,
         seed=args.seed,
     )
-    tables = None
+    tables, reader = None, None
     if args.store:
         if model.layout is None:
             raise ConfigError("--store: the model has no Engram layers")
-        client = _mooncake_client(args) if args.tier == Tier.MOONCAKE else None
+        client, reader = mooncake_client(args) if args.tier == Tier.MOONCAKE else (None, None)
         tables = open_tables(
             args.store,
             args.tier,
             cache_bytes=int(args.cache_mb * (1 << 20)),
             fingerprint=model.layout.fingerprint,
             mooncake=client,
+            mooncake_reader=reader,
             model_sha256=trained.files.weights_sha256(),
             verify=not args.no_verify_store,
         )
@@ -169,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for t in (tables or {}).values():
             t.close()
+        if reader is not None:
+            reader.close()
     wall = time.perf_counter() - t0
     texts = [tok.decode(ids) for ids in gen.tokens]
     if args.json:

@@ -11,7 +11,7 @@ import argparse
 import signal
 from typing import Any
 
-from engramlm.cli.generate_cmd import add_workers_option
+from engramlm.cli.generate_cmd import add_mooncake_options, add_workers_option
 from engramlm.errors import ConfigError
 from engramlm.store.tiers import Tier, tier_help
 
@@ -28,9 +28,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--cache-mb", type=float, default=0.0, action=_Given, help="hot-row cache budget in MiB (0 = none)")
     p.add_argument("--no-verify-store", action="store_true", help="with --store: skip the per-page row checksums")
-    p.add_argument("--mooncake-master", default="127.0.0.1:50051", help="mooncake_master RPC address (--tier mooncake)")
-    p.add_argument("--mooncake-metadata", default="http://127.0.0.1:8080/metadata", help="its HTTP metadata server")
-    p.add_argument("--mooncake-segment-mb", type=int, default=512, help="memory this client lends to the pool")
+    add_mooncake_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
@@ -56,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     import torch
 
-    from engramlm.cli.generate_cmd import _mooncake_client
+    from engramlm.cli.generate_cmd import mooncake_client
     from engramlm.serve.served import load_served
 
     given = {*getattr(args, "given", ()), *(["--no-verify-store"] if args.no_verify_store else [])}
@@ -66,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port: must lie in [0, 65535], got {args.port}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    client, reader = mooncake_client(args) if args.store and args.tier == Tier.MOONCAKE else (None, None)
     served = load_served(
         args.checkpoint,
         name=args.served_model_name,
@@ -74,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         tier=args.tier,
         cache_bytes=int(args.cache_mb * (1 << 20)),
         verify_store=not args.no_verify_store,
-        mooncake=_mooncake_client(args) if args.store and args.tier == Tier.MOONCAKE else None,
+        mooncake=client,
+        mooncake_reader=reader,
         device=args.device,
         workers=args.workers,
     )
@@ -101,4 +101,6 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     finally:
         served.close()
+        if reader is not None:
+            reader.close()
     return 0

@@ -83,12 +83,14 @@ def open_tables(
     cache_bytes: int = 0,
     fingerprint: str | None = None,
     mooncake: Any = None,
+    mooncake_reader: Any = None,
     model_sha256: str | None = None,
     verify: bool = True,
 ) -> dict[int, RowTable]:
     """Open a store directory (``store.json``) as ``{layer_id: RowTable}`` on ``tier``.
 
-    ``tier``: a :class:`Tier` name (``mooncake`` needs a set-up client); ``cache_bytes`` > 0 puts a
+    ``tier``: a :class:`Tier` name (``mooncake`` needs a set-up client, and reads through ``mooncake_reader``,
+    a :class:`~engramlm.store.mooncake_reader.ReaderProcess`, when given); ``cache_bytes`` > 0 puts a
     hot-row cache of that total budget in front of every layer. ``model_sha256``: the sha256 of the
     model's ``model.safetensors`` (``ModelFiles.weights_sha256()``); a store built from other weights is
     refused. ``verify``: check every row read against the files' checksums (default).
@@ -107,6 +109,7 @@ def open_tables(
         cache_bytes,
         expected_fingerprint=fingerprint,
         mooncake=mooncake,
+        mooncake_reader=mooncake_reader,
         expected_model_sha256=model_sha256,
         verify=verify,
     )

@@ -72,6 +72,7 @@ def load_served(
     cache_bytes: int = 0,
     verify_store: bool = True,
     mooncake: Any = None,
+    mooncake_reader: Any = None,
     device: str = "cpu",
     workers: int | None = None,
 ) -> Served:
@@ -99,6 +100,7 @@ def load_served(
             cache_bytes=cache_bytes,
             fingerprint=model.layout.fingerprint,
             mooncake=mooncake,
+            mooncake_reader=mooncake_reader,
             model_sha256=trained.files.weights_sha256(),
             verify=verify_store,
         )

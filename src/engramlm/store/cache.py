@@ -23,6 +23,7 @@ inserts anything, misses come from the inner tier, and slot writes happen under 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Iterable
 from functools import lru_cache
@@ -612,6 +613,8 @@ class CachedTable(RowTable):
             if pending is not None:
                 pending.after = lambda n: self.stats.add(misses=n)
             return pending
+        if not hasattr(inner, "_slots"):  # not the direct tier (the Mooncake reader process): probe, its split phase
+            return self._start_inner(flat, out, dtype)
         h = inner.header  # type: ignore[attr-defined]
         if getattr(inner._format, "dtype", None) != dtype:  # type: ignore[attr-defined]
             return None
@@ -647,6 +650,21 @@ class CachedTable(RowTable):
         pending = _CachedPending(self, slot, state, out.view(self._slots_np.dtype), self._tick)
         inner._inflight.add(pending)  # type: ignore[attr-defined]
         return pending
+
+    def _start_inner(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> PendingGather:
+        """Split phase in front of any other split-phase tier: probe now (hits copied), the misses started by the
+        inner tier's own split phase (or read now, where it declines); ``result()`` admits them and expands."""
+        unique, inverse, rows, pos, miss_ids = self._probe(flat)
+        miss = torch.empty(pos.size, self.dim, dtype=self.dtype)
+        inner_pending = None
+        if pos.size:
+            start = time.perf_counter()
+            inner_pending = self.inner._start_bytes(miss_ids, miss.view(torch.uint8).numpy(), dtype)
+            if inner_pending is None:
+                self.inner.gather(torch.from_numpy(miss_ids), out=miss)
+            else:
+                inner_pending.bind(self.inner, miss, miss_ids.size, start)
+        return _InnerPending(self, inner_pending, (unique, inverse, rows, pos, miss_ids, miss, self._tick), out)
 
     def preload(self, row_ids: torch.Tensor) -> None:
         """Warm the cache with known-hot rows (e.g. from a profile); the static policy's setup."""
@@ -762,3 +780,31 @@ class _CachedIoPending(PendingGather):
 
     def _reap(self) -> None:
         self._io.discard(self._k)
+
+
+class _InnerPending(PendingGather):
+    """A cached gather whose misses another split-phase tier is reading (``inner``: its pending gather, None when
+    there were no misses or they were read at start); ``_finish`` admits them and expands every row."""
+
+    def __init__(self, cache: CachedTable, inner: PendingGather | None, state: tuple, out: np.ndarray) -> None:
+        super().__init__()
+        self._cache, self._inner, self._state, self._out_bits = cache, inner, state, out.view(cache._slots_np.dtype)
+
+    def _finish(self) -> int:
+        c = self._cache
+        unique, inverse, rows, pos, miss_ids, miss, tick = self._state
+        if self._inner is not None:
+            self._inner.result()
+        if pos.size:
+            with c._exclusive():  # misses copied into rows and admitted in one nogil call
+                c._used = _admit(
+                    miss_ids, int_view(miss), rows, pos, c._slot_of, c._slot_id, c._score, c._slots_np, c._used,
+                    c._policy, tick, c._sk_table, c._sk_bits,
+                )  # fmt: skip
+        _expand(rows, inverse, self._out_bits)
+        c.stats.add(hits=int(unique.size - pos.size), misses=int(pos.size))
+        return int(unique.size)
+
+    def _reap(self) -> None:
+        if self._inner is not None:
+            self._inner.close()

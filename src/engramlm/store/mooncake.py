@@ -52,8 +52,9 @@ import torch
 
 from engramlm.errors import ConfigError, EngramError, HashSpecMismatch, MissingFingerprint
 from engramlm.store._dedup import unique_inverse_kernel
-from engramlm.store.base import RowTable, TableHeader, check_fingerprint
+from engramlm.store.base import PendingGather, RowTable, TableHeader, check_fingerprint
 from engramlm.store.formats import FP32
+from engramlm.store.mooncake_reader import ReaderProcess, slot_capacity
 from engramlm.utils import affinity
 
 READ_MODES = ("batch", "ranges", "lookup")
@@ -177,7 +178,7 @@ def _client_log() -> Iterator[IO[bytes] | None]:
     if "MC_LOG_LEVEL" in os.environ:
         yield None
         return
-    os.environ["MC_LOG_LEVEL"] = "ERROR"
+    os.environ["MC_LOG_LEVEL"] = "ERROR"  # read at setup; unset after, so no child process inherits it
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as log:
@@ -187,6 +188,7 @@ def _client_log() -> Iterator[IO[bytes] | None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            os.environ.pop("MC_LOG_LEVEL", None)
 
 
 _TRANSPORT_THREADS: dict[int, tuple[Any, dict[int, int]]] = {}  # id(client) -> (client, {tid: start time})
@@ -415,6 +417,36 @@ def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # 
         out[i, :] = rows[inverse[i], :]
 
 
+class _ReaderGather(PendingGather):
+    """A gather the reader process is reading into ``slot``: ``_finish`` waits for it and expands the slot's unique
+    rows into the caller's rows; ``_reap`` waits and drops them."""
+
+    def __init__(self, table: MooncakeTable, slot: int, n: int, inverse: np.ndarray, out: np.ndarray) -> None:
+        super().__init__()
+        self._t, self._slot, self._unique_n, self._inverse, self._dst = table, slot, n, inverse, out
+
+    def _finish(self) -> int:
+        reader = self._t.reader
+        assert reader is not None
+        try:
+            reader.wait(self._slot)
+            _expand(reader.rows(self._slot, self._unique_n, self._t.dim), self._inverse, self._dst)
+        finally:
+            reader.release(self._slot)
+        self._t.stats.add(bytes_read=self._unique_n * self._t.dim * 4)
+        return self._unique_n
+
+    def _reap(self) -> None:
+        reader = self._t.reader
+        assert reader is not None
+        try:
+            reader.wait(self._slot)
+        except EngramError:
+            pass  # the rows are dropped anyway
+        finally:
+            reader.release(self._slot)
+
+
 def _fingerprint_key(layer_id: int) -> str:
     return f"engramlm:l{layer_id}:fingerprint"
 
@@ -448,9 +480,12 @@ class MooncakeTable(RowTable):
         expected_fingerprint: str | None = None,
         *,
         read: str = "batch",
+        reader: ReaderProcess | None = None,
     ) -> None:
         if read not in READ_MODES:
             raise ConfigError(f"mooncake read must be one of {READ_MODES}, got {read!r}")
+        if reader is not None and read != "batch":
+            raise ConfigError(f"mooncake read must be 'batch' with a reader process, got {read!r}")
         self._store = store
         self.read = read
         self.layer_id = int(layer_id)
@@ -476,6 +511,11 @@ class MooncakeTable(RowTable):
         self.wait_slack_us = WAIT_SLACK_US  # the reading thread's timer slack during a read (see wait_slack)
         self._session_at: float | None = None  # monotonic time of the last session start
         self._session_lock = threading.Lock()
+        self.reader = reader
+        if reader is not None:  # gathers split-phase on the caller's thread, read by the child: no worker
+            self._reader_table = reader.open_table(self.layer_id, self.head_sizes, self.dim, fp)
+            self._capacity = slot_capacity(reader.slot_bytes, self.dim * 4)
+            self.prefetch_workers = 0
 
     @classmethod
     def populate(
@@ -485,8 +525,10 @@ class MooncakeTable(RowTable):
         weights: torch.Tensor,
         head_sizes: Sequence[int],
         fingerprint: str,
+        *,
+        reader: ReaderProcess | None = None,
     ) -> MooncakeTable:
-        """Create-only upload of a [R, dim] table split into heads; returns the opened tier."""
+        """Create-only upload of a [R, dim] table split into heads; returns the opened tier (read by ``reader``)."""
         fp = check_fingerprint(fingerprint)
         sizes = [int(h) for h in head_sizes]
         if sum(sizes) != weights.shape[0]:
@@ -495,7 +537,7 @@ class MooncakeTable(RowTable):
         buffers = [np.ascontiguousarray(b) for b in np.split(w, np.cumsum(sizes)[:-1])]
         _engram_store(store, layer_id, sizes, weights.shape[1]).populate(buffers)
         store.put(_fingerprint_key(layer_id), fp.encode("ascii"))
-        return cls(store, layer_id, sizes, weights.shape[1], fp)
+        return cls(store, layer_id, sizes, weights.shape[1], fp, reader=reader)
 
     def remove(self) -> int:
         """Delete this layer's head tables and fingerprint from the store."""
@@ -555,6 +597,52 @@ class MooncakeTable(RowTable):
         self._count(flat.size, n_unique, start)
         return out
 
+    @property
+    def split_phase(self) -> bool:
+        return self.reader is not None
+
+    @property
+    def io_thread_ids(self) -> list[int]:
+        """The reader process's threads, which read for this table (none without one: the client's own threads
+        are :func:`transport_threads`)."""
+        return self.reader.thread_ids if self.reader is not None else []
+
+    def _apply_io_cpus(self) -> None:
+        """Confine the reader process's threads (threads it starts later inherit their creator's CPUs)."""
+        if self.reader is not None:
+            affinity.pin(self.reader.thread_ids, self.io_cpus)
+
+    def _unique(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        unique, inverse = _dedupe(flat)
+        lo, hi = int(unique[0]), int(unique[-1])
+        if lo < 0 or hi >= self.num_rows:
+            raise self._out_of_range(lo, hi)
+        return unique, inverse
+
+    def _start_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> PendingGather | None:
+        """With a reader process: dedupe, hand the unique ids to the child and return while it reads (a gather
+        larger than one slot, or not float32, is read synchronously instead)."""
+        if self.reader is None or dtype != torch.float32:
+            return None
+        unique, inverse = self._unique(flat)
+        if unique.size > self._capacity:
+            return None
+        slot = self.reader.submit(self._reader_table, unique, self.dim * 4)
+        return _ReaderGather(self, slot, unique.size, inverse, out.view(np.float32))
+
+    def _read_by_reader(self, unique: np.ndarray, rows: np.ndarray) -> None:
+        """Rows of sorted unique ids into ``rows`` through the reader process, one slot's worth at a time."""
+        assert self.reader is not None
+        for a in range(0, unique.size, self._capacity):
+            part = unique[a : a + self._capacity]
+            slot = self.reader.submit(self._reader_table, part, self.dim * 4)
+            try:
+                self.reader.wait(slot)
+                rows[a : a + part.size] = self.reader.rows(slot, part.size, self.dim)
+            finally:
+                self.reader.release(slot)
+        self.stats.add(bytes_read=unique.size * self.dim * 4)
+
     def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:
         """The whole gather with the rows landing in the registered buffer and expanded from it into ``out``
         (float32 rows only; else, or in ``lookup`` mode, the generic path): one Numba call plans the reads,
@@ -562,19 +650,26 @@ class MooncakeTable(RowTable):
         by the store's call (Numba and ctypes calls that release it are points where the decode thread takes it)."""
         if self.read == "lookup" or dtype != torch.float32:
             return None
+        if self.reader is not None:
+            unique, inverse = self._unique(flat)
+            rows = np.empty((unique.size, self.dim), np.float32)
+            self._read_by_reader(unique, rows)
+            _expand(rows, inverse, out.view(np.float32))
+            return int(unique.size)
         buf = _registered_buffer(self._store, flat.size * self.dim)
         if buf is None:
             return None  # the generic path falls back to lookup
-        unique, inverse = _dedupe(flat)
-        lo, hi = int(unique[0]), int(unique[-1])
-        if lo < 0 or hi >= self.num_rows:
-            raise self._out_of_range(lo, hi)
+        unique, inverse = self._unique(flat)
         rows = buf[: unique.size * self.dim].reshape(unique.size, self.dim)
         self._read_unique(unique, rows)
         _expand(rows, inverse, out.view(np.float32))
         return int(unique.size)
 
     def _fetch_unique(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.reader is not None:
+            rows = np.empty((ids.numel(), self.dim), np.float32)
+            self._read_by_reader(ids.numpy(), rows)
+            return torch.from_numpy(rows)
         flat = _registered_buffer(self._store, ids.numel() * self.dim) if self.read != "lookup" else None
         if flat is None:
             return self._lookup(ids)

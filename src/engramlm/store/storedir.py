@@ -172,6 +172,7 @@ def open_store_dir(
     expected_fingerprint: str | None = None,
     queue_depth: int = 64,
     mooncake: Any = None,
+    mooncake_reader: Any = None,
     expected_model_sha256: str | None = None,
     verify: bool = True,
 ) -> dict[int, RowTable]:
@@ -182,7 +183,8 @@ def open_store_dir(
     budget (split across layers in proportion to their rows) in front of each layer; or a
     ``placement`` (a :class:`Placement` or its JSON form, e.g. ``plan()["placement"]``) naming each
     layer's tier and cache budget. ``mooncake`` is a set-up ``MooncakeDistributedStore``, needed by
-    that tier (layers absent from the pool are uploaded from the files first).
+    that tier (layers absent from the pool are uploaded from the files first); ``mooncake_reader``, a
+    :class:`~engramlm.store.mooncake_reader.ReaderProcess` of the same pool, then reads it for this process.
     ``expected_model_sha256``: the sha256 of the model's ``model.safetensors``; a store built from other
     weights is refused (:class:`ForeignStoreError`). ``verify`` (default True): check rows against the
     files' CRC32s (see :class:`~engramlm.store.tiers.OpenOptions`); False serves them unchecked.
@@ -199,7 +201,7 @@ def open_store_dir(
             )
     else:
         placement = Placement.uniform(rows, tier if tier is not None else doc["tier"], cache_bytes, cache_policy)
-    options = OpenOptions(queue_depth=queue_depth, mooncake=mooncake, verify=verify)
+    options = OpenOptions(queue_depth=queue_depth, mooncake=mooncake, mooncake_reader=mooncake_reader, verify=verify)
     check_options(placement.tiers, options)
     fp = doc["fingerprint"]
     if expected_fingerprint is not None and check_fingerprint(expected_fingerprint) != fp:

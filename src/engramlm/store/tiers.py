@@ -218,7 +218,9 @@ class LayerFile:
 
 @dataclass(frozen=True)
 class OpenOptions:
-    """Tier-specific knobs: O_DIRECT queue depth, the set-up Mooncake client, and whether rows are checked.
+    """Tier-specific knobs: O_DIRECT queue depth, the set-up Mooncake client (and the reader process that reads its
+    pool for this process, if any: :class:`~engramlm.store.mooncake_reader.ReaderProcess`), and whether rows are
+    checked.
 
     ``verify`` (default True): ``memory`` checks every chunk CRC32 of the file at open (it reads it all
     anyway); ``mmap`` and ``direct`` check the CRC32 of every 4 KiB page a gather reads; ``mooncake`` uploads
@@ -227,6 +229,7 @@ class OpenOptions:
 
     queue_depth: int = 64
     mooncake: Any = field(default=None, compare=False)
+    mooncake_reader: Any = field(default=None, compare=False)  # a ReaderProcess reading ``mooncake``'s pool
     verify: bool = True
 
 
@@ -271,14 +274,14 @@ def _open_mooncake(layer: LayerFile, fp: str, opts: OpenOptions) -> RowTable:
     from engramlm.store.mooncake import MooncakeTable
 
     check_options({Tier.MOONCAKE}, opts)
-    client, heads, dim = opts.mooncake, layer.head_sizes, layer.header.dim
+    client, heads, dim, reader = opts.mooncake, layer.head_sizes, layer.header.dim, opts.mooncake_reader
     try:
-        return MooncakeTable(client, layer.layer_id, heads, dim, fp)
+        return MooncakeTable(client, layer.layer_id, heads, dim, fp, reader=reader)
     except MissingFingerprint:
         pass  # not uploaded yet: populate below
     with MmapTable(layer.path, fp, verify=opts.verify) as mm:
         weights = mm.fetch_sorted_unique(torch.arange(mm.num_rows))
-    return MooncakeTable.populate(client, layer.layer_id, weights, heads, fp)
+    return MooncakeTable.populate(client, layer.layer_id, weights, heads, fp, reader=reader)
 
 
 Opener = Callable[[LayerFile, str, OpenOptions], RowTable]
