@@ -24,7 +24,9 @@ gather), ``direct_threads`` (the previous engine), ``cached_direct`` (an LFU ``C
 ``batch_get_into_multi_buffer_ranges`` per gather into a registered buffer), ``mooncake_ranges`` (one
 ``get_into_ranges`` per gather, which queries the master per head: the path before issue 18 item 2) and
 ``mooncake_lookup`` (``EngramStore.lookup``, the first path, counted as GIL-held throughout: a pybind call
-that does not say it releases it).
+that does not say it releases it) and ``mooncake_process`` (a ``ReaderProcess`` lending a pool of its own its
+segment and reading it with its own client and GIL; this process's CPU is the dedupe, the request and the
+expansion, all of it with the GIL held).
 
 Mooncake against the wire: rows/s of the Mooncake paths at decode size and at ``--big-rows``, against
 loopback TCP limits measured in the same run on 127.0.0.1: bulk throughput (one connection streaming 1 MiB
@@ -64,6 +66,7 @@ from engramlm.store.direct import DirectFileTable
 from engramlm.store.file import write_store
 from engramlm.store.memory import MemoryTable
 from engramlm.store.mooncake import MooncakeTable, connect, local_master
+from engramlm.store.mooncake_reader import ReaderProcess
 
 FP = "5e" * 32
 
@@ -349,6 +352,14 @@ def main(argv: list[str] | None = None) -> None:
                     tables["mooncake_ranges"] = MooncakeTable(client, 1, heads, args.dim, FP, read="ranges")
                     tables["mooncake_ranges"]._store = _ClockedClient(client, clocks["mooncake_ranges"])  # type: ignore[attr-defined]
                     tables["mooncake_lookup"] = MooncakeTable(client, 1, heads, args.dim, FP, read="lookup")
+                    # A pool of its own whose segment the reader process lends: rows read there, by its own client
+                    master2 = stack.enter_context(local_master(scratch / "mooncake_master2.log"))
+                    reader = ReaderProcess(master2, segment_bytes=2 * rows * args.dim * 4 + (256 << 20))
+                    stack.callback(reader.close)
+                    client2 = connect(master2, 0)
+                    stack.callback(client2.close)
+                    MooncakeTable.populate(client2, 1, weights, heads, FP)
+                    tables["mooncake_process"] = MooncakeTable(client2, 1, heads, args.dim, FP, reader=reader)
                     mooncake_info = {"ran": True}
                 except Exception as exc:  # report, do not hide: the JSON says why it did not run
                     mooncake_info = {"ran": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -376,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                 "reply_bytes": row_bytes,
             }
             if mooncake_info["ran"]:
-                for name in ("mooncake", "mooncake_ranges", "mooncake_lookup"):
+                for name in ("mooncake", "mooncake_ranges", "mooncake_lookup", "mooncake_process"):
                     for size, key in (("decode_size", args.rows), ("big", args.big_rows)):
                         med = results[f"gather_seconds_{size}"][name]["median"]
                         mooncake_info[f"{name}_rows_per_s_{size}"] = key / med

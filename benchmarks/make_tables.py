@@ -340,6 +340,8 @@ def store_io_table(doc: dict[str, Any]) -> list[str]:
         else "one `get_into_ranges` into a registered buffer",  # runs before issue 18 item 2
         "mooncake_ranges": "one `get_into_ranges` (master queried per head), before issue 18 item 2",
         "mooncake_lookup": "`EngramStore.lookup`, before issue 18",
+        "mooncake_process": "the batch get-into by a reader process, rows in its own segment; the caller's "
+        "CPU is its dedupe, the request and the expansion (the child has its own GIL)",
     }
     lines = [
         f"**Store I/O off the GIL**: an fp32 table of {t['rows']:,} rows × {t['dim']} ({t['bytes'] / 2**20:,.0f} MiB); "
@@ -385,6 +387,12 @@ def store_io_table(doc: dict[str, Any]) -> list[str]:
             f"{mc['ranges_vs_round_trip_limit_big']:.2f}× one round trip per row;{was} `lookup`: "
             f"{mc['mooncake_lookup_rows_per_s_decode_size']:,.0f} and {mc['mooncake_lookup_rows_per_s_big']:,.0f}."
         )
+        if "mooncake_process_rows_per_s_big" in mc:
+            tcp += (
+                " Through the reader process (legacy TCP framing): "
+                f"{mc['mooncake_process_rows_per_s_decode_size']:,.0f} and "
+                f"{mc['mooncake_process_rows_per_s_big']:,.0f}."
+            )
     else:
         tcp += f" Mooncake not run: {mc.get('error', 'disabled (--no-mooncake)')}."
     return [*lines, "", tcp, *_footer(doc)]

@@ -31,7 +31,7 @@ SLOT_BYTES = 8192  # small slots: a few hundred ids already take several turns
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MasterAddress, ReaderProcess, Any]]:
     """A master, a reader process lending it 64 MiB (so the rows live in the child), and a client lending none."""
     with local_master(tmp_path_factory.mktemp("mooncake") / "master.log", timeout=15.0) as master:
-        with ReaderProcess(master, slots=3, slot_bytes=SLOT_BYTES, segment_bytes=64 << 20) as reader:
+        with ReaderProcess(master, slots=6, slot_bytes=SLOT_BYTES, segment_bytes=64 << 20) as reader:
             client = connect(master, 0, 16 << 20)
             yield master, reader, client
             client.close()
@@ -85,6 +85,30 @@ def test_reader_gathers_equal_memory_split_phase_and_not(pool: tuple[MasterAddre
         with pytest.raises(IndexError, match=rf"row ids out of range: min {int(bad.min())}, max {int(bad.max())}"):
             table.start_gather(bad).result()
     assert table.remove() == len(heads)
+
+
+def test_a_gather_larger_than_a_slot_takes_several_or_is_read_in_turns(
+    pool: tuple[MasterAddress, ReaderProcess, Any],
+) -> None:
+    """A prefill-sized gather starts in as many slots as its unique ids need when that many are free (rows equal,
+    every slot given back), and is read synchronously, one slot at a time, when they are not."""
+    _, reader, client = pool
+    w = torch.randn(1000, 24, generator=torch.Generator().manual_seed(38))
+    MooncakeTable.populate(client, 38, w, [400, 600], FP)
+    table = MooncakeTable(client, 38, [400, 600], 24, FP, reader=reader)
+    capacity = slot_capacity(reader.slot_bytes, 24 * 4)
+    g = torch.Generator().manual_seed(39)
+    fits = torch.randperm(1000, generator=g)[: 3 * capacity + 5].repeat(2)  # 4 slots of 6
+    too_many = torch.arange(1000).flip(0)  # 13 slots: more than there are
+    for ids in (fits, too_many):
+        out = torch.full((ids.numel(), 24), float("nan"))
+        pending = table.start_gather(ids, out=out)
+        assert pending.result() is out and torch.equal(out, w[ids])
+    held = table.start_gather(fits)
+    held.close()  # reaped: all four slots come back
+    pendings = [table.start_gather(torch.tensor([i])) for i in range(reader.slots)]
+    assert [torch.equal(p.result(), w[[i]]) for i, p in enumerate(pendings)] == [True] * reader.slots
+    assert table.remove() == 2
 
 
 def test_the_child_checks_the_fingerprint_too(pool: tuple[MasterAddress, ReaderProcess, Any]) -> None:

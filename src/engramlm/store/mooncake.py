@@ -418,33 +418,35 @@ def _expand(rows: np.ndarray, inverse: np.ndarray, out: np.ndarray) -> None:  # 
 
 
 class _ReaderGather(PendingGather):
-    """A gather the reader process is reading into ``slot``: ``_finish`` waits for it and expands the slot's unique
-    rows into the caller's rows; ``_reap`` waits and drops them."""
+    """A gather the reader process is reading into ``slots`` (one part of ``table._capacity`` unique ids each):
+    ``_finish`` waits for them and expands their rows into the caller's rows; ``_reap`` waits and drops them."""
 
-    def __init__(self, table: MooncakeTable, slot: int, n: int, inverse: np.ndarray, out: np.ndarray) -> None:
+    def __init__(self, table: MooncakeTable, slots: list[int], n: int, inverse: np.ndarray, out: np.ndarray) -> None:
         super().__init__()
-        self._t, self._slot, self._unique_n, self._inverse, self._dst = table, slot, n, inverse, out
+        self._t, self._slots, self._unique_n, self._inverse, self._dst = table, slots, n, inverse, out
 
     def _finish(self) -> int:
-        reader = self._t.reader
+        t, reader, n = self._t, self._t.reader, self._unique_n
         assert reader is not None
         try:
-            reader.wait(self._slot)
-            _expand(reader.rows(self._slot, self._unique_n, self._t.dim), self._inverse, self._dst)
+            if len(self._slots) == 1:  # the decode case: expanded straight from the slot
+                reader.wait(self._slots[0])
+                _expand(reader.rows(self._slots[0], n, t.dim), self._inverse, self._dst)
+            else:
+                rows = np.empty((n, t.dim), np.float32)
+                for k, slot in enumerate(self._slots):
+                    reader.wait(slot)
+                    a = k * t._capacity
+                    rows[a : a + t._capacity] = reader.rows(slot, min(t._capacity, n - a), t.dim)
+                _expand(rows, self._inverse, self._dst)
         finally:
-            reader.release(self._slot)
-        self._t.stats.add(bytes_read=self._unique_n * self._t.dim * 4)
-        return self._unique_n
+            reader.release(*self._slots)  # after an error too: each once the child is done with it
+        t.stats.add(bytes_read=n * t.dim * 4)
+        return n
 
     def _reap(self) -> None:
-        reader = self._t.reader
-        assert reader is not None
-        try:
-            reader.wait(self._slot)
-        except EngramError:
-            pass  # the rows are dropped anyway
-        finally:
-            reader.release(self._slot)
+        assert self._t.reader is not None
+        self._t.reader.release(*self._slots)
 
 
 def _fingerprint_key(layer_id: int) -> str:
@@ -620,15 +622,16 @@ class MooncakeTable(RowTable):
         return unique, inverse
 
     def _start_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> PendingGather | None:
-        """With a reader process: dedupe, hand the unique ids to the child and return while it reads (a gather
-        larger than one slot, or not float32, is read synchronously instead)."""
+        """With a reader process: dedupe, hand the unique ids to the child (a slot per ``_capacity`` of them, a
+        prefill's too) and return while it reads; None (a synchronous read) where too few slots are free or the
+        rows are not float32."""
         if self.reader is None or dtype != torch.float32:
             return None
         unique, inverse = self._unique(flat)
-        if unique.size > self._capacity:
+        slots = self.reader.submit_parts(self._reader_table, unique, self.dim * 4, self._capacity)
+        if slots is None:
             return None
-        slot = self.reader.submit(self._reader_table, unique, self.dim * 4)
-        return _ReaderGather(self, slot, unique.size, inverse, out.view(np.float32))
+        return _ReaderGather(self, slots, unique.size, inverse, out.view(np.float32))
 
     def _read_by_reader(self, unique: np.ndarray, rows: np.ndarray) -> None:
         """Rows of sorted unique ids into ``rows`` through the reader process, one slot's worth at a time."""

@@ -10,7 +10,7 @@ parent and the child share one memory region of ``slots`` fixed-size slots, regi
 so the transfer engine writes rows straight into memory the parent reads. A gather:
 
 1. the parent dedupes its ids (:class:`~engramlm.store.mooncake.MooncakeTable` ``_start_bytes``), writes the
-   sorted unique ids into a free slot and sends a 16-byte request down a pipe;
+   sorted unique ids into a free slot and sends a 20-byte request down a pipe;
 2. the child plans the byte ranges and makes the store's one batch read into that slot's rows;
 3. the child answers down the other pipe, and the parent, when the layer needs its rows, reads the answer and
    expands the slot's unique rows into the caller's tensor.
@@ -84,19 +84,20 @@ class ReaderProcess:
     """A child process reading a Mooncake pool into shared slots; see the module docstring.
 
     ``master``: the pool's :class:`~engramlm.store.mooncake.MasterAddress`. ``slots`` gathers can be in flight
-    at once (a forward starts one per Engram layer); each slot holds ``slot_bytes`` of ids and rows, and a larger
-    gather is read through one slot in turns. ``segment_bytes``: memory the child lends the pool. On one host,
-    lend it there rather than from this process: rows in the reader's own segment are read without a second
-    process's transport threads taking part (64-row gathers: 2.7 ms against 4.5-5 ms from another process's
-    segment). ``buffer_bytes``: the child client's local transfer buffer. Thread-safe; one thread at a time
-    collects answers.
+    at once (a forward starts one per Engram layer; a prefill's gather takes a slot per ``slot_bytes`` of ids and
+    rows; one that finds too few free is read synchronously, through one slot in turns). ``segment_bytes``:
+    memory the child lends the pool. On one host, lend it there rather than from this process: rows in the
+    reader's own segment are read without a second process's transport threads taking part (64-row gathers:
+    2.7 ms against 4.5-5 ms from another process's segment). ``buffer_bytes``: the child client's local transfer
+    buffer. ``legacy_framing``: the child's transfers without a status frame per request (see the module
+    docstring). Thread-safe; one thread at a time collects answers.
     """
 
     def __init__(
         self,
         master: Any,
         *,
-        slots: int = 8,
+        slots: int = 32,
         slot_bytes: int = 1 << 20,
         segment_bytes: int = 0,
         buffer_bytes: int = 16 << 20,
@@ -117,6 +118,7 @@ class ReaderProcess:
         self.read_timeout_s = float(read_timeout_s)
         self._lock = threading.Lock()  # slots, the request pipe, and reading answers
         self._free = list(range(slots - 1, -1, -1))
+        self._inflight: set[int] = set()  # slots whose request was sent and whose answer was not read yet
         self._done: dict[int, tuple[int, str]] = {}  # slot -> (status, message) answered, not yet collected
         self._tables = 0
         self._closed = False
@@ -175,6 +177,7 @@ class ReaderProcess:
             slot = self._take()
             try:
                 self._send(_REQ.pack(_OPEN, slot, table, len(payload)) + payload)
+                self._inflight.add(slot)
             except BaseException:
                 self._free.append(slot)
                 raise
@@ -187,20 +190,46 @@ class ReaderProcess:
     def submit(self, table: int, unique: np.ndarray, row_bytes: int) -> int:
         """Start reading the rows of sorted, unique, in-range int64 ids ``unique`` (at most
         :func:`slot_capacity` of them) into a free slot; returns the slot, for :meth:`wait` and :meth:`rows`."""
-        n = int(unique.size)
-        if _rows_offset(n) + n * row_bytes > self.slot_bytes:
-            raise ValueError(f"{n} rows of {row_bytes} bytes do not fit a slot of {self.slot_bytes} bytes")
+        slots = self.submit_parts(table, unique, row_bytes, max(int(unique.size), 1), strict=True)
+        assert slots is not None
+        return slots[0]
+
+    def submit_parts(
+        self, table: int, unique: np.ndarray, row_bytes: int, per_slot: int, *, strict: bool = False
+    ) -> list[int] | None:
+        """Start reading ``unique`` in parts of ``per_slot`` ids, one slot each (part ``k``: ids
+        ``unique[k * per_slot:][:per_slot]``); returns the slots in order. When fewer slots are free than parts,
+        nothing is sent: None, or with ``strict`` the error that names the slots."""
+        if _rows_offset(per_slot) + per_slot * row_bytes > self.slot_bytes:
+            raise ValueError(f"{per_slot} rows of {row_bytes} bytes do not fit a slot of {self.slot_bytes} bytes")
+        parts = max(-(-int(unique.size) // per_slot), 1)
+        sent: list[int] = []
+        error: BaseException | None = None
         with self._lock:
             self._check_open()
-            slot = self._take()
-            try:
-                base = slot * self.slot_bytes
-                self.buffer[base : base + 8 * n].view(np.int64)[:] = unique
-                self._send(_REQ.pack(_READ, slot, table, n))
-            except BaseException:
-                self._free.append(slot)
-                raise
-        return slot
+            if len(self._free) < parts and not strict:
+                return None
+            for k in range(parts):
+                try:
+                    slot = self._take()
+                except EngramError as exc:
+                    error = exc
+                    break
+                try:
+                    part = unique[k * per_slot : (k + 1) * per_slot]
+                    base = slot * self.slot_bytes
+                    self.buffer[base : base + 8 * part.size].view(np.int64)[:] = part
+                    self._send(_REQ.pack(_READ, slot, table, part.size))
+                    self._inflight.add(slot)
+                except BaseException as exc:
+                    self._free.append(slot)
+                    error = exc
+                    break
+                sent.append(slot)
+        if error is not None:
+            self.release(*sent)  # the parts already sent: their slots come back once the child is done with them
+            raise error
+        return sent
 
     def rows(self, slot: int, n: int, dim: int) -> np.ndarray:
         """The float32 rows ``[n, dim]`` a completed read left in ``slot`` (a view: valid until released)."""
@@ -208,19 +237,27 @@ class ReaderProcess:
         return self.buffer[start : start + 4 * n * dim].view(np.float32).reshape(n, dim)
 
     def wait(self, slot: int) -> None:
-        """Block until the child has answered ``slot``'s request; raise its error, if it sent one."""
+        """Block until the child has answered ``slot``'s request; raise its error, if it sent one. Returns at once
+        for a slot whose answer was already taken."""
         with self._lock:
-            while slot not in self._done:
+            while slot in self._inflight:
                 got, status, message = self._next_answer(self.read_timeout_s)
+                self._inflight.discard(got)
                 self._done[got] = (status, message)
-            status, message = self._done.pop(slot)
+            status, message = self._done.pop(slot, (0, ""))
         if status:
             raise _error(message, f"Mooncake reader process: {message}")
 
-    def release(self, slot: int) -> None:
-        """Give ``slot`` back (after :meth:`wait`); its rows view is then invalid."""
-        with self._lock:
-            self._free.append(slot)
+    def release(self, *slots: int) -> None:
+        """Give ``slots`` back, each once the child is done writing it (an answer not yet taken is waited for and
+        dropped, its error too); their rows views are then invalid."""
+        for slot in slots:
+            try:
+                self.wait(slot)
+            except EngramError:
+                pass  # a failed read, or a child that died or was stopped: nothing writes the slot any more
+            with self._lock:
+                self._free.append(slot)
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -236,8 +273,10 @@ class ReaderProcess:
         return self._free.pop()
 
     def _send(self, data: bytes) -> None:
+        view = memoryview(data)
         try:
-            os.write(self._req_w, data)  # < PIPE_BUF bytes for a read: one atomic write
+            while view:  # one write for a read's request (< PIPE_BUF); an OPEN's JSON may take more
+                view = view[os.write(self._req_w, view) :]
         except BrokenPipeError:
             raise self._died() from None
 
@@ -248,10 +287,14 @@ class ReaderProcess:
         return status, message
 
     def _next_answer(self, timeout_s: float) -> tuple[int, int, str]:
+        if self._closed and self._req_w < 0:
+            raise EngramError("the Mooncake reader process is closed")
         if not self._poll.poll(int(timeout_s * 1000)):
+            self._proc.kill()  # it may still write a slot: it is not used again
+            self._closed = True
             raise EngramError(
-                f"the Mooncake reader process (pid {self._proc.pid}) did not answer within {timeout_s:g} s; "
-                f"its log: {self.log_path}"
+                f"the Mooncake reader process (pid {self._proc.pid}) did not answer within {timeout_s:g} s and was "
+                f"stopped; its log: {self.log_path}"
             )
         head = _read_exact(self._rep_r, _REP.size)
         if len(head) < _REP.size:
