@@ -341,7 +341,7 @@ def store_io_table(doc: dict[str, Any]) -> list[str]:
         "mooncake_ranges": "one `get_into_ranges` (master queried per head), before issue 18 item 2",
         "mooncake_lookup": "`EngramStore.lookup`, before issue 18",
         "mooncake_process": "the batch get-into by a reader process, rows in its own segment; the caller's "
-        "CPU is its dedupe, the request and the expansion (the child has its own GIL)",
+        "CPU is its dedupe, the request and the expansion (the child has its own GIL; its CPU is not counted here)",
     }
     lines = [
         f"**Store I/O off the GIL**: an fp32 table of {t['rows']:,} rows × {t['dim']} ({t['bytes'] / 2**20:,.0f} MiB); "
