@@ -174,6 +174,11 @@ def test_bad_reader_options_are_refused(pool: tuple[MasterAddress, ReaderProcess
         ReaderProcess(master, slots=0)
     with pytest.raises(ConfigError, match="slot_bytes must be an integer >= 4096"):
         ReaderProcess(master, slot_bytes=100)
+    with pytest.raises(ConfigError, match="segment_bytes must be an integer >= 0, got -1"):
+        ReaderProcess(master, segment_bytes=-1)
+    nobody = MasterAddress("127.0.0.1:1", "http://127.0.0.1:1/metadata")
+    with pytest.raises(EngramError, match=r"no Mooncake master at 127\.0\.0\.1:1"):  # the child's own error
+        ReaderProcess(nobody)
     w = torch.randn(6, 8)
     MooncakeTable.populate(client, 37, w, [6], FP)
     with pytest.raises(ConfigError, match="mooncake read must be 'batch' with a reader process, got 'ranges'"):

@@ -153,16 +153,21 @@ def run(args: argparse.Namespace) -> int:
         if model.layout is None:
             raise ConfigError("--store: the model has no Engram layers")
         client, reader = mooncake_client(args) if args.tier == Tier.MOONCAKE else (None, None)
-        tables = open_tables(
-            args.store,
-            args.tier,
-            cache_bytes=int(args.cache_mb * (1 << 20)),
-            fingerprint=model.layout.fingerprint,
-            mooncake=client,
-            mooncake_reader=reader,
-            model_sha256=trained.files.weights_sha256(),
-            verify=not args.no_verify_store,
-        )
+        try:
+            tables = open_tables(
+                args.store,
+                args.tier,
+                cache_bytes=int(args.cache_mb * (1 << 20)),
+                fingerprint=model.layout.fingerprint,
+                mooncake=client,
+                mooncake_reader=reader,
+                model_sha256=trained.files.weights_sha256(),
+                verify=not args.no_verify_store,
+            )
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            raise
         drop_model_tables(model)
     on_step = None
     if args.stream and len(prompts) == 1 and not args.json:

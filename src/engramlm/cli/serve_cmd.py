@@ -65,22 +65,27 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     client, reader = mooncake_client(args) if args.store and args.tier == Tier.MOONCAKE else (None, None)
-    served = load_served(
-        args.checkpoint,
-        name=args.served_model_name,
-        tokenizer=args.tokenizer,
-        store=args.store,
-        tier=args.tier,
-        cache_bytes=int(args.cache_mb * (1 << 20)),
-        verify_store=not args.no_verify_store,
-        mooncake=client,
-        mooncake_reader=reader,
-        device=args.device,
-        workers=args.workers,
-    )
-    if args.max_len is not None and args.max_len > served.max_len:
-        raise ConfigError(f"--max-len: the model's context is {served.max_len} tokens, got {args.max_len}")
     try:
+        served = load_served(
+            args.checkpoint,
+            name=args.served_model_name,
+            tokenizer=args.tokenizer,
+            store=args.store,
+            tier=args.tier,
+            cache_bytes=int(args.cache_mb * (1 << 20)),
+            verify_store=not args.no_verify_store,
+            mooncake=client,
+            mooncake_reader=reader,
+            device=args.device,
+            workers=args.workers,
+        )
+    except BaseException:
+        if reader is not None:
+            reader.close()
+        raise
+    try:
+        if args.max_len is not None and args.max_len > served.max_len:
+            raise ConfigError(f"--max-len: the model's context is {served.max_len} tokens, got {args.max_len}")
         app = create_app(
             served,
             max_batch=args.max_batch,
