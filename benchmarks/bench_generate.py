@@ -39,6 +39,12 @@ of every Engram layer's rows before the forward) with the rows served by
                   ``get_into_ranges`` per gather, the path before issue 18's item 2; ``lookup``);
 * ``mooncake_cN`` ``mooncake`` behind a :class:`CachedTable` (LFU) of N% of the table bytes
                   (``--mooncake-cache-pcts``, none by default), warmed like the SSD caches;
+* ``mooncake_process`` the same tables read by a :class:`ReaderProcess` (``--mooncake-process``; what
+                  ``generate``/``serve --tier mooncake`` use by default): a pool of its own on another local
+                  master, whose segment the reader lends, uploaded by a client that lends none; split phase on
+                  the decode thread, no prefetch thread; ``mooncake_process_cN`` behind the same caches as
+                  ``mooncake_cN``; with ``--pin`` (or ``--mooncake-pin``) also ``mooncake_process[_cN]_pinned``,
+                  on a third pool, the reader's threads on the last CPU, the decode thread on the others;
 
 and reports each contender's decode tokens/s and its time ratio to ``model`` per repeat, all
 timed interleaved in one run. The workload is real text: a BPE trained on the Python standard
@@ -184,7 +190,12 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=int, default=8)
     ap.add_argument("--warm-tokens", type=int, default=100_000, help="other text streamed through the caches first")
     ap.add_argument("--no-mooncake", action="store_true")
-    ap.add_argument("--mooncake-process", action="store_true", help="also time `mooncake_process`")
+    ap.add_argument(
+        "--mooncake-process",
+        action="store_true",
+        help="also time `mooncake_process` (and `mooncake_process_cN` for --mooncake-cache-pcts, `_pinned` with "
+        "--pin): the reader process, on a pool of its own whose segment it lends",
+    )
     ap.add_argument(
         "--mooncake-reads",
         nargs="*",
