@@ -569,18 +569,31 @@ class CachedTable(RowTable):
             self.inner.stats.add(bytes_read=n_pages * PAGE)
             self.stats.add(hits=n_unique - n_miss, misses=n_miss)
             return n_unique
-        unique, inverse, rows, pos, miss_ids = self._probe(flat)
+        probe = self._probe(flat)
+        miss = torch.empty(probe[3].size, self.dim, dtype=self.dtype)
+        if miss.shape[0]:
+            self._read_misses(probe[4], miss, dtype)
+        return self._settle(probe, miss, out_bits)
+
+    def _read_misses(self, miss_ids: np.ndarray, miss: torch.Tensor, dtype: torch.dtype) -> None:
+        """The rows of sorted unique ``miss_ids`` into ``miss`` (the cache's dtype): the inner tier's fused path,
+        else its decoded rows."""
+        if self.inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), dtype) is None:
+            miss.copy_(self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids)))  # a decoding tier's float rows
+
+    def _settle(
+        self, probe: tuple[np.ndarray, ...], miss: torch.Tensor, out: np.ndarray, tick: int | None = None
+    ) -> int:
+        """A probed gather finished: its misses (read into ``miss``) copied into its rows and admitted at ``tick``
+        (None: the current one) in one nogil call, every row expanded into ``out``, the stats counted."""
+        unique, inverse, rows, pos, miss_ids = probe
         if pos.size:
-            miss = torch.empty(pos.size, self.dim, dtype=self.dtype)
-            if self.inner._gather_bytes(miss_ids, miss.view(torch.uint8).numpy(), dtype) is None:
-                got = self.inner.fetch_sorted_unique(torch.from_numpy(miss_ids))
-                miss.copy_(got)  # a decoding tier: its float rows into the cache's dtype
-            with self._exclusive():  # misses copied into rows and admitted in one nogil call
+            with self._exclusive():
                 self._used = _admit(
-                    miss_ids, int_view(miss), rows, pos, self._slot_of, self._slot_id, self._score,
-                    self._slots_np, self._used, self._policy, self._tick, self._sk_table, self._sk_bits,
+                    miss_ids, int_view(miss), rows, pos, self._slot_of, self._slot_id, self._score, self._slots_np,
+                    self._used, self._policy, self._tick if tick is None else tick, self._sk_table, self._sk_bits,
                 )  # fmt: skip
-        _expand(rows, inverse, out_bits)
+        _expand(rows, inverse, out)
         self.stats.add(hits=int(unique.size - pos.size), misses=int(pos.size))
         return int(unique.size)
 
@@ -654,17 +667,18 @@ class CachedTable(RowTable):
     def _start_inner(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> PendingGather:
         """Split phase in front of any other split-phase tier: probe now (hits copied), the misses started by the
         inner tier's own split phase (or read now, where it declines); ``result()`` admits them and expands."""
-        unique, inverse, rows, pos, miss_ids = self._probe(flat)
-        miss = torch.empty(pos.size, self.dim, dtype=self.dtype)
+        probe = self._probe(flat)
+        tick, miss_ids = self._tick, probe[4]
+        miss = torch.empty(miss_ids.size, self.dim, dtype=self.dtype)
         inner_pending = None
-        if pos.size:
+        if miss_ids.size:
             start = time.perf_counter()
             inner_pending = self.inner._start_bytes(miss_ids, miss.view(torch.uint8).numpy(), dtype)
             if inner_pending is None:
-                self.inner.gather(torch.from_numpy(miss_ids), out=miss)
+                self._read_misses(miss_ids, miss, dtype)
             else:
                 inner_pending.bind(self.inner, miss, miss_ids.size, start)
-        return _InnerPending(self, inner_pending, (unique, inverse, rows, pos, miss_ids, miss, self._tick), out)
+        return _InnerPending(self, inner_pending, probe, miss, tick, out)
 
     def preload(self, row_ids: torch.Tensor) -> None:
         """Warm the cache with known-hot rows (e.g. from a profile); the static policy's setup."""
@@ -784,26 +798,25 @@ class _CachedIoPending(PendingGather):
 
 class _InnerPending(PendingGather):
     """A cached gather whose misses another split-phase tier is reading (``inner``: its pending gather, None when
-    there were no misses or they were read at start); ``_finish`` admits them and expands every row."""
+    there were no misses or they were read at start); ``_finish`` settles it (:meth:`CachedTable._settle`)."""
 
-    def __init__(self, cache: CachedTable, inner: PendingGather | None, state: tuple, out: np.ndarray) -> None:
+    def __init__(
+        self,
+        cache: CachedTable,
+        inner: PendingGather | None,
+        probe: tuple[np.ndarray, ...],
+        miss: torch.Tensor,
+        tick: int,
+        out: np.ndarray,
+    ) -> None:
         super().__init__()
-        self._cache, self._inner, self._state, self._out_bits = cache, inner, state, out.view(cache._slots_np.dtype)
+        self._cache, self._inner, self._probe, self._miss, self._tick = cache, inner, probe, miss, tick
+        self._out_bits = out.view(cache._slots_np.dtype)
 
     def _finish(self) -> int:
-        c = self._cache
-        unique, inverse, rows, pos, miss_ids, miss, tick = self._state
         if self._inner is not None:
             self._inner.result()
-        if pos.size:
-            with c._exclusive():  # misses copied into rows and admitted in one nogil call
-                c._used = _admit(
-                    miss_ids, int_view(miss), rows, pos, c._slot_of, c._slot_id, c._score, c._slots_np, c._used,
-                    c._policy, tick, c._sk_table, c._sk_bits,
-                )  # fmt: skip
-        _expand(rows, inverse, self._out_bits)
-        c.stats.add(hits=int(unique.size - pos.size), misses=int(pos.size))
-        return int(unique.size)
+        return self._cache._settle(self._probe, self._miss, self._out_bits, self._tick)
 
     def _reap(self) -> None:
         if self._inner is not None:

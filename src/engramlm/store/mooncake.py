@@ -428,19 +428,16 @@ class _ReaderGather(PendingGather):
     def _finish(self) -> int:
         t, reader, n = self._t, self._t.reader, self._unique_n
         assert reader is not None
-        try:
-            if len(self._slots) == 1:  # the decode case: expanded straight from the slot
+        if len(self._slots) == 1:  # the decode case: expanded straight from the slot
+            try:
                 reader.wait(self._slots[0])
                 _expand(reader.rows(self._slots[0], n, t.dim), self._inverse, self._dst)
-            else:
-                rows = np.empty((n, t.dim), np.float32)
-                for k, slot in enumerate(self._slots):
-                    reader.wait(slot)
-                    a = k * t._capacity
-                    rows[a : a + t._capacity] = reader.rows(slot, min(t._capacity, n - a), t.dim)
-                _expand(rows, self._inverse, self._dst)
-        finally:
-            reader.release(*self._slots)  # after an error too: each once the child is done with it
+            finally:
+                reader.release(*self._slots)
+        else:
+            rows = np.empty((n, t.dim), np.float32)
+            t._collect(self._slots, rows)
+            _expand(rows, self._inverse, self._dst)
         t.stats.add(bytes_read=n * t.dim * 4)
         return n
 
@@ -633,17 +630,25 @@ class MooncakeTable(RowTable):
             return None
         return _ReaderGather(self, slots, unique.size, inverse, out.view(np.float32))
 
+    def _collect(self, slots: list[int], rows: np.ndarray) -> None:
+        """Wait for the parts read into ``slots`` (part ``k``: ``rows[k * _capacity:][:_capacity]``) and copy them
+        into ``rows``; the slots are given back, after an error too (each once the child is done with it)."""
+        reader = self.reader
+        assert reader is not None
+        try:
+            for k, slot in enumerate(slots):
+                reader.wait(slot)
+                part = rows[k * self._capacity : (k + 1) * self._capacity]
+                part[:] = reader.rows(slot, part.shape[0], self.dim)
+        finally:
+            reader.release(*slots)
+
     def _read_by_reader(self, unique: np.ndarray, rows: np.ndarray) -> None:
         """Rows of sorted unique ids into ``rows`` through the reader process, one slot's worth at a time."""
         assert self.reader is not None
         for a in range(0, unique.size, self._capacity):
             part = unique[a : a + self._capacity]
-            slot = self.reader.submit(self._reader_table, part, self.dim * 4)
-            try:
-                self.reader.wait(slot)
-                rows[a : a + part.size] = self.reader.rows(slot, part.size, self.dim)
-            finally:
-                self.reader.release(slot)
+            self._collect([self.reader.submit(self._reader_table, part, self.dim * 4)], rows[a : a + part.size])
         self.stats.add(bytes_read=unique.size * self.dim * 4)
 
     def _gather_bytes(self, flat: np.ndarray, out: np.ndarray, dtype: torch.dtype) -> int | None:

@@ -175,12 +175,7 @@ class ReaderProcess:
             table = self._tables
             self._tables += 1
             slot = self._take()
-            try:
-                self._send(_REQ.pack(_OPEN, slot, table, len(payload)) + payload)
-                self._inflight.add(slot)
-            except BaseException:
-                self._free.append(slot)
-                raise
+            self._request(slot, _REQ.pack(_OPEN, slot, table, len(payload)) + payload)
         try:
             self.wait(slot)
         finally:
@@ -215,14 +210,10 @@ class ReaderProcess:
                 except EngramError as exc:
                     error = exc
                     break
+                part = unique[k * per_slot : (k + 1) * per_slot]
                 try:
-                    part = unique[k * per_slot : (k + 1) * per_slot]
-                    base = slot * self.slot_bytes
-                    self.buffer[base : base + 8 * part.size].view(np.int64)[:] = part
-                    self._send(_REQ.pack(_READ, slot, table, part.size))
-                    self._inflight.add(slot)
+                    self._request(slot, _REQ.pack(_READ, slot, table, part.size), ids=part)
                 except BaseException as exc:
-                    self._free.append(slot)
                     error = exc
                     break
                 sent.append(slot)
@@ -271,6 +262,19 @@ class ReaderProcess:
                 "gathers first (PendingGather.result / close), or open the reader with more slots"
             )
         return self._free.pop()
+
+    def _request(self, slot: int, data: bytes, ids: np.ndarray | None = None) -> None:
+        """Write ``ids`` into ``slot``, send its request (lock held) and count it in flight; the slot is freed again
+        if that fails."""
+        try:
+            if ids is not None:
+                base = slot * self.slot_bytes
+                self.buffer[base : base + 8 * ids.size].view(np.int64)[:] = ids
+            self._send(data)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        self._inflight.add(slot)
 
     def _send(self, data: bytes) -> None:
         view = memoryview(data)
